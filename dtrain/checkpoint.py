@@ -1,0 +1,319 @@
+"""Sharded checkpoints: save, load (into any world size or layout), consolidate.
+
+Format (a directory; nothing is ever unpickled):
+
+* ``rank{r}.safetensors`` — the flat range of every unit that rank ``r`` owns:
+  ``u{i}.param`` and ``u{i}.optim.{key}`` for every element-wise optimizer state, plus that
+  rank's torch RNG state. Under ``ddp`` only rank 0 writes unit data (one part covers all).
+* ``rank{r}.json`` — that rank's python/numpy RNG state.
+* ``extra.safetensors`` — frozen parameters and persistent buffers by name (rank 0).
+* ``meta.json`` — written last, after every rank finished: world size, layout, step, the unit
+  table (parameter name, shape, flat offset), optimizer hyperparameters and scalar state per
+  param group, LR-scheduler state, tied-parameter aliases. A directory without it is incomplete.
+
+Loading reads tensors *by parameter name* (a name maps to a unit, an offset and the parts that
+hold it), so a checkpoint saved at world 4 under ZeRO-3 loads at world 2 or 3, or under another
+stage. Optimizer state must be element-wise (Adam, AdamW, SGD momentum, ...) or scalar.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from dtrain.engine import Engine
+
+FORMAT = "dtrain-checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, corrupt or does not fit the model."""
+
+
+# ------------------------------------------------------------------------------------ save
+def save(engine: "Engine", directory: str | os.PathLike) -> None:
+    layout, comm = engine.layout, engine.comm
+    rank = comm.rank
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and (path / "meta.json").exists():
+        (path / "meta.json").unlink()  # the directory is incomplete until the new meta lands
+    comm.barrier()
+
+    parts = layout.parts if layout.shard_optim else 1
+    writes_units = layout.shard_optim or rank == 0
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    scalar_state: list[dict[str, Any]] = [{} for _ in layout.optimizer.param_groups]
+    for unit in layout.units:
+        lo, hi = unit.shard_range(parts, layout.index if layout.shard_optim else 0)
+        if writes_units:
+            tensors[f"u{unit.index}.param"] = _owned_params(layout, unit, lo, hi)
+        for key, flat in _flat_optim_state(layout, unit, lo, hi, scalar_state).items():
+            if writes_units:
+                tensors[f"u{unit.index}.optim.{key}"] = flat
+    _atomic_save(tensors, path / f"rank{rank}.safetensors")
+    _atomic_json({"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())},
+                 path / f"rank{rank}.json")
+    if rank == 0:
+        model = engine.model
+        extra = {f"buffer.{n}": b.detach().cpu().contiguous() for n, b in _persistent_buffers(model)}
+        extra.update({f"frozen.{n}": p.detach().cpu().contiguous()
+                      for n, p in model.named_parameters() if not p.requires_grad})
+        _atomic_save(extra or {"_empty": torch.zeros(0)}, path / "extra.safetensors")
+    comm.barrier()
+    if rank == 0:
+        meta = {
+            "format": FORMAT, "world_size": comm.topology.shape.world_size, "parts": parts,
+            "layout": layout.name, "step": engine.step,
+            "units": [{"padded": u.padded, "slots": [[s.name, list(s.shape), s.offset, s.group]
+                                                      for s in u.slots]} for u in layout.units],
+            "optimizer": {"class": type(layout.optimizer).__name__,
+                          "param_groups": [_jsonable({k: v for k, v in g.items() if k != "params"})
+                                           for g in layout.optimizer.param_groups],
+                          "scalar_state": scalar_state},
+            "scheduler": _jsonable(engine.scheduler.state_dict()) if engine.scheduler else None,
+            "aliases": _aliases(engine.model),
+        }
+        _atomic_json(meta, path / "meta.json")
+    comm.barrier()
+
+
+def _owned_params(layout, unit, lo: int, hi: int) -> torch.Tensor:
+    if layout.shard_optim:
+        return unit.shard.detach().cpu().clone()
+    return unit.full[lo:hi].detach().cpu().clone()
+
+
+def _flat_optim_state(layout, unit, lo: int, hi: int, scalar_state: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Element-wise optimizer state of ``unit`` over [lo, hi) as flat tensors; scalars collected."""
+    flats: dict[str, torch.Tensor] = {}
+    if layout.shard_optim:
+        pieces = [(v.group, v.tensor, v.lo, v.hi) for v in layout.opt_views if v.unit is unit]
+    else:
+        pieces = [(s.group, s.param, s.offset, s.offset + s.numel) for s in unit.slots]
+    for group, param, a, b in pieces:
+        for key, value in layout.optimizer.state.get(param, {}).items():
+            if not torch.is_tensor(value) or value.dim() == 0:
+                scalar_state[group][key] = {"value": float(value), "tensor": torch.is_tensor(value),
+                                            "dtype": str(value.dtype).removeprefix("torch.")
+                                            if torch.is_tensor(value) else None}
+                continue
+            if value.numel() != b - a:
+                raise CheckpointError(
+                    f"optimizer state {key!r} has shape {tuple(value.shape)}, not element-wise; "
+                    f"dtrain checkpoints support element-wise optimizers (Adam, AdamW, SGD, ...)")
+            flat = flats.setdefault(key, torch.zeros(hi - lo, dtype=value.dtype))
+            flat[a - lo:b - lo] = value.detach().reshape(-1).cpu()
+    return flats
+
+
+# ------------------------------------------------------------------------------------ read
+class CheckpointReader:
+    """Reads any checkpoint tensor by parameter name, whatever layout and world size wrote it."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{self.path} is not a complete dtrain checkpoint (no meta.json); "
+                                  f"it was not written or its save did not finish")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path}: unknown format {self.meta.get('format')!r}, expected {FORMAT}")
+        self.where = {slot[0]: (ui, slot[1], slot[2]) for ui, u in enumerate(self.meta["units"])
+                      for slot in u["slots"]}
+        self._files: dict[int, Any] = {}
+
+    def _file(self, rank: int):
+        if rank not in self._files:
+            f = self.path / f"rank{rank}.safetensors"
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
+            self._files[rank] = safe_open(str(f), framework="pt")
+        return self._files[rank]
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def optim_keys(self) -> list[str]:
+        return sorted({k.split(".optim.", 1)[1] for k in self._file(0).keys() if ".optim." in k})
+
+    def read(self, name: str, kind: str = "param") -> torch.Tensor:
+        """The full tensor of parameter ``name``: ``kind`` is "param" or an optimizer state key."""
+        if name not in self.where:
+            raise CheckpointError(f"parameter {name!r} is not in checkpoint {self.path}")
+        ui, shape, offset = self.where[name]
+        numel = int(np.prod(shape)) if shape else 1
+        return self._read_range(ui, kind, offset, offset + numel).view(shape)
+
+    def _read_range(self, ui: int, kind: str, a: int, b: int) -> torch.Tensor:
+        parts, padded = self.meta["parts"], self.meta["units"][ui]["padded"]
+        size = padded // parts
+        key = f"u{ui}.param" if kind == "param" else f"u{ui}.optim.{kind}"
+        out = []
+        for r in range(a // size, (b - 1) // size + 1):
+            lo = r * size
+            sl = self._file(r).get_slice(key)
+            out.append(sl[max(a, lo) - lo:min(b, lo + size) - lo])
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def extra(self) -> dict[str, torch.Tensor]:
+        with safe_open(str(self.path / "extra.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+
+
+# ------------------------------------------------------------------------------------ load
+def load(engine: "Engine", directory: str | os.PathLike) -> None:
+    reader = CheckpointReader(directory)
+    layout, meta = engine.layout, reader.meta
+    _check_model(reader, engine)
+    shard_optim = layout.shard_optim
+    keys = reader.optim_keys()
+    scalars = meta["optimizer"]["scalar_state"]
+    if len(scalars) != len(layout.optimizer.param_groups):
+        raise CheckpointError(f"checkpoint has {len(scalars)} optimizer param groups, "
+                              f"the optimizer has {len(layout.optimizer.param_groups)}")
+    with torch.no_grad():
+        for unit in layout.units:
+            lo, hi = unit.shard_range(layout.parts, layout.index)
+            if shard_optim:
+                unit.shard.copy_(_assemble(reader, unit, lo, hi, "param"))
+            else:
+                for s in unit.slots:
+                    s.param.copy_(reader.read(s.name))
+        if shard_optim:
+            if not layout.shard_params:
+                for unit in layout.units:
+                    layout.comm.all_gather(unit.full, unit.shard, layout.level)
+            targets = [(v.tensor, v.group, lambda key, v=v: _assemble(reader, v.unit, v.lo, v.hi, key))
+                       for v in layout.opt_views]
+        else:
+            targets = [(s.param, s.group, lambda key, s=s: reader.read(s.name, key))
+                       for u in layout.units for s in u.slots]
+        state = layout.optimizer.state
+        for tensor, group, fetch in targets:
+            st = state[tensor]
+            for key in keys:
+                st[key] = fetch(key).to(tensor.device).clone()
+            for key, sc in scalars[group].items():
+                st[key] = torch.tensor(sc["value"], dtype=getattr(torch, sc["dtype"])) if sc["tensor"] else sc["value"]
+        for g, saved in zip(layout.optimizer.param_groups, meta["optimizer"]["param_groups"]):
+            g.update({k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items()})
+        extra = reader.extra()
+        buffers = dict(_persistent_buffers(engine.model))
+        params = dict(engine.model.named_parameters())
+        for key, value in extra.items():
+            kind, name = key.split(".", 1)
+            target = buffers.get(name) if kind == "buffer" else params.get(name)
+            if target is not None:
+                target.copy_(value)
+    if engine.scheduler is not None and meta["scheduler"] is not None:
+        engine.scheduler.load_state_dict(meta["scheduler"])
+    engine.step = meta["step"]
+    rank = layout.comm.rank
+    if meta["world_size"] == layout.comm.topology.shape.world_size:  # RNG streams are per rank
+        with safe_open(str(reader.path / f"rank{rank}.safetensors"), framework="pt") as f:
+            torch.set_rng_state(f.get_tensor("rng.torch"))
+        rng = json.loads((reader.path / f"rank{rank}.json").read_text())
+        random.setstate(_tuples(rng["python"]))
+        np.random.set_state(tuple(_np_state(rng["numpy"])))
+    layout.comm.barrier()
+
+
+def _assemble(reader: CheckpointReader, unit, lo: int, hi: int, kind: str) -> torch.Tensor:
+    """Flat range [lo, hi) of ``unit`` (this run's layout) rebuilt from the saved names."""
+    out = torch.zeros(hi - lo, dtype=torch.float32)
+    for s in unit.slots:
+        a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
+        if a < b:
+            out[a - lo:b - lo] = reader.read(s.name, kind).reshape(-1)[a - s.offset:b - s.offset]
+    return out.to(unit.full.device if unit.full is not None else "cpu")
+
+
+def _check_model(reader: CheckpointReader, engine: "Engine") -> None:
+    saved = {n: tuple(shape) for n, (_, shape, _) in reader.where.items()}
+    have = {s.name: tuple(s.shape) for u in engine.layout.units for s in u.slots}
+    if saved.keys() != have.keys():
+        diff = sorted(saved.keys() ^ have.keys())
+        raise CheckpointError(f"checkpoint {reader.path} was saved from a different model: "
+                              f"parameter sets differ at {diff[:3]}")
+    bad = [n for n in saved if saved[n] != have[n]]
+    if bad:
+        raise CheckpointError(f"checkpoint {reader.path}: parameter {bad[0]!r} has shape "
+                              f"{saved[bad[0]]}, the model has {have[bad[0]]}")
+
+
+# ------------------------------------------------------------------------------ consolidate
+def consolidate(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Plain fp32 ``state_dict`` (params, tied aliases, buffers, frozen params) of a checkpoint."""
+    reader = CheckpointReader(directory)
+    state = {name: reader.read(name).clone() for name in reader.names()}
+    for key, value in reader.extra().items():
+        state[key.split(".", 1)[1]] = value
+    for alias, name in reader.meta["aliases"].items():
+        state[alias] = state[name]
+    return state
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _persistent_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    keys = set(model.state_dict().keys())
+    return [(n, b) for n, b in model.named_buffers() if n in keys]
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if callable(obj):
+        return None  # e.g. LambdaLR lambdas: not state, recreated by the factory
+    raise CheckpointError(f"cannot store {type(obj).__name__} in a checkpoint (JSON only)")
+
+
+def _tuples(obj: Any) -> Any:
+    return tuple(_tuples(v) for v in obj) if isinstance(obj, list) else obj
+
+
+def _np_state(state: list[Any]) -> list[Any]:
+    state[1] = np.array(state[1], dtype=np.uint32)
+    return state

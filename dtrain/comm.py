@@ -1,0 +1,144 @@
+"""Every collective dtrain issues goes through :class:`Comm`.
+
+It owns three things: the choice of process group for a topology level, byte counters per level
+(bytes this rank sends under a ring schedule, attributed to the smallest level whose blocks
+contain the whole group), and timeouts. Each collective is issued asynchronously and waited for
+with the configured timeout; one that does not complete raises :class:`CollectiveTimeout`
+naming the rank, the operation, its sequence number and the group, instead of hanging.
+Nothing here assumes a backend or a device: gloo on CPU and NCCL on CUDA take the same path.
+"""
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dtrain.topology import Topology
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed (a peer died or the group is broken)."""
+
+
+class CollectiveTimeout(CollectiveError):
+    """A collective did not complete within the configured timeout."""
+
+
+@dataclass
+class Handle:
+    """An in-flight collective; :meth:`wait` applies the timeout and names the failure."""
+
+    work: dist.Work | None
+    comm: "Comm"
+    op: str
+    seq: int
+    level: str
+    ranks: list[int]
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        work, self.work = self.work, None
+        try:
+            ok = work.wait(timeout=datetime.timedelta(seconds=self.comm.timeout_s))
+        except RuntimeError as exc:
+            raise self.comm.failure(self, exc) from exc
+        if ok is False:
+            raise self.comm.failure(self, None)
+
+
+class Comm:
+    """Collectives over the groups of a :class:`Topology`, with byte counters and timeouts."""
+
+    def __init__(self, topology: Topology, timeout_s: float) -> None:
+        self.topology = topology
+        self.timeout_s = timeout_s
+        self.bytes_sent: dict[str, int] = defaultdict(int)
+        self._seq = 0
+
+    @property
+    def rank(self) -> int:
+        return self.topology.shape.rank
+
+    def group_ranks(self, level: str, peers: bool = False) -> list[int]:
+        shape = self.topology.shape
+        return shape.peers_of(level) if peers else shape.block_of(level)
+
+    def size(self, level: str, peers: bool = False) -> int:
+        return len(self.group_ranks(level, peers))
+
+    def all_reduce(self, tensor: torch.Tensor, level: str = "global", *, peers: bool = False,
+                   op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, async_op: bool = False) -> Handle:
+        n = self.size(level, peers)
+        return self._issue("all_reduce", level, peers, 2 * (n - 1) * _nbytes(tensor) // max(n, 1), async_op,
+                           lambda g: dist.all_reduce(tensor, op=op, group=g, async_op=True))
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, level: str = "global", *,
+                       peers: bool = False, async_op: bool = False) -> Handle:
+        """Sum-reduce ``input`` (n equal chunks) and leave chunk ``group rank`` in ``output``."""
+        n = self.size(level, peers)
+        if n == 1:
+            output.copy_(input)
+        return self._issue("reduce_scatter", level, peers, (n - 1) * _nbytes(input) // max(n, 1), async_op,
+                           lambda g: _reduce_scatter_flat(output, input, group=g, async_op=True))
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, level: str = "global", *,
+                   peers: bool = False, async_op: bool = False) -> Handle:
+        """Concatenate every group member's ``input`` into the flat ``output``."""
+        n = self.size(level, peers)
+        if n == 1 and output.data_ptr() != input.data_ptr():
+            output.copy_(input)
+        return self._issue("all_gather", level, peers, (n - 1) * _nbytes(output) // max(n, 1), async_op,
+                           lambda g: _all_gather_flat(output, input, group=g, async_op=True))
+
+    def broadcast(self, tensor: torch.Tensor, src: int, level: str = "global", *,
+                  peers: bool = False, async_op: bool = False) -> Handle:
+        """Broadcast from global rank ``src`` (a member of this rank's group at ``level``)."""
+        sent = _nbytes(tensor) if self.rank == src else 0
+        return self._issue("broadcast", level, peers, sent, async_op,
+                           lambda g: dist.broadcast(tensor, src=src, group=g, async_op=True))
+
+    def barrier(self, level: str = "global") -> None:
+        self.all_reduce(torch.zeros(1, device=self._device_hint()), level)
+
+    def _device_hint(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and \
+            dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _issue(self, op: str, level: str, peers: bool, nbytes: int, async_op: bool, launch) -> Handle:
+        ranks = self.group_ranks(level, peers)
+        self._seq += 1
+        handle = Handle(None, self, op, self._seq, level + (" peers" if peers else ""), ranks)
+        if len(ranks) > 1:
+            group = self.topology.peer_group(level) if peers else self.topology.group(level)
+            self.bytes_sent[self.topology.shape.level_of_ranks(ranks)] += nbytes
+            try:
+                handle.work = launch(group)
+            except RuntimeError as exc:
+                raise self.failure(handle, exc) from exc
+        if not async_op:
+            handle.wait()
+        return handle
+
+    def failure(self, handle: Handle, exc: BaseException | None) -> CollectiveError:
+        what = (f"rank {self.rank}: {handle.op} #{handle.seq} on group '{handle.level}' "
+                f"(ranks {handle.ranks})")
+        text = str(exc or "").strip()
+        if exc is None or "timed out" in text.lower() or "timeout" in text.lower():
+            return CollectiveTimeout(
+                f"{what} did not complete within {self.timeout_s:g} s; a peer rank skipped this "
+                f"collective, hung or died (raise comm.timeout_s if the step is just slow)"
+            )
+        return CollectiveError(f"{what} failed: {text.splitlines()[0] if text else type(exc).__name__}")
+
+
+# torch >= 2.13 renames the flat-tensor collectives; older releases only have the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -1,0 +1,223 @@
+"""The common trainer: one ``train_step`` skeleton that every plugin plugs into.
+
+    split batch into micro-batches -> for each: plugins.before_forward -> forward (autocast)
+    -> backward (the layout reduces gradients as they land) -> layout.finish_backward
+    -> global-norm clipping across shards -> layout.optimizer_step (owned shard, then publish)
+    -> LR scheduler -> plugins.after_step -> metrics
+
+The engine owns the step counter, the metrics stream and checkpoints; the layout plugin owns
+where parameters, gradients and optimizer state live.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from dtrain.config import Config
+from dtrain.metrics import MetricsWriter, param_sha256, peak_rss_bytes
+from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, Plugin, plugin_class
+from dtrain.plugins.zero import layout_name
+from dtrain.runtime import Runtime
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class Engine:
+    """A wrapped model: ``train_step``, ``eval_step``, ``save``/``load``, metrics."""
+
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, config: Config, runtime: Runtime,
+                 loss_fn: LossFn | None = None, scheduler: SchedulerFactory | None = None,
+                 total_steps: int | None = None) -> None:
+        self.config, self.runtime, self.loss_fn = config, runtime, loss_fn
+        self.comm, self.device = runtime.comm, runtime.device
+        self.model = model.to(self.device)
+        self.step = 0
+        self.layout: LayoutPlugin = plugin_class(layout_name(config.zero.stage))()  # type: ignore[assignment]
+        self.plugins: list[Plugin] = [self.layout]
+        for plugin in self.plugins:
+            plugin.setup(self)
+        self.layout.wrap_model(self.model, optimizer)
+        self.optimizer = self.layout.optimizer
+        self.scheduler = scheduler(self.optimizer) if scheduler else None
+        metrics_path = config.metrics.path or runtime.env.metrics_path
+        self.metrics = MetricsWriter(metrics_path, runtime.rank,
+                                     config.metrics.progress or runtime.env.progress, total_steps)
+        self.restarts = runtime.env.restart_count
+        self._totals = {"tokens": 0.0, "time_s": 0.0}
+        self._comm_seen: dict[str, int] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batch: Any) -> torch.Tensor:
+        """Forward, backward and optimizer step on ``batch`` (this rank's part of the global batch)."""
+        self.model.train()
+        start = time.perf_counter()
+        accum = self.config.train.grad_accum
+        micro_batches = _split(batch, accum)
+        self.layout.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, micro in enumerate(micro_batches):
+            self.layout.start_micro_step(i, i == accum - 1)
+            for plugin in self.plugins:
+                micro = plugin.before_forward(micro)
+            with self._autocast():
+                loss = self._loss(self.model(**micro) if isinstance(micro, dict) else self.model(micro), micro)
+            (loss / accum).backward()
+            self.layout.finish_backward()
+            for plugin in self.plugins:
+                plugin.after_backward(i, i == accum - 1)
+            loss_sum += loss.detach().double()
+        grad_norm = self._clip()
+        self.layout.optimizer_step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        for plugin in self.plugins:
+            plugin.after_step(self.step)
+        mean_loss = self._record(loss_sum / accum, _count_tokens(batch), time.perf_counter() - start, grad_norm)
+        return mean_loss
+
+    @torch.no_grad()
+    def eval_step(self, batch: Any) -> torch.Tensor:
+        """Forward only; returns the loss averaged over ranks."""
+        self.model.eval()
+        with self._autocast():
+            loss = self._loss(self.model(**batch) if isinstance(batch, dict) else self.model(batch), batch)
+        total = loss.detach().double().reshape(1)
+        self.comm.all_reduce(total)
+        return (total / self.runtime.world_size).squeeze(0).float()
+
+    def _autocast(self):
+        if self.config.train.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loss(self, output: Any, batch: Any) -> torch.Tensor:
+        if self.loss_fn is not None:
+            loss = self.loss_fn(output, batch)
+        elif torch.is_tensor(output):
+            loss = output
+        elif isinstance(output, dict) and "loss" in output:
+            loss = output["loss"]
+        elif getattr(output, "loss", None) is not None:
+            loss = output.loss
+        else:
+            raise TypeError(f"the model returned {type(output).__name__}, not a loss; "
+                            f"pass loss_fn=(output, batch) -> loss to dtrain.wrap")
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise TypeError("the loss must be a scalar tensor; reduce it (e.g. .mean()) in loss_fn")
+        return loss.reshape(())
+
+    def _clip(self) -> float | None:
+        max_norm = self.config.train.clip_grad_norm
+        if max_norm is None:
+            return None
+        norm = math.sqrt(float(self.layout.grad_norm_sq()))
+        coef = max_norm / (norm + 1e-6)  # the same rule as torch.nn.utils.clip_grad_norm_
+        if coef < 1.0:
+            self.layout.scale_grads(coef)
+        return norm
+
+    # ---------------------------------------------------------------- metrics
+    def state_bytes(self) -> dict[str, int]:
+        return self.layout.state_bytes()
+
+    def _record(self, local_loss: torch.Tensor, tokens: int, step_time: float,
+                grad_norm: float | None) -> torch.Tensor:
+        sums = torch.tensor([float(local_loss), float(tokens)], dtype=torch.float64, device=self.device)
+        self.comm.all_reduce(sums)
+        loss = sums[0] / self.runtime.world_size
+        if not self._wants_metrics():
+            return loss.float()
+        levels = [name for name, _ in self.comm.topology.shape.levels]
+        sent = {lvl: self.comm.bytes_sent.get(lvl, 0) - self._comm_seen.get(lvl, 0) for lvl in levels}
+        self._comm_seen = dict(self.comm.bytes_sent)
+        sb = self.state_bytes()
+        maxes = torch.tensor([peak_rss_bytes(), sb["params"], sb["grads"], sb["optim"], step_time,
+                              *sent.values()], dtype=torch.float64, device=self.device)
+        self.comm.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
+        m = maxes.tolist()
+        step_time = m[4]
+        self._totals["tokens"] += float(sums[1])
+        self._totals["time_s"] += step_time
+        record = {
+            "step": self.step, "loss": float(loss), "step_time_s": step_time,
+            "tokens_per_s": float(sums[1]) / step_time if step_time > 0 else 0.0,
+            "peak_rss_bytes": int(m[0]),
+            "state_bytes": {"params": int(m[1]), "grads": int(m[2]), "optim": int(m[3])},
+            "comm_bytes": {lvl: int(v) for lvl, v in zip(levels, m[5:])},
+            "restarts": self.restarts,
+            "plugins": {k: v for p in self.plugins for k, v in p.metrics().items()},
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self.metrics.write(record)
+        return loss.float()
+
+    def _wants_metrics(self) -> bool:
+        # Every rank must take the same branch: the decision may not depend on rank-0-only state.
+        return bool(self.config.metrics.path or self.runtime.env.metrics_path
+                    or self.config.metrics.progress or self.runtime.env.progress)
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Consolidated fp32 parameters by name (collective: call on every rank)."""
+        return self.layout.full_parameters()
+
+    def param_sha256(self) -> str:
+        return param_sha256(self.full_parameters())
+
+    def close(self) -> dict[str, Any]:
+        """Finish the run: write the summary line (with ``param_sha256``) and close the stream."""
+        if self._closed:
+            return {}
+        self._closed = True
+        summary = {"summary": True, "steps": self.step, "tokens": int(self._totals["tokens"]),
+                   "time_s": self._totals["time_s"], "restarts": self.restarts,
+                   "param_sha256": self.param_sha256(),
+                   "comm_bytes_total": dict(self.comm.bytes_sent)}
+        self.metrics.write(summary)
+        self.metrics.close()
+        for plugin in self.plugins:
+            plugin.teardown()
+        return summary
+
+    # ------------------------------------------------------------- checkpoints
+    def save(self, directory: str) -> None:
+        from dtrain.checkpoint import save
+
+        save(self, directory)
+
+    def load(self, directory: str) -> None:
+        from dtrain.checkpoint import load
+
+        load(self, directory)
+
+
+def _split(batch: Any, parts: int) -> list[Any]:
+    if parts == 1:
+        return [batch]
+    if torch.is_tensor(batch):
+        if batch.shape[0] % parts:
+            raise ValueError(f"batch size {batch.shape[0]} is not divisible by train.grad_accum={parts}")
+        return list(batch.chunk(parts))
+    if isinstance(batch, dict):
+        chunks = {k: _split(v, parts) for k, v in batch.items()}
+        return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+    if isinstance(batch, (list, tuple)):
+        cols = [_split(v, parts) for v in batch]
+        return [type(batch)(c[i] for c in cols) for i in range(parts)]
+    raise TypeError(f"cannot split a {type(batch).__name__} into micro-batches; pass tensors, dicts or tuples")
+
+
+def _count_tokens(batch: Any) -> int:
+    if isinstance(batch, dict):
+        batch = batch.get("input_ids", next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    return int(batch.numel()) if torch.is_tensor(batch) else 0
