@@ -11,8 +11,10 @@ where parameters, gradients and optimizer state live.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -52,6 +54,15 @@ class Engine:
         self._totals = {"tokens": 0.0, "time_s": 0.0}
         self._comm_seen: dict[str, int] = {}
         self._closed = False
+        self._resume()
+
+    def _resume(self) -> None:
+        """Continue from ``checkpoint.dir`` when it holds a complete checkpoint (restarts land here)."""
+        directory = self.config.checkpoint.dir
+        if directory and (Path(directory) / "meta.json").is_file():
+            self.load(directory)
+            if self.runtime.rank == 0:
+                print(f"dtrain: resumed from checkpoint {directory} at step {self.step}", file=sys.stderr)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Any) -> torch.Tensor:
@@ -80,6 +91,9 @@ class Engine:
         self.step += 1
         for plugin in self.plugins:
             plugin.after_step(self.step)
+        every = self.config.checkpoint.every
+        if every and self.step % every == 0:
+            self.save(self.config.checkpoint.dir)
         mean_loss = self._record(loss_sum / accum, _count_tokens(batch), time.perf_counter() - start, grad_norm)
         return mean_loss
 

@@ -1,0 +1,165 @@
+"""The ``dtrain`` command line: argument parsing, validation and dispatch.
+
+Sub-commands:
+
+* ``dtrain launch [options] script.py [script args...]`` runs the script on
+  M simulated nodes x N ranks via :func:`dtrain.launch.local.run_local`;
+* ``dtrain plan ARGS...`` forwards to ``dtrain.planner.cli.main``;
+* ``dtrain --version``.
+
+Bad input is reported as ``error: ...`` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import NoReturn
+
+__all__ = ["main", "build_parser", "INJECT_KINDS"]
+
+INJECT_KINDS: tuple[str, ...] = ("kill", "node-loss", "slow", "hang", "corrupt", "net", "chaos")
+_INJECT_KIND = re.compile(r"^\s*([A-Za-z][A-Za-z-]*)")
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message says what is wrong and how to fix it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        message = message.replace("script, script_args", "script")
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dtrain")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree for ``dtrain``."""
+    parser = _Parser(prog="dtrain", description="dtrain: distributed training toolkit")
+    parser.add_argument("--version", action="version", version=f"dtrain {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{launch,plan}", parser_class=_Parser)
+
+    launch = sub.add_parser(
+        "launch",
+        help="run a training script on M simulated nodes x N ranks on this machine",
+        description="Run SCRIPT on NODES x NPROC local ranks (torch elastic agent, c10d on 127.0.0.1). "
+        "Everything after the script path is passed to the script untouched.",
+    )
+    launch.add_argument("--nproc", type=int, default=1, help="ranks per node (default 1)")
+    launch.add_argument("--nodes", type=int, default=1, help="simulated nodes (default 1)")
+    launch.add_argument("--metrics", metavar="PATH", help="metrics output path (DTRAIN_METRICS)")
+    launch.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="a.b=v",
+        help="config override, repeatable (DTRAIN_OVERRIDES)",
+    )
+    launch.add_argument("--config", metavar="FILE", help="config file (DTRAIN_CONFIG)")
+    launch.add_argument(
+        "--max-restarts", type=int, default=0, metavar="K", help="restart the whole group up to K times"
+    )
+    launch.add_argument("--timeout-s", type=float, metavar="T", help="job timeout in seconds (DTRAIN_TIMEOUT_S)")
+    launch.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="fault-injection spec, repeatable; kind is one of " + ",".join(INJECT_KINDS),
+    )
+    launch.add_argument("--no-progress", action="store_true", help="do not draw a progress bar on rank 0")
+    launch.add_argument("script", help="training script (.py)")
+    launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+    sub.add_parser("plan", help="plan a parallel layout (see `dtrain plan --help`)", add_help=False)
+    return parser
+
+
+def _validate_launch(ns: argparse.Namespace) -> None:
+    if ns.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {ns.nproc}")
+    if ns.nodes < 1:
+        raise UsageError(f"--nodes must be >= 1, got {ns.nodes}")
+    if ns.max_restarts < 0:
+        raise UsageError(f"--max-restarts must be >= 0, got {ns.max_restarts}")
+    if ns.timeout_s is not None and not ns.timeout_s > 0:
+        raise UsageError(f"--timeout-s must be a positive number of seconds, got {ns.timeout_s}")
+    if not os.path.isfile(ns.script):
+        raise UsageError(f"script not found: {ns.script!r}; pass the path of an existing .py file")
+    if ns.config is not None and not os.path.isfile(ns.config):
+        raise UsageError(f"--config file not found: {ns.config!r}")
+    for item in ns.overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r} is malformed; use --set section.key=value")
+    kinds = INJECT_KINDS
+    for item in ns.inject:
+        match = _INJECT_KIND.match(item)
+        kind = match.group(1) if match else ""
+        if kind not in kinds:
+            raise UsageError(f"--inject {item!r}: unknown fault kind {kind!r}; use one of {', '.join(kinds)}")
+
+
+def _launch(ns: argparse.Namespace) -> int:
+    _validate_launch(ns)
+    from dtrain.launch.local import LaunchSpec, run_local
+
+    spec = LaunchSpec(
+        script=os.path.abspath(ns.script),
+        script_args=list(ns.script_args),
+        nproc=ns.nproc,
+        nodes=ns.nodes,
+        metrics=os.path.abspath(ns.metrics) if ns.metrics else None,
+        overrides=list(ns.overrides),
+        config=os.path.abspath(ns.config) if ns.config else None,
+        max_restarts=ns.max_restarts,
+        timeout_s=ns.timeout_s,
+        inject=list(ns.inject),
+        progress=not ns.no_progress,
+    )
+    return run_local(spec)
+
+
+def _plan(args: list[str]) -> int:
+    try:
+        from dtrain.planner.cli import main as plan_main
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == "dtrain.planner" or exc.name.startswith("dtrain.planner")):
+            raise UsageError("`dtrain plan` is not available: the module dtrain.planner.cli is not installed") from None
+        raise
+    return int(plan_main(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dtrain`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] == "plan":
+            return _plan(args[1:])
+        parser = build_parser()
+        try:
+            ns = parser.parse_args(args)
+        except SystemExit as exc:  # --help / --version
+            return exc.code if isinstance(exc.code, int) else 0
+        if ns.command == "launch":
+            return _launch(ns)
+        parser.print_help(sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+"""Local launcher: run M simulated nodes x N ranks of a script on this machine.
+
+Owns process management for ``dtrain launch``. It drives torch's elastic agent
+(``LocalElasticAgent`` with a ``c10d`` rendezvous whose TCP stores listen on
+127.0.0.1 only, on free ports), so
+restarts (``max_restarts``), worker monitoring and group teardown are torchrun's.
+On top of that it:
+
+* redirects every rank's stdout/stderr to log files (torch ``LogsSpecs``) and
+  follows them onto the launcher's stdout/stderr, each line prefixed ``[rank R] ``;
+  carriage-return progress bars (tqdm) are redrawn in place on a terminal,
+* fills in the dtrain environment contract (see :mod:`dtrain.launch.env`) and
+  regroups ``LOCAL_RANK``/``LOCAL_WORLD_SIZE``/``GROUP_RANK`` per simulated node,
+* turns a failed run into one concise report (rank, exit code/signal, traceback tail),
+* stops every rank on SIGINT/SIGTERM and returns 130/143.
+
+All M*N ranks run under one agent; the nodes are simulated through the
+environment only (rank r lives on node r // N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.api import LogsDest, SignalException
+import torch.distributed as dist
+from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousParameters
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+__all__ = ["LaunchSpec", "run_local", "format_failures", "dtrain_env"]
+
+_ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
+_BAR_LOG_INTERVAL_S = 30.0  # progress-bar refreshes become a log line at most this often off a tty
+_POLL_S = 0.05
+
+
+@dataclass
+class LaunchSpec:
+    """Everything ``run_local`` needs; built by the CLI."""
+
+    script: str
+    script_args: list[str] = field(default_factory=list)
+    nproc: int = 1
+    nodes: int = 1
+    metrics: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    config: str | None = None
+    max_restarts: int = 0
+    timeout_s: float | None = None
+    inject: list[str] = field(default_factory=list)
+    progress: bool = True
+    shutdown_timeout_s: int = 5
+    monitor_interval_s: float = 0.1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc
+
+
+def dtrain_env(spec: LaunchSpec) -> dict[str, str]:
+    """The dtrain variables (plus process defaults) every rank receives."""
+    env: dict[str, str] = {
+        "DTRAIN_NODES": str(spec.nodes),
+        "DTRAIN_NPROC": str(spec.nproc),
+        "DTRAIN_OVERRIDES": json.dumps(list(spec.overrides)),
+        "DTRAIN_PROGRESS": "1" if spec.progress else "0",
+    }
+    if spec.metrics is not None:
+        env["DTRAIN_METRICS"] = spec.metrics
+    if spec.config is not None:
+        env["DTRAIN_CONFIG"] = spec.config
+    if spec.timeout_s is not None:
+        env["DTRAIN_TIMEOUT_S"] = repr(float(spec.timeout_s))
+    if spec.inject:
+        env["DTRAIN_INJECT"] = json.dumps(list(spec.inject))
+    # Process defaults, only where the user has not chosen already.
+    defaults = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        defaults["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo traffic on loopback
+    for key, value in defaults.items():
+        if key not in os.environ:
+            env[key] = value
+    return env
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Console:
+    """Serialises prefixed rank output; keeps at most one progress bar drawn on a tty."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bar: tuple[object, TextIO, str] | None = None  # (owner, stream, text)
+        self._last_bar_log: dict[object, float] = {}
+
+    def _erase_bar(self) -> None:
+        if self._bar is not None:
+            _, stream, _ = self._bar
+            stream.write("\r\x1b[K")
+            stream.flush()
+
+    def _draw_bar(self) -> None:
+        if self._bar is not None:
+            _, stream, text = self._bar
+            stream.write("\r" + text)
+            stream.flush()
+
+    def line(self, owner: object, stream: TextIO, text: str) -> None:
+        with self._lock:
+            self._erase_bar()
+            if self._bar is not None and self._bar[0] is owner:
+                self._bar = None  # the line completes this owner's bar
+            stream.write(text + "\n")
+            stream.flush()
+            self._draw_bar()
+
+    def bar(self, owner: object, stream: TextIO, text: str) -> None:
+        with self._lock:
+            if _isatty(stream):
+                self._erase_bar()
+                self._bar = (owner, stream, text)
+                self._draw_bar()
+                return
+            now = time.monotonic()
+            if now - self._last_bar_log.get(owner, -_BAR_LOG_INTERVAL_S) >= _BAR_LOG_INTERVAL_S:
+                self._last_bar_log[owner] = now
+                stream.write(text + "\n")
+                stream.flush()
+
+    def clear_bar(self, owner: object) -> None:
+        with self._lock:
+            if self._bar is not None and self._bar[0] is owner:
+                self._erase_bar()
+                self._bar = None
+
+
+def _last_segment(data: bytes) -> str:
+    """What a terminal would show for ``data``: the last non-blank ``\\r``-separated segment."""
+    for seg in reversed(data.split(b"\r")):
+        text = seg.decode("utf-8", errors="replace").rstrip()
+        if text.strip():
+            return text
+    return ""
+
+
+class _FileFollower(threading.Thread):
+    """Follows one rank's log file and copies it, prefixed, to a console stream."""
+
+    def __init__(self, path: str, prefix: str, stream: TextIO, console: _Console) -> None:
+        super().__init__(name=f"dtrain-tail-{os.path.basename(path)}", daemon=True)
+        self.path = path
+        self.prefix = prefix
+        self.stream = stream
+        self.console = console
+        self.finished = threading.Event()
+        self._buf = b""
+
+    def _consume(self, chunk: bytes) -> None:
+        buf = self._buf + chunk
+        while (end := buf.find(b"\n")) >= 0:
+            line, buf = buf[:end], buf[end + 1 :]
+            text = _last_segment(line) if b"\r" in line else line.decode("utf-8", errors="replace")
+            self.console.line(self, self.stream, self.prefix + text.rstrip("\r"))
+        if b"\r" in buf:  # a progress bar redrawn in place: keep only the current state
+            buf = buf[buf.rfind(b"\r") :]
+            current = _last_segment(buf)
+            if current:
+                self.console.bar(self, self.stream, self.prefix + current)
+            else:
+                self.console.clear_bar(self)
+        self._buf = buf
+
+    def run(self) -> None:
+        while not os.path.exists(self.path):
+            if self.finished.wait(_POLL_S):
+                if not os.path.exists(self.path):
+                    return
+        with open(self.path, "rb") as fh:
+            while True:
+                done = self.finished.is_set()  # read once more after the writer is gone
+                chunk = fh.read(1 << 16)
+                if chunk:
+                    self._consume(chunk)
+                elif done:
+                    break
+                else:
+                    time.sleep(_POLL_S)
+        rest = _last_segment(self._buf)
+        self.console.clear_bar(self)
+        if rest:
+            self.console.line(self, self.stream, self.prefix + rest)
+
+
+class _PrefixedLogsSpecs(DefaultLogsSpecs):
+    """Redirect each rank's std streams to files and follow them onto the console.
+
+    ``reify`` is called by the agent once per attempt (restart), before the
+    workers start; the followers of the previous attempt are drained first.
+    """
+
+    def __init__(self, log_dir: str, stdout: TextIO, stderr: TextIO) -> None:
+        super().__init__(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE)
+        self._stdout = stdout
+        self._stderr = stderr
+        self._console = _Console()
+        self._followers: list[_FileFollower] = []
+        self.stderr_paths: dict[int, str] = {}  # global rank -> stderr.log of the latest attempt
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        self.stop_following()
+        dest = super().reify(envs)
+        for local_rank, env in sorted(envs.items()):
+            rank = int(env.get("RANK", local_rank))
+            prefix = f"[rank {rank}] "
+            for path, stream in ((dest.stdouts.get(local_rank), self._stdout), (dest.stderrs.get(local_rank), self._stderr)):
+                if path and path != os.devnull:
+                    follower = _FileFollower(path, prefix, stream, self._console)
+                    follower.start()
+                    self._followers.append(follower)
+            if dest.stderrs.get(local_rank):
+                self.stderr_paths[rank] = dest.stderrs[local_rank]
+        return dest
+
+    def stop_following(self, timeout_s: float = 10.0) -> None:
+        for follower in self._followers:
+            follower.finished.set()
+        for follower in self._followers:
+            follower.join(timeout_s)
+        self._followers = []
+
+
+# --------------------------------------------------------------------------- rendezvous
+
+
+def _loopback_store() -> dist.TCPStore:
+    """A TCPStore server listening on 127.0.0.1 only, on a free port.
+
+    torch's own store servers listen on every interface; handing TCPStore a
+    socket we bound to loopback (``master_listen_fd``) keeps them local.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        port = int(sock.getsockname()[1])
+    except OSError:
+        sock.close()
+        raise
+    return dist.TCPStore(
+        "127.0.0.1", port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(), wait_for_workers=False
+    )
+
+
+def _loopback_rendezvous(run_id: str) -> RendezvousHandler:
+    """c10d rendezvous for one agent whose stores (rendezvous and workers') bind 127.0.0.1 only."""
+    store = _loopback_store()
+    params = RendezvousParameters(
+        backend="c10d",
+        endpoint=f"127.0.0.1:{store.port}",
+        run_id=run_id,
+        min_nodes=1,
+        max_nodes=1,
+        local_addr="127.0.0.1",
+    )
+    handler = create_handler(store, C10dRendezvousBackend(store, run_id), params)
+    # The handler creates the workers' store with this (private, torch 2.13) factory;
+    # the port it is given is ignored in favour of a loopback-bound one.
+    if hasattr(handler, "_create_tcp_store_server"):
+        handler._create_tcp_store_server = lambda _addr, _port: _loopback_store()  # type: ignore[method-assign]
+    return handler
+
+
+# --------------------------------------------------------------------------- agent
+
+
+class _SimulatedNodesAgent(LocalElasticAgent):
+    """LocalElasticAgent that regroups its workers into simulated nodes and adds the dtrain env."""
+
+    def __init__(self, *args: Any, nproc: int, nodes: int, extra_env: dict[str, str], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._dtrain_nproc = nproc
+        self._dtrain_nodes = nodes
+        self._dtrain_env = extra_env
+
+    # Hook called by LocalElasticAgent._start_workers for each worker's env (torch 2.13).
+    def _set_local_rank_env(self, worker_env: dict[str, str | None], local_rank: int, spec: WorkerSpec) -> None:
+        super()._set_local_rank_env(worker_env, local_rank, spec)
+        rank = int(worker_env.get("RANK") or local_rank)
+        worker_env.update(
+            LOCAL_RANK=str(rank % self._dtrain_nproc),
+            LOCAL_WORLD_SIZE=str(self._dtrain_nproc),
+            GROUP_RANK=str(rank // self._dtrain_nproc),
+            GROUP_WORLD_SIZE=str(self._dtrain_nodes),
+        )
+        worker_env.update(self._dtrain_env)
+
+
+def _quiet_elastic_logging() -> None:
+    """Silence the elastic agent's loggers unless DTRAIN_LOG_LEVEL asks for more.
+
+    torch's elastic loggers each get an explicit level when created, so every
+    existing one is set (call this after the agent and rendezvous are built).
+    """
+    level = logging.getLevelName(os.environ.get("DTRAIN_LOG_LEVEL", "CRITICAL").upper())
+    if not isinstance(level, int):
+        level = logging.CRITICAL
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(_ELASTIC_LOGGERS):
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into SignalException until the agent installs its own handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise SignalException(f"received {signal.Signals(signum).name}", sigval=signal.Signals(signum))
+
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _traceback_tail(text: str, max_lines: int) -> str:
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    if starts:
+        lines = lines[starts[-1] :]
+    return "\n".join(lines[-max_lines:])
+
+
+def _file_tail(path: str | None, limit: int = 64_000) -> str:
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - limit))
+        return fh.read().decode("utf-8", errors="replace")
+
+
+def _first_failure(failures: dict[int, Any]) -> int:
+    """The rank that most likely caused the failure.
+
+    Ranks torn down by the agent die of SIGTERM after the culprit, so real
+    errors (non-SIGTERM) come first, then the earliest timestamp, then the rank.
+    """
+
+    def key(rank: int) -> tuple[bool, int, int]:
+        failure = failures[rank]
+        teardown = failure.exitcode == -int(signal.SIGTERM)
+        return (teardown, int(getattr(failure, "timestamp", 0) or 0), rank)
+
+    return min(failures, key=key)
+
+
+def _error_file_traceback(failure: Any) -> str:
+    """Traceback recorded by ``torch.distributed.elastic.multiprocessing.errors.record``, if any."""
+    data = getattr(failure, "error_file_data", None)
+    message = data.get("message") if isinstance(data, dict) else None
+    if isinstance(message, dict):
+        extra = message.get("extraInfo") or {}
+        return str(extra.get("py_callstack") or message.get("message") or "")
+    if isinstance(message, str) and message != "<NONE>":
+        return message
+    return ""
+
+
+def format_failures(failures: dict[int, Any], stderr_paths: dict[int, str] | None = None, max_lines: int = 3) -> str:
+    """One concise report: failed ranks with exit code/signal, then the first failure's traceback tail.
+
+    ``failures`` maps global rank -> ``ProcessFailure`` (``exitcode``, ``timestamp``,
+    ``error_file_data``); ``stderr_paths`` maps global rank -> its stderr log.
+    """
+    if not failures:
+        return "dtrain: job failed (no per-rank failure information)"
+    first = _first_failure(failures)
+    head = f"dtrain: job failed: rank {first} {_describe_exit(failures[first].exitcode)}"
+    others = [f"rank {r} {_describe_exit(failures[r].exitcode)}" for r in sorted(failures) if r != first]
+    if others:
+        head += " (also " + ", ".join(others) + ")"
+    tail = _error_file_traceback(failures[first]) or _file_tail((stderr_paths or {}).get(first))
+    tail = _traceback_tail(tail, max_lines)
+    if not tail:
+        return head
+    return head + "\n" + "\n".join(f"  [rank {first}] {ln}" for ln in tail.splitlines())
+
+
+def _exit_status(failures: dict[int, Any]) -> int:
+    codes = [f.exitcode for f in failures.values()]
+    positive = [c for c in codes if c > 0]
+    if positive:
+        return min(positive[0], 255)
+    signals = [-c for c in codes if c < 0 and c != -int(signal.SIGTERM)] or [-c for c in codes if c < 0]
+    return 128 + signals[0] if signals else 1
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run the job described by ``spec``; return the launcher's exit status.
+
+    0 when every rank succeeds; the first failing rank's exit code (or 128+signal)
+    otherwise; 130/143 when the launcher is stopped by SIGINT/SIGTERM.
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    log_dir = tempfile.mkdtemp(prefix="dtrain-launch-")
+    logs = _PrefixedLogsSpecs(log_dir, out, err)
+    try:
+        with _signals_raise():
+            try:
+                worker_spec = WorkerSpec(
+                    role="dtrain",
+                    local_world_size=spec.world_size,
+                    entrypoint=sys.executable,
+                    args=(spec.script, *spec.script_args),
+                    rdzv_handler=_loopback_rendezvous(f"dtrain-{uuid.uuid4().hex[:12]}"),
+                    max_restarts=spec.max_restarts,
+                    monitor_interval=spec.monitor_interval_s,
+                    local_addr="127.0.0.1",
+                )
+                agent = _SimulatedNodesAgent(
+                    spec=worker_spec,
+                    logs_specs=logs,
+                    start_method="spawn",
+                    shutdown_timeout=spec.shutdown_timeout_s,
+                    nproc=spec.nproc,
+                    nodes=spec.nodes,
+                    extra_env=dtrain_env(spec),
+                )
+                _quiet_elastic_logging()
+                result = agent.run()
+            except SignalException as exc:
+                logs.stop_following()
+                sig = signal.Signals(int(exc.sigval))
+                print(f"dtrain: received {sig.name}, stopped all ranks", file=err, flush=True)
+                return 128 + int(sig)
+            except KeyboardInterrupt:
+                logs.stop_following()
+                print("dtrain: interrupted, stopped all ranks", file=err, flush=True)
+                return 128 + int(signal.SIGINT)
+        logs.stop_following()
+        if result.is_failed():
+            failures = dict(result.failures)
+            print(format_failures(failures, logs.stderr_paths), file=err, flush=True)
+            return _exit_status(failures)
+        return 0
+    finally:
+        logs.stop_following()
+        shutil.rmtree(log_dir, ignore_errors=True)
