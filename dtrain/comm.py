@@ -10,6 +10,7 @@ Nothing here assumes a backend or a device: gloo on CPU and NCCL on CUDA take th
 from __future__ import annotations
 
 import datetime
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class Comm:
         self.timeout_s = timeout_s
         self.bytes_sent: dict[str, int] = defaultdict(int)
         self._seq = 0
+        self._lock = threading.Lock()  # plugins may issue collectives from a background thread
 
     @property
     def rank(self) -> int:
@@ -110,11 +112,13 @@ class Comm:
 
     def _issue(self, op: str, level: str, peers: bool, nbytes: int, async_op: bool, launch) -> Handle:
         ranks = self.group_ranks(level, peers)
-        self._seq += 1
-        handle = Handle(None, self, op, self._seq, level + (" peers" if peers else ""), ranks)
+        with self._lock:
+            self._seq += 1
+            handle = Handle(None, self, op, self._seq, level + (" peers" if peers else ""), ranks)
+            if len(ranks) > 1:
+                self.bytes_sent[self.topology.shape.level_of_ranks(ranks)] += nbytes
         if len(ranks) > 1:
             group = self.topology.peer_group(level) if peers else self.topology.group(level)
-            self.bytes_sent[self.topology.shape.level_of_ranks(ranks)] += nbytes
             try:
                 handle.work = launch(group)
             except RuntimeError as exc:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from dtrain.config import Config
 from dtrain.metrics import MetricsWriter, param_sha256, peak_rss_bytes
-from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, Plugin, plugin_class
+from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, Plugin, enabled_plugins, plugin_class
 from dtrain.plugins.zero import layout_name
 from dtrain.runtime import Runtime
 
@@ -41,7 +41,7 @@ class Engine:
         self.model = model.to(self.device)
         self.step = 0
         self.layout: LayoutPlugin = plugin_class(layout_name(config.zero.stage))()  # type: ignore[assignment]
-        self.plugins: list[Plugin] = [self.layout]
+        self.plugins: list[Plugin] = [self.layout, *(cls() for cls in enabled_plugins(config))]
         for plugin in self.plugins:
             plugin.setup(self)
         self.layout.wrap_model(self.model, optimizer)

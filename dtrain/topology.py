@@ -61,6 +61,8 @@ class Shape:
         return self.rank % self.procs_per_node
 
     def size(self, level: str) -> int:
+        if level == "rank":  # pseudo-level: every rank alone (e.g. CO2 without intra-node sync)
+            return 1
         for name, size in self.levels:
             if name == level:
                 return size

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
+from dtrain.config import ConfigError
+
 if TYPE_CHECKING:
     from dtrain.engine import Engine
 
@@ -38,11 +40,30 @@ def plugin_class(name: str) -> type["Plugin"]:
         raise ValueError(f"unknown plugin {name!r}; registered: {sorted(_REGISTRY)}") from None
 
 
+def enabled_plugins(config: Any) -> list[type["Plugin"]]:
+    """Non-layout plugins switched on by ``config``; two occupants of one slot are an error."""
+    chosen: dict[str, type[Plugin]] = {}
+    for cls in _REGISTRY.values():
+        if cls.slot != "layout" and cls.enabled(config):
+            if cls.slot in chosen:
+                other = chosen[cls.slot]
+                raise ConfigError(f"plugins {other.name!r} and {cls.name!r} both occupy the {cls.slot!r} "
+                                  f"slot; enable only one of them ({other.name}.enabled or {cls.name}.enabled)")
+            chosen[cls.slot] = cls
+    return list(chosen.values())
+
+
 class Plugin:
     """Base class: every hook is a no-op."""
 
     name: ClassVar[str] = "base"
     slot: ClassVar[str] = "none"
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        """Whether ``config`` switches this plugin on (default: its section says ``enabled = true``)."""
+        section = getattr(config, cls.name, None)
+        return bool(getattr(section, "enabled", False))
 
     def setup(self, engine: "Engine") -> None:
         self.engine = engine

@@ -1,0 +1,142 @@
+"""FlexSP planner benchmark (modeled, no GPUs needed).
+
+Per seeded batch of 512 sequences (long-tail distributions) on the 64-GPU cluster of
+``cluster/a100_8x8.toml`` (8 nodes x 8 A100-80GB) with a LLaMA-7B-shaped model, reports the
+FlexSP plan's modeled step time, every static Ulysses SP degree's (best one kept), the ideal
+lower bound, ratios, planning time and MILP gap, plus medians; then sweeps cluster sizes
+8..1024 for the plot. Writes benchmarks/results/flexsp.json and benchmarks/results/flexsp.png.
+
+    python benchmarks/flexsp.py [--seeds 5] [--batch 512] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dtrain.planner import CostModel, PlannerOptions, compare, load_cluster, parse_model, sample_lengths  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+TARGETS = {"speedup_vs_best_static": 1.5, "ratio_to_lower_bound": 1.10, "solve_time_s": 1.0, "mip_gap": 0.02}
+
+
+def run_batch(dist: str, seed: int, batch: int, cost: CostModel, time_limit: float) -> dict[str, object]:
+    lengths = sample_lengths(dist, batch, seed)
+    row = compare(lengths, cost, PlannerOptions(time_limit_s=time_limit)).to_dict()
+    row.update(dist=dist, seed=seed, devices=cost.cluster.num_devices, batch=batch,
+               tokens=sum(lengths), max_len=max(lengths))
+    return row
+
+
+def median(rows: list[dict[str, object]], key: str) -> float | None:
+    vals = [float(r[key]) for r in rows if r.get(key) is not None]  # type: ignore[arg-type]
+    return statistics.median(vals) if vals else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--time-limit", type=float, default=1.0)
+    ap.add_argument("--quick", action="store_true", help="2 seeds, smaller sweep")
+    args = ap.parse_args()
+    seeds = range(2 if args.quick else args.seeds)
+    cluster = load_cluster(ROOT / "cluster" / "a100_8x8.toml")
+    model = parse_model("7b")
+    cost = CostModel(model, cluster)
+    t0 = time.perf_counter()
+
+    rows: list[dict[str, object]] = []
+    print(f"{'dist':<13}{'seed':>4} {'FlexSP s':>9} {'static s':>9} {'d':>3} {'LB s':>8} "
+          f"{'speedup':>8} {'/LB':>6} {'solve s':>8} {'gap':>7} {'K':>2}")
+    for dist in ("lognormal", "longtail-mix"):
+        for seed in seeds:
+            r = run_batch(dist, seed, args.batch, cost, args.time_limit)
+            rows.append(r)
+            gap = "n/a" if r["mip_gap"] is None else f"{100 * r['mip_gap']:.2f}%"
+            print(f"{dist:<13}{seed:>4} {r['flexsp_step_s']:9.3f} {r['best_static_step_s']:9.3f} "
+                  f"{r['best_static_degree']:>3} {r['lower_bound_s']:8.3f} "
+                  f"{r['speedup_vs_best_static']:7.2f}x {r['ratio_to_lower_bound']:6.3f} "
+                  f"{r['solve_time_s']:8.3f} {gap:>7} {r['micro_batches']:>2}")
+    medians = {}
+    for dist in ("lognormal", "longtail-mix"):
+        sel = [r for r in rows if r["dist"] == dist]
+        medians[dist] = {k: median(sel, k) for k in (
+            "flexsp_step_s", "best_static_step_s", "lower_bound_s", "speedup_vs_best_static",
+            "ratio_to_lower_bound", "solve_time_s", "mip_gap")}
+        medians[dist]["max_solve_time_s"] = max(float(r["solve_time_s"]) for r in sel)  # type: ignore[arg-type]
+    print("\nmedians:")
+    for dist, m in medians.items():
+        print(f"  {dist:<13} speedup vs best static {m['speedup_vs_best_static']:.2f}x (target >= 1.5), "
+              f"step / lower bound {m['ratio_to_lower_bound']:.3f} (target <= 1.10), "
+              f"solve {m['solve_time_s']:.3f} s (max {m['max_solve_time_s']:.3f}; target <= 1), "
+              f"MILP gap {100 * (m['mip_gap'] or 0):.2f}% (target <= 2%)")
+
+    sweep_sizes = [8, 32, 128, 512] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
+    sweep: list[dict[str, object]] = []
+    for dist in ("lognormal", "longtail-mix", "uniform"):
+        for n in sweep_sizes:
+            c = CostModel(model, cluster.with_topology(n, min(8, n)))
+            try:
+                r = run_batch(dist, 0, args.batch, c, args.time_limit)
+            except Exception as exc:  # a 256K sequence cannot fit 8 devices: record, continue
+                r = {"dist": dist, "devices": n, "error": str(exc)}
+            sweep.append(r)
+            if "error" in r:
+                print(f"  sweep {dist:<13} N={n:<5} skipped: {r['error'][:80]}")
+            else:
+                print(f"  sweep {dist:<13} N={n:<5} FlexSP {r['flexsp_step_s']:9.3f} s  best static "
+                      f"{r['best_static_step_s']:9.3f} s (d={r['best_static_degree']})  LB "
+                      f"{r['lower_bound_s']:9.3f} s  solve {r['solve_time_s']:.2f} s")
+
+    out = {
+        "command": "python benchmarks/flexsp.py" + (" --quick" if args.quick else ""),
+        "machine": f"{platform.machine()} {platform.system()}, {platform.python_version()}, "
+                   "modeled times (no GPU used)",
+        "cluster": cluster.name, "model": model.to_dict(), "batch": args.batch,
+        "time_limit_s": args.time_limit, "targets": TARGETS,
+        "batches": rows, "medians": medians, "sweep": sweep,
+        "wall_s": time.perf_counter() - t0,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "flexsp.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+    plot(sweep, RESULTS / "flexsp.png")
+    print(f"\nwrote {RESULTS / 'flexsp.json'} and {RESULTS / 'flexsp.png'} in {out['wall_s']:.0f} s")
+    return 0
+
+
+def plot(sweep: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dists = sorted({str(r["dist"]) for r in sweep}, key=["lognormal", "longtail-mix", "uniform"].index)
+    fig, axes = plt.subplots(1, len(dists), figsize=(5 * len(dists), 4), sharey=False)
+    for ax, dist in zip(axes, dists):
+        ok = [r for r in sweep if r["dist"] == dist and "error" not in r]
+        xs = [r["devices"] for r in ok]
+        ax.plot(xs, [r["flexsp_step_s"] for r in ok], "o-", label="FlexSP (MILP plan)")
+        ax.plot(xs, [r["best_static_step_s"] for r in ok], "s--", label="best static SP degree")
+        ax.plot(xs, [r["lower_bound_s"] for r in ok], ":", color="gray", label="ideal lower bound")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{dist}, 512 seqs, 7B")
+        ax.set_xlabel("devices (8 per node)")
+        ax.set_ylabel("modeled step time (s)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

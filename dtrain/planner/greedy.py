@@ -1,0 +1,177 @@
+"""Greedy scheduler: the MILP's warm start and its fallback when the MILP finds nothing in time.
+
+A schedule is a set of power-of-two SP groups (total size <= N) and an assignment of items
+(sequences, or bucket representatives) to groups. The greedy builds several candidate group
+layouts and fills each by LPT (longest processing time first: each item, longest first, goes
+to the group where it would finish earliest among the groups that are large enough for its
+minimum SP size and still have memory for it), then keeps the layout with the smallest
+makespan. Layouts tried:
+
+* uniform: ``N/d`` groups of size ``d`` for every feasible ``d`` (the static SP degrees);
+* dedicated: for a target ``T`` (multiples of the ideal lower bound), every item that cannot
+  finish within ``T`` on one device gets its own group of the smallest size where it does,
+  and the remaining devices become groups of size 1 (and, as a variant, of size 2).
+
+Everything is deterministic (ties broken by group index).
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from dtrain.planner.cost import CostModel, power_of_two_sizes
+
+TARGET_FACTORS = (1.0, 1.03, 1.08, 1.15, 1.25, 1.4, 1.6, 2.0, 3.0, 5.0)
+
+
+@dataclass
+class Schedule:
+    """Groups (sizes) and the items assigned to each, with modeled loads."""
+
+    sizes: list[int]
+    members: list[list[int]]
+    loads: list[float]
+    tokens: list[int]
+
+    @property
+    def makespan(self) -> float:
+        return max(self.loads, default=0.0)
+
+    def compact(self) -> "Schedule":
+        """Drop groups that received no items (their devices simply idle)."""
+        keep = [k for k, m in enumerate(self.members) if m]
+        return Schedule(
+            [self.sizes[k] for k in keep],
+            [self.members[k] for k in keep],
+            [self.loads[k] for k in keep],
+            [self.tokens[k] for k in keep],
+        )
+
+
+def item_times(lengths: list[int], cost: CostModel) -> dict[int, list[float]]:
+    """``times[d][i]`` = modeled time of item ``i`` on ``d`` devices, for every candidate ``d``."""
+    return {d: cost.seq_times(lengths, d).tolist() for d in power_of_two_sizes(cost.cluster.num_devices)}
+
+
+def lpt_fill(
+    sizes: list[int],
+    lengths: list[int],
+    degrees: list[int],
+    cost: CostModel,
+    order: list[int] | None = None,
+    preset: dict[int, int] | None = None,
+    times: dict[int, list[float]] | None = None,
+) -> Schedule | None:
+    """Assign items to fixed groups by LPT with memory checks; None if an item fits nowhere.
+
+    ``preset`` maps item -> group for items placed before the LPT pass; ``times`` is
+    :func:`item_times` (computed if not given).
+    """
+    times = times or item_times(lengths, cost)
+    n_groups = len(sizes)
+    members: list[list[int]] = [[] for _ in range(n_groups)]
+    loads = [0.0] * n_groups
+    tokens = [0] * n_groups
+    budget_tokens = [cost.tokens_per_device * d for d in sizes]
+    for item, g in (preset or {}).items():
+        members[g].append(item)
+        loads[g] += times[sizes[g]][item]
+        tokens[g] += lengths[item]
+    heaps: dict[int, list[tuple[float, int]]] = {}
+    for g, d in enumerate(sizes):
+        heaps.setdefault(d, []).append((loads[g], g))
+    for h in heaps.values():
+        heapq.heapify(h)
+    if order is None:
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    placed = set(preset or {})
+    for i in order:
+        if i in placed:
+            continue
+        s = lengths[i]
+        best: tuple[float, int] | None = None
+        for d, heap in heaps.items():
+            if d < degrees[i]:
+                continue
+            skipped = []
+            while heap:
+                load, g = heap[0]
+                if tokens[g] + s <= budget_tokens[g] * (1 + 1e-12):
+                    cand = (load + times[d][i], g)
+                    if best is None or cand < best:
+                        best = cand
+                    break
+                skipped.append(heapq.heappop(heap))
+            for entry in skipped:
+                heapq.heappush(heap, entry)
+        if best is None:
+            return None
+        finish, g = best
+        d = sizes[g]
+        heap = heaps[d]
+        heap.remove((loads[g], g))
+        heapq.heapify(heap)
+        loads[g] = finish
+        tokens[g] += s
+        members[g].append(i)
+        heapq.heappush(heap, (finish, g))
+    return Schedule(list(sizes), members, loads, tokens)
+
+
+def _dedicated_layout(
+    target: float, lengths: list[int], degrees: list[int], cost: CostModel, small: int,
+    times: dict[int, list[float]],
+) -> tuple[list[int], dict[int, int]] | None:
+    n = cost.cluster.num_devices
+    sizes_all = power_of_two_sizes(n)
+    sizes: list[int] = []
+    preset: dict[int, int] = {}
+    used = 0
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        s = lengths[i]
+        if degrees[i] <= small and times[small][i] <= target:
+            break  # every later item is shorter, so it also fits a small group in time
+        options = [d for d in sizes_all if d >= degrees[i]]
+        fast = [d for d in options if times[d][i] <= target]
+        d = fast[0] if fast else min(options, key=lambda d: (times[d][i], d))
+        if used + d > n:
+            return None
+        preset[i] = len(sizes)
+        sizes.append(d)
+        used += d
+    sizes.extend([small] * ((n - used) // small))
+    return sizes, preset
+
+
+def greedy_schedule(lengths: list[int], degrees: list[int], cost: CostModel) -> Schedule | None:
+    """Best schedule over the layouts in the module docstring; None if none is feasible."""
+    n = cost.cluster.num_devices
+    if not lengths:
+        return Schedule([], [], [], [])
+    need = max(degrees)
+    best: Schedule | None = None
+
+    def consider(sched: Schedule | None) -> None:
+        nonlocal best
+        if sched is not None and (best is None or sched.makespan < best.makespan - 1e-12):
+            best = sched.compact()
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    times = item_times(lengths, cost)
+    for d in power_of_two_sizes(n):
+        if d >= need:
+            consider(lpt_fill([d] * (n // d), lengths, degrees, cost, order, None, times))
+    lower = sum(cost.work(s, d) for s, d in zip(lengths, degrees)) / n
+    lower = max(lower, max(min(t[i] for t in times.values()) for i in range(len(lengths))))
+    for small in (1, 2):
+        if small > n:
+            continue
+        for factor in TARGET_FACTORS:
+            layout = _dedicated_layout(lower * factor, lengths, degrees, cost, small, times)
+            if layout is None:
+                continue
+            sizes, preset = layout
+            if not sizes:
+                continue
+            consider(lpt_fill(sizes, lengths, degrees, cost, order, preset, times))
+    return best

@@ -1,0 +1,252 @@
+"""FlexSP planning of one batch: micro-batch split, bucketing, greedy, MILP, sequence assignment.
+
+Pipeline for a batch of lengths on ``N`` devices:
+
+1. Validate the batch and derive each sequence's minimum SP size (:class:`CostModel`).
+2. Split into ``K`` micro-batches when one pass cannot hold every token: ``K`` is
+   ``K0 = ceil(tokens / (N * tokens_per_device * fill))`` or ``K0 + 1``, whichever the greedy
+   schedules faster; sequences, largest compute work first, go to the micro-batch with the
+   least work that still has token room. If a micro-batch cannot be scheduled, ``K`` grows
+   by one.
+3. Per micro-batch: bucket the lengths (:mod:`bucketing`), build a greedy schedule on the bucket
+   representatives (warm start / upper bound), solve the MILP (:mod:`milp`) within the
+   remaining time budget, and assign the real sequences to the MILP's groups (per bucket,
+   longest first, to the group with that bucket's quota and the smallest current load; ties
+   by group order). The greedy schedule on the true lengths is the fallback; the better of
+   the two true (unbucketed) makespans is kept.
+4. Place groups on aligned contiguous ranks and verify memory (a violation is a bug and
+   raises).
+
+Plans are deterministic for the same input as long as the MILP stops on its gap rather than
+on its time limit (the incumbent at a time-out depends on machine speed).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from dtrain.planner.bucketing import bucket_lengths
+from dtrain.planner.cost import CostModel
+from dtrain.planner.errors import PlannerError
+from dtrain.planner.greedy import Schedule, greedy_schedule
+from dtrain.planner.milp import MilpResult, solve_milp
+from dtrain.planner.plan import GroupPlan, MicroBatch, StepPlan, place_groups
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """Knobs of :func:`plan_step`."""
+
+    max_buckets: int = 16
+    time_limit_s: float = 1.0  # total planning budget per batch (MILP limits share it)
+    gap_rel: float = 0.01  # MILP relative gap at which the solver stops
+    solver: str = "highs"  # "highs", "cbc" or "greedy" (no MILP)
+    memory_fill: float = 0.95  # target fraction of memory when choosing K micro-batches
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("highs", "cbc", "greedy"):
+            raise PlannerError(f"unknown solver {self.solver!r}; use highs, cbc or greedy")
+        if self.max_buckets < 1 or self.time_limit_s <= 0 or not 0 < self.memory_fill <= 1:
+            raise PlannerError(
+                "planner options need max_buckets >= 1, time_limit_s > 0, 0 < memory_fill <= 1"
+            )
+
+
+def split_micro_batches(
+    lengths: list[int], degrees: list[int], cost: CostModel, k: int, fill: float
+) -> list[list[int]]:
+    """Deterministic balanced split of the batch into ``k`` parts (indices, longest first)."""
+    room = cost.cluster.num_devices * cost.tokens_per_device * fill
+    work = [0.0] * k
+    tokens = [0] * k
+    parts: list[list[int]] = [[] for _ in range(k)]
+    order = sorted(range(len(lengths)), key=lambda i: (-cost.work(lengths[i], degrees[i]), i))
+    for i in order:
+        s = lengths[i]
+        fitting = [p for p in range(k) if tokens[p] + s <= room]
+        pool = fitting or range(k)
+        p = min(pool, key=lambda p: (work[p], tokens[p], p) if fitting else (tokens[p], p))
+        parts[p].append(i)
+        work[p] += cost.work(s, degrees[i])
+        tokens[p] += s
+    return [sorted(part, key=lambda i: (-lengths[i], i)) for part in parts if part]
+
+
+def _assign_to_milp_groups(
+    result: MilpResult, part: list[int], lengths: list[int], buckets_members: list[list[int]],
+    cost: CostModel,
+) -> Schedule:
+    sizes = [d for d, _ in result.groups]
+    quota = [dict(m) for _, m in result.groups]
+    members: list[list[int]] = [[] for _ in sizes]
+    loads = [0.0] * len(sizes)
+    tokens = [0] * len(sizes)
+    for b, seqs in enumerate(buckets_members):
+        for local in seqs:  # longest first within the bucket
+            s = lengths[part[local]]
+            cands = [g for g in range(len(sizes)) if quota[g].get(b, 0) > 0]
+            g = min(cands, key=lambda g: (loads[g] + cost.seq_time(s, sizes[g]), g))
+            quota[g][b] -= 1
+            members[g].append(local)
+            loads[g] += cost.seq_time(s, sizes[g])
+            tokens[g] += s
+    return Schedule(sizes, members, loads, tokens).compact()
+
+
+def _schedule_micro_batch(
+    part: list[int], lengths: list[int], degrees: list[int], cost: CostModel,
+    options: PlannerOptions, budget_s: float, fallback: Schedule | None = None,
+) -> tuple[Schedule, MicroBatch] | None:
+    t0 = time.perf_counter()
+    part_len = [lengths[i] for i in part]
+    part_deg = [degrees[i] for i in part]
+    if fallback is None:
+        fallback = greedy_schedule(part_len, part_deg, cost)
+    best, info = fallback, MicroBatch(groups=[], time_s=0.0, solver="greedy")
+    if options.solver != "greedy":
+        buckets = bucket_lengths(
+            part_len, options.max_buckets, lambda s: cost.alpha1 * s * s + cost.alpha2 * s
+        )
+        rep = [0] * len(part_len)
+        for b, bucket in enumerate(buckets):
+            for local in bucket.members:
+                rep[local] = b
+        b_deg = [cost.min_degree(bk.length) or cost.cluster.num_devices for bk in buckets]
+        rep_len = [buckets[rep[i]].length for i in range(len(part_len))]
+        rep_deg = [b_deg[rep[i]] for i in range(len(part_len))]
+        warm_sched = greedy_schedule(rep_len, rep_deg, cost)
+        warm = None
+        if warm_sched is not None:
+            warm = []
+            for d, mem in zip(warm_sched.sizes, warm_sched.members):
+                counts: dict[int, int] = {}
+                for local in mem:
+                    counts[rep[local]] = counts.get(rep[local], 0) + 1
+                warm.append((d, counts))
+        remaining = budget_s - (time.perf_counter() - t0)
+        result = solve_milp(
+            buckets, b_deg, cost, max(0.02, remaining), options.gap_rel, warm, options.solver
+        )
+        if not result.groups and options.solver == "highs" and result.status == "no-solution":
+            remaining = budget_s - (time.perf_counter() - t0)
+            if remaining > 0.2:  # CBC fallback only when there is time left for it
+                result = solve_milp(buckets, b_deg, cost, remaining, options.gap_rel, warm, "cbc")
+        if result.groups:
+            milp_sched = _assign_to_milp_groups(
+                result, part, lengths, [list(b.members) for b in buckets], cost
+            )
+            # The comm-aware bound of the representatives is also a valid bound on the bucketed
+            # MILP; it matters when the solver stops before its own bound is any good.
+            bound = max(result.bound or 0.0, cost.comm_aware_lower_bound(rep_len, rep_deg))
+            obj = result.objective or 0.0
+            bound = min(bound, obj)
+            info = MicroBatch(
+                groups=[], time_s=0.0, solver=result.solver, mip_objective_s=obj,
+                mip_bound_s=bound, mip_gap=(obj - bound) / obj if obj > 0 else 0.0,
+            )
+            if best is None or milp_sched.makespan <= best.makespan + 1e-12:
+                best = milp_sched
+            else:
+                info.solver += "+greedy"  # MILP solved; greedy's true-length schedule was better
+    if best is None:
+        return None
+    info.solve_time_s = time.perf_counter() - t0
+    return best, info
+
+
+def _choose_micro_batch_count(
+    lengths: list[int], degrees: list[int], cost: CostModel, k_min: int, options: PlannerOptions
+) -> tuple[int, dict[tuple[int, ...], Schedule]]:
+    """Pick ``k_min`` or ``k_min + 1`` micro-batches, whichever the greedy schedules faster.
+
+    More micro-batches leave more memory slack and separate long sequences, but each long
+    sequence must then finish within a shorter micro-batch (a larger, more communication-bound
+    group). The greedy is cheap enough to try both; the MILP then refines the chosen split.
+    """
+    cache: dict[tuple[int, ...], Schedule] = {}
+    if k_min >= len(lengths):
+        return k_min, cache
+    best_k, best_t = k_min, math.inf
+    for k in (k_min, k_min + 1):
+        total = 0.0
+        for part in split_micro_batches(lengths, degrees, cost, k, options.memory_fill):
+            sched = greedy_schedule([lengths[i] for i in part], [degrees[i] for i in part], cost)
+            if sched is None:
+                total = math.inf
+                break
+            cache[tuple(part)] = sched
+            total += sched.makespan
+        if total < best_t - 1e-12:
+            best_k, best_t = k, total
+    return best_k, cache
+
+
+def plan_step(
+    lengths: list[int], cost: CostModel, options: PlannerOptions | None = None
+) -> StepPlan:
+    """Plan one batch; raises :class:`PlannerError` for unplannable input."""
+    options = options or PlannerOptions()
+    t0 = time.perf_counter()
+    degrees = cost.check_batch(lengths)
+    lengths = [int(s) for s in lengths]
+    n_dev = cost.cluster.num_devices
+    k = max(1, math.ceil(sum(lengths) / (n_dev * cost.tokens_per_device * options.memory_fill)))
+    k, greedy_cache = _choose_micro_batch_count(lengths, degrees, cost, k, options)
+    while True:
+        parts = split_micro_batches(lengths, degrees, cost, k, options.memory_fill)
+        scheduled = []
+        for p, part in enumerate(parts):
+            left = 0.6 * options.time_limit_s - (time.perf_counter() - t0)
+            budget = max(0.05, left / (len(parts) - p))
+            out = _schedule_micro_batch(
+                part, lengths, degrees, cost, options, budget, greedy_cache.get(tuple(part))
+            )
+            if out is None:
+                break
+            scheduled.append((part, *out))
+        if len(scheduled) == len(parts):
+            break
+        if k >= len(lengths):
+            raise PlannerError(
+                "no feasible plan even with one sequence per micro-batch; this is a planner "
+                "bug for a batch whose sequences each fit, please report it"
+            )
+        k += 1
+
+    micro_batches = []
+    for part, sched, info in scheduled:
+        groups = []
+        placement = place_groups(sched.sizes, n_dev, cost.cluster.devices_per_node)
+        order = sorted(range(len(sched.sizes)), key=lambda g: placement[g][0][0])
+        for g in order:
+            d = sched.sizes[g]
+            seqs = sorted((part[local] for local in sched.members[g]), key=lambda i: (-lengths[i], i))
+            toks = sum(lengths[i] for i in seqs)
+            if not cost.fits(toks, d) or any(degrees[i] > d for i in seqs):
+                raise AssertionError(f"planner produced a group of {d} holding {toks} tokens")
+            ranks, crosses = placement[g]
+            groups.append(GroupPlan(
+                size=d, ranks=ranks, crosses_nodes=crosses, sequences=seqs,
+                lengths=[lengths[i] for i in seqs],
+                time_s=sum(cost.seq_time(lengths[i], d) for i in seqs),
+                memory_bytes=cost.model_state_bytes + cost.activation_bytes(toks, d),
+            ))
+        info.groups = groups
+        info.time_s = max(g.time_s for g in groups)
+        micro_batches.append(info)
+    step = sum(m.time_s for m in micro_batches)
+    c = cost.cluster
+    return StepPlan(
+        num_devices=n_dev,
+        devices_per_node=c.devices_per_node,
+        model=cost.model.name,
+        lengths=lengths,
+        micro_batches=micro_batches,
+        step_time_s=step,
+        lower_bound_s=cost.ideal_lower_bound(lengths, degrees),
+        comm_lower_bound_s=cost.comm_aware_lower_bound(lengths, degrees),
+        solve_time_s=time.perf_counter() - t0,
+        memory_limit_bytes=(c.memory_GiB - c.reserve_GiB) * 1024**3,
+        options=asdict(options),
+    )
