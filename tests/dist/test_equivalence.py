@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.dist.harness import run_world
-from tests.dist.workloads import dtrain_train, reference_train
+from tests.dist.workloads import dtrain_train, reference_train, sgd_two_groups
 
 pytestmark = pytest.mark.dist
 STEPS, ACCUM, CLIP = 10, 2, 1.0
@@ -56,3 +56,17 @@ def test_layouts_match_single_process(world, reference):
     # every layout actually trained: the parameters moved well beyond the tolerance
     moved = (runs["zero3"]["params"]["blocks.0.mlp.0.weight"] - reference_train(0)[1]["blocks.0.mlp.0.weight"]).abs().max()
     assert moved > 1e-3
+
+
+def _sgd_zero23(steps: int) -> dict[str, dict]:
+    return {f"zero{st}": dtrain_train({"zero": {"stage": st}}, steps, factory=sgd_two_groups) for st in (2, 3)}
+
+
+def test_sgd_momentum_with_param_groups_world3():
+    """Two param groups survive flattening: each shard gets one optimizer view per group."""
+    _, ref_params = reference_train(6, factory=sgd_two_groups)
+    runs = run_world(_sgd_zero23, 3, 6)[0]
+    for name, run in runs.items():
+        for pname, ref in ref_params.items():
+            torch.testing.assert_close(run["params"][pname], ref, atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"{name} {pname}: {m}")

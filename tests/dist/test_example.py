@@ -4,6 +4,8 @@ Checks the metrics contract (DESIGN.md), that the same seed gives the same param
 run and under torchrun, and that a run preempted after a periodic checkpoint resumes bit-exactly.
 """
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +25,15 @@ def _launch(tmp_path, name, launcher, extra=()):
     cmd = {"dtrain": [sys.executable, "-m", "dtrain.launch.cli", "launch", "--nproc", "2", "--no-progress"],
            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "--master-addr", "127.0.0.1", "--master-port", str(free_port())]}[launcher]
-    proc = subprocess.run([*cmd, EXAMPLE, *ARGS, "--metrics", str(metrics), *extra],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    # Own session, so a timeout kills the launcher *and* its ranks (no orphans left behind).
+    proc = subprocess.Popen([*cmd, EXAMPLE, *ARGS, "--metrics", str(metrics), *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        proc.stdout, proc.stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     return lines, proc

@@ -28,6 +28,14 @@ def optimizer_factory(params):
     return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)
 
 
+def sgd_two_groups(params):
+    """SGD with momentum; weight decay only on matrices (two param groups, the usual GPT recipe)."""
+    params = list(params)
+    return torch.optim.SGD([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+                            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                           lr=0.05, momentum=0.9)
+
+
 def global_batch(step: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100_003 + step)
     return torch.randint(0, 256, (GLOBAL_BATCH, SEQ + 1), generator=g)
@@ -39,10 +47,11 @@ def local_batch(step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
 
 
 def reference_train(steps: int, grad_accum: int = 1, clip: float | None = None,
-                    model: torch.nn.Module | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+                    model: torch.nn.Module | None = None,
+                    factory=optimizer_factory) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Plain single-process PyTorch training on the global batch."""
     model = model or make_model()
-    opt = optimizer_factory([p for p in model.parameters() if p.requires_grad])
+    opt = factory([p for p in model.parameters() if p.requires_grad])
     losses = []
     for step in range(steps):
         opt.zero_grad()
@@ -59,11 +68,12 @@ def reference_train(steps: int, grad_accum: int = 1, clip: float | None = None,
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def dtrain_train(config: dict[str, Any], steps: int, model_fn=make_model) -> dict[str, Any]:
+def dtrain_train(config: dict[str, Any], steps: int, model_fn=make_model,
+                 factory=optimizer_factory) -> dict[str, Any]:
     """Run on every rank; rank 0 returns losses, consolidated params, state bytes and sha."""
     import dtrain
 
-    engine = dtrain.wrap(model_fn(), optimizer=optimizer_factory, config=config)
+    engine = dtrain.wrap(model_fn(), optimizer=factory, config=config)
     rank, world = engine.runtime.rank, engine.runtime.world_size
     losses = [float(engine.train_step(local_batch(s, rank, world))) for s in range(steps)]
     params = engine.full_parameters()
