@@ -5,7 +5,9 @@ Format (a directory; nothing is ever unpickled):
 * ``rank{r}.safetensors`` — the flat range of every unit that rank ``r`` owns:
   ``u{i}.param`` and ``u{i}.optim.{key}`` for every element-wise optimizer state, plus that
   rank's torch RNG state. Under ``ddp`` only rank 0 writes unit data (one part covers all).
-* ``rank{r}.json`` — that rank's python/numpy RNG state.
+* ``rank{r}.json`` — that rank's python/numpy RNG state and its plugins' JSON state.
+* ``plugin.{name}.{key}`` tensors in the rank file — per-rank plugin state (``Plugin.state_dict``:
+  tensors here, other values in the rank's JSON); handed back only at the same world size.
 * ``extra.safetensors`` — frozen parameters and persistent buffers by name (rank 0).
 * ``meta.json`` — written last, after every rank finished: world size, layout, step, the unit
   table (parameter name, shape, flat offset), optimizer hyperparameters and scalar state per
@@ -59,9 +61,10 @@ def save(engine: "Engine", directory: str | os.PathLike) -> None:
         for key, flat in _flat_optim_state(layout, unit, lo, hi, scalar_state).items():
             if writes_units:
                 tensors[f"u{unit.index}.optim.{key}"] = flat
+    plugin_json = _plugin_states(engine, tensors)
     _atomic_save(tensors, path / f"rank{rank}.safetensors")
-    _atomic_json({"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())},
-                 path / f"rank{rank}.json")
+    _atomic_json({"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
+                  "plugins": plugin_json}, path / f"rank{rank}.json")
     if rank == 0:
         model = engine.model
         extra = {f"buffer.{n}": b.detach().cpu().contiguous() for n, b in _persistent_buffers(model)}
@@ -84,6 +87,35 @@ def save(engine: "Engine", directory: str | os.PathLike) -> None:
         }
         _atomic_json(meta, path / "meta.json")
     comm.barrier()
+
+
+def _plugin_states(engine: "Engine", tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Per-rank plugin state: tensors go to ``plugin.{name}.{key}`` in the rank file, the rest to JSON."""
+    out: dict[str, dict[str, Any]] = {}
+    for plugin in engine.plugins:
+        if plugin is engine.layout:
+            continue
+        for key, value in plugin.state_dict().items():
+            if torch.is_tensor(value):
+                tensors[f"plugin.{plugin.name}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                out.setdefault(plugin.name, {})[key] = _jsonable(value)
+    return out
+
+
+def _load_plugin_states(engine: "Engine", path: Path, rank: int) -> None:
+    """Hand each plugin its per-rank state back (same world size only: the state is per rank)."""
+    saved = json.loads((path / f"rank{rank}.json").read_text()).get("plugins", {})
+    with safe_open(str(path / f"rank{rank}.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        for plugin in engine.plugins:
+            if plugin is engine.layout:
+                continue
+            prefix = f"plugin.{plugin.name}."
+            state = dict(saved.get(plugin.name, {}))
+            state.update({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)})
+            if state:
+                plugin.load_state_dict(state)
 
 
 def _owned_params(layout, unit, lo: int, hi: int) -> torch.Tensor:
@@ -144,7 +176,8 @@ class CheckpointReader:
         return list(self.where)
 
     def optim_keys(self) -> list[str]:
-        return sorted({k.split(".optim.", 1)[1] for k in self._file(0).keys() if ".optim." in k})
+        return sorted({k.split(".optim.", 1)[1] for k in self._file(0).keys()
+                       if ".optim." in k and not k.startswith("plugin.")})
 
     def read(self, name: str, kind: str = "param") -> torch.Tensor:
         """The full tensor of parameter ``name``: ``kind`` is "param" or an optimizer state key."""
@@ -225,6 +258,7 @@ def load(engine: "Engine", directory: str | os.PathLike) -> None:
         rng = json.loads((reader.path / f"rank{rank}.json").read_text())
         random.setstate(_tuples(rng["python"]))
         np.random.set_state(tuple(_np_state(rng["numpy"])))
+        _load_plugin_states(engine, reader.path, rank)
     layout.comm.barrier()
 
 

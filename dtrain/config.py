@@ -101,6 +101,37 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class CO2Config:
+    """CO2 (Sun et al., ICLR 2024): local steps + an outer all-reduce overlapped with the next round."""
+
+    enabled: bool = False
+    local_steps: int = 4
+    """tau: inner (local) optimizer steps per round; the outer sync starts every tau steps."""
+    outer_lr: float = 1.0
+    """alpha: outer learning rate applied to the outer momentum."""
+    outer_momentum: float = 0.5
+    """beta: outer momentum decay (0 disables outer momentum)."""
+    clip: float | None = None
+    """phi: clip the outer momentum element-wise to [-phi, phi]; None disables clipping."""
+    penalty: bool = True
+    """Scale each pseudo-gradient by 1 / Lambda, the staleness gap penalty (see plugins/co2.py)."""
+    intra_node_sync: bool = True
+    """Ranks of one node all-reduce gradients every step; False makes every rank its own worker."""
+    overlap: bool = True
+    """False = synchronous local SGD: the outer all-reduce is waited for and applied at once."""
+
+    def validate(self) -> None:
+        if self.enabled and self.local_steps < 1:
+            raise ConfigError(f"co2.local_steps = {self.local_steps!r} is not allowed with co2.enabled = true; "
+                              f"expected an integer >= 1 (the number of local steps per round)")
+        _require(self.local_steps >= 1, "co2.local_steps", self.local_steps, "an integer >= 1")
+        _require(self.outer_lr > 0, "co2.outer_lr", self.outer_lr, "a positive float")
+        _require(0 <= self.outer_momentum < 1, "co2.outer_momentum", self.outer_momentum, "a float in [0, 1)")
+        _require(self.clip is None or self.clip > 0, "co2.clip", self.clip,
+                 "a positive float, or omit it to disable outer-momentum clipping")
+
+
+@dataclass(kw_only=True)
 class Config:
     """The whole run configuration. Plugin sections are switched on by their own keys."""
 
@@ -110,13 +141,26 @@ class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    co2: CO2Config = field(default_factory=CO2Config)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        self._validate_combinations()
         return self
+
+    def _validate_combinations(self) -> None:
+        """Cross-section rules: pairs of settings that cannot run together."""
+        if self.co2.enabled and self.zero.stage == 3:
+            raise ConfigError("co2.enabled = true cannot be combined with zero.stage = 3: CO2 keeps local "
+                              "parameters per node, ZeRO-3 shards them; use zero.stage = 0, 1 or 2 with co2, "
+                              "or set co2.enabled = false")
+        zo2 = getattr(self, "zo2", None)
+        if self.co2.enabled and getattr(zo2, "enabled", False):
+            raise ConfigError("co2.enabled = true cannot be combined with zo2.enabled = true: both occupy the "
+                              "step slot (first-order local steps vs zeroth-order steps); enable only one")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,8 +54,8 @@ class MetricsWriter:
         if progress and rank == 0:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True,
-                            disable=None if not os.environ.get("DTRAIN_PROGRESS") else False)
+            # Drawn even off a terminal: under `dtrain launch` the launcher renders it in place.
+            self.bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is not None:

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="fault-injection spec, repeatable; kind is one of " + ",".join(INJECT_KINDS),
     )
+    launch.add_argument(
+        "--net",
+        metavar="bw=RATE[,latency=T][,burst=B]",
+        help="one network namespace per node, inter-node links limited with tc tbf (root; iproute2)",
+    )
     launch.add_argument("--no-progress", action="store_true", help="do not draw a progress bar on rank 0")
     launch.add_argument("script", help="training script (.py)")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -103,6 +108,16 @@ def _validate_launch(ns: argparse.Namespace) -> None:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {item!r} is malformed; use --set section.key=value")
+    if ns.net is not None:
+        from dtrain import netns
+
+        try:
+            netns.parse_net_spec(ns.net)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        reason = netns.unavailable_reason()
+        if reason:
+            raise UsageError(f"--net needs network namespaces: {reason}")
     kinds = INJECT_KINDS
     for item in ns.inject:
         match = _INJECT_KIND.match(item)
@@ -127,6 +142,7 @@ def _launch(ns: argparse.Namespace) -> int:
         timeout_s=ns.timeout_s,
         inject=list(ns.inject),
         progress=not ns.no_progress,
+        net=ns.net,
     )
     return run_local(spec)
 

@@ -15,7 +15,10 @@ On top of that it:
 * stops every rank on SIGINT/SIGTERM and returns 130/143.
 
 All M*N ranks run under one agent; the nodes are simulated through the
-environment only (rank r lives on node r // N).
+environment only (rank r lives on node r // N). With ``--net`` (``LaunchSpec.net``) each node
+is also a network namespace with a rate-limited link (dtrain.netns): the stores then bind the
+host-side bridge address instead of 127.0.0.1, and every worker enters its node's namespace
+through dtrain/launch/netns_exec.py before running the script.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class LaunchSpec:
     progress: bool = True
     shutdown_timeout_s: int = 5
     monitor_interval_s: float = 0.1
+    net: str | None = None
+    """``bw=RATE[,latency=T][,burst=B]``: put each node in its own network namespace (dtrain.netns)."""
 
     @property
     def world_size(self) -> int:
@@ -258,41 +263,41 @@ class _PrefixedLogsSpecs(DefaultLogsSpecs):
 # --------------------------------------------------------------------------- rendezvous
 
 
-def _loopback_store() -> dist.TCPStore:
-    """A TCPStore server listening on 127.0.0.1 only, on a free port.
+def _loopback_store(host: str = "127.0.0.1") -> dist.TCPStore:
+    """A TCPStore server listening on ``host`` only (127.0.0.1, or the --net bridge), on a free port.
 
     torch's own store servers listen on every interface; handing TCPStore a
     socket we bound to loopback (``master_listen_fd``) keeps them local.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         sock.listen(128)
         port = int(sock.getsockname()[1])
     except OSError:
         sock.close()
         raise
     return dist.TCPStore(
-        "127.0.0.1", port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(), wait_for_workers=False
+        host, port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(), wait_for_workers=False
     )
 
 
-def _loopback_rendezvous(run_id: str) -> RendezvousHandler:
-    """c10d rendezvous for one agent whose stores (rendezvous and workers') bind 127.0.0.1 only."""
-    store = _loopback_store()
+def _loopback_rendezvous(run_id: str, host: str = "127.0.0.1") -> RendezvousHandler:
+    """c10d rendezvous for one agent whose stores (rendezvous and workers') bind ``host`` only."""
+    store = _loopback_store(host)
     params = RendezvousParameters(
         backend="c10d",
-        endpoint=f"127.0.0.1:{store.port}",
+        endpoint=f"{host}:{store.port}",
         run_id=run_id,
         min_nodes=1,
         max_nodes=1,
-        local_addr="127.0.0.1",
+        local_addr=host,
     )
     handler = create_handler(store, C10dRendezvousBackend(store, run_id), params)
     # The handler creates the workers' store with this (private, torch 2.13) factory;
     # the port it is given is ignored in favour of a loopback-bound one.
     if hasattr(handler, "_create_tcp_store_server"):
-        handler._create_tcp_store_server = lambda _addr, _port: _loopback_store()  # type: ignore[method-assign]
+        handler._create_tcp_store_server = lambda _addr, _port: _loopback_store(host)  # type: ignore[method-assign]
     return handler
 
 
@@ -454,18 +459,29 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
     err = stderr if stderr is not None else sys.stderr
     log_dir = tempfile.mkdtemp(prefix="dtrain-launch-")
     logs = _PrefixedLogsSpecs(log_dir, out, err)
+    hosts = None
+    host, args, extra_env = "127.0.0.1", (spec.script, *spec.script_args), dtrain_env(spec)
     try:
+        if spec.net:  # every node in its own namespace, inter-node links shaped (dtrain.netns)
+            from dtrain import netns
+
+            net = netns.parse_net_spec(spec.net)
+            hosts = netns.create_hosts(spec.nodes, net["rate"], burst=net.get("burst"),
+                                       latency=net.get("latency", "50ms"), prefix="dtrain-l")
+            host = hosts.bridge_addr
+            args = (netns.EXEC_WRAPPER, "--by-rank", *args)
+            extra_env.update(DTRAIN_NETNS_PREFIX=hosts.prefix, GLOO_SOCKET_IFNAME=netns.IFNAME)
         with _signals_raise():
             try:
                 worker_spec = WorkerSpec(
                     role="dtrain",
                     local_world_size=spec.world_size,
                     entrypoint=sys.executable,
-                    args=(spec.script, *spec.script_args),
-                    rdzv_handler=_loopback_rendezvous(f"dtrain-{uuid.uuid4().hex[:12]}"),
+                    args=args,
+                    rdzv_handler=_loopback_rendezvous(f"dtrain-{uuid.uuid4().hex[:12]}", host),
                     max_restarts=spec.max_restarts,
                     monitor_interval=spec.monitor_interval_s,
-                    local_addr="127.0.0.1",
+                    local_addr=host,
                 )
                 agent = _SimulatedNodesAgent(
                     spec=worker_spec,
@@ -474,7 +490,7 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
                     shutdown_timeout=spec.shutdown_timeout_s,
                     nproc=spec.nproc,
                     nodes=spec.nodes,
-                    extra_env=dtrain_env(spec),
+                    extra_env=extra_env,
                 )
                 _quiet_elastic_logging()
                 result = agent.run()
@@ -496,3 +512,5 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
     finally:
         logs.stop_following()
         shutil.rmtree(log_dir, ignore_errors=True)
+        if hosts is not None:
+            hosts.teardown()

@@ -5,7 +5,7 @@ Pure Python + pulp; torch is imported only by :mod:`dtrain.planner.calibrate`.
 
 Modules: :mod:`errors` (PlannerError), :mod:`shapes` (model shapes), :mod:`cluster` (cluster
 TOML), :mod:`cost` (time/memory model), :mod:`bucketing` (length DP), :mod:`greedy` (warm
-start and fallback), :mod:`milp` (the formulation), :mod:`solve` (planning pipeline),
+start and fallback), :mod:`milp` (the formulation), :mod:`aggregate` (relaxation: lower bound, layouts), :mod:`solve` (planning pipeline),
 :mod:`plan` (plan format), :mod:`simulate` (static baselines, workloads), :mod:`calibrate`,
 :mod:`cli`.
 """

@@ -163,6 +163,7 @@ def greedy_schedule(lengths: list[int], degrees: list[int], cost: CostModel) -> 
             consider(lpt_fill([d] * (n // d), lengths, degrees, cost, order, None, times))
     lower = sum(cost.work(s, d) for s, d in zip(lengths, degrees)) / n
     lower = max(lower, max(min(t[i] for t in times.values()) for i in range(len(lengths))))
+    seen: set[tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = set()
     for small in (1, 2):
         if small > n:
             continue
@@ -171,7 +172,9 @@ def greedy_schedule(lengths: list[int], degrees: list[int], cost: CostModel) -> 
             if layout is None:
                 continue
             sizes, preset = layout
-            if not sizes:
+            key = (tuple(sizes), tuple(sorted(preset.items())))
+            if not sizes or key in seen:  # neighbouring targets often give the same layout
                 continue
+            seen.add(key)
             consider(lpt_fill(sizes, lengths, degrees, cost, order, preset, times))
     return best

@@ -37,6 +37,7 @@ class MicroBatch:
     mip_bound_s: float | None = None  # solver's best bound on the bucketed MILP
     mip_gap: float | None = None  # (objective - bound) / objective of the bucketed MILP
     solve_time_s: float = 0.0
+    lower_bound_s: float | None = None  # valid bound on this micro-batch's real-length optimum
 
 
 @dataclass
@@ -64,6 +65,16 @@ class StepPlan:
             return None
         total = sum(objs)  # type: ignore[arg-type]
         return max(0.0, (total - sum(bounds)) / total) if total > 0 else 0.0  # type: ignore[arg-type]
+
+    @property
+    def plan_gap(self) -> float | None:
+        """``(step - sum of micro-batch bounds) / step``: the plan's proven optimality gap for its
+        micro-batch split, on the real lengths (bounds: comm-aware and aggregated, see
+        :mod:`dtrain.planner.aggregate`); None if a micro-batch has no bound."""
+        bounds = [m.lower_bound_s for m in self.micro_batches]
+        if any(b is None for b in bounds) or self.step_time_s <= 0:
+            return None
+        return max(0.0, (self.step_time_s - sum(bounds)) / self.step_time_s)  # type: ignore[arg-type]
 
     @property
     def lower_bound_gap(self) -> float:

@@ -8,17 +8,34 @@ Pipeline for a batch of lengths on ``N`` devices:
    schedules faster; sequences, largest compute work first, go to the micro-batch with the
    least work that still has token room. If a micro-batch cannot be scheduled, ``K`` grows
    by one.
-3. Per micro-batch: bucket the lengths (:mod:`bucketing`), build a greedy schedule on the bucket
-   representatives (warm start / upper bound), solve the MILP (:mod:`milp`) within the
-   remaining time budget, and assign the real sequences to the MILP's groups (per bucket,
-   longest first, to the group with that bucket's quota and the smallest current load; ties
-   by group order). The greedy schedule on the true lengths is the fallback; the better of
-   the two true (unbucketed) makespans is kept.
+3. Per micro-batch (budget: its share of ``0.75 * time_limit_s``):
+
+   a. greedy schedule on the true lengths (:mod:`greedy`): the incumbent;
+   b. aggregated lower bound on the true lengths by bisection (:mod:`aggregate`; the 32
+      longest sequences as their own classes, the rest in 24 DP buckets), up to 60% of the
+      budget; the group layouts of its feasible probes are filled with the true lengths by
+      LPT and kept when faster;
+   c. unless the incumbent is already within ``gap_rel`` of the bound: bucket the lengths
+      (:mod:`bucketing`), warm-start the MILP (:mod:`milp`) with the better (bucketed
+      makespan) of the greedy on the representatives and the incumbent counted per bucket,
+      give it the bound as a lower bound on ``T``, solve until 90% of the budget, and assign
+      the real sequences to the MILP's groups (per bucket, longest first, to the group with
+      that bucket's quota and the smallest current load; ties by group order); the faster
+      of that and the incumbent on the true lengths is kept;
+   d. if the MILP improved the incumbent, re-probe the bound just below it with what is left.
+
+   The slot MILP grows with ``N`` (about ``buckets x 2N`` columns); above
+   ``MILP_MAX_COLUMNS`` (reached from about 512 devices) it cannot be built and solved within
+   the budget, so step c is skipped there; the aggregated model does not grow with ``N``. A
+   micro-batch whose budget is below ``MIN_BUDGET_S`` keeps its greedy schedule.
+
+   The micro-batch records ``lower_bound_s`` (the larger of the comm-aware and aggregated
+   bounds on its true lengths); ``StepPlan.plan_gap`` sums them.
 4. Place groups on aligned contiguous ranks and verify memory (a violation is a bug and
    raises).
 
-Plans are deterministic for the same input as long as the MILP stops on its gap rather than
-on its time limit (the incumbent at a time-out depends on machine speed).
+Plans are deterministic for the same input as long as the MILP and the bound's probes stop on
+their own rather than on a time limit (what a time-out leaves depends on machine speed).
 """
 from __future__ import annotations
 
@@ -26,12 +43,23 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
+from dtrain.planner.aggregate import aggregate_lower_bound
 from dtrain.planner.bucketing import bucket_lengths
-from dtrain.planner.cost import CostModel
+from dtrain.planner.cost import CostModel, power_of_two_sizes
 from dtrain.planner.errors import PlannerError
-from dtrain.planner.greedy import Schedule, greedy_schedule
+from dtrain.planner.greedy import Schedule, greedy_schedule, lpt_fill
 from dtrain.planner.milp import MilpResult, solve_milp
 from dtrain.planner.plan import GroupPlan, MicroBatch, StepPlan, place_groups
+
+
+MILP_MAX_COLUMNS = 12000  # slot-MILP size (about buckets x slots) above which it is skipped
+MIN_BUDGET_S = 0.03  # below this, a micro-batch keeps its greedy schedule (time limit spent)
+MICRO_BATCH_SHARE = 0.75  # of the time limit, for all micro-batches (the rest: K choice, placement)
+BOUND_BUCKETS = 24  # DP buckets of the aggregated bound (plus the exact longest sequences)
+BOUND_EXACT_TOP = 32  # longest sequences that keep their own class in the aggregated bound
+BOUND_SHARE = 0.6  # share of a micro-batch's budget for the aggregated bound before the MILP
+MILP_END = 0.9  # the MILP must stop by this share of the budget; the rest re-probes the bound
+LAYOUTS_TRIED = 3  # feasible aggregated layouts filled by LPT on the real lengths
 
 
 @dataclass(frozen=True)
@@ -61,14 +89,15 @@ def split_micro_batches(
     work = [0.0] * k
     tokens = [0] * k
     parts: list[list[int]] = [[] for _ in range(k)]
-    order = sorted(range(len(lengths)), key=lambda i: (-cost.work(lengths[i], degrees[i]), i))
+    seq_work = [cost.work(s, d) for s, d in zip(lengths, degrees)]
+    order = sorted(range(len(lengths)), key=lambda i: (-seq_work[i], i))
     for i in order:
         s = lengths[i]
         fitting = [p for p in range(k) if tokens[p] + s <= room]
         pool = fitting or range(k)
         p = min(pool, key=lambda p: (work[p], tokens[p], p) if fitting else (tokens[p], p))
         parts[p].append(i)
-        work[p] += cost.work(s, degrees[i])
+        work[p] += seq_work[i]
         tokens[p] += s
     return [sorted(part, key=lambda i: (-lengths[i], i)) for part in parts if part]
 
@@ -94,65 +123,136 @@ def _assign_to_milp_groups(
     return Schedule(sizes, members, loads, tokens).compact()
 
 
+def _bound_classes(lengths: list[int], max_buckets: int, exact_top: int, cost: CostModel) -> list[list[int]]:
+    """Classes (lists of indices into ``lengths``) for the aggregated bound: each of the
+    ``exact_top`` longest sequences alone, the rest in DP buckets (:mod:`bucketing`)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rest = order[exact_top:]
+    buckets = bucket_lengths(
+        [lengths[i] for i in rest], max_buckets, lambda s: cost.alpha1 * s * s + cost.alpha2 * s
+    )
+    return [[i] for i in order[:exact_top]] + [[rest[m] for m in b.members] for b in buckets]
+
+
 def _schedule_micro_batch(
     part: list[int], lengths: list[int], degrees: list[int], cost: CostModel,
     options: PlannerOptions, budget_s: float, fallback: Schedule | None = None,
 ) -> tuple[Schedule, MicroBatch] | None:
     t0 = time.perf_counter()
+    n_dev = cost.cluster.num_devices
     part_len = [lengths[i] for i in part]
     part_deg = [degrees[i] for i in part]
     if fallback is None:
         fallback = greedy_schedule(part_len, part_deg, cost)
     best, info = fallback, MicroBatch(groups=[], time_s=0.0, solver="greedy")
-    if options.solver != "greedy":
-        buckets = bucket_lengths(
-            part_len, options.max_buckets, lambda s: cost.alpha1 * s * s + cost.alpha2 * s
-        )
-        rep = [0] * len(part_len)
-        for b, bucket in enumerate(buckets):
-            for local in bucket.members:
-                rep[local] = b
-        b_deg = [cost.min_degree(bk.length) or cost.cluster.num_devices for bk in buckets]
-        rep_len = [buckets[rep[i]].length for i in range(len(part_len))]
-        rep_deg = [b_deg[rep[i]] for i in range(len(part_len))]
-        warm_sched = greedy_schedule(rep_len, rep_deg, cost)
-        warm = None
-        if warm_sched is not None:
-            warm = []
-            for d, mem in zip(warm_sched.sizes, warm_sched.members):
-                counts: dict[int, int] = {}
-                for local in mem:
-                    counts[rep[local]] = counts.get(rep[local], 0) + 1
-                warm.append((d, counts))
-        remaining = budget_s - (time.perf_counter() - t0)
-        result = solve_milp(
-            buckets, b_deg, cost, max(0.02, remaining), options.gap_rel, warm, options.solver
-        )
-        if not result.groups and options.solver == "highs" and result.status == "no-solution":
-            remaining = budget_s - (time.perf_counter() - t0)
-            if remaining > 0.2:  # CBC fallback only when there is time left for it
-                result = solve_milp(buckets, b_deg, cost, remaining, options.gap_rel, warm, "cbc")
-        if result.groups:
-            milp_sched = _assign_to_milp_groups(
-                result, part, lengths, [list(b.members) for b in buckets], cost
+    lower = cost.comm_aware_lower_bound(part_len, part_deg)
+    if options.solver != "greedy" and (budget_s >= MIN_BUDGET_S or best is None):
+        # 1. Aggregated bound on the real lengths; its feasible probes give extra layouts.
+        if best is not None:
+            classes = _bound_classes(part_len, BOUND_BUCKETS, BOUND_EXACT_TOP, cost)
+            agg = aggregate_lower_bound(
+                [[part_len[i] for i in c] for c in classes], cost, lower, best.makespan,
+                options.gap_rel / 2, BOUND_SHARE * budget_s,
             )
-            # The comm-aware bound of the representatives is also a valid bound on the bucketed
-            # MILP; it matters when the solver stops before its own bound is any good.
-            bound = max(result.bound or 0.0, cost.comm_aware_lower_bound(rep_len, rep_deg))
-            obj = result.objective or 0.0
-            bound = min(bound, obj)
-            info = MicroBatch(
-                groups=[], time_s=0.0, solver=result.solver, mip_objective_s=obj,
-                mip_bound_s=bound, mip_gap=(obj - bound) / obj if obj > 0 else 0.0,
-            )
-            if best is None or milp_sched.makespan <= best.makespan + 1e-12:
-                best = milp_sched
-            else:
-                info.solver += "+greedy"  # MILP solved; greedy's true-length schedule was better
+            lower = max(lower, agg.bound)
+            tried: set[tuple[int, ...]] = set()
+            for groups, _ in agg.layouts[:LAYOUTS_TRIED]:
+                layout = [d for d in sorted(groups, reverse=True) for _ in range(groups[d])]
+                layout += [1] * (n_dev - sum(layout))  # free devices: groups of one
+                if tuple(layout) in tried:
+                    continue
+                tried.add(tuple(layout))
+                cand = lpt_fill(layout, part_len, part_deg, cost)
+                if cand is not None and cand.makespan < best.makespan - 1e-12:
+                    best = cand.compact()
+        # 2. The bucketed MILP, unless the schedule in hand is already within the gap.
+        if best is None or best.makespan > lower * (1 + options.gap_rel):
+            before = math.inf if best is None else best.makespan
+            milp_budget = MILP_END * budget_s
+            info, best = _run_milp(part, lengths, part_len, cost, options, milp_budget, t0, lower, best)
+            # 3. The MILP found a better schedule: probe the bound again just below it.
+            left = budget_s - (time.perf_counter() - t0)
+            if best is not None and best.makespan < before - 1e-12 and left > 0.01:
+                lower = max(lower, aggregate_lower_bound(
+                    [[part_len[i] for i in c] for c in classes], cost, lower, best.makespan,
+                    options.gap_rel / 2, left,
+                ).bound)
     if best is None:
         return None
+    info.lower_bound_s = min(lower, best.makespan)
     info.solve_time_s = time.perf_counter() - t0
     return best, info
+
+
+def _run_milp(
+    part: list[int], lengths: list[int], part_len: list[int], cost: CostModel,
+    options: PlannerOptions, budget_s: float, t0: float, lower: float, best: Schedule | None,
+) -> tuple[MicroBatch, Schedule | None]:
+    """Bucket, warm-start and solve the MILP; return its info and the better schedule."""
+    info = MicroBatch(groups=[], time_s=0.0, solver="greedy")
+    buckets = bucket_lengths(
+        part_len, options.max_buckets, lambda s: cost.alpha1 * s * s + cost.alpha2 * s
+    )
+    n_dev = cost.cluster.num_devices
+    columns = len(buckets) * sum(min(n_dev // d, len(part_len)) for d in power_of_two_sizes(n_dev))
+    if columns > MILP_MAX_COLUMNS and best is not None:
+        return info, best  # too large to build and solve in the budget; keep the heuristics
+    rep = [0] * len(part_len)
+    for b, bucket in enumerate(buckets):
+        for local in bucket.members:
+            rep[local] = b
+    b_deg = [cost.min_degree(bk.length) or cost.cluster.num_devices for bk in buckets]
+    rep_len = [buckets[rep[i]].length for i in range(len(part_len))]
+    rep_deg = [b_deg[rep[i]] for i in range(len(part_len))]
+    # Warm start: the greedy on the representatives, or the best real-length schedule so far
+    # counted per bucket when it still fits memory with the (longer) representatives;
+    # whichever has the smaller bucketed makespan.
+    warm = None
+    warm_t = math.inf
+    for sched in (greedy_schedule(rep_len, rep_deg, cost), best):
+        if sched is None:
+            continue
+        groups = []
+        for d, mem in zip(sched.sizes, sched.members):
+            counts: dict[int, int] = {}
+            for local in mem:
+                counts[rep[local]] = counts.get(rep[local], 0) + 1
+            groups.append((d, counts))
+        if not all(
+            cost.fits(sum(buckets[b].length * k for b, k in c.items()), d) for d, c in groups
+        ):
+            continue
+        t = max(sum(cost.seq_time(buckets[b].length, d) * k for b, k in c.items()) for d, c in groups)
+        if t < warm_t:
+            warm, warm_t = groups, t
+    # The comm-aware bound of the representatives and the real-length bound are both valid
+    # bounds on the bucketed MILP (representatives are bucket maxima).
+    rep_lower = max(lower, cost.comm_aware_lower_bound(rep_len, rep_deg))
+    remaining = budget_s - (time.perf_counter() - t0)
+    result = solve_milp(
+        buckets, b_deg, cost, max(0.02, remaining), options.gap_rel, warm, options.solver,
+        lower_bound=rep_lower,
+    )
+    if not result.groups and options.solver == "highs" and result.status == "no-solution":
+        remaining = budget_s - (time.perf_counter() - t0)
+        if remaining > 0.2:  # CBC fallback only when there is time left for it
+            result = solve_milp(buckets, b_deg, cost, remaining, options.gap_rel, warm, "cbc",
+                                lower_bound=rep_lower)
+    if result.groups:
+        milp_sched = _assign_to_milp_groups(
+            result, part, lengths, [list(b.members) for b in buckets], cost
+        )
+        obj = result.objective or 0.0
+        bound = min(max(result.bound or 0.0, rep_lower), obj)
+        info = MicroBatch(
+            groups=[], time_s=0.0, solver=result.solver, mip_objective_s=obj,
+            mip_bound_s=bound, mip_gap=(obj - bound) / obj if obj > 0 else 0.0,
+        )
+        if best is None or milp_sched.makespan <= best.makespan + 1e-12:
+            best = milp_sched
+        else:
+            info.solver += "+greedy"  # MILP solved; a heuristic true-length schedule was better
+    return info, best
 
 
 def _choose_micro_batch_count(
@@ -197,8 +297,8 @@ def plan_step(
         parts = split_micro_batches(lengths, degrees, cost, k, options.memory_fill)
         scheduled = []
         for p, part in enumerate(parts):
-            left = 0.6 * options.time_limit_s - (time.perf_counter() - t0)
-            budget = max(0.05, left / (len(parts) - p))
+            left = MICRO_BATCH_SHARE * options.time_limit_s - (time.perf_counter() - t0)
+            budget = max(0.0, left / (len(parts) - p))  # < MIN_BUDGET_S: greedy only
             out = _schedule_micro_batch(
                 part, lengths, degrees, cost, options, budget, greedy_cache.get(tuple(part))
             )

@@ -125,3 +125,33 @@ def test_milp_respects_memory_and_devices() -> None:
         assert cost.fits(tokens, d)
         assert all(degrees[b] <= d for b in members)
     assert sum(k for _, m in res.groups for k in m.values()) == len(lengths)
+
+
+@pytest.mark.parametrize("num_devices", [4, 8])
+def test_aggregated_bound_never_exceeds_brute_force(num_devices: int) -> None:
+    """The aggregated relaxation (classes at their shortest member) bounds the true optimum."""
+    from dtrain.planner.aggregate import aggregate_lower_bound
+
+    cost = small_cost(num_devices)
+    rng = random.Random(100 + num_devices)
+    checked = 0
+    for _attempt in range(200):
+        if checked == 6:
+            break
+        lengths = random_instance(rng, rng.randint(3, 6))
+        if sum(lengths) > 0.95 * num_devices * cost.tokens_per_device:
+            continue
+        optimum = brute_force(lengths, cost)
+        if optimum == float("inf"):
+            continue
+        degrees = [cost.min_degree(s) for s in lengths]
+        lower = cost.comm_aware_lower_bound(lengths, degrees)
+        ordered = sorted(lengths)
+        classes = [ordered[: len(ordered) // 2], ordered[len(ordered) // 2:]]  # coarse classes
+        for upper in (optimum, 1.5 * optimum):
+            res = aggregate_lower_bound(classes, cost, lower, upper, 1e-3, 10.0)
+            assert lower <= res.bound <= optimum * (1 + 1e-9)
+        exact = aggregate_lower_bound([[s] for s in lengths], cost, lower, 2 * optimum, 1e-3, 10.0)
+        assert exact.bound <= optimum * (1 + 1e-9)
+        checked += 1
+    assert checked == 6

@@ -44,6 +44,8 @@ def check_plan(plan: StepPlan, cost: CostModel) -> None:
     assert plan.step_time_s == pytest.approx(total)
     assert plan.step_time_s >= plan.lower_bound_s * (1 - 1e-9)
     assert plan.step_time_s >= plan.comm_lower_bound_s * (1 - 1e-9) >= plan.lower_bound_s * (1 - 1e-6)
+    for mb in plan.micro_batches:  # per-micro-batch bounds, where computed, are below its time
+        assert mb.lower_bound_s is None or mb.lower_bound_s <= mb.time_s * (1 + 1e-9)
 
 
 def test_memory_never_exceeded_on_random_batches() -> None:

@@ -1,0 +1,373 @@
+"""Step plugin ``co2``: local steps with the outer all-reduce overlapped with the next round.
+
+CO2 (Sun et al., "CO2: Efficient Distributed Training with Full Communication-Computation
+Overlap", ICLR 2024). This module owns the outer state (outer parameters, outer momentum, the
+round in flight), the dedicated process group of the outer sync, and the ``outer_*`` metrics.
+
+Workers and groups
+------------------
+With ``co2.intra_node_sync`` (default) a *worker* is a node: its ranks keep a synchronous
+gradient all-reduce every step (the layout's level is set to ``node``) and the outer sync runs
+over the node-peer group (ranks with the same local rank on every node). Without it every rank
+is a worker (layout level ``rank``: no gradient communication at all) and the outer group is
+every rank. The outer collective runs on a process group created for it alone, so it never
+queues behind (or in front of) an inner collective or the engine's metric reductions.
+
+Sharding
+--------
+Each rank holds only its layout shard ``[lo, hi)`` of every flat unit (``unit.shard_range(
+layout.parts, layout.index)``) of the outer state, under ddp as under ZeRO-1/2: with N ranks per
+node each holds 1/N of x_outer and m, and the outer all-reduce of a rank covers only its shard,
+so a node sends each byte across the slow link once. After a rebase the node's ranks all-gather
+the updated shards into the full parameters (ddp) or the layout does it (ZeRO: ``unit.full``).
+
+Equations (per rank, on its shard; G = number of workers, r = round index)
+---------------------------------------------------------------------------
+Inner steps: the user's optimizer, ``tau = co2.local_steps`` times per round, on the worker's
+own data, gradients averaged inside the node only. At the end of round r (every tau steps) the
+local parameters are y. The round's *send* is::
+
+    a_r = y                       (anchor: the point local progress is measured from)
+    s_r = sum_j y_j  (async)      (all-reduce over the G workers, started now)
+
+The *apply* of round r happens at the end of round r+1 (``co2.overlap``, one round stale) or
+right after the send (``overlap = false``: synchronous local SGD, zero staleness)::
+
+    xbar   = s_r / G                                          (average of the workers' a_r)
+    Delta  = x_outer - xbar                                   (pseudo-gradient)
+    Lambda_l = 1 + ||Delta_l||_2 / (||x_outer,l||_2 + eps)    per parameter tensor l (penalty on)
+    Lambda_l = 1                                              (penalty off)
+    m      = beta * m + Delta / Lambda
+    m.clamp_(-phi, phi)                                       (IN PLACE; skipped when clip is None)
+    x_outer = x_outer - alpha * m
+    y      = x_outer + (y - a_r)                              (rebase, keeping the local progress
+                                                               made since the send)
+
+then round r+1's send starts from the rebased y. The first boundary (nothing in flight yet)
+only sends. With ``overlap = false`` the progress ``y - a_r`` is exactly zero, so every worker
+restarts from x_outer: that is SlowMo / DiLoCo-style synchronous local SGD.
+
+Where this differs from the paper, and why:
+
+* Lambda. The paper penalises each layer's pseudo-gradient by a factor that grows with the
+  staleness gap (the distance between the stale averaged model and the point it is applied to)
+  relative to the model's scale. Here Lambda_l uses the quantities every worker holds identically
+  (x_outer and the average): with a one-round delay the gap between the stale average and the
+  current outer point is Delta itself, normalised by ||x_outer,l||. Lambda must be identical on
+  every worker or x_outer would silently diverge, which rules out any term in the local y. The
+  per-tensor norms of a sharded tensor are summed over the node's ranks (one tiny intra-node
+  all-reduce, in float64).
+* Clipping is element-wise and in place. The authors' SlowMo-derived code calls a non in-place
+  clamp whose result is discarded, so its clipping does nothing; ``tests/dist/test_co2.py`` fails
+  on that bug.
+* The rebase keeps the local progress of the overlapped round (so no computed step is thrown
+  away); the paper's notation restarts the round from the outer point, which with a one-round
+  delay would discard tau steps per round.
+* The inner optimizer state (e.g. AdamW moments) stays local to each worker and is never
+  averaged or reset, as in the paper.
+
+Equivalence with DDP
+--------------------
+With tau = 1, beta = 0, alpha = 1, no penalty, no clip and ``overlap = false``, plain SGD as the
+inner optimizer, every worker starts each step from x_outer and x_outer <- x_outer - (x_outer -
+mean_j(x_outer - lr g_j)) = x_outer - lr mean_j g_j: DDP. It is equal up to rounding, not bit
+for bit: DDP averages gradients and steps once, CO2 steps on each worker and averages the
+parameters, then computes x_outer - (x_outer - xbar), so each parameter carries a few ulps of
+difference. (With ``overlap = true`` the average arrives one round late, so CO2 is *by design*
+not DDP; the asynchronous path is instead checked bit for bit against the blocking execution of
+the same equations, ``CO2Plugin.blocking``.)
+
+Checkpoints
+-----------
+``state_dict`` returns this rank's outer shards, momentum, anchor, the finished sum of the
+round in flight (it is waited for: waiting changes timing, never values), this rank's local
+parameter shard and this rank's optimizer state: workers diverge between syncs, so the layout's
+own checkpoint (one copy of the parameters) is not enough to resume exactly. ``dtrain.checkpoint``
+stores the dict per rank and hands it back only when the world size matches; otherwise the
+outer state restarts from the loaded parameters (m = 0, nothing in flight).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from dtrain.comm import Comm
+from dtrain.config import ConfigError
+from dtrain.plugins.base import Plugin, register
+from dtrain.topology import Topology
+
+if TYPE_CHECKING:
+    from dtrain.engine import Engine
+
+EPS = 1e-8
+
+
+@dataclass
+class _Round:
+    """One outer all-reduce: the summed buffers (filled by the thread) and its timing."""
+
+    sums: list[torch.Tensor]
+    thread: threading.Thread | None = None
+    started: float = 0.0
+    finished: float | None = None
+    error: BaseException | None = None
+
+
+@register
+class CO2Plugin(Plugin):
+    """Local inner steps; every ``local_steps`` an outer sync overlapped with the next round."""
+
+    name = "co2"
+    slot = "step"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, engine: "Engine") -> None:
+        super().setup(engine)
+        self.cfg = engine.config.co2
+        layout = engine.layout
+        if getattr(layout, "shard_params", False):
+            raise ConfigError("co2.enabled = true cannot be combined with zero.stage = 3; use stage 0, 1 or 2")
+        layout.level = "node" if self.cfg.intra_node_sync else "rank"
+        self.blocking = False  # reference execution: wait for each sync right after starting it
+        self.outer = self._outer_comm(engine.comm)
+        self.workers = self.outer.size(*self._outer_level())
+        self._ready = False
+        self._inflight: _Round | None = None
+        self._step_metrics = {"outer_sync_s": 0.0, "outer_wait_s": 0.0}
+        self._totals = {"outer_sync_total_s": 0.0, "outer_wait_total_s": 0.0, "outer_rounds": 0.0}
+
+    def _outer_level(self) -> tuple[str, bool]:
+        return ("node", True) if self.cfg.intra_node_sync else ("global", False)
+
+    def _outer_comm(self, comm: Comm) -> Comm:
+        """A Comm on a dedicated group, sharing the engine's byte counters (and their lock)."""
+        shape = comm.topology.shape
+        level, peers = self._outer_level()
+        lists = shape.peers("node") if peers else [list(range(shape.world_size))]
+        topology = Topology(shape)
+        mine = None
+        if dist.is_initialized() and shape.world_size > 1:
+            for ranks in lists:  # every rank creates every group, in the same order
+                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                if shape.rank in ranks:
+                    mine = group
+        topology._groups[("peer" if peers else "block", level)] = mine
+        outer = Comm(topology, comm.timeout_s)
+        outer.bytes_sent = comm.bytes_sent  # inter-node bytes land in comm_bytes.global
+        outer._lock = comm._lock
+        return outer
+
+    # ------------------------------------------------------------ flat views
+    def _ranges(self) -> list[tuple[Any, int, int]]:
+        layout = self.engine.layout
+        return [(u, *u.shard_range(layout.parts, layout.index)) for u in layout.units]
+
+    def _local(self, unit: Any, lo: int, hi: int) -> torch.Tensor:
+        """This rank's master copy of its shard of ``unit`` (what the optimizer updates)."""
+        layout = self.engine.layout
+        return unit.shard if layout.shard_optim else unit.full[lo:hi]
+
+    def _ensure_state(self) -> None:
+        if self._ready:
+            return
+        with torch.no_grad():
+            locals_ = [self._local(u, lo, hi) for u, lo, hi in self._ranges()]
+            self.x_outer = [t.detach().clone() for t in locals_]
+            self.momentum = [torch.zeros_like(t) for t in locals_]
+            self.anchor = [t.detach().clone() for t in locals_]
+        self._inflight = None
+        self._ready = True
+
+    # ------------------------------------------------------------------ hooks
+    def before_forward(self, batch: Any) -> Any:
+        self._ensure_state()  # x_0: the parameters before the first inner step
+        return batch
+
+    def after_step(self, step: int) -> None:
+        self._ensure_state()
+        self._step_metrics = {"outer_sync_s": 0.0, "outer_wait_s": 0.0}
+        if step % self.cfg.local_steps:
+            return
+        if self.cfg.overlap:
+            if self._inflight is not None:
+                self._apply(self._finish(self._inflight))
+            self._inflight = self._send()
+            if self.blocking:
+                self._wait(self._inflight)
+        else:
+            self._apply(self._finish(self._send()))
+
+    # -------------------------------------------------------------- the sync
+    def _send(self) -> _Round:
+        """Record the anchor and start summing this round's local shards over the workers."""
+        with torch.no_grad():
+            sums = []
+            for i, (u, lo, hi) in enumerate(self._ranges()):
+                local = self._local(u, lo, hi)
+                self.anchor[i].copy_(local)
+                sums.append(local.detach().clone())
+        rnd = _Round(sums, started=time.perf_counter())
+        if self.workers == 1:
+            rnd.finished = rnd.started
+            return rnd
+        rnd.thread = threading.Thread(target=self._sync, args=(rnd,), name="dtrain-co2-outer", daemon=True)
+        rnd.thread.start()
+        return rnd
+
+    def _sync(self, rnd: _Round) -> None:
+        try:
+            device = rnd.sums[0].device
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            level, peers = self._outer_level()
+            handles = [self.outer.all_reduce(t, level, peers=peers, async_op=True) for t in rnd.sums]
+            for h in handles:
+                h.wait()
+        except BaseException as exc:  # re-raised on the main thread by _wait
+            rnd.error = exc
+        rnd.finished = time.perf_counter()
+
+    def _wait(self, rnd: _Round) -> None:
+        if rnd.thread is not None:
+            start = time.perf_counter()
+            rnd.thread.join()
+            rnd.thread = None
+            waited = time.perf_counter() - start
+            self._step_metrics["outer_wait_s"] += waited
+            self._totals["outer_wait_total_s"] += waited
+        if rnd.error is not None:
+            raise rnd.error
+
+    def _finish(self, rnd: _Round) -> list[torch.Tensor]:
+        self._wait(rnd)
+        sync = (rnd.finished or rnd.started) - rnd.started
+        self._step_metrics["outer_sync_s"] = sync
+        self._totals["outer_sync_total_s"] += sync
+        self._totals["outer_rounds"] += 1
+        self._inflight = None
+        return [t.div_(self.workers) for t in rnd.sums]
+
+    @torch.no_grad()
+    def _apply(self, averages: list[torch.Tensor]) -> None:
+        """The outer step on this rank's shards, then the rebase of the local parameters."""
+        cfg = self.cfg
+        deltas = [x - avg for x, avg in zip(self.x_outer, averages)]
+        scales = self._penalty(deltas) if cfg.penalty else None
+        for i, (u, lo, hi) in enumerate(self._ranges()):
+            m, delta = self.momentum[i], deltas[i]
+            if scales is not None:
+                delta.div_(scales[i])
+            m.mul_(cfg.outer_momentum).add_(delta)
+            if cfg.clip is not None:
+                m.clamp_(-cfg.clip, cfg.clip)
+            self.x_outer[i].sub_(m, alpha=cfg.outer_lr)
+            local = self._local(u, lo, hi)
+            progress = local - self.anchor[i]
+            local.copy_(self.x_outer[i] + progress)
+        self._publish()
+
+    def _penalty(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Lambda per element: 1 + ||Delta_l|| / (||x_outer,l|| + eps) of its parameter tensor l."""
+        layout = self.engine.layout
+        ranges = self._ranges()
+        pieces: list[tuple[int, int, int]] = []  # (unit i, a, b) local offsets of each slot's part
+        for i, (u, lo, hi) in enumerate(ranges):
+            for s in u.slots:
+                a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
+                pieces.append((i, a - lo, b - lo) if a < b else (i, 0, 0))
+        sq = torch.zeros(2, len(pieces), dtype=torch.float64, device=deltas[0].device)
+        for k, (i, a, b) in enumerate(pieces):
+            if a < b:
+                sq[0, k] = deltas[i][a:b].double().pow(2).sum()
+                sq[1, k] = self.x_outer[i][a:b].double().pow(2).sum()
+        if layout.parts > 1:
+            self.engine.comm.all_reduce(sq, layout.level)
+        lam = 1.0 + sq[0].sqrt() / (sq[1].sqrt() + EPS)
+        scales = [torch.ones_like(d) for d in deltas]
+        for k, (i, a, b) in enumerate(pieces):
+            if a < b:
+                scales[i][a:b] = float(lam[k])
+        return scales
+
+    def _publish(self) -> None:
+        """Make every rank of the node hold the full, updated local parameters again."""
+        layout, comm = self.engine.layout, self.engine.comm
+        if layout.parts == 1 and not layout.shard_optim:
+            return  # the local shard is a view of the full parameters already
+        handles = []
+        for u, lo, hi in self._ranges():
+            src = u.shard if layout.shard_optim else u.full[lo:hi].clone()
+            handles.append(comm.all_gather(u.full, src, layout.level, async_op=True))
+        for h in handles:
+            h.wait()
+
+    # --------------------------------------------------------------- reports
+    def metrics(self) -> dict[str, float]:
+        return {**self._step_metrics, **self._totals}
+
+    def outer_state(self) -> dict[str, list[torch.Tensor]]:
+        """This rank's outer shards (for tests and inspection)."""
+        self._ensure_state()
+        return {"x_outer": self.x_outer, "momentum": self.momentum, "anchor": self.anchor}
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        self._ensure_state()
+        out: dict[str, Any] = {"inflight": False, "local_steps": self.cfg.local_steps}
+        if self._inflight is not None:
+            self._wait(self._inflight)
+            out["inflight"] = True
+            out["inflight_started_step"] = self.engine.step - self.engine.step % self.cfg.local_steps
+        for i, (u, lo, hi) in enumerate(self._ranges()):
+            out[f"x_outer.{i}"] = self.x_outer[i].detach().cpu().clone()
+            out[f"momentum.{i}"] = self.momentum[i].detach().cpu().clone()
+            out[f"anchor.{i}"] = self.anchor[i].detach().cpu().clone()
+            out[f"local.{i}"] = self._local(u, lo, hi).detach().cpu().clone()
+            if self._inflight is not None:
+                out[f"inflight.{i}"] = self._inflight.sums[i].detach().cpu().clone()
+        opt = self.engine.layout.optimizer
+        for g, group in enumerate(opt.param_groups):
+            for p, param in enumerate(group["params"]):
+                for key, value in opt.state.get(param, {}).items():
+                    name = f"inner_optim.{g}.{p}.{key}"
+                    out[name] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._ensure_state()
+        if not state:
+            return
+        if state.get("local_steps") != self.cfg.local_steps and state.get("inflight"):
+            raise ConfigError(f"the checkpoint's co2 round in flight was started with co2.local_steps = "
+                              f"{state.get('local_steps')}, this run has {self.cfg.local_steps}")
+        for i, (u, lo, hi) in enumerate(self._ranges()):
+            dev = self.x_outer[i].device
+            self.x_outer[i].copy_(state[f"x_outer.{i}"].to(dev))
+            self.momentum[i].copy_(state[f"momentum.{i}"].to(dev))
+            self.anchor[i].copy_(state[f"anchor.{i}"].to(dev))
+            self._local(u, lo, hi).copy_(state[f"local.{i}"].to(dev))
+        self._inflight = None
+        if state.get("inflight"):
+            sums = [state[f"inflight.{i}"].to(self.x_outer[i].device).clone() for i in range(len(self.x_outer))]
+            self._inflight = _Round(sums, started=time.perf_counter(), finished=time.perf_counter())
+        opt = self.engine.layout.optimizer
+        for g, group in enumerate(opt.param_groups):
+            for p, param in enumerate(group["params"]):
+                prefix = f"inner_optim.{g}.{p}."
+                for name, value in state.items():
+                    if name.startswith(prefix):
+                        key = name[len(prefix):]
+                        if torch.is_tensor(value):  # 0-dim counters (Adam's step) stay on the CPU
+                            value = value.clone() if value.dim() == 0 else value.to(param.device).clone()
+                        opt.state[param][key] = value
+        self._publish()
+
+    def teardown(self) -> None:
+        if self._inflight is not None and self._inflight.thread is not None:
+            self._inflight.thread.join(timeout=self.outer.timeout_s)
