@@ -126,7 +126,34 @@ class DtrainRunner:
         return {k: int(sb.get(k, 0)) for k in ("params", "grads", "optim")}
 
 
-class Fsdp2Runner:
+class _TorchModuleRunner:
+    """Shared step and state accounting for peers that are plain torch modules + torch AdamW."""
+
+    model: Any
+    opt: Any
+    autocast_bf16 = False  # FSDP2 casts through its MixedPrecisionPolicy instead
+    _grad_bytes = 0
+
+    def step(self, x: Any, y: Any, measure: bool) -> float:
+        import torch
+
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            loss = self.model(input_ids=x, labels=y)
+        loss.backward()
+        if measure:
+            self._grad_bytes = bu.tensor_storage_bytes(p.grad for p in self.model.parameters())
+        self.opt.step()
+        return float(loss.detach())
+
+    def state_bytes(self) -> dict[str, int]:
+        seen: set[int] = set()
+        params = bu.tensor_storage_bytes(self.model.parameters(), seen)
+        optim = bu.tensor_storage_bytes(bu.iter_tensors(dict(self.opt.state)), seen)
+        return {"params": params, "grads": self._grad_bytes, "optim": optim}
+
+
+class Fsdp2Runner(_TorchModuleRunner):
     """FSDP2: ``fully_shard`` on every transformer block, then on the root."""
 
     def __init__(self, model: Any, precision: str, lr: float) -> None:
@@ -144,25 +171,10 @@ class Fsdp2Runner:
         fully_shard(model, mp_policy=mp)
         self.model = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
-        self._grad_bytes = 0
-
-    def step(self, x: Any, y: Any, measure: bool) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.model(input_ids=x, labels=y)
-        loss.backward()
-        if measure:
-            self._grad_bytes = bu.tensor_storage_bytes(p.grad for p in self.model.parameters())
-        self.opt.step()
-        return float(loss.detach())
-
-    def state_bytes(self) -> dict[str, int]:
-        seen: set[int] = set()
-        params = bu.tensor_storage_bytes(self.model.parameters(), seen)
-        optim = bu.tensor_storage_bytes(bu.iter_tensors(dict(self.opt.state)), seen)
-        return {"params": params, "grads": self._grad_bytes, "optim": optim}
 
 
-class TorchDdpRunner:
+
+class TorchDdpRunner(_TorchModuleRunner):
     """Reference: torch DistributedDataParallel (+ autocast for bf16)."""
 
     def __init__(self, model: Any, precision: str, lr: float) -> None:
@@ -171,27 +183,8 @@ class TorchDdpRunner:
 
         _init_pg_gloo()
         self.model = DDP(model)
-        self.bf16 = precision == "bf16"
+        self.autocast_bf16 = precision == "bf16"
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
-        self._grad_bytes = 0
-
-    def step(self, x: Any, y: Any, measure: bool) -> float:
-        import torch
-
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.model(input_ids=x, labels=y)
-        loss.backward()
-        if measure:
-            self._grad_bytes = bu.tensor_storage_bytes(p.grad for p in self.model.parameters())
-        self.opt.step()
-        return float(loss.detach())
-
-    def state_bytes(self) -> dict[str, int]:
-        seen: set[int] = set()
-        params = bu.tensor_storage_bytes(self.model.parameters(), seen)
-        optim = bu.tensor_storage_bytes(bu.iter_tensors(dict(self.opt.state)), seen)
-        return {"params": params, "grads": self._grad_bytes, "optim": optim}
 
 
 # DeepSpeed optimizer-wrapper attributes holding each kind of state (ZeRO-1/2, ZeRO-3, BF16).

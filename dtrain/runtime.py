@@ -6,6 +6,7 @@ plain single process), initialises torch.distributed with the backend that fits 
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ def init(config: Config | None = None) -> Runtime:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group(backend, rank=env.rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=config.comm.timeout_s))
+        # A process group left alive at interpreter exit can abort the process while its
+        # threads are torn down ("terminate called without an active exception").
+        atexit.register(_destroy_owned_group)
     elif dist.is_initialized():
         world = dist.get_world_size()
     nodes = config.topology.nodes or (env.nodes if env.world_size == world else 1)
@@ -67,6 +71,11 @@ def init(config: Config | None = None) -> Runtime:
     topology = Topology.build(shape)
     _RUNTIME = Runtime(env, device, topology, Comm(topology, config.comm.timeout_s))
     return _RUNTIME
+
+
+def _destroy_owned_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shutdown() -> None:
