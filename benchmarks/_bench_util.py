@@ -194,6 +194,18 @@ def _first_error(ranks: list[RankOutcome], max_chars: int = 2000) -> str:
     return f"rank {r.rank} (rc={r.returncode}): " + (r.stderr_tail or r.stdout_tail)[-max_chars:]
 
 
+def _kill_groups(procs: list[subprocess.Popen], wait: bool) -> None:
+    """SIGKILL the process group of every still-running rank (each was started in its own session)."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if wait:
+                p.wait()
+
+
 def run_rank_group(
     argv: Sequence[str],
     world: int,
@@ -250,13 +262,7 @@ def run_rank_group(
             if first_fail_at is not None and now - first_fail_at > grace_s:
                 break
             time.sleep(0.2)
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                p.wait()
+        _kill_groups(procs, wait=True)
         wall = time.monotonic() - t0
         ranks = [
             RankOutcome(
@@ -275,12 +281,7 @@ def run_rank_group(
             error = _first_error(ranks)
         return GroupOutcome(ok=ok, timed_out=timed_out, wall_s=wall, ranks=ranks, error=error)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        _kill_groups(procs, wait=False)
         for out_p, err_p in files:
             for f in (out_p, err_p):
                 try:

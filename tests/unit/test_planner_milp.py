@@ -67,20 +67,28 @@ def random_instance(rng: random.Random, n_seq: int) -> list[int]:
             for _ in range(n_seq)]
 
 
-@pytest.mark.parametrize("num_devices", [4, 8])
-def test_milp_objective_equals_brute_force(num_devices: int) -> None:
-    cost = small_cost(num_devices)
-    rng = random.Random(num_devices)
-    checked = 0
+def _single_pass_instances(cost, seed: int, count: int = 6):
+    """``count`` random small batches that fit one pass and have a finite brute-force optimum."""
+    rng = random.Random(seed)
+    found = 0
     for _attempt in range(200):
-        if checked == 6:
-            break
+        if found == count:
+            return
         lengths = random_instance(rng, rng.randint(3, 6))
-        if sum(lengths) > 0.95 * num_devices * cost.tokens_per_device:
+        if sum(lengths) > 0.95 * cost.cluster.num_devices * cost.tokens_per_device:
             continue  # needs micro-batches; the MILP covers one pass
         optimum = brute_force(lengths, cost)
         if optimum == float("inf"):
             continue
+        found += 1
+        yield lengths, optimum
+    assert found == count, f"only {found} of {count} usable instances in 200 draws"
+
+
+@pytest.mark.parametrize("num_devices", [4, 8])
+def test_milp_objective_equals_brute_force(num_devices: int) -> None:
+    cost = small_cost(num_devices)
+    for lengths, optimum in _single_pass_instances(cost, seed=num_devices):
         buckets = bucket_lengths(lengths, max_buckets=len(lengths))  # exact: one per length
         degrees = [cost.min_degree(b.length) for b in buckets]
         res = solve_milp(buckets, degrees, cost, time_limit_s=20.0, gap_rel=1e-9)
@@ -93,8 +101,6 @@ def test_milp_objective_equals_brute_force(num_devices: int) -> None:
             assert plan.step_time_s == pytest.approx(optimum, rel=1e-6)
         else:
             assert plan.step_time_s <= optimum * (1 + 1e-9)
-        checked += 1
-    assert checked == 6
 
 
 def test_milp_with_warm_start_and_cbc_match_brute_force() -> None:
@@ -133,17 +139,7 @@ def test_aggregated_bound_never_exceeds_brute_force(num_devices: int) -> None:
     from dtrain.planner.aggregate import aggregate_lower_bound
 
     cost = small_cost(num_devices)
-    rng = random.Random(100 + num_devices)
-    checked = 0
-    for _attempt in range(200):
-        if checked == 6:
-            break
-        lengths = random_instance(rng, rng.randint(3, 6))
-        if sum(lengths) > 0.95 * num_devices * cost.tokens_per_device:
-            continue
-        optimum = brute_force(lengths, cost)
-        if optimum == float("inf"):
-            continue
+    for lengths, optimum in _single_pass_instances(cost, seed=100 + num_devices):
         degrees = [cost.min_degree(s) for s in lengths]
         lower = cost.comm_aware_lower_bound(lengths, degrees)
         ordered = sorted(lengths)
@@ -153,5 +149,3 @@ def test_aggregated_bound_never_exceeds_brute_force(num_devices: int) -> None:
             assert lower <= res.bound <= optimum * (1 + 1e-9)
         exact = aggregate_lower_bound([[s] for s in lengths], cost, lower, 2 * optimum, 1e-3, 10.0)
         assert exact.bound <= optimum * (1 + 1e-9)
-        checked += 1
-    assert checked == 6
