@@ -16,9 +16,11 @@ setup(
         "safetensors",
         "pulp>=2.8",
         "highspy",
+        "zfec>=1.5",  # erasure codes for in-memory snapshots
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "ray==2.60.0"],
+        "ray": ["ray==2.60.0"],
         "plot": ["matplotlib"],
         "peers": ["deepspeed==0.19.8", "matplotlib"],
     },
