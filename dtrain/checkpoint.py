@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,93 +41,106 @@ class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or does not fit the model."""
 
 
-# ------------------------------------------------------------------------------------ save
-def save(engine: "Engine", directory: str | os.PathLike) -> None:
-    layout, comm = engine.layout, engine.comm
-    rank = comm.rank
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and (path / "meta.json").exists():
-        (path / "meta.json").unlink()  # the directory is incomplete until the new meta lands
-    comm.barrier()
+# ------------------------------------------------------------------------------- capture
+@dataclass
+class Flat:
+    """A flat tensor to store, described by the pieces that fill it (padding stays zero).
 
+    Capturing pieces instead of copies lets a snapshot write them straight into shared memory
+    (one copy) while a disk checkpoint materializes them (:meth:`tensor`).
+    """
+
+    dtype: torch.dtype
+    numel: int
+    pieces: list[tuple[int, torch.Tensor]]  # (element offset, flat source)
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "Flat":
+        flat = tensor.detach().reshape(-1)
+        return cls(flat.dtype, flat.numel(), [(0, flat)])
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def copy_into(self, out: torch.Tensor) -> None:
+        """Write the pieces into ``out`` (flat, ``numel`` elements, zero-initialised)."""
+        for offset, src in self.pieces:
+            out[offset:offset + src.numel()].copy_(src)
+
+    def tensor(self) -> torch.Tensor:
+        if len(self.pieces) == 1 and self.pieces[0][0] == 0 and self.pieces[0][1].numel() == self.numel:
+            return self.pieces[0][1].cpu().clone()
+        out = torch.zeros(self.numel, dtype=self.dtype)
+        self.copy_into(out)
+        return out
+
+
+@dataclass
+class RankState:
+    """Everything one rank contributes to a checkpoint or a snapshot of its engine."""
+
+    tensors: dict[str, Flat]
+    """``u{i}.param``, ``u{i}.optim.{key}``, ``rng.torch``, ``plugin.{name}.{key}``."""
+    info: dict[str, Any]
+    """This rank's python/numpy RNG state and its plugins' JSON state."""
+    meta: dict[str, Any]
+    """What every rank agrees on: world, layout, step, unit table, optimizer, scheduler, aliases."""
+    extra: dict[str, torch.Tensor]
+    """Frozen parameters and persistent buffers by name (empty unless asked for)."""
+
+
+def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False) -> RankState:
+    """This rank's state without copying tensor data.
+
+    Under ZeRO every rank owns a range of each unit; under ``ddp`` rank 0 alone stores unit data
+    unless ``all_units`` (a snapshot: every rank must be able to restore from its own copy).
+    """
+    layout, comm = engine.layout, engine.comm
     parts = layout.parts if layout.shard_optim else 1
-    writes_units = layout.shard_optim or rank == 0
-    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    writes_units = layout.shard_optim or comm.rank == 0 or all_units
+    tensors: dict[str, Flat] = {"rng.torch": Flat.of(torch.get_rng_state())}
     scalar_state: list[dict[str, Any]] = [{} for _ in layout.optimizer.param_groups]
     for unit in layout.units:
         lo, hi = unit.shard_range(parts, layout.index if layout.shard_optim else 0)
+        optim = _optim_pieces(layout, unit, lo, hi, scalar_state)
         if writes_units:
-            tensors[f"u{unit.index}.param"] = _owned_params(layout, unit, lo, hi)
-        for key, flat in _flat_optim_state(layout, unit, lo, hi, scalar_state).items():
-            if writes_units:
-                tensors[f"u{unit.index}.optim.{key}"] = flat
-    plugin_json = _plugin_states(engine, tensors)
-    _atomic_save(tensors, path / f"rank{rank}.safetensors")
-    _atomic_json({"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
-                  "plugins": plugin_json}, path / f"rank{rank}.json")
-    if rank == 0:
-        model = engine.model
-        extra = {f"buffer.{n}": b.detach().cpu().contiguous() for n, b in _persistent_buffers(model)}
-        extra.update({f"frozen.{n}": p.detach().cpu().contiguous()
-                      for n, p in model.named_parameters() if not p.requires_grad})
-        _atomic_save(extra or {"_empty": torch.zeros(0)}, path / "extra.safetensors")
-    comm.barrier()
-    if rank == 0:
-        meta = {
-            "format": FORMAT, "world_size": comm.topology.shape.world_size, "parts": parts,
-            "layout": layout.name, "step": engine.step,
-            "units": [{"padded": u.padded, "slots": [[s.name, list(s.shape), s.offset, s.group]
-                                                      for s in u.slots]} for u in layout.units],
-            "optimizer": {"class": type(layout.optimizer).__name__,
-                          "param_groups": [_jsonable({k: v for k, v in g.items() if k != "params"})
-                                           for g in layout.optimizer.param_groups],
-                          "scalar_state": scalar_state},
-            "scheduler": _jsonable(engine.scheduler.state_dict()) if engine.scheduler else None,
-            "aliases": _aliases(engine.model),
-        }
-        _atomic_json(meta, path / "meta.json")
-    comm.barrier()
-
-
-def _plugin_states(engine: "Engine", tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """Per-rank plugin state: tensors go to ``plugin.{name}.{key}`` in the rank file, the rest to JSON."""
-    out: dict[str, dict[str, Any]] = {}
+            tensors[f"u{unit.index}.param"] = Flat.of(unit.shard if layout.shard_optim else unit.full[lo:hi])
+            tensors.update({f"u{unit.index}.optim.{key}": flat for key, flat in optim.items()})
+    plugin_json: dict[str, dict[str, Any]] = {}
     for plugin in engine.plugins:
-        if plugin is engine.layout:
+        if plugin is layout:
             continue
         for key, value in plugin.state_dict().items():
             if torch.is_tensor(value):
-                tensors[f"plugin.{plugin.name}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"plugin.{plugin.name}.{key}"] = Flat.of(value)
             else:
-                out.setdefault(plugin.name, {})[key] = _jsonable(value)
-    return out
+                plugin_json.setdefault(plugin.name, {})[key] = _jsonable(value)
+    info = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
+            "plugins": plugin_json}
+    meta = {
+        "format": FORMAT, "world_size": comm.topology.shape.world_size, "parts": parts,
+        "layout": layout.name, "step": engine.step,
+        "units": [{"padded": u.padded, "slots": [[s.name, list(s.shape), s.offset, s.group]
+                                                  for s in u.slots]} for u in layout.units],
+        "optimizer": {"class": type(layout.optimizer).__name__,
+                      "param_groups": [_jsonable({k: v for k, v in g.items() if k != "params"})
+                                       for g in layout.optimizer.param_groups],
+                      "scalar_state": scalar_state},
+        "scheduler": _jsonable(engine.scheduler.state_dict()) if engine.scheduler else None,
+        "aliases": _aliases(engine.model),
+    }
+    extra: dict[str, torch.Tensor] = {}
+    if with_extra:
+        model = engine.model
+        extra = {f"buffer.{n}": b.detach() for n, b in _persistent_buffers(model)}
+        extra.update({f"frozen.{n}": p.detach() for n, p in model.named_parameters() if not p.requires_grad})
+    return RankState(tensors, info, meta, extra)
 
 
-def _load_plugin_states(engine: "Engine", path: Path, rank: int) -> None:
-    """Hand each plugin its per-rank state back (same world size only: the state is per rank)."""
-    saved = json.loads((path / f"rank{rank}.json").read_text()).get("plugins", {})
-    with safe_open(str(path / f"rank{rank}.safetensors"), framework="pt") as f:
-        keys = list(f.keys())
-        for plugin in engine.plugins:
-            if plugin is engine.layout:
-                continue
-            prefix = f"plugin.{plugin.name}."
-            state = dict(saved.get(plugin.name, {}))
-            state.update({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)})
-            if state:
-                plugin.load_state_dict(state)
-
-
-def _owned_params(layout, unit, lo: int, hi: int) -> torch.Tensor:
-    if layout.shard_optim:
-        return unit.shard.detach().cpu().clone()
-    return unit.full[lo:hi].detach().cpu().clone()
-
-
-def _flat_optim_state(layout, unit, lo: int, hi: int, scalar_state: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Element-wise optimizer state of ``unit`` over [lo, hi) as flat tensors; scalars collected."""
-    flats: dict[str, torch.Tensor] = {}
+def _optim_pieces(layout, unit, lo: int, hi: int, scalar_state: list[dict[str, Any]]) -> dict[str, Flat]:
+    """Element-wise optimizer state of ``unit`` over [lo, hi) as pieces; scalars collected."""
+    flats: dict[str, Flat] = {}
     if layout.shard_optim:
         pieces = [(v.group, v.tensor, v.lo, v.hi) for v in layout.opt_views if v.unit is unit]
     else:
@@ -142,47 +156,71 @@ def _flat_optim_state(layout, unit, lo: int, hi: int, scalar_state: list[dict[st
                 raise CheckpointError(
                     f"optimizer state {key!r} has shape {tuple(value.shape)}, not element-wise; "
                     f"dtrain checkpoints support element-wise optimizers (Adam, AdamW, SGD, ...)")
-            flat = flats.setdefault(key, torch.zeros(hi - lo, dtype=value.dtype))
-            flat[a - lo:b - lo] = value.detach().reshape(-1).cpu()
+            flat = flats.setdefault(key, Flat(value.dtype, hi - lo, []))
+            flat.pieces.append((a - lo, value.detach().reshape(-1)))
     return flats
 
 
-# ------------------------------------------------------------------------------------ read
-class CheckpointReader:
-    """Reads any checkpoint tensor by parameter name, whatever layout and world size wrote it."""
+# ------------------------------------------------------------------------------------ save
+def save(engine: "Engine", directory: str | os.PathLike) -> None:
+    comm = engine.comm
+    rank = comm.rank
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and (path / "meta.json").exists():
+        (path / "meta.json").unlink()  # the directory is incomplete until the new meta lands
+    comm.barrier()
+    state = capture(engine, with_extra=rank == 0)
+    _atomic_save({k: f.tensor() for k, f in state.tensors.items()}, path / f"rank{rank}.safetensors")
+    _atomic_json(state.info, path / f"rank{rank}.json")
+    if rank == 0:
+        extra = {k: v.cpu().contiguous() for k, v in state.extra.items()}
+        _atomic_save(extra or {"_empty": torch.zeros(0)}, path / "extra.safetensors")
+    comm.barrier()
+    if rank == 0:
+        _atomic_json(state.meta, path / "meta.json")
+    comm.barrier()
 
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.path = Path(directory)
-        meta_path = self.path / "meta.json"
-        if not meta_path.is_file():
-            raise CheckpointError(f"{self.path} is not a complete dtrain checkpoint (no meta.json); "
-                                  f"it was not written or its save did not finish")
-        self.meta = json.loads(meta_path.read_text())
+
+# ------------------------------------------------------------------------------------ read
+class StateReader:
+    """Tensors of a saved state by parameter name, whatever layout and world size wrote it.
+
+    Subclasses say where the parts live: :class:`CheckpointReader` (a directory) or a snapshot
+    reader (one rank's in-memory blob).
+    """
+
+    meta: dict[str, Any]
+    where_saved: str
+
+    def _index(self) -> None:
         if self.meta.get("format") != FORMAT:
-            raise CheckpointError(f"{meta_path}: unknown format {self.meta.get('format')!r}, expected {FORMAT}")
+            raise CheckpointError(f"{self.where_saved}: unknown format {self.meta.get('format')!r}, "
+                                  f"expected {FORMAT}")
         self.where = {slot[0]: (ui, slot[1], slot[2]) for ui, u in enumerate(self.meta["units"])
                       for slot in u["slots"]}
-        self._files: dict[int, Any] = {}
 
-    def _file(self, rank: int):
-        if rank not in self._files:
-            f = self.path / f"rank{rank}.safetensors"
-            if not f.is_file():
-                raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
-            self._files[rank] = safe_open(str(f), framework="pt")
-        return self._files[rank]
+    def part(self, rank: int) -> Any:
+        """Rank ``rank``'s tensors: ``keys()``, ``get_tensor(key)`` and ``get_slice(key)[a:b]``."""
+        raise NotImplementedError
+
+    def rank_info(self, rank: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def extra(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def names(self) -> list[str]:
         return list(self.where)
 
     def optim_keys(self) -> list[str]:
-        return sorted({k.split(".optim.", 1)[1] for k in self._file(0).keys()
+        return sorted({k.split(".optim.", 1)[1] for k in self.part(0).keys()
                        if ".optim." in k and not k.startswith("plugin.")})
 
     def read(self, name: str, kind: str = "param") -> torch.Tensor:
         """The full tensor of parameter ``name``: ``kind`` is "param" or an optimizer state key."""
         if name not in self.where:
-            raise CheckpointError(f"parameter {name!r} is not in checkpoint {self.path}")
+            raise CheckpointError(f"parameter {name!r} is not in {self.where_saved}")
         ui, shape, offset = self.where[name]
         numel = int(np.prod(shape)) if shape else 1
         return self._read_range(ui, kind, offset, offset + numel).view(shape)
@@ -194,9 +232,35 @@ class CheckpointReader:
         out = []
         for r in range(a // size, (b - 1) // size + 1):
             lo = r * size
-            sl = self._file(r).get_slice(key)
+            sl = self.part(r).get_slice(key)
             out.append(sl[max(a, lo) - lo:min(b, lo + size) - lo])
         return torch.cat(out) if len(out) > 1 else out[0]
+
+
+class CheckpointReader(StateReader):
+    """A checkpoint directory written by :func:`save`."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory)
+        self.where_saved = f"checkpoint {self.path}"
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{self.path} is not a complete dtrain checkpoint (no meta.json); "
+                                  f"it was not written or its save did not finish")
+        self.meta = json.loads(meta_path.read_text())
+        self._index()
+        self._files: dict[int, Any] = {}
+
+    def part(self, rank: int) -> Any:
+        if rank not in self._files:
+            f = self.path / f"rank{rank}.safetensors"
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
+            self._files[rank] = safe_open(str(f), framework="pt")
+        return self._files[rank]
+
+    def rank_info(self, rank: int) -> dict[str, Any]:
+        return json.loads((self.path / f"rank{rank}.json").read_text())
 
     def extra(self) -> dict[str, torch.Tensor]:
         with safe_open(str(self.path / "extra.safetensors"), framework="pt") as f:
@@ -204,15 +268,16 @@ class CheckpointReader:
 
 
 # ------------------------------------------------------------------------------------ load
-def load(engine: "Engine", directory: str | os.PathLike) -> None:
-    reader = CheckpointReader(directory)
+def load(engine: "Engine", source: "str | os.PathLike | StateReader") -> None:
+    """Restore ``engine`` from a checkpoint directory or any :class:`StateReader`."""
+    reader = source if isinstance(source, StateReader) else CheckpointReader(source)
     layout, meta = engine.layout, reader.meta
     _check_model(reader, engine)
     shard_optim = layout.shard_optim
     keys = reader.optim_keys()
     scalars = meta["optimizer"]["scalar_state"]
     if len(scalars) != len(layout.optimizer.param_groups):
-        raise CheckpointError(f"checkpoint has {len(scalars)} optimizer param groups, "
+        raise CheckpointError(f"{reader.where_saved} has {len(scalars)} optimizer param groups, "
                               f"the optimizer has {len(layout.optimizer.param_groups)}")
     with torch.no_grad():
         for unit in layout.units:
@@ -253,16 +318,29 @@ def load(engine: "Engine", directory: str | os.PathLike) -> None:
     engine.step = meta["step"]
     rank = layout.comm.rank
     if meta["world_size"] == layout.comm.topology.shape.world_size:  # RNG streams are per rank
-        with safe_open(str(reader.path / f"rank{rank}.safetensors"), framework="pt") as f:
-            torch.set_rng_state(f.get_tensor("rng.torch"))
-        rng = json.loads((reader.path / f"rank{rank}.json").read_text())
-        random.setstate(_tuples(rng["python"]))
-        np.random.set_state(tuple(_np_state(rng["numpy"])))
-        _load_plugin_states(engine, reader.path, rank)
+        part = reader.part(rank)
+        torch.set_rng_state(part.get_tensor("rng.torch"))
+        info = reader.rank_info(rank)
+        random.setstate(_tuples(info["python"]))
+        np.random.set_state(tuple(_np_state(info["numpy"])))
+        _load_plugin_states(engine, info.get("plugins", {}), part)
     layout.comm.barrier()
 
 
-def _assemble(reader: CheckpointReader, unit, lo: int, hi: int, kind: str) -> torch.Tensor:
+def _load_plugin_states(engine: "Engine", saved: dict[str, dict[str, Any]], part: Any) -> None:
+    """Hand each plugin its per-rank state back (same world size only: the state is per rank)."""
+    keys = list(part.keys())
+    for plugin in engine.plugins:
+        if plugin is engine.layout:
+            continue
+        prefix = f"plugin.{plugin.name}."
+        state = dict(saved.get(plugin.name, {}))
+        state.update({k[len(prefix):]: part.get_tensor(k) for k in keys if k.startswith(prefix)})
+        if state:
+            plugin.load_state_dict(state)
+
+
+def _assemble(reader: StateReader, unit, lo: int, hi: int, kind: str) -> torch.Tensor:
     """Flat range [lo, hi) of ``unit`` (this run's layout) rebuilt from the saved names."""
     out = torch.zeros(hi - lo, dtype=torch.float32)
     for s in unit.slots:
@@ -272,16 +350,16 @@ def _assemble(reader: CheckpointReader, unit, lo: int, hi: int, kind: str) -> to
     return out.to(unit.full.device if unit.full is not None else "cpu")
 
 
-def _check_model(reader: CheckpointReader, engine: "Engine") -> None:
+def _check_model(reader: StateReader, engine: "Engine") -> None:
     saved = {n: tuple(shape) for n, (_, shape, _) in reader.where.items()}
     have = {s.name: tuple(s.shape) for u in engine.layout.units for s in u.slots}
     if saved.keys() != have.keys():
         diff = sorted(saved.keys() ^ have.keys())
-        raise CheckpointError(f"checkpoint {reader.path} was saved from a different model: "
+        raise CheckpointError(f"{reader.where_saved} was saved from a different model: "
                               f"parameter sets differ at {diff[:3]}")
     bad = [n for n in saved if saved[n] != have[n]]
     if bad:
-        raise CheckpointError(f"checkpoint {reader.path}: parameter {bad[0]!r} has shape "
+        raise CheckpointError(f"{reader.where_saved}: parameter {bad[0]!r} has shape "
                               f"{saved[bad[0]]}, the model has {have[bad[0]]}")
 
 
