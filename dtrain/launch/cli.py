@@ -3,7 +3,8 @@
 Sub-commands:
 
 * ``dtrain launch [options] script.py [script args...]`` runs the script on
-  M simulated nodes x N ranks via :func:`dtrain.launch.local.run_local`;
+  M simulated nodes x N ranks via :func:`dtrain.launch.local.run_local`, or with ``--ray`` on
+  M Ray nodes x N ranks via :func:`dtrain.launch.ray_launch.run_ray`;
 * ``dtrain plan ARGS...`` forwards to ``dtrain.planner.cli.main``;
 * ``dtrain --version``.
 
@@ -13,6 +14,7 @@ Bad input is reported as ``error: ...`` on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -84,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="one network namespace per node, inter-node links limited with tc tbf (root; iproute2)",
     )
     launch.add_argument("--no-progress", action="store_true", help="do not draw a progress bar on rank 0")
+    ray = launch.add_argument_group("Ray", "run on a Ray cluster: each node's NPROC ranks on one Ray node, "
+                                    "NODES different Ray nodes (placement group, STRICT_SPREAD)")
+    ray.add_argument("--ray", action="store_true", help="launch on Ray (without --address: a private "
+                     "NODES-node Ray cluster on this machine, loopback only, for this job)")
+    ray.add_argument("--address", metavar="HOST:PORT|auto", help="existing Ray cluster (its GCS address)")
+    ray.add_argument("--min-nodes", type=int, metavar="M", help="after losing nodes, continue on as few as M "
+                     "instead of waiting for replacements")
+    ray.add_argument("--node-wait-s", type=float, default=60.0, metavar="T",
+                     help="how long to wait for enough Ray nodes before failing (default 60)")
+    ray.add_argument("--runtime-env", metavar="JSON|FILE", help="Ray runtime env for the job (JSON text or a "
+                     ".json file), e.g. '{\"working_dir\": \".\"}'")
+    ray.add_argument("--cpus-per-rank", type=float, default=1.0, metavar="C", help="Ray CPUs per rank (default 1)")
+    ray.add_argument("--gpus-per-rank", type=float, default=0.0, metavar="G", help="Ray GPUs per rank (default 0)")
+    ray.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local cluster, 127.0.0.1)")
     launch.add_argument("script", help="training script (.py)")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
@@ -118,12 +134,58 @@ def _validate_launch(ns: argparse.Namespace) -> None:
         reason = netns.unavailable_reason()
         if reason:
             raise UsageError(f"--net needs network namespaces: {reason}")
+    _validate_ray(ns)
     kinds = INJECT_KINDS
     for item in ns.inject:
         match = _INJECT_KIND.match(item)
         kind = match.group(1) if match else ""
         if kind not in kinds:
             raise UsageError(f"--inject {item!r}: unknown fault kind {kind!r}; use one of {', '.join(kinds)}")
+
+
+_RAY_ONLY = ("address", "min_nodes", "runtime_env", "dashboard")
+
+
+def _validate_ray(ns: argparse.Namespace) -> None:
+    if not ns.ray:
+        given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(ns, name)]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --ray")
+        return
+    if ns.net is not None:
+        raise UsageError("--net builds simulated hosts for the local launcher; for Ray on namespaced hosts "
+                         "start cluster/fake_cluster.py and pass its --address")
+    if ns.min_nodes is not None and not 1 <= ns.min_nodes <= ns.nodes:
+        raise UsageError(f"--min-nodes must be between 1 and --nodes ({ns.nodes}), got {ns.min_nodes}")
+    if not ns.node_wait_s > 0:
+        raise UsageError(f"--node-wait-s must be a positive number of seconds, got {ns.node_wait_s}")
+    if not ns.cpus_per_rank > 0 or ns.gpus_per_rank < 0:
+        raise UsageError("--cpus-per-rank must be > 0 and --gpus-per-rank >= 0")
+    if ns.address is not None and not ns.address.strip():
+        raise UsageError("--address is empty; pass HOST:PORT of the Ray head or auto")
+    ns.runtime_env = _runtime_env(ns.runtime_env)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UsageError("--ray needs Ray installed: pip install 'dtrain[ray]'") from None
+
+
+def _runtime_env(value: str | None) -> dict | None:
+    if value is None:
+        return None
+    text = value
+    if os.path.isfile(value):
+        with open(value) as fh:
+            text = fh.read()
+    try:
+        env = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--runtime-env is neither a JSON object nor a readable .json file ({exc.msg})") from None
+    if not isinstance(env, dict):
+        raise UsageError("--runtime-env must be a JSON object, e.g. '{\"env_vars\": {\"A\": \"1\"}}'")
+    if isinstance(env.get("working_dir"), str):
+        env["working_dir"] = os.path.abspath(env["working_dir"])
+    return env
 
 
 def _launch(ns: argparse.Namespace) -> int:
@@ -144,6 +206,12 @@ def _launch(ns: argparse.Namespace) -> int:
         progress=not ns.no_progress,
         net=ns.net,
     )
+    if ns.ray:
+        from dtrain.launch.ray_launch import RaySpec, run_ray
+
+        return run_ray(RaySpec(job=spec, address=ns.address, min_nodes=ns.min_nodes, node_wait_s=ns.node_wait_s,
+                               runtime_env=ns.runtime_env, cpus_per_rank=ns.cpus_per_rank,
+                               gpus_per_rank=ns.gpus_per_rank, dashboard=ns.dashboard))
     return run_local(spec)
 
 

@@ -14,6 +14,12 @@ torchrun variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE
 ``DTRAIN_TIMEOUT_S``  per-job timeout in seconds (optional)
 ``DTRAIN_INJECT``     JSON list of fault-injection specs (optional)
 
+On a restart (``TORCHELASTIC_RESTART_COUNT`` > 0) the launchers also set:
+
+``DTRAIN_RESTART_CAUSE``  one line saying what failed, e.g. ``node 1 (10.0.0.2) lost`` or
+                          ``rank 3 was killed by SIGKILL``
+``DTRAIN_FAILURE_TIME``   unix time (float seconds) at which the launcher saw the failure
+
 With nothing set (plain ``python script.py``) :func:`read_launch_env` returns a
 world-size-1 environment.
 """
@@ -25,7 +31,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["LaunchEnv", "read_launch_env"]
+__all__ = ["LaunchEnv", "read_launch_env", "RESTART_CAUSE_VAR", "FAILURE_TIME_VAR"]
+
+RESTART_CAUSE_VAR = "DTRAIN_RESTART_CAUSE"
+FAILURE_TIME_VAR = "DTRAIN_FAILURE_TIME"
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class LaunchEnv:
     inject: list[str] = field(default_factory=list)
     restart_count: int = 0
     max_restarts: int = 0
+    restart_cause: str | None = None
+    failure_time: float | None = None
 
     @property
     def node_rank(self) -> int:
@@ -104,6 +115,16 @@ def _timeout(env: Mapping[str, str]) -> float | None:
     return value
 
 
+def _failure_time(env: Mapping[str, str]) -> float | None:
+    raw = env.get(FAILURE_TIME_VAR)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{FAILURE_TIME_VAR}={raw!r} is not a number") from None
+
+
 def _topology(env: Mapping[str, str], world_size: int) -> tuple[int, int]:
     """Return (nodes, nproc_per_node), checking they multiply to the world size."""
     nodes_set = bool(env.get("DTRAIN_NODES", "").strip())
@@ -160,4 +181,6 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         inject=_json_str_list(env, "DTRAIN_INJECT"),
         restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0, 0),
         max_restarts=_int(env, "TORCHELASTIC_MAX_RESTARTS", 0, 0),
+        restart_cause=_optional_str(env, RESTART_CAUSE_VAR),
+        failure_time=_failure_time(env),
     )

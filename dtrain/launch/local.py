@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -48,7 +48,12 @@ from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousPa
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
-__all__ = ["LaunchSpec", "run_local", "format_failures", "dtrain_env"]
+from dtrain.launch.env import FAILURE_TIME_VAR, RESTART_CAUSE_VAR
+
+__all__ = [
+    "LaunchSpec", "run_local", "format_failures", "dtrain_env", "contract_env", "process_defaults",
+    "restart_env", "describe_failure", "RankLogFollowers", "exit_status", "signals_raise", "first_failure",
+]
 
 _ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
 _BAR_LOG_INTERVAL_S = 30.0  # progress-bar refreshes become a log line at most this often off a tty
@@ -80,8 +85,8 @@ class LaunchSpec:
         return self.nodes * self.nproc
 
 
-def dtrain_env(spec: LaunchSpec) -> dict[str, str]:
-    """The dtrain variables (plus process defaults) every rank receives."""
+def contract_env(spec: LaunchSpec) -> dict[str, str]:
+    """The DTRAIN_* variables of the env contract (dtrain.launch.env) for ``spec``."""
     env: dict[str, str] = {
         "DTRAIN_NODES": str(spec.nodes),
         "DTRAIN_NPROC": str(spec.nproc),
@@ -96,14 +101,39 @@ def dtrain_env(spec: LaunchSpec) -> dict[str, str]:
         env["DTRAIN_TIMEOUT_S"] = repr(float(spec.timeout_s))
     if spec.inject:
         env["DTRAIN_INJECT"] = json.dumps(list(spec.inject))
-    # Process defaults, only where the user has not chosen already.
-    defaults = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if "lo" in {name for _, name in socket.if_nameindex()}:
-        defaults["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo traffic on loopback
-    for key, value in defaults.items():
-        if key not in os.environ:
-            env[key] = value
     return env
+
+
+def process_defaults(gloo_ifname: str | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Per-process defaults (one OMP thread, unbuffered output, gloo's interface), only where
+    ``environ`` (default: the launcher's environment) has not chosen already."""
+    environ = os.environ if environ is None else environ
+    defaults = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if gloo_ifname:
+        defaults["GLOO_SOCKET_IFNAME"] = gloo_ifname
+    return {key: value for key, value in defaults.items() if key not in environ}
+
+
+def restart_env(attempt: int, max_restarts: int, cause: str | None = None,
+                failure_time: float | None = None) -> dict[str, str]:
+    """torchrun's restart counters plus the cause and time of the failure that led to ``attempt``."""
+    env = {"TORCHELASTIC_RESTART_COUNT": str(attempt), "TORCHELASTIC_MAX_RESTARTS": str(max_restarts)}
+    if attempt and cause:
+        env[RESTART_CAUSE_VAR] = " ".join(cause.split())  # one line
+    if attempt and failure_time is not None:
+        env[FAILURE_TIME_VAR] = repr(float(failure_time))
+    return env
+
+
+def dtrain_env(spec: LaunchSpec) -> dict[str, str]:
+    """The dtrain variables (plus process defaults) every rank of the local launcher receives."""
+    has_lo = "lo" in {name for _, name in socket.if_nameindex()}
+    return {**contract_env(spec), **process_defaults("lo" if has_lo else None)}  # gloo on loopback
+
+
+def describe_failure(rank: int, exitcode: int) -> str:
+    """``rank 3 exited with code 1`` / ``rank 3 was killed by SIGKILL``."""
+    return f"rank {rank} {_describe_exit(exitcode)}"
 
 
 # --------------------------------------------------------------------------- output
@@ -222,6 +252,34 @@ class _FileFollower(threading.Thread):
             self.console.line(self, self.stream, self.prefix + rest)
 
 
+class RankLogFollowers:
+    """Follows per-rank log files onto the launcher's streams (``[rank R] `` prefix, one bar)."""
+
+    def __init__(self, stdout: TextIO, stderr: TextIO) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+        self._console = _Console()
+        self._followers: list[_FileFollower] = []
+        self.stderr_paths: dict[int, str] = {}  # global rank -> stderr log of the latest attempt
+
+    def follow(self, rank: int, stdout_path: str | None, stderr_path: str | None) -> None:
+        prefix = f"[rank {rank}] "
+        for path, stream in ((stdout_path, self.stdout), (stderr_path, self.stderr)):
+            if path and path != os.devnull:
+                follower = _FileFollower(path, prefix, stream, self._console)
+                follower.start()
+                self._followers.append(follower)
+        if stderr_path:
+            self.stderr_paths[rank] = stderr_path
+
+    def stop_following(self, timeout_s: float = 10.0) -> None:
+        for follower in self._followers:
+            follower.finished.set()
+        for follower in self._followers:
+            follower.join(timeout_s)
+        self._followers = []
+
+
 class _PrefixedLogsSpecs(DefaultLogsSpecs):
     """Redirect each rank's std streams to files and follow them onto the console.
 
@@ -231,33 +289,19 @@ class _PrefixedLogsSpecs(DefaultLogsSpecs):
 
     def __init__(self, log_dir: str, stdout: TextIO, stderr: TextIO) -> None:
         super().__init__(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE)
-        self._stdout = stdout
-        self._stderr = stderr
-        self._console = _Console()
-        self._followers: list[_FileFollower] = []
-        self.stderr_paths: dict[int, str] = {}  # global rank -> stderr.log of the latest attempt
+        self.followers = RankLogFollowers(stdout, stderr)
+        self.stderr_paths = self.followers.stderr_paths
 
     def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
         self.stop_following()
         dest = super().reify(envs)
         for local_rank, env in sorted(envs.items()):
-            rank = int(env.get("RANK", local_rank))
-            prefix = f"[rank {rank}] "
-            for path, stream in ((dest.stdouts.get(local_rank), self._stdout), (dest.stderrs.get(local_rank), self._stderr)):
-                if path and path != os.devnull:
-                    follower = _FileFollower(path, prefix, stream, self._console)
-                    follower.start()
-                    self._followers.append(follower)
-            if dest.stderrs.get(local_rank):
-                self.stderr_paths[rank] = dest.stderrs[local_rank]
+            self.followers.follow(int(env.get("RANK", local_rank)), dest.stdouts.get(local_rank),
+                                  dest.stderrs.get(local_rank))
         return dest
 
     def stop_following(self, timeout_s: float = 10.0) -> None:
-        for follower in self._followers:
-            follower.finished.set()
-        for follower in self._followers:
-            follower.join(timeout_s)
-        self._followers = []
+        self.followers.stop_following(timeout_s)
 
 
 # --------------------------------------------------------------------------- rendezvous
@@ -312,18 +356,31 @@ class _SimulatedNodesAgent(LocalElasticAgent):
         self._dtrain_nproc = nproc
         self._dtrain_nodes = nodes
         self._dtrain_env = extra_env
+        self._last_failure: tuple[str, float] | None = None  # (cause, unix time) for the next attempt
+
+    def _monitor_workers(self, worker_group: Any) -> Any:
+        result = super()._monitor_workers(worker_group)
+        if result.is_failed() and result.failures:
+            rank = first_failure(result.failures)
+            self._last_failure = (describe_failure(rank, result.failures[rank].exitcode), time.time())
+        return result
 
     # Hook called by LocalElasticAgent._start_workers for each worker's env (torch 2.13).
     def _set_local_rank_env(self, worker_env: dict[str, str | None], local_rank: int, spec: WorkerSpec) -> None:
         super()._set_local_rank_env(worker_env, local_rank, spec)
         rank = int(worker_env.get("RANK") or local_rank)
+        node = str(rank // self._dtrain_nproc)
         worker_env.update(
             LOCAL_RANK=str(rank % self._dtrain_nproc),
             LOCAL_WORLD_SIZE=str(self._dtrain_nproc),
-            GROUP_RANK=str(rank // self._dtrain_nproc),
+            GROUP_RANK=node,
+            NODE_RANK=node,
             GROUP_WORLD_SIZE=str(self._dtrain_nodes),
         )
         worker_env.update(self._dtrain_env)
+        attempt = int(worker_env.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        if attempt and self._last_failure is not None:
+            worker_env.update(restart_env(attempt, spec.max_restarts, *self._last_failure))
 
 
 def _quiet_elastic_logging() -> None:
@@ -341,7 +398,7 @@ def _quiet_elastic_logging() -> None:
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """Turn SIGINT/SIGTERM into SignalException until the agent installs its own handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -390,7 +447,7 @@ def _file_tail(path: str | None, limit: int = 64_000) -> str:
         return fh.read().decode("utf-8", errors="replace")
 
 
-def _first_failure(failures: dict[int, Any]) -> int:
+def first_failure(failures: dict[int, Any]) -> int:
     """The rank that most likely caused the failure.
 
     Ranks torn down by the agent die of SIGTERM after the culprit, so real
@@ -425,7 +482,7 @@ def format_failures(failures: dict[int, Any], stderr_paths: dict[int, str] | Non
     """
     if not failures:
         return "dtrain: job failed (no per-rank failure information)"
-    first = _first_failure(failures)
+    first = first_failure(failures)
     head = f"dtrain: job failed: rank {first} {_describe_exit(failures[first].exitcode)}"
     others = [f"rank {r} {_describe_exit(failures[r].exitcode)}" for r in sorted(failures) if r != first]
     if others:
@@ -437,7 +494,7 @@ def format_failures(failures: dict[int, Any], stderr_paths: dict[int, str] | Non
     return head + "\n" + "\n".join(f"  [rank {first}] {ln}" for ln in tail.splitlines())
 
 
-def _exit_status(failures: dict[int, Any]) -> int:
+def exit_status(failures: dict[int, Any]) -> int:
     codes = [f.exitcode for f in failures.values()]
     positive = [c for c in codes if c > 0]
     if positive:
@@ -471,7 +528,7 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
             host = hosts.bridge_addr
             args = (netns.EXEC_WRAPPER, "--by-rank", *args)
             extra_env.update(DTRAIN_NETNS_PREFIX=hosts.prefix, GLOO_SOCKET_IFNAME=netns.IFNAME)
-        with _signals_raise():
+        with signals_raise():
             try:
                 worker_spec = WorkerSpec(
                     role="dtrain",
@@ -507,7 +564,7 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
         if result.is_failed():
             failures = dict(result.failures)
             print(format_failures(failures, logs.stderr_paths), file=err, flush=True)
-            return _exit_status(failures)
+            return exit_status(failures)
         return 0
     finally:
         logs.stop_following()
