@@ -11,7 +11,11 @@ gradient all-reduce every step (the layout's level is set to ``node``) and the o
 over the node-peer group (ranks with the same local rank on every node). Without it every rank
 is a worker (layout level ``rank``: no gradient communication at all) and the outer group is
 every rank. The outer collective runs on a process group created for it alone, so it never
-queues behind (or in front of) an inner collective or the engine's metric reductions.
+queues behind (or in front of) an inner collective or the engine's metric reductions in the
+backend. On the wire it still shares the slow link with them, so it goes out in chunks of
+``OUTER_CHUNK_BYTES``, one collective at a time: a single multi-megabyte all-reduce keeps the
+link's queue full for its whole duration, and every small inner collective crossing the link
+(the engine reduces the loss across all ranks every step) waits tens of milliseconds behind it.
 
 Sharding
 --------
@@ -47,22 +51,33 @@ then round r+1's send starts from the rebased y. The first boundary (nothing in 
 only sends. With ``overlap = false`` the progress ``y - a_r`` is exactly zero, so every worker
 restarts from x_outer: that is SlowMo / DiLoCo-style synchronous local SGD.
 
-Where this differs from the paper, and why:
+Where this differs from the paper and its code, and why:
 
-* Lambda. The paper penalises each layer's pseudo-gradient by a factor that grows with the
-  staleness gap (the distance between the stale averaged model and the point it is applied to)
-  relative to the model's scale. Here Lambda_l uses the quantities every worker holds identically
+* Lambda is a RECONSTRUCTION, not the paper's formula. The paper (Algorithm 1) divides the
+  pseudo-gradient by a staleness gap penalty Lambda_t computed from x_{t,0}, after Gap-Aware
+  (Barkai et al., ICLR 2020: a stale update divided element-wise by its "gap" in units of an
+  average step size); a reviewer notes that its derivation assumes a decaying inner learning
+  rate. The exact expression could not be obtained while this was written, so it is not
+  implemented. The authors' released code (github.com/weigao266/fairscale-CO2, file
+  fairscale/experimental/nn/data_parallel/gossip/co2.py, linked from github.com/OpenNLPLab/CO2)
+  uses a constant instead: ``m = beta * m + (x_old - x) / Lambda`` with Lambda the
+  user-set scalar ``co2_gap_penalty`` (default 1.0). dtrain's Lambda_l is an adaptive
+  Gap-Aware-style scale >= 1 built only from quantities every worker holds identically
   (x_outer and the average): with a one-round delay the gap between the stale average and the
-  current outer point is Delta itself, normalised by ||x_outer,l||. Lambda must be identical on
-  every worker or x_outer would silently diverge, which rules out any term in the local y. The
-  per-tensor norms of a sharded tensor are summed over the node's ranks (one tiny intra-node
-  all-reduce, in float64).
-* Clipping is element-wise and in place. The authors' SlowMo-derived code calls a non in-place
-  clamp whose result is discarded, so its clipping does nothing; ``tests/dist/test_co2.py`` fails
-  on that bug.
+  current outer point is Delta itself, measured relative to ||x_outer,l||. Lambda must be
+  identical on every worker or x_outer would silently diverge, which rules out any term in the
+  local y. The per-tensor norms of a sharded tensor are summed over the node's ranks (one tiny
+  intra-node all-reduce, in float64); ``co2.penalty = false`` gives Lambda = 1, the released
+  code's default.
+* Clipping is element-wise and in place. The released code calls ``torch.clamp(m, ...)`` and
+  discards the result, so its clipping does nothing; ``tests/dist/test_co2.py`` fails on that
+  bug.
 * The rebase keeps the local progress of the overlapped round (so no computed step is thrown
-  away); the paper's notation restarts the round from the outer point, which with a one-round
-  delay would discard tau steps per round.
+  away); the released code overwrites the local parameters with the new outer point.
+* Outer state sharding: the released code shards x_old and m over its first
+  ``outer_momentum_num_shards`` ranks and gathers/scatters them with reduce/broadcast; here each
+  rank keeps the shard its layout already owns (ddp and ZeRO-1/2 alike), so the outer step
+  needs no extra collective besides the penalty's norms.
 * The inner optimizer state (e.g. AdamW moments) stays local to each worker and is never
   averaged or reset, as in the paper.
 
@@ -83,13 +98,15 @@ Checkpoints
 round in flight (it is waited for: waiting changes timing, never values), this rank's local
 parameter shard and this rank's optimizer state: workers diverge between syncs, so the layout's
 own checkpoint (one copy of the parameters) is not enough to resume exactly. ``dtrain.checkpoint``
-stores the dict per rank and hands it back only when the world size matches; otherwise the
-outer state restarts from the loaded parameters (m = 0, nothing in flight).
+stores the dict per rank (tensors flat, so the inner optimizer state carries its shapes) and
+hands it back only when the world size matches; otherwise the outer state restarts from the
+loaded parameters (m = 0, nothing in flight).
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +122,41 @@ if TYPE_CHECKING:
     from dtrain.engine import Engine
 
 EPS = 1e-8
+OUTER_CHUNK_BYTES = 256 * 1024
+
+
+def segment_sq_norms(flat: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Float64 squared L2 norm of each consecutive segment of the 1-D ``flat``."""
+    pieces = flat[:sum(lengths)].split(list(lengths))
+    return torch.stack([torch.linalg.vector_norm(p, dtype=torch.float64).square() for p in pieces])
+
+
+def gap_penalty(delta_sq: torch.Tensor, outer_sq: torch.Tensor) -> torch.Tensor:
+    """Lambda_l = 1 + ||Delta_l|| / (||x_outer,l|| + eps) from the squared norms of each tensor l."""
+    return 1.0 + delta_sq.sqrt() / (outer_sq.sqrt() + EPS)
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """How this rank's shard ``[lo, hi)`` of a unit splits into parameter tensors.
+
+    Slots ``first .. first + len(lengths) - 1`` of the unit overlap the shard by ``lengths``
+    elements (slots are laid out back to back); ``pad`` trailing elements are padding.
+    """
+
+    first: int
+    lengths: tuple[int, ...]
+    pad: int
+
+    @staticmethod
+    def of(unit: Any, lo: int, hi: int) -> "_Segments":
+        lengths, first = [], len(unit.slots)
+        for k, s in enumerate(unit.slots):
+            n = min(s.offset + s.numel, hi) - max(s.offset, lo)
+            if n > 0:
+                first = min(first, k)
+                lengths.append(n)
+        return _Segments(first, tuple(lengths), (hi - lo) - sum(lengths))
 
 
 @dataclass
@@ -134,6 +186,11 @@ class CO2Plugin(Plugin):
             raise ConfigError("co2.enabled = true cannot be combined with zero.stage = 3; use stage 0, 1 or 2")
         layout.level = "node" if self.cfg.intra_node_sync else "rank"
         self.blocking = False  # reference execution: wait for each sync right after starting it
+        # Bytes per outer collective (0: one per unit). Measured on the 100 Mbit harness (tbf,
+        # 50 ms queue): a 16-byte all-reduce took 26 ms (max 48) behind one 3.3 MB all-reduce,
+        # 4 ms behind 256 KiB chunks, 0.25 ms on an idle link. At 1 Gbit 64 KiB chunks tripled
+        # the sync time (per-collective overhead); 256 KiB cost ~+50 %, still hidden.
+        self.chunk_bytes = OUTER_CHUNK_BYTES
         self.outer = self._outer_comm(engine.comm)
         self.workers = self.outer.size(*self._outer_level())
         self._ready = False
@@ -180,6 +237,7 @@ class CO2Plugin(Plugin):
             self.x_outer = [t.detach().clone() for t in locals_]
             self.momentum = [torch.zeros_like(t) for t in locals_]
             self.anchor = [t.detach().clone() for t in locals_]
+        self._segments = [_Segments.of(u, lo, hi) for u, lo, hi in self._ranges()]
         self._inflight = None
         self._ready = True
 
@@ -225,9 +283,10 @@ class CO2Plugin(Plugin):
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             level, peers = self._outer_level()
-            handles = [self.outer.all_reduce(t, level, peers=peers, async_op=True) for t in rnd.sums]
-            for h in handles:
-                h.wait()
+            for t in rnd.sums:
+                step = max(1, self.chunk_bytes // t.element_size() if self.chunk_bytes else t.numel())
+                for a in range(0, t.numel(), step):
+                    self.outer.all_reduce(t[a:a + step], level, peers=peers)
         except BaseException as exc:  # re-raised on the main thread by _wait
             rnd.error = exc
         rnd.finished = time.perf_counter()
@@ -254,45 +313,52 @@ class CO2Plugin(Plugin):
 
     @torch.no_grad()
     def _apply(self, averages: list[torch.Tensor]) -> None:
-        """The outer step on this rank's shards, then the rebase of the local parameters."""
+        """The outer step on this rank's shards, then the rebase of the local parameters.
+
+        Works in place: each average buffer becomes its Delta, the local shard becomes
+        x_outer + (y - a_r). ``a + b == b + a`` exactly in IEEE arithmetic, so the order of the
+        in-place operations does not change a bit of the result.
+        """
         cfg = self.cfg
-        deltas = [x - avg for x, avg in zip(self.x_outer, averages)]
-        scales = self._penalty(deltas) if cfg.penalty else None
+        deltas = [avg.neg_().add_(x) for x, avg in zip(self.x_outer, averages)]
+        if cfg.penalty:
+            for delta, seg, lams in zip(deltas, self._segments, self._penalty(deltas)):
+                for piece, lam in zip(delta.split(list(seg.lengths) + [seg.pad]), lams):
+                    piece.div_(lam)
         for i, (u, lo, hi) in enumerate(self._ranges()):
-            m, delta = self.momentum[i], deltas[i]
-            if scales is not None:
-                delta.div_(scales[i])
-            m.mul_(cfg.outer_momentum).add_(delta)
+            m = self.momentum[i]
+            m.mul_(cfg.outer_momentum).add_(deltas[i])
             if cfg.clip is not None:
                 m.clamp_(-cfg.clip, cfg.clip)
             self.x_outer[i].sub_(m, alpha=cfg.outer_lr)
-            local = self._local(u, lo, hi)
-            progress = local - self.anchor[i]
-            local.copy_(self.x_outer[i] + progress)
+            self._local(u, lo, hi).sub_(self.anchor[i]).add_(self.x_outer[i])
         self._publish()
 
-    def _penalty(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Lambda per element: 1 + ||Delta_l|| / (||x_outer,l|| + eps) of its parameter tensor l."""
+    def _penalty(self, deltas: list[torch.Tensor]) -> list[list[float]]:
+        """Per unit, Lambda of each parameter tensor in this rank's shard (1.0 for the padding).
+
+        The squared norms of a tensor split across the node's ranks are summed over the node
+        (one small float64 all-reduce), so every rank, and every worker, uses the same Lambda.
+        Each Lambda is rounded to the parameters' dtype before it divides them.
+        """
         layout = self.engine.layout
-        ranges = self._ranges()
-        pieces: list[tuple[int, int, int]] = []  # (unit i, a, b) local offsets of each slot's part
-        for i, (u, lo, hi) in enumerate(ranges):
-            for s in u.slots:
-                a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
-                pieces.append((i, a - lo, b - lo) if a < b else (i, 0, 0))
-        sq = torch.zeros(2, len(pieces), dtype=torch.float64, device=deltas[0].device)
-        for k, (i, a, b) in enumerate(pieces):
-            if a < b:
-                sq[0, k] = deltas[i][a:b].double().pow(2).sum()
-                sq[1, k] = self.x_outer[i][a:b].double().pow(2).sum()
+        sq = torch.zeros(2, sum(len(u.slots) for u in layout.units), dtype=torch.float64,
+                         device=deltas[0].device)
+        base = 0
+        for unit, seg, delta, outer in zip(layout.units, self._segments, deltas, self.x_outer):
+            if seg.lengths:
+                at = slice(base + seg.first, base + seg.first + len(seg.lengths))
+                sq[0, at] = segment_sq_norms(delta, seg.lengths)
+                sq[1, at] = segment_sq_norms(outer, seg.lengths)
+            base += len(unit.slots)
         if layout.parts > 1:
             self.engine.comm.all_reduce(sq, layout.level)
-        lam = 1.0 + sq[0].sqrt() / (sq[1].sqrt() + EPS)
-        scales = [torch.ones_like(d) for d in deltas]
-        for k, (i, a, b) in enumerate(pieces):
-            if a < b:
-                scales[i][a:b] = float(lam[k])
-        return scales
+        lam = gap_penalty(sq[0], sq[1]).to(deltas[0].dtype).tolist()
+        out, base = [], 0
+        for unit, seg in zip(layout.units, self._segments):
+            out.append(lam[base + seg.first: base + seg.first + len(seg.lengths)] + [1.0])
+            base += len(unit.slots)
+        return out
 
     def _publish(self) -> None:
         """Make every rank of the node hold the full, updated local parameters again."""
@@ -336,6 +402,8 @@ class CO2Plugin(Plugin):
                 for key, value in opt.state.get(param, {}).items():
                     name = f"inner_optim.{g}.{p}.{key}"
                     out[name] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+                    if torch.is_tensor(value):  # checkpoints store tensors flat
+                        out[f"shape.{name}"] = list(value.shape)
         return out
 
     @torch.no_grad()
@@ -364,6 +432,7 @@ class CO2Plugin(Plugin):
                     if name.startswith(prefix):
                         key = name[len(prefix):]
                         if torch.is_tensor(value):  # 0-dim counters (Adam's step) stay on the CPU
+                            value = value.reshape(state.get(f"shape.{name}", value.shape))
                             value = value.clone() if value.dim() == 0 else value.to(param.device).clone()
                         opt.state[param][key] = value
         self._publish()

@@ -7,7 +7,9 @@
   dtrain/plugins/co2.py). Inner optimizer: plain SGD (AdamW of a mean gradient is not the mean
   of AdamW steps, so no local method equals DDP under Adam).
 * the overlapped (threaded) outer sync equals the blocking execution of the same equations with
-  the same one-round staleness, bit for bit (param_sha256 on every rank);
+  the same one-round staleness, bit for bit (param_sha256 on every rank), and sending the outer
+  all-reduce in small chunks gives the same bits as one collective per unit (2 workers: a sum
+  of two is exact in any split);
 * clipping clips: the outer momentum never leaves [-phi, phi] and x_outer moved by alpha * m
   (a non in-place ``m.clamp(...)`` leaves |m| > phi and fails);
 * save in the middle of a round (an outer sync in flight) and resume: bit-exact;
@@ -76,12 +78,17 @@ CO2 = {"enabled": True, "local_steps": 2, "outer_momentum": 0.5, "outer_lr": 0.8
 
 def _async_vs_blocking(stage: int, steps: int):
     cfg = {"zero": {"stage": stage}, "co2": CO2, "metrics": {"progress": False}}
-    a, la = _train(cfg, steps)
-    b, lb = _train(cfg, steps, blocking=True)
+    engines = [dtrain.wrap(make_model(), optimizer=optimizer_factory, config=cfg) for _ in range(3)]
+    for engine, chunk in zip(engines, (4096, 4096, 0)):  # 4 KiB: many chunks per shard; 0: one
+        _co2(engine).chunk_bytes = chunk
+    a, la = _train(cfg, steps, engine=engines[0])
+    b, lb = _train(cfg, steps, blocking=True, engine=engines[1])
+    whole, _ = _train(cfg, steps, engine=engines[2])
     co2 = _co2(a)
     shard = sum(t.numel() for t in co2.outer_state()["x_outer"])
     full = sum(u.padded for u in a.layout.units)
-    return {"sha": (a.param_sha256(), b.param_sha256()), "losses": (la, lb), "shard": shard, "full": full,
+    return {"sha": (a.param_sha256(), b.param_sha256(), whole.param_sha256()), "losses": (la, lb),
+            "shard": shard, "full": full,
             "global_bytes": a.comm.bytes_sent.get("global", 0), "metrics": co2.metrics(),
             "plain": _train({"zero": {"stage": stage}}, 1)[0].param_sha256()}
 
@@ -91,6 +98,7 @@ def test_async_equals_blocking_reference_bit_exact():
     shas = set()
     for r in results:
         assert r["sha"][0] == r["sha"][1], "overlapped outer sync differs from the blocking reference"
+        assert r["sha"][0] == r["sha"][2], "chunking the outer all-reduce changed the result"
         assert r["losses"][0] == r["losses"][1]
         assert r["shard"] * 2 == r["full"], "outer state must be sharded over the node's 2 ranks"
         assert r["global_bytes"] > 0 and r["metrics"]["outer_rounds"] == 2

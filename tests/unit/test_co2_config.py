@@ -1,7 +1,11 @@
-"""CO2 config section and its cross-section rules (no processes)."""
+"""CO2 config section, its cross-section rules, and the outer step's pure formulas (no processes)."""
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from dtrain.config import Config, ConfigError
+from dtrain.plugins.co2 import EPS, _Segments, gap_penalty, segment_sq_norms
 
 
 def test_defaults_and_overrides():
@@ -44,3 +48,23 @@ def test_zo2_rule_when_the_section_exists():
     cfg.zo2 = type("Zo2", (), {"enabled": True})()  # the zo2 section is another engineer's
     with pytest.raises(ConfigError, match="co2.enabled.*zo2.enabled"):
         cfg.validate()
+
+
+def test_staleness_gap_penalty_by_hand():
+    """Lambda_l = 1 + ||Delta_l|| / (||x_outer,l|| + eps), one value per parameter tensor l."""
+    x_outer = torch.tensor([3.0, 4.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # 2 + 4, 2 pad
+    delta = torch.tensor([0.3, 0.4, 0.5, -0.5, 0.5, -0.5, 0.0, 0.0], dtype=torch.float64)
+    lengths = (2, 4)
+    lam = gap_penalty(segment_sq_norms(delta, lengths), segment_sq_norms(x_outer, lengths))
+    # ||Delta_1|| = 0.5, ||x_1|| = 5 -> 1.1;  ||Delta_2|| = 1, ||x_2|| = 2 -> 1.5
+    assert lam.tolist() == pytest.approx([1 + 0.5 / (5 + EPS), 1 + 1 / (2 + EPS)], rel=0, abs=1e-15)
+    assert lam.tolist() == pytest.approx([1.1, 1.5], abs=1e-8)
+
+
+def test_shard_segments_follow_the_parameter_tensors():
+    unit = SimpleNamespace(slots=[SimpleNamespace(offset=0, numel=3), SimpleNamespace(offset=3, numel=5),
+                                  SimpleNamespace(offset=8, numel=2)])  # padded to 12
+    assert _Segments.of(unit, 0, 12) == _Segments(0, (3, 5, 2), 2)
+    assert _Segments.of(unit, 0, 6) == _Segments(0, (3, 3), 0)
+    assert _Segments.of(unit, 6, 12) == _Segments(1, (2, 2), 2)
+    assert _Segments.of(unit, 10, 12) == _Segments(3, (), 2)  # padding only
