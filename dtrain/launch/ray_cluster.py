@@ -22,6 +22,7 @@ import secrets
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -106,7 +107,6 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
 
 def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # C++ warnings of the driver's core worker
 
 
 @contextlib.contextmanager
@@ -148,18 +148,19 @@ def ray_session(address: str | None, nodes: int, node_resources: dict[str, float
     ``node_resources`` ({"CPU": .., "GPU": ..}) is what each local node offers. ``warn`` is
     called with a message when local isolation is impossible (Ray then listens beyond loopback).
     """
+    _quiet_ray_env()
     try:
         import ray
     except ImportError:
         raise RayUnavailable("`dtrain launch --ray` needs Ray: pip install 'dtrain[ray]'") from None
-    _quiet_ray_env()
     init_kw: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", "configure_logging": False}
     if runtime_env:
         init_kw["runtime_env"] = runtime_env
     if address is not None:
         check_address(address)
         try:
-            ray.init(address=address, **init_kw)
+            with _stderr_to(os.devnull):
+                ray.init(address=address, **init_kw)
         except Exception as exc:  # ConnectionError, AuthenticationError, ...
             raise RayUnavailable(f"cannot connect to the Ray cluster at {address}: {_one_line(exc)}") from None
         try:
@@ -186,13 +187,14 @@ def ray_session(address: str | None, nodes: int, node_resources: dict[str, float
 
             node_args = {"num_cpus": node_resources.get("CPU", 1), "num_gpus": node_resources.get("GPU", 0),
                          "node_ip_address": "127.0.0.1"}
-            cluster = Cluster(initialize_head=True, head_node_args={
-                **node_args, "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
-                "_system_config": FAST_HEALTH_CHECKS, "temp_dir": os.path.join(tmp, "ray")})
-            for _ in range(nodes - 1):
-                cluster.add_node(wait=False, **node_args)
-            cluster.wait_for_nodes(timeout=120)
-            ray.init(address=cluster.address, **init_kw)
+            with _stderr_to(os.path.join(tmp, "start.log")):
+                cluster = Cluster(initialize_head=True, head_node_args={
+                    **node_args, "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
+                    "_system_config": FAST_HEALTH_CHECKS, "temp_dir": os.path.join(tmp, "ray")})
+                for _ in range(nodes - 1):
+                    cluster.add_node(wait=False, **node_args)
+                cluster.wait_for_nodes(timeout=120)
+                ray.init(address=cluster.address, _node_ip_address="127.0.0.1", **init_kw)
             try:
                 yield RaySession(address=cluster.address, local=True, isolated=isolated, cluster=cluster)
             finally:
@@ -205,6 +207,22 @@ def ray_session(address: str | None, nodes: int, node_resources: dict[str, float
         else:
             os.environ["RAY_TMPDIR"] = saved_tmpdir
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str) -> Iterator[None]:
+    """Send this process's fd 2 to ``path`` (Ray's C++ start-up warnings are not the user's business)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _one_line(exc: BaseException) -> str:

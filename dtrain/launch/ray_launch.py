@@ -108,6 +108,7 @@ class _Job:
     def __init__(self, spec: RaySpec, followers: RankLogFollowers, log_dir: str, err: TextIO) -> None:
         self.spec, self.followers, self.log_dir, self.err = spec, followers, log_dir, err
         self.lost: list[str] = []  # descriptions of nodes lost during the job
+        self.extra_defaults: dict[str, str] = {}  # per-rank defaults the user's environment may override
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -161,7 +162,12 @@ class _Job:
                 ray.kill(a)
             remove_placement_group(pg)
             raise LaunchError(f"the node agents did not start: {' '.join(str(exc).split())[:400]}") from None
-        return _Placement(pg, [_Node(k, a, info) for k, (a, info) in enumerate(zip(agents, infos))])
+        placement = _Placement(pg, [_Node(k, a, info) for k, (a, info) in enumerate(zip(agents, infos))])
+        n = self.spec.job.nproc
+        for node in placement.nodes:
+            self.say(f"dtrain: node {node.index} on {node.info['ip']} (Ray node {str(node.info['node_id'])[:8]}): "
+                     f"ranks {node.index * n}-{node.index * n + n - 1}")
+        return placement
 
     def _placement_message(self, target: int, fitting: list[dict[str, Any]]) -> str:
         n = self.spec.job.nproc
@@ -215,7 +221,8 @@ class _Job:
         chosen = {k: os.environ[k] for k in PASSTHROUGH_VARS if k in os.environ}
         out: dict[int, dict[int, dict[str, str]]] = {}
         for node in nodes:
-            defaults = process_defaults(node.info.get("ifname"), environ=chosen)
+            defaults = {**{k: v for k, v in self.extra_defaults.items() if k not in os.environ},
+                        **process_defaults(node.info.get("ifname"))}
             out[node.index] = {}
             for local in range(n):
                 rank = node.index * n + local
@@ -383,8 +390,11 @@ def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None =
         with signals_raise():
             try:
                 with ray_session(spec.address, spec.job.nodes, spec.bundle, dashboard=spec.dashboard,
-                                 isolate=spec.isolate, runtime_env=spec.runtime_env, warn=warn):
-                    return _Job(spec, followers, log_dir, err).run()
+                                 isolate=spec.isolate, runtime_env=spec.runtime_env, warn=warn) as session:
+                    job = _Job(spec, followers, log_dir, err)
+                    if session.isolated:  # no name resolution in the private namespace: c10d warns
+                        job.extra_defaults["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+                    return job.run()
             except (RayUnavailable, LaunchError) as exc:
                 print(f"dtrain: error: {exc}", file=err, flush=True)
                 return 1
