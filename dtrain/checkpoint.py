@@ -192,6 +192,8 @@ class StateReader:
 
     meta: dict[str, Any]
     where_saved: str
+    sample_rank: int = 0
+    """A rank whose part this reader holds (lists the stored optimizer keys)."""
 
     def _index(self) -> None:
         if self.meta.get("format") != FORMAT:
@@ -214,7 +216,7 @@ class StateReader:
         return list(self.where)
 
     def optim_keys(self) -> list[str]:
-        return sorted({k.split(".optim.", 1)[1] for k in self.part(0).keys()
+        return sorted({k.split(".optim.", 1)[1] for k in self.part(self.sample_rank).keys()
                        if ".optim." in k and not k.startswith("plugin.")})
 
     def read(self, name: str, kind: str = "param") -> torch.Tensor:
@@ -224,6 +226,11 @@ class StateReader:
         ui, shape, offset = self.where[name]
         numel = int(np.prod(shape)) if shape else 1
         return self._read_range(ui, kind, offset, offset + numel).view(shape)
+
+    def read_flat(self, name: str, kind: str, a: int, b: int) -> torch.Tensor:
+        """Elements [a, b) of parameter ``name`` flattened (touches only the parts holding them)."""
+        ui, _, offset = self.where[name]
+        return self._read_range(ui, kind, offset + a, offset + b)
 
     def _read_range(self, ui: int, kind: str, a: int, b: int) -> torch.Tensor:
         parts, padded = self.meta["parts"], self.meta["units"][ui]["padded"]
@@ -346,7 +353,7 @@ def _assemble(reader: StateReader, unit, lo: int, hi: int, kind: str) -> torch.T
     for s in unit.slots:
         a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
         if a < b:
-            out[a - lo:b - lo] = reader.read(s.name, kind).reshape(-1)[a - s.offset:b - s.offset]
+            out[a - lo:b - lo] = reader.read_flat(s.name, kind, a - s.offset, b - s.offset)
     return out.to(unit.full.device if unit.full is not None else "cpu")
 
 

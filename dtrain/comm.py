@@ -10,9 +10,11 @@ Nothing here assumes a backend or a device: gloo on CPU and NCCL on CUDA take th
 from __future__ import annotations
 
 import datetime
+import json
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -102,6 +104,20 @@ class Comm:
         sent = _nbytes(tensor) if self.rank == src else 0
         return self._issue("broadcast", level, peers, sent, async_op,
                            lambda g: dist.broadcast(tensor, src=src, group=g, async_op=True))
+
+    def all_gather_json(self, obj: Any, level: str = "global") -> list[Any]:
+        """Every group member's JSON-serialisable ``obj``, in group order (small control data)."""
+        data = json.dumps(obj).encode()
+        n, device = self.size(level), self._device_hint()
+        sizes = torch.zeros(n, dtype=torch.int64, device=device)
+        self.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=device), level)
+        width = int(sizes.max())
+        mine = torch.zeros(width, dtype=torch.uint8)
+        mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+        out = torch.zeros(n * width, dtype=torch.uint8, device=device)
+        self.all_gather(out, mine.to(device), level)
+        rows = out.cpu().view(n, width)
+        return [json.loads(bytes(rows[i, :int(sizes[i])].tolist())) for i in range(n)]
 
     def barrier(self, level: str = "global") -> None:
         self.all_reduce(torch.zeros(1, device=self._device_hint()), level)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from dtrain.config import Config
+from dtrain.faults import FaultInjector, last_fault
 from dtrain.metrics import MetricsWriter, param_sha256, peak_rss_bytes
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, Plugin, enabled_plugins, plugin_class
 from dtrain.plugins.zero import layout_name
@@ -50,19 +51,41 @@ class Engine:
         metrics_path = config.metrics.path or runtime.env.metrics_path
         self.metrics = MetricsWriter(metrics_path, runtime.rank,
                                      config.metrics.progress or runtime.env.progress, total_steps)
+        self.total_steps = total_steps
         self.restarts = runtime.env.restart_count
         self._totals = {"tokens": 0.0, "time_s": 0.0}
         self._comm_seen: dict[str, int] = {}
         self._closed = False
+        self.faults = FaultInjector(runtime.env.inject, self) if runtime.env.inject else None
         self._resume()
 
     def _resume(self) -> None:
-        """Continue from ``checkpoint.dir`` when it holds a complete checkpoint (restarts land here)."""
+        """Continue from the newest saved state: a resilience plugin's, else ``checkpoint.dir``."""
+        started = time.time()
+        source = next((how for how in (p.restore() for p in self.plugins) if how), None)
         directory = self.config.checkpoint.dir
-        if directory and (Path(directory) / "meta.json").is_file():
+        if source is None and directory and (Path(directory) / "meta.json").is_file():
             self.load(directory)
-            if self.runtime.rank == 0:
-                print(f"dtrain: resumed from checkpoint {directory} at step {self.step}", file=sys.stderr)
+            source = f"checkpoint {directory}"
+        if self.runtime.rank == 0 and source:
+            print(f"dtrain: resumed at step {self.step} from {source}", file=sys.stderr)
+        if self.restarts:
+            self._restart_event(source, started)
+
+    def _restart_event(self, source: str | None, started: float) -> None:
+        """One metrics event per restart: its cause, how long recovery took, the step resumed from."""
+        env = self.runtime.env
+        cause, failed_at = getattr(env, "restart_cause", None), getattr(env, "failure_time", None)
+        if self.faults is not None and (cause is None or failed_at is None):
+            fault = last_fault(self.faults.run)
+            if fault is not None:
+                cause = cause or f"injected {fault['spec']} (rank {fault['rank']}, after step {fault['step']})"
+                failed_at = failed_at or fault["time"]
+        now = time.time()
+        self.metrics.write({"event": "restart", "attempt": self.restarts, "cause": cause or "unknown",
+                            "resumed_from_step": self.step, "source": source or "start (nothing saved)",
+                            "restore_s": now - started,
+                            "recovery_s": now - failed_at if failed_at else None})
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Any) -> torch.Tensor:
@@ -91,6 +114,8 @@ class Engine:
         self.step += 1
         for plugin in self.plugins:
             plugin.after_step(self.step)
+        if self.faults is not None:
+            self.faults.after_step(self.step)
         every = self.config.checkpoint.every
         if every and self.step % every == 0:
             self.save(self.config.checkpoint.dir)

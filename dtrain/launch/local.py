@@ -356,14 +356,6 @@ class _SimulatedNodesAgent(LocalElasticAgent):
         self._dtrain_nproc = nproc
         self._dtrain_nodes = nodes
         self._dtrain_env = extra_env
-        self._last_failure: tuple[str, float] | None = None  # (cause, unix time) for the next attempt
-
-    def _monitor_workers(self, worker_group: Any) -> Any:
-        result = super()._monitor_workers(worker_group)
-        if result.is_failed() and result.failures:
-            rank = first_failure(result.failures)
-            self._last_failure = (describe_failure(rank, result.failures[rank].exitcode), time.time())
-        return result
 
     # Hook called by LocalElasticAgent._start_workers for each worker's env (torch 2.13).
     def _set_local_rank_env(self, worker_env: dict[str, str | None], local_rank: int, spec: WorkerSpec) -> None:
@@ -377,10 +369,7 @@ class _SimulatedNodesAgent(LocalElasticAgent):
             NODE_RANK=node,
             GROUP_WORLD_SIZE=str(self._dtrain_nodes),
         )
-        worker_env.update(self._dtrain_env)
-        attempt = int(worker_env.get("TORCHELASTIC_RESTART_COUNT") or 0)
-        if attempt and self._last_failure is not None:
-            worker_env.update(restart_env(attempt, spec.max_restarts, *self._last_failure))
+        worker_env.update(self._dtrain_env)  # includes the launcher's attempt count and restart cause
 
 
 def _quiet_elastic_logging() -> None:
@@ -506,6 +495,32 @@ def exit_status(failures: dict[int, Any]) -> int:
 # --------------------------------------------------------------------------- entry
 
 
+def _run_attempt(spec: LaunchSpec, logs: "_PrefixedLogsSpecs", host: str, args: tuple[str, ...],
+                 env: dict[str, str], rdzv_id: str) -> Any:
+    """One attempt of the job on a fresh elastic agent (torch restarts nothing itself)."""
+    worker_spec = WorkerSpec(
+        role="dtrain",
+        local_world_size=spec.world_size,
+        entrypoint=sys.executable,
+        args=args,
+        rdzv_handler=_loopback_rendezvous(rdzv_id, host),
+        max_restarts=0,
+        monitor_interval=spec.monitor_interval_s,
+        local_addr=host,
+    )
+    agent = _SimulatedNodesAgent(
+        spec=worker_spec,
+        logs_specs=logs,
+        start_method="spawn",
+        shutdown_timeout=spec.shutdown_timeout_s,
+        nproc=spec.nproc,
+        nodes=spec.nodes,
+        extra_env=env,
+    )
+    _quiet_elastic_logging()
+    return agent.run()
+
+
 def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Run the job described by ``spec``; return the launcher's exit status.
 
@@ -528,29 +543,23 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
             host = hosts.bridge_addr
             args = (netns.EXEC_WRAPPER, "--by-rank", *args)
             extra_env.update(DTRAIN_NETNS_PREFIX=hosts.prefix, GLOO_SOCKET_IFNAME=netns.IFNAME)
+        run_id = f"dtrain-{uuid.uuid4().hex[:12]}"
+        extra_env["DTRAIN_RUN_ID"] = run_id  # stable across attempts: snapshot processes, fault markers
+        failure: tuple[str, float] | None = None
         with signals_raise():
             try:
-                worker_spec = WorkerSpec(
-                    role="dtrain",
-                    local_world_size=spec.world_size,
-                    entrypoint=sys.executable,
-                    args=args,
-                    rdzv_handler=_loopback_rendezvous(f"dtrain-{uuid.uuid4().hex[:12]}", host),
-                    max_restarts=spec.max_restarts,
-                    monitor_interval=spec.monitor_interval_s,
-                    local_addr=host,
-                )
-                agent = _SimulatedNodesAgent(
-                    spec=worker_spec,
-                    logs_specs=logs,
-                    start_method="spawn",
-                    shutdown_timeout=spec.shutdown_timeout_s,
-                    nproc=spec.nproc,
-                    nodes=spec.nodes,
-                    extra_env=extra_env,
-                )
-                _quiet_elastic_logging()
-                result = agent.run()
+                # Our own restart loop: each attempt gets a fresh agent and rendezvous, so nothing
+                # of a failed attempt (store keys, sockets, half-dead ranks) leaks into the next.
+                for attempt in range(spec.max_restarts + 1):
+                    attempt_env = dict(extra_env, **restart_env(attempt, spec.max_restarts, *(failure or ())))
+                    result = _run_attempt(spec, logs, host, args, attempt_env, f"{run_id}-{attempt}")
+                    if not result.is_failed():
+                        break
+                    rank = first_failure(result.failures)
+                    failure = (describe_failure(rank, result.failures[rank].exitcode), time.time())
+                    if attempt < spec.max_restarts:
+                        print(f"dtrain: {failure[0]}; restarting all ranks (attempt {attempt + 1} of "
+                              f"{spec.max_restarts})", file=err, flush=True)
             except SignalException as exc:
                 logs.stop_following()
                 sig = signal.Signals(int(exc.sigval))
@@ -569,5 +578,9 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
     finally:
         logs.stop_following()
         shutil.rmtree(log_dir, ignore_errors=True)
+        if "DTRAIN_RUN_ID" in extra_env:
+            from dtrain.snapshot.client import remove_run
+
+            remove_run(extra_env["DTRAIN_RUN_ID"])
         if hosts is not None:
             hosts.teardown()

@@ -86,6 +86,14 @@ class Plugin:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def restore(self) -> str | None:
+        """Bring the engine back to its newest saved state at start-up (resilience plugins).
+
+        Returns a one-line description of what was restored, or None to let the engine try
+        ``checkpoint.dir``.
+        """
+        return None
+
     def on_failure(self, exc: BaseException) -> None:
         pass
 

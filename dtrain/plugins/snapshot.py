@@ -1,0 +1,280 @@
+"""The ``snapshot`` resilience plugin: every ``snapshot.every`` steps, hand this rank's state to its
+node's snapshot process; after a restart, restore the newest snapshot every rank can have back.
+
+What a rank hands over is exactly what a disk checkpoint holds for it (its shard of parameters
+and optimizer state, torch/CUDA/python/numpy RNG states, plugin state such as CO2's outer
+state) plus the shared metadata (step = data position, LR scheduler, optimizer hyperparameters),
+as one blob (:mod:`dtrain.snapshot.blob`). Training blocks only while that blob is copied into a
+shared-memory slot; checksums, erasure coding across nodes and the commit happen in the snapshot
+process (:mod:`dtrain.snapshot.daemon`).
+
+Restore order at start-up: the newest step held in memory (rebuilding lost nodes from parity,
+and any shard whose checksum fails), else the newest complete step of the disk tier
+(``snapshot.persist_dir``), else nothing (the engine then tries ``checkpoint.dir``). A snapshot
+written by another run, world size or configuration is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from dtrain.checkpoint import capture, load
+from dtrain.plugins.base import Plugin, register
+from dtrain.snapshot import blob as blobs
+from dtrain.snapshot.client import DaemonClient, node_dir, run_dir
+from dtrain.snapshot.coding import GroupLayout
+from dtrain.snapshot.recovery import choose_in_memory, persisted_steps
+
+_FINGERPRINT_IGNORES = {"snapshot", "metrics", "checkpoint"}
+
+
+class SnapshotError(RuntimeError):
+    """Snapshots cannot run (no shared memory, no snapshot process) or cannot be restored."""
+
+
+@register
+class SnapshotPlugin(Plugin):
+    name: ClassVar[str] = "snapshot"
+    slot: ClassVar[str] = "resilience"
+
+    def setup(self, engine: Any) -> None:
+        super().setup(engine)
+        self.cfg = engine.config.snapshot
+        self.comm = engine.comm
+        shape = self.comm.topology.shape
+        self.node, self.nodes = shape.node_rank, shape.nodes
+        self.local_ranks = self.comm.group_ranks("node")
+        self.is_node_leader = self.comm.rank == self.local_ranks[0]
+        m = min(self.cfg.ec_parity, self.nodes - 1)
+        k = self.cfg.ec_data or self.nodes - m
+        try:
+            self.groups = GroupLayout.for_job(self.nodes, k, m)
+        except ValueError as exc:
+            raise SnapshotError(f"snapshot.ec_data/ec_parity: {exc}; pick k + m dividing the node count "
+                                f"(or leave snapshot.ec_data = 0)") from None
+        self.k, self.m = k, m
+        self.block_s = 0.0
+        self.blob_bytes = 0
+        self.last_step = -1
+        self.client: DaemonClient | None = None
+
+    # ------------------------------------------------------------------ start-up
+    def _start(self) -> None:
+        """Start or find the node's snapshot process and introduce the job's daemons to each other."""
+        engine, comm = self.engine, self.comm
+        self.fingerprint = _fingerprint(engine)
+        self.dir = node_dir(run_dir(self.cfg.run_id), self.node)
+        self.client = DaemonClient(self.dir)
+        host = self.cfg.host or _gloo_address()
+        error = ""
+        if self.is_node_leader:
+            try:
+                self._check_capacity()
+                self.client.ensure_started(self.node, self.nodes, self.k, self.m, host, self.cfg.persist_dir,
+                                           self.cfg.persist_every, self.cfg.idle_s)
+            except (SnapshotError, RuntimeError, OSError) as exc:
+                error = f"node {self.node}: {exc}"
+        _raise_any(comm.all_gather_json(error))
+        key = comm.all_gather_json(secrets.token_hex(32) if comm.rank == 0 else None)[0]
+        reply: dict[str, Any] = {}
+        if self.is_node_leader:
+            try:
+                reply = self.client.call("configure", epoch=engine.runtime.env.restart_count, job_key=key,
+                                         local_ranks=self.local_ranks, fingerprint=self.fingerprint)
+            except Exception as exc:
+                error = f"node {self.node}: {exc}"
+        infos = comm.all_gather_json({"error": error, "node": self.node, "host": host, "port": reply.get("port")})
+        _raise_any([i["error"] for i in infos], mismatch=True)
+        peers = {i["node"]: [i["host"], i["port"]] for i in infos if i["port"] is not None}
+        if self.is_node_leader:
+            self.client.call("peers", peers={str(n): a for n, a in peers.items()})
+        comm.barrier()
+
+    def _check_capacity(self) -> None:
+        """Refuse before training when /dev/shm cannot hold two snapshots plus parity."""
+        state = capture(self.engine, all_units=True, with_extra=True)
+        mine = blobs.plan(state, 0, self.comm.rank, self.fingerprint).nbytes
+        node_bytes = mine * len(self.local_ranks)
+        need = int(2 * node_bytes * (1 + self.m / self.k))
+        shm = self.dir
+        free = shutil.disk_usage(shm).free + sum(p.stat().st_size for p in shm.glob("r*.slot*"))
+        if need > free:
+            raise SnapshotError(
+                f"shared memory too small for snapshots: node {self.node} needs {need / 2**30:.2f} GiB "
+                f"(2 slots x {len(self.local_ranks)} ranks x {mine / 2**20:.1f} MiB, parity x{self.m}/{self.k}) "
+                f"but {shm.parent.parent} has {free / 2**30:.2f} GiB free; enlarge it "
+                f"(mount -o remount,size=... /dev/shm) or snapshot fewer ranks per node")
+
+    def restore(self) -> str | None:
+        self._start()
+        how = self._restore_memory() or self._restore_disk()
+        if how is None and self.is_node_leader:
+            self.client.call("keep", step=None)
+        self.comm.barrier()
+        return how
+
+    def _restore_memory(self) -> str | None:
+        comm = self.comm
+        status = self.client.call("status", _wait=90.0, timeout_s=60.0) if self.is_node_leader else None
+        statuses = [s for s in comm.all_gather_json(status) if s is not None]
+        by_node: list[dict[str, Any] | None] = [None] * self.nodes
+        for s in statuses:
+            by_node[s["node"]] = s
+        step, rebuild = choose_in_memory(by_node, self.groups)
+        if step is None:
+            return None
+        for attempt in range(2):
+            if self.node in rebuild and self.is_node_leader:
+                error = ""
+                try:
+                    self.client.call("rebuild", _wait=300.0, step=step)
+                except Exception as exc:
+                    error = f"node {self.node}: rebuilding step {step} failed: {exc}"
+                _raise_any(comm.all_gather_json(error))
+            elif rebuild:
+                _raise_any(comm.all_gather_json(""))
+            if self.is_node_leader:
+                self.client.call("keep", step=step)
+            comm.barrier()
+            reader, problem = self._read_own(step)
+            bad = comm.all_gather_json(self.node if problem else None)
+            bad_nodes = sorted({n for n in bad if n is not None})
+            if not bad_nodes:
+                self._load(reader)
+                how = "local snapshot" if not rebuild else f"parity rebuild of node(s) {rebuild}"
+                return f"in-memory snapshot of step {step} ({how})"
+            if comm.rank == 0:
+                print(f"dtrain: snapshot of step {step} on node(s) {bad_nodes} failed its checksum; "
+                      f"rebuilding from parity", file=sys.stderr)
+            if problem:
+                print(f"dtrain: rank {comm.rank}: {problem}", file=sys.stderr)
+            if self.k + self.m == 1 or attempt:
+                return None
+            rebuild = bad_nodes
+        return None
+
+    def _read_own(self, step: int) -> tuple[blobs.BlobReader | None, str]:
+        try:
+            info = self.client.call("fetch", rank=self.comm.rank, step=step)
+        except Exception as exc:
+            return None, f"no snapshot of step {step}: {exc}"
+        with open(info["path"], "rb") as f:
+            data = bytearray(f.read(info["nbytes"]))
+        if blobs.checksum(data) != info["crc"]:
+            return None, f"snapshot shard of step {step} ({info['path']}) fails its CRC-32 checksum"
+        return blobs.BlobReader(data, f"in-memory snapshot of step {step}"), ""
+
+    def _restore_disk(self) -> str | None:
+        if not self.cfg.persist_dir:
+            return None
+        for step, index in persisted_steps(self.cfg.persist_dir, self.nodes):
+            other = {n: i["fingerprint"] for n, i in index.items() if i["fingerprint"] != self.fingerprint}
+            if other:
+                raise blobs.SnapshotMismatch(
+                    f"snapshot.persist_dir {self.cfg.persist_dir} holds step {step} of a different run "
+                    f"(another model, world size or configuration); use an empty directory for this run "
+                    f"or restore the original settings")
+            problem = ""
+            reader = None
+            try:
+                table = {r: (nb, crc) for r, nb, crc in index[self.node]["table"]}
+                nbytes, crc = table[self.comm.rank]
+                data = bytearray((Path(self.cfg.persist_dir) / f"step-{step:09d}" / f"rank{self.comm.rank}.bin")
+                                 .read_bytes())
+                if len(data) != nbytes or blobs.checksum(data) != crc:
+                    problem = "checksum mismatch"
+                else:
+                    reader = blobs.BlobReader(data, f"persisted snapshot of step {step}")
+            except (OSError, KeyError) as exc:
+                problem = str(exc)
+            if any(self.comm.all_gather_json(problem)):
+                continue
+            self._load(reader)
+            return f"disk tier {self.cfg.persist_dir} (step {step})"
+        return None
+
+    def _load(self, reader: blobs.BlobReader) -> None:
+        if reader.fingerprint != self.fingerprint:
+            raise blobs.SnapshotMismatch(f"{reader.where_saved} was written by a different run (another model, "
+                                         f"world size or configuration); it is refused")
+        load(self.engine, reader)
+        self.last_step = reader.step
+
+    # ------------------------------------------------------------------ every step
+    def after_step(self, step: int) -> None:
+        if step % self.cfg.every:
+            return
+        start = time.perf_counter()
+        state = capture(self.engine, all_units=True, with_extra=True)
+        plan = blobs.plan(state, step, self.comm.rank, self.fingerprint)
+        path = self.client.call("reserve", rank=self.comm.rank, step=step, nbytes=plan.nbytes,
+                                timeout_s=self.cfg.timeout_s, _wait=self.cfg.timeout_s + 30)["path"]
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with mmap.mmap(fd, plan.nbytes) as mm:
+                blobs.write(mm, state, plan)
+        finally:
+            os.close(fd)
+        self.client.call("written", rank=self.comm.rank, step=step, path=path, nbytes=plan.nbytes)
+        self.block_s = time.perf_counter() - start
+        self.blob_bytes = plan.nbytes
+        self.last_step = step
+
+    def metrics(self) -> dict[str, float]:
+        return {"snapshot_block_s": self.block_s, "snapshot_step": self.last_step,
+                "snapshot_bytes": self.blob_bytes, "snapshot_memory_overhead": (self.k + self.m) / self.k}
+
+    def wait_committed(self, step: int, timeout_s: float = 60.0) -> bool:
+        return bool(self.client.call("wait_commit", _wait=timeout_s + 10, step=step,
+                                     timeout_s=timeout_s)["committed"])
+
+    def teardown(self) -> None:
+        """The run finished: the node's snapshot process is no longer needed."""
+        if self.client is None:
+            return
+        self.comm.barrier()
+        if self.is_node_leader:
+            try:
+                self.client.call("shutdown", _wait=60.0)
+            except Exception:
+                pass
+        self.client.close()
+
+
+def _fingerprint(engine: Any) -> str:
+    """What must match for a snapshot to restore bit-exactly into this run."""
+    config = {k: v for k, v in engine.config.to_dict().items() if k not in _FINGERPRINT_IGNORES}
+    config.get("comm", {}).pop("timeout_s", None)
+    units = [[s.name, list(s.shape)] for u in engine.layout.units for s in u.slots]
+    blob = json.dumps({"world": engine.comm.topology.shape.world_size, "layout": engine.layout.name,
+                       "units": units, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _gloo_address() -> str:
+    """The address gloo uses on this node (its GLOO_SOCKET_IFNAME interface), else loopback."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    if ifname:
+        import socket
+
+        import psutil
+
+        for addr in psutil.net_if_addrs().get(ifname.split(",")[0], []):
+            if addr.family == socket.AF_INET:
+                return addr.address
+    return "127.0.0.1"
+
+
+def _raise_any(errors: list[Any], mismatch: bool = False) -> None:
+    problems = [e for e in errors if e]
+    if problems:
+        cls = blobs.SnapshotMismatch if mismatch and any("another run" in p for p in problems) else SnapshotError
+        raise cls("; ".join(problems))

@@ -1,0 +1,144 @@
+"""One rank's snapshot as a flat byte blob: written straight into shared memory, read back in place.
+
+Layout: ``MAGIC`` (8 bytes), header length (8 bytes, little endian), the JSON header, zero
+padding to 64 bytes, then every tensor's bytes at the 64-byte-aligned offset the header names.
+The header carries the step, the rank, the run fingerprint, and the same ``meta``/``info`` a disk
+checkpoint stores (:class:`dtrain.checkpoint.RankState`), so a blob restores through
+:func:`dtrain.checkpoint.load` like a checkpoint does. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dtrain.checkpoint import CheckpointError, Flat, RankState, StateReader
+
+MAGIC = b"DTSNAP01"
+_ALIGN = 64
+
+__all__ = ["BlobPlan", "plan", "write", "BlobReader", "checksum", "SnapshotMismatch"]
+
+
+class SnapshotMismatch(CheckpointError):
+    """A snapshot was written by a different run, world size or configuration."""
+
+
+def _align(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def checksum(data: Any) -> int:
+    """CRC-32 of a bytes-like object (detects flipped bytes; cheap enough to run every step)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass
+class BlobPlan:
+    header: bytes
+    data_start: int
+    offsets: dict[str, int]
+    nbytes: int
+
+
+def plan(state: RankState, step: int, rank: int, fingerprint: str) -> BlobPlan:
+    """Where each tensor of ``state`` goes; the header is final, so the size is known up front."""
+    offsets: dict[str, int] = {}
+    table: list[list[Any]] = []
+    cursor = 0
+    for name, flat in state.tensors.items():
+        offsets[name] = cursor
+        table.append([name, _dtype_name(flat.dtype), flat.numel, [flat.numel], cursor])
+        cursor = _align(cursor + flat.nbytes)
+    for name, tensor in state.extra.items():
+        offsets["extra." + name] = cursor
+        table.append(["extra." + name, _dtype_name(tensor.dtype), tensor.numel(), list(tensor.shape), cursor])
+        cursor = _align(cursor + tensor.numel() * tensor.element_size())
+    header = json.dumps({"step": step, "rank": rank, "fingerprint": fingerprint, "meta": state.meta,
+                         "info": state.info, "tensors": table}).encode()
+    data_start = _align(16 + len(header))
+    return BlobPlan(header, data_start, offsets, data_start + cursor)
+
+
+def write(buffer: Any, state: RankState, blob: BlobPlan) -> None:
+    """Copy ``state`` into ``buffer`` (a writable buffer of at least ``blob.nbytes``)."""
+    view = memoryview(buffer)
+    view[:8] = MAGIC
+    view[8:16] = struct.pack("<Q", len(blob.header))
+    view[16:16 + len(blob.header)] = blob.header
+    view[16 + len(blob.header):blob.data_start] = bytes(blob.data_start - 16 - len(blob.header))
+    for name, flat in state.tensors.items():
+        out = _tensor_at(buffer, flat.dtype, flat.numel, blob.data_start + blob.offsets[name])
+        if sum(src.numel() for _, src in flat.pieces) != flat.numel:
+            out.zero_()  # padding the pieces do not cover
+        flat.copy_into(out)
+    for name, tensor in state.extra.items():
+        out = _tensor_at(buffer, tensor.dtype, tensor.numel(), blob.data_start + blob.offsets["extra." + name])
+        out.copy_(tensor.reshape(-1))
+
+
+def _tensor_at(buffer: Any, dtype: torch.dtype, numel: int, offset: int) -> torch.Tensor:
+    if numel == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel, offset=offset)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _Part:
+    """One rank's tensors, in the interface :class:`StateReader` expects of a part."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return [k for k in self.tensors if not k.startswith("extra.")]
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key].clone()
+
+    def get_slice(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+class BlobReader(StateReader):
+    """A rank's blob as a :class:`StateReader` (tensors are views into ``buffer``; no copy)."""
+
+    def __init__(self, buffer: Any, where: str = "snapshot") -> None:
+        self.where_saved = where
+        view = memoryview(buffer)
+        if bytes(view[:8]) != MAGIC:
+            raise CheckpointError(f"{where} is not a dtrain snapshot blob (bad magic)")
+        (length,) = struct.unpack("<Q", view[8:16])
+        header = json.loads(bytes(view[16:16 + length]))
+        self.step: int = header["step"]
+        self.rank: int = header["rank"]
+        self.sample_rank = self.rank
+        self.fingerprint: str = header["fingerprint"]
+        self.meta = header["meta"]
+        self.info = header["info"]
+        self._index()
+        start = _align(16 + length)
+        tensors = {}
+        for name, dtype, numel, shape, offset in header["tensors"]:
+            t = _tensor_at(buffer, getattr(torch, dtype), numel, start + offset)
+            tensors[name] = t.view(shape) if name.startswith("extra.") else t
+        self._part = _Part(tensors)
+
+    def part(self, rank: int) -> _Part:
+        if rank != self.rank and self.meta["parts"] != 1:
+            raise CheckpointError(f"{self.where_saved} holds rank {self.rank}'s shard, not rank {rank}'s; "
+                                  f"a snapshot restores only into the layout and world size that wrote it")
+        return self._part
+
+    def rank_info(self, rank: int) -> dict[str, Any]:
+        return self.info
+
+    def extra(self) -> dict[str, torch.Tensor]:
+        return {k[len("extra."):]: v for k, v in self._part.tensors.items() if k.startswith("extra.")}

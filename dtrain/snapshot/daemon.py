@@ -1,0 +1,606 @@
+"""The snapshot process of one node: owns the shared memory that holds snapshots, codes them.
+
+One daemon runs per node, as its own OS process in its own session, so it outlives the training
+processes (a crashed rank restarts and finds its snapshot here). Ranks talk to it over a Unix
+socket in the node's run directory; daemons of different nodes talk over TCP. Both are
+authenticated (``multiprocessing.connection`` HMAC keys) and carry JSON headers plus raw bytes.
+
+Per snapshot step ``s`` (see :mod:`dtrain.snapshot.coding` for the stripe layout):
+
+1. each local rank ``reserve``-s a slot (a file in the node's /dev/shm directory, mode 0600, two
+   per rank so the last committed snapshot survives while the next is written), copies its blob
+   in, and says ``written`` -- the only part that blocks training;
+2. the daemon's worker thread checksums the node's blobs (CRC-32) and sends each data chunk to the
+   parity holders of its stripe; a parity holder encodes once it has all ``k`` chunks;
+3. a node whose blobs are checksummed, chunks delivered and parity blocks encoded is *complete*
+   for ``s`` and tells every daemon; ``s`` is *committed* when every node of the job is complete.
+   Older steps are dropped then, and every ``persist_every``-th committed step is written to
+   disk by a background thread (temporary file, fsync, atomic rename, checksums in a JSON index).
+
+Recovery asks every daemon what it holds (``status``), rebuilds lost nodes' data from the others'
+chunks and parity (``rebuild``), and pins the chosen step (``keep``). The ranks make that decision
+(:mod:`dtrain.snapshot.client`); the daemon only answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from dtrain.snapshot import wire
+from dtrain.snapshot.blob import checksum
+from dtrain.snapshot.coding import GroupLayout, chunk_bounds, decode_chunk, encode_parity
+
+Table = list[list[int]]  # [[rank, nbytes, crc], ...] in local-rank order
+
+
+@dataclass
+class Parity:
+    block: bytes
+    lengths: dict[int, int]  # data node -> true chunk length
+    tables: dict[int, Table]  # data node -> its node table
+
+
+@dataclass
+class StepState:
+    step: int
+    blobs: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (slot path, nbytes)
+    table: Table | None = None  # set once every local blob is checksummed
+    sent: bool = False
+    inbox: dict[int, dict[int, tuple[bytes, Table]]] = field(default_factory=dict)  # stripe -> node -> chunk
+    parity: dict[int, Parity] = field(default_factory=dict)
+    complete: set[int] = field(default_factory=set)
+    committed: bool = False
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.dir = Path(args.dir)
+        self.node, self.nodes = args.node, args.nodes
+        self.group = next(g for g in GroupLayout.for_job(args.nodes, args.k, args.m) if args.node in g.nodes)
+        self.host = args.host
+        self.persist_dir = Path(args.persist_dir) if args.persist_dir else None
+        self.persist_every = args.persist_every
+        self.idle_s = args.idle_s
+        self.cv = threading.Condition()
+        self.steps: dict[int, StepState] = {}
+        self.local_ranks: list[int] = []
+        self.epoch = -1
+        self.job_key = b""
+        self.peers: dict[int, tuple[str, int]] = {}
+        self.peer_conns: dict[int, Connection] = {}
+        self.peer_locks: dict[int, threading.Lock] = {}
+        self.fingerprint = ""
+        self.tcp: Listener | None = None
+        self.work: "queue.Queue[tuple[str, int]]" = queue.Queue()
+        self.persist_q: "queue.Queue[tuple[int, list[tuple[int, bytes]], Table]]" = queue.Queue()
+        self.busy = 0  # queued worker tasks not yet done
+        self.clients = 0
+        self.last_client = time.monotonic()
+        self.persisted: list[int] = []
+        self.stop = threading.Event()
+
+    # ------------------------------------------------------------------ plumbing
+    def log(self, msg: str) -> None:
+        print(f"[snapshot node {self.node}] {msg}", file=sys.stderr, flush=True)
+
+    def serve(self, key: bytes) -> None:
+        sock = str(self.dir / "sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        listener = Listener(sock, family="AF_UNIX", authkey=key)
+        os.chmod(sock, 0o600)
+        for target in (self._worker, self._persister, self._idle_watch):
+            threading.Thread(target=target, daemon=True).start()
+        threading.Thread(target=self._accept, args=(listener, self._rank_conn), daemon=True).start()
+        (self.dir / "daemon.json.tmp").write_text(json.dumps({"pid": os.getpid(), "socket": sock}))
+        os.replace(self.dir / "daemon.json.tmp", self.dir / "daemon.json")
+        self.log(f"serving {sock} (pid {os.getpid()})")
+        self.stop.wait()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        for p in self.dir.glob("r*.slot*"):
+            p.unlink(missing_ok=True)
+        for name in ("sock", "daemon.json"):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def _accept(self, listener: Listener, handler) -> None:
+        while not self.stop.is_set():
+            try:
+                conn = listener.accept()
+            except Exception:  # a bad key, or this listener was replaced and closed
+                if handler == self._peer_conn and listener is not self.tcp:
+                    return
+                continue
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    def _serve_conn(self, conn: Connection, dispatch) -> None:
+        try:
+            while True:
+                header, payload = wire.recv(conn)
+                try:
+                    reply, data = dispatch(header, payload)
+                except Exception as exc:  # answer with the error; the connection stays usable
+                    reply, data = {"error": f"{type(exc).__name__}: {exc}"}, None
+                    if not isinstance(exc, (ValueError, TimeoutError, KeyError)):
+                        self.log(traceback.format_exc())
+                wire.send(conn, reply, data)
+                if header.get("op") == "shutdown":
+                    self.stop.set()
+        except (EOFError, OSError):
+            pass
+        finally:
+            conn.close()
+
+    def _rank_conn(self, conn: Connection) -> None:
+        with self.cv:
+            self.clients += 1
+        try:
+            self._serve_conn(conn, self._rank_op)
+        finally:
+            with self.cv:
+                self.clients -= 1
+                self.last_client = time.monotonic()
+
+    def _idle_watch(self) -> None:
+        while not self.stop.wait(1.0):
+            with self.cv:
+                idle = self.clients == 0 and time.monotonic() - self.last_client > self.idle_s
+            if idle:
+                self.log(f"no rank connected for {self.idle_s:g} s; exiting")
+                self.stop.set()
+
+    def _peer(self, node: int, header: dict[str, Any], payload: bytes | None = None,
+              timeout_s: float = 60.0) -> tuple[dict[str, Any], bytes | None]:
+        with self.cv:
+            lock = self.peer_locks.setdefault(node, threading.Lock())
+            address, key, epoch = self.peers.get(node), self.job_key, self.epoch
+        if address is None:
+            raise ValueError(f"no address for node {node}'s snapshot process")
+        with lock:
+            conn = self.peer_conns.get(node)
+            if conn is None:
+                conn = self.peer_conns[node] = wire.connect(address, key)
+            try:
+                return wire.request(conn, {**header, "epoch": epoch, "from": self.node}, payload, timeout_s)
+            except (EOFError, OSError, TimeoutError):
+                self.peer_conns.pop(node, None)
+                conn.close()
+                raise
+
+    def _state(self, step: int) -> StepState:
+        st = self.steps.get(step)
+        if st is None:
+            st = self.steps[step] = StepState(step)
+        return st
+
+    # ------------------------------------------------------------------ rank requests
+    def _rank_op(self, h: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        op = h["op"]
+        if op == "configure":
+            return self._configure(h), None
+        if op == "peers":
+            with self.cv:
+                self.peers = {int(n): (a[0], int(a[1])) for n, a in h["peers"].items()}
+            return {}, None
+        if op == "reserve":
+            return {"path": self._reserve(h["rank"], h["step"], h["nbytes"], h["timeout_s"])}, None
+        if op == "written":
+            with self.cv:
+                st = self._state(h["step"])
+                st.blobs[h["rank"]] = (h["path"], h["nbytes"])
+                ready = len(st.blobs) == len(self.local_ranks)
+                if ready:
+                    self.busy += 1
+            if ready:
+                self.work.put(("encode", h["step"]))
+            return {}, None
+        if op == "status":
+            self._drain(h.get("timeout_s", 30.0))
+            return self._status(), None
+        if op == "fetch":
+            with self.cv:
+                st = self.steps.get(h["step"])
+                if st is None or st.table is None or h["rank"] not in st.blobs:
+                    raise KeyError(f"node {self.node} holds no complete snapshot of step {h['step']}")
+                crc = {r: c for r, _, c in st.table}[h["rank"]]
+                path, nbytes = st.blobs[h["rank"]]
+            return {"path": path, "nbytes": nbytes, "crc": crc}, None
+        if op == "rebuild":
+            self._rebuild(h["step"])
+            return {}, None
+        if op == "keep":
+            self._keep(h["step"])
+            return {}, None
+        if op == "wait_commit":
+            return {"committed": self._wait_commit(h["step"], h["timeout_s"])}, None
+        if op == "usage":
+            with self.cv:
+                data = sum(nb for st in self.steps.values() for _, nb in st.blobs.values())
+                parity = sum(len(p.block) for st in self.steps.values() for p in st.parity.values())
+            return {"data_bytes": data, "parity_bytes": parity, "persisted": list(self.persisted)}, None
+        if op == "shutdown":  # after the disk tier has what was queued for it
+            deadline = time.monotonic() + 60.0
+            while self.persist_q.unfinished_tasks and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return {}, None
+        raise ValueError(f"unknown request {op!r}")
+
+    def _configure(self, h: dict[str, Any]) -> dict[str, Any]:
+        """A new attempt of the job: its key, its ranks on this node; (re)open the TCP listener."""
+        with self.cv:
+            if self.fingerprint and h["fingerprint"] != self.fingerprint:
+                raise ValueError(f"node {self.node}'s snapshot process holds snapshots of another run "
+                                 f"(fingerprint {self.fingerprint[:12]}, this job {h['fingerprint'][:12]})")
+            self.fingerprint = h["fingerprint"]
+            self.local_ranks = list(h["local_ranks"])
+            new_key = bytes.fromhex(h["job_key"])
+            self.epoch = h["epoch"]
+            for conn in self.peer_conns.values():
+                conn.close()
+            self.peer_conns.clear()
+            if self.tcp is None or new_key != self.job_key:
+                old, self.tcp = self.tcp, Listener((self.host, 0), family="AF_INET", authkey=new_key)
+                self.job_key = new_key
+                if old is not None:
+                    old.close()
+                threading.Thread(target=self._accept, args=(self.tcp, self._peer_conn), daemon=True).start()
+            return {"port": self.tcp.address[1]}
+
+    def _reserve(self, rank: int, step: int, nbytes: int, timeout_s: float) -> str:
+        """A slot file for ``rank``'s blob of ``step``: one not holding the newest committed step."""
+        deadline = time.monotonic() + timeout_s
+        with self.cv:
+            while True:
+                committed = [s for s, st in self.steps.items() if st.committed]
+                keep_from = max(committed, default=-1)
+                busy = {st.blobs[rank][0] for s, st in self.steps.items()
+                        if s >= keep_from and s != step and rank in st.blobs}
+                free = [p for p in (self._slot(rank, 0), self._slot(rank, 1)) if p not in busy]
+                if free:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pending = sorted(s for s, st in self.steps.items() if not st.committed and s != step)
+                    missing = sorted(set(range(self.nodes)) - self.steps[pending[0]].complete) if pending else []
+                    raise TimeoutError(f"snapshot of step {pending[0] if pending else '?'} did not commit within "
+                                       f"{timeout_s:g} s (nodes not complete: {missing}); a peer node "
+                                       f"or its snapshot process is gone")
+                self.cv.wait(min(left, 1.0))
+            st = self._state(step)
+            st.blobs.pop(rank, None)
+            st.table = None
+        path = free[0]
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != nbytes:
+                os.ftruncate(fd, nbytes)
+                os.posix_fallocate(fd, 0, nbytes)  # tmpfs full fails here, not as SIGBUS later
+        finally:
+            os.close(fd)
+        return path
+
+    def _slot(self, rank: int, i: int) -> str:
+        return str(self.dir / f"r{rank}.slot{i}")
+
+    def _drain(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.cv:
+            while self.busy and time.monotonic() < deadline:
+                self.cv.wait(0.2)
+
+    def _status(self) -> dict[str, Any]:
+        with self.cv:
+            steps = {}
+            for s, st in self.steps.items():
+                if st.table is None and not st.parity:
+                    continue
+                steps[str(s)] = {"local": st.table is not None, "parity": sorted(st.parity),
+                                 "committed": st.committed}
+            return {"node": self.node, "fingerprint": self.fingerprint, "steps": steps}
+
+    def _keep(self, step: int | None) -> None:
+        with self.cv:
+            for s in list(self.steps):
+                if s != step:
+                    self._drop(s)
+            if step is not None and step in self.steps:
+                self.steps[step].committed = True
+                self.steps[step].complete = set(range(self.nodes))
+            self.cv.notify_all()
+
+    def _drop(self, step: int) -> None:
+        st = self.steps.pop(step)
+        st.parity.clear()
+        st.inbox.clear()
+
+    def _wait_commit(self, step: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self.cv:
+            while time.monotonic() < deadline:
+                st = self.steps.get(step)
+                newest = max((s for s, x in self.steps.items() if x.committed), default=-1)
+                if (st is not None and st.committed) or newest > step:
+                    return True
+                self.cv.wait(0.2)
+        return False
+
+    # ------------------------------------------------------------------ encoding
+    def _worker(self) -> None:
+        while True:
+            op, step = self.work.get()
+            try:
+                if op == "encode":
+                    self._encode(step)
+            except Exception:
+                self.log(f"step {step}: {traceback.format_exc()}")
+            finally:
+                with self.cv:
+                    self.busy -= 1
+                    self.cv.notify_all()
+
+    def _encode(self, step: int) -> None:
+        with self.cv:
+            st = self.steps.get(step)
+            if st is None:
+                return
+            blobs = [(r, *st.blobs[r]) for r in self.local_ranks]
+        table = []
+        for rank, path, nbytes in blobs:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), nbytes, prot=mmap.PROT_READ) as mm:
+                table.append([rank, nbytes, checksum(mm)])
+        with self.cv:
+            st.table = table
+        node_blob = _NodeBlob([(p, n) for _, p, n in blobs])
+        k = self.group.k
+        for c, stripe in enumerate(self.group.data_stripes(self.node)):
+            a, b = chunk_bounds(node_blob.total, k, c)
+            chunk = node_blob.read(a, b)
+            for p in self.group.parity_nodes(stripe):
+                if p == self.node:
+                    self._receive_chunk(step, stripe, self.node, chunk, table)
+                else:
+                    self._peer(p, {"op": "chunk", "step": step, "stripe": stripe, "table": table}, chunk)
+        with self.cv:
+            st.sent = True
+        self._check_complete(step)
+
+    def _receive_chunk(self, step: int, stripe: int, node: int, chunk: bytes, table: Table) -> None:
+        with self.cv:
+            st = self._state(step)
+            box = st.inbox.setdefault(stripe, {})
+            box[node] = (chunk, table)
+            if len(box) < self.group.k:
+                return
+            del st.inbox[stripe]
+        data = self.group.data_nodes(stripe)
+        index = self.group.parity_nodes(stripe).index(self.node)
+        block = encode_parity([box[n][0] for n in data], self.group.k, self.group.m, index)
+        with self.cv:
+            st.parity[stripe] = Parity(block, {n: len(box[n][0]) for n in data}, {n: box[n][1] for n in data})
+        self._check_complete(step)
+
+    def _check_complete(self, step: int) -> None:
+        with self.cv:
+            st = self.steps.get(step)
+            if st is None or st.table is None or not st.sent or self.node in st.complete:
+                return
+            if any(j not in st.parity for j in self.group.parity_stripes(self.node)):
+                return
+            st.complete.add(self.node)
+            peers = [n for n in self.peers if n != self.node]
+        for n in peers:
+            try:
+                self._peer(n, {"op": "complete", "step": step})
+            except Exception as exc:  # a lost node: the step cannot commit; recovery sorts it out
+                self.log(f"step {step}: could not tell node {n} ({exc})")
+        self._maybe_commit(step)
+
+    def _maybe_commit(self, step: int) -> None:
+        with self.cv:
+            st = self.steps.get(step)
+            if st is None or st.committed or len(st.complete) < self.nodes or st.table is None:
+                return
+            st.committed = True
+            for s in [s for s in self.steps if s < step]:
+                self._drop(s)
+            persist = self.persist_dir is not None and self.persist_every and step % self.persist_every == 0
+            copies = []
+            if persist:  # copy now: the slots are reused once the next step commits
+                for rank, nbytes, _ in st.table:
+                    with open(st.blobs[rank][0], "rb") as f:
+                        copies.append((rank, f.read(nbytes)))
+            table = st.table
+            self.cv.notify_all()
+        if persist:
+            self.persist_q.put((step, copies, table))
+
+    # ------------------------------------------------------------------ peer requests
+    def _peer_conn(self, conn: Connection) -> None:
+        self._serve_conn(conn, self._peer_op)
+
+    def _peer_op(self, h: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        op = h["op"]
+        if h.get("epoch") != self.epoch:
+            raise ValueError(f"message from attempt {h.get('epoch')} while this is attempt {self.epoch}")
+        if op == "chunk":
+            self._receive_chunk(h["step"], h["stripe"], h["from"], payload or b"", h["table"])
+            return {}, None
+        if op == "complete":
+            with self.cv:
+                self._state(h["step"]).complete.add(h["from"])
+            self._maybe_commit(h["step"])
+            return {}, None
+        if op == "get_chunk":
+            return self._get_chunk(h["step"], h["stripe"])
+        if op == "get_parity":
+            with self.cv:
+                st = self.steps.get(h["step"])
+                par = st.parity.get(h["stripe"]) if st else None
+            if par is None:
+                raise KeyError(f"node {self.node} holds no parity of step {h['step']} stripe {h['stripe']}")
+            return {"lengths": {str(n): v for n, v in par.lengths.items()},
+                    "tables": {str(n): t for n, t in par.tables.items()}}, par.block
+        raise ValueError(f"unknown peer request {op!r}")
+
+    def _get_chunk(self, step: int, stripe: int) -> tuple[dict[str, Any], bytes]:
+        with self.cv:
+            st = self.steps.get(step)
+            if st is None or st.table is None:
+                raise KeyError(f"node {self.node} holds no data of step {step}")
+            table = st.table
+            files = [(st.blobs[r][0], n) for r, n, _ in table]
+        c = self.group.data_stripes(self.node).index(stripe)
+        blob = _NodeBlob(files)
+        a, b = chunk_bounds(blob.total, self.group.k, c)
+        return {"table": table}, blob.read(a, b)
+
+    # ------------------------------------------------------------------ rebuild
+    def _rebuild(self, step: int) -> None:
+        """Rebuild this node's blobs (and its parity blocks) of ``step`` from the other nodes."""
+        g, me = self.group, self.node
+        chunks: list[bytes] = []
+        table: Table | None = None
+        for stripe in g.data_stripes(me):
+            data, parity = g.data_nodes(stripe), g.parity_nodes(stripe)
+            blocks: dict[int, bytes] = {}
+            length = None
+            for i, n in enumerate(data + parity):
+                if n == me or len(blocks) >= g.k:
+                    continue
+                try:
+                    if i < len(data):
+                        _, blocks[i] = self._peer(n, {"op": "get_chunk", "step": step, "stripe": stripe})
+                    else:
+                        h, blocks[i] = self._peer(n, {"op": "get_parity", "step": step, "stripe": stripe})
+                        length = h["lengths"][str(me)]
+                        table = h["tables"][str(me)]
+                except Exception as exc:
+                    self.log(f"rebuild step {step}: node {n} cannot help ({exc})")
+            if length is None:
+                raise ValueError(f"cannot rebuild node {me} step {step}: no parity holder of stripe "
+                                 f"{stripe} survives")
+            chunks.append(decode_chunk(blocks, g.k, g.m, data.index(me), length))
+        if table is None:
+            raise ValueError(f"cannot rebuild node {me} step {step}: no parity survives")
+        node_bytes = b"".join(chunks)
+        entries: dict[int, tuple[str, int]] = {}
+        offset = 0
+        for rank, nbytes, crc in table:
+            path = self._reserve(rank, step, nbytes, 5.0)
+            piece = node_bytes[offset:offset + nbytes]
+            offset += nbytes
+            if checksum(piece) != crc:
+                raise ValueError(f"rebuilt blob of rank {rank} step {step} fails its checksum")
+            with open(path, "r+b") as f:
+                f.write(piece)
+            entries[rank] = (path, nbytes)
+        with self.cv:
+            st = self._state(step)
+            st.blobs, st.table, st.sent = entries, table, True
+            st.complete.add(me)
+        for stripe in g.parity_stripes(me):  # our own parity blocks of that step, for the next fault
+            try:
+                for n in g.data_nodes(stripe):
+                    h, chunk = self._peer(n, {"op": "get_chunk", "step": step, "stripe": stripe})
+                    self._receive_chunk(step, stripe, n, chunk or b"", h["table"])
+            except Exception as exc:
+                self.log(f"rebuild step {step}: parity of stripe {stripe} not rebuilt ({exc})")
+        self.log(f"rebuilt step {step} ({len(node_bytes)} bytes) from parity")
+
+    # ------------------------------------------------------------------ disk tier
+    def _persister(self) -> None:
+        while True:
+            step, copies, table = self.persist_q.get()
+            try:
+                self._persist(step, copies, table)
+            except Exception:
+                self.log(f"persisting step {step} failed: {traceback.format_exc()}")
+            finally:
+                self.persist_q.task_done()
+
+    def _persist(self, step: int, copies: list[tuple[int, bytes]], table: Table) -> None:
+        assert self.persist_dir is not None
+        target = self.persist_dir / f"step-{step:09d}"
+        target.mkdir(parents=True, exist_ok=True)
+        for rank, data in copies:
+            _atomic_write(target / f"rank{rank}.bin", data)
+        index = {"step": step, "node": self.node, "table": table, "fingerprint": self.fingerprint}
+        _atomic_write(target / f"node{self.node}.json", json.dumps(index).encode())
+        self.persisted = (self.persisted + [step])[-2:]
+        mine = sorted(d for d in self.persist_dir.glob("step-*") if (d / f"node{self.node}.json").exists())
+        for old in mine[:-2]:  # keep this node's two newest persisted steps
+            (old / f"node{self.node}.json").unlink(missing_ok=True)
+            for rank, _, _ in table:
+                (old / f"rank{rank}.bin").unlink(missing_ok=True)
+            try:
+                old.rmdir()
+            except OSError:
+                pass
+
+
+class _NodeBlob:
+    """The concatenation of a node's rank blobs, read by byte range across the slot files."""
+
+    def __init__(self, files: list[tuple[str, int]]) -> None:
+        self.files = files
+        self.total = sum(n for _, n in files)
+
+    def read(self, a: int, b: int) -> bytes:
+        out = bytearray()
+        start = 0
+        for path, n in self.files:
+            lo, hi = max(a, start), min(b, start + n)
+            if lo < hi:
+                with open(path, "rb") as f:
+                    f.seek(lo - start)
+                    out += f.read(hi - lo)
+            start += n
+        return bytes(out)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="dtrain snapshot process of one node")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--node", type=int, required=True)
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--k", type=int, required=True)
+    p.add_argument("--m", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--persist-dir")
+    p.add_argument("--persist-every", type=int, default=0)
+    p.add_argument("--idle-s", type=float, default=120.0)
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    key = (Path(args.dir) / "key").read_bytes()
+    daemon = Daemon(args)
+    try:
+        daemon.serve(key)
+    finally:
+        daemon.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
