@@ -25,6 +25,7 @@ __all__ = ["NodeAgent", "RankExit", "PollResult", "interface_of", "MAX_BUFFER_BY
 
 MAX_BUFFER_BYTES = 4 << 20  # per rank and stream between two polls; the middle is dropped beyond
 _PR_SET_PDEATHSIG = 1
+_NOT_FOR_RANKS = frozenset({"RAY_AUTH_TOKEN"})  # ranks never need the cluster's credential
 
 
 @dataclass
@@ -124,7 +125,7 @@ class NodeAgent:
         self.stop()
         self.exits = {}
         for rank, extra in sorted(rank_envs.items()):
-            env = {**os.environ, **extra}
+            env = {k: v for k, v in {**os.environ, **extra}.items() if k not in _NOT_FOR_RANKS}
             proc = subprocess.Popen([sys.executable, *argv], env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     preexec_fn=_die_with_parent, close_fds=True)
