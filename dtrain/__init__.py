@@ -8,14 +8,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Mapping
 
 from dtrain.config import Config, ConfigError
-from dtrain.engine import Engine, LossFn, SchedulerFactory
-from dtrain.plugins.base import OptimizerFactory
-from dtrain.runtime import Runtime, init as _init_runtime
+
+if TYPE_CHECKING:  # torch-heavy modules load on first use: helper processes import only what they need
+    import torch.nn as nn
+
+    from dtrain.engine import Engine, LossFn, SchedulerFactory
+    from dtrain.plugins.base import OptimizerFactory
+    from dtrain.runtime import Runtime
 
 __version__ = "0.1.0"
 __all__ = ["wrap", "Config", "ConfigError", "consolidate", "init", "Engine", "__version__"]
@@ -23,6 +25,8 @@ __all__ = ["wrap", "Config", "ConfigError", "consolidate", "init", "Engine", "__
 
 def init(config: Config | Mapping[str, Any] | str | os.PathLike | None = None) -> Runtime:
     """Initialise the process group, topology and comm layer (idempotent)."""
+    from dtrain.runtime import init as _init_runtime
+
     return _init_runtime(load_config(config))
 
 
@@ -49,6 +53,9 @@ def wrap(model: nn.Module, optimizer: OptimizerFactory,
     factory ``optimizer -> LR scheduler`` stepped once per ``train_step``. Launcher settings
     (``dtrain launch --set/--config/--metrics``) are applied on top of ``config``.
     """
+    from dtrain.engine import Engine
+    from dtrain.runtime import init as _init_runtime
+
     cfg = load_config(config, overrides)
     runtime = _init_runtime(cfg)
     return Engine(model, optimizer, cfg, runtime, loss_fn=loss_fn, scheduler=scheduler,
@@ -60,3 +67,11 @@ def consolidate(directory: str | os.PathLike) -> dict[str, Any]:
     from dtrain.checkpoint import consolidate as _consolidate
 
     return _consolidate(directory)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from dtrain.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'dtrain' has no attribute {name!r}")

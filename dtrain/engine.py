@@ -76,11 +76,11 @@ class Engine:
         """One metrics event per restart: its cause, how long recovery took, the step resumed from."""
         env = self.runtime.env
         cause, failed_at = getattr(env, "restart_cause", None), getattr(env, "failure_time", None)
-        if self.faults is not None and (cause is None or failed_at is None):
-            fault = last_fault(self.faults.run)
-            if fault is not None:
-                cause = cause or f"injected {fault['spec']} (rank {fault['rank']}, after step {fault['step']})"
-                failed_at = failed_at or fault["time"]
+        fault = last_fault(self.faults.run) if self.faults is not None else None
+        if fault is not None and fault["attempt"] == self.restarts - 1:
+            injected = f"injected {fault['spec']} (rank {fault['rank']}, after step {fault['step']})"
+            cause = f"{cause}: {injected}" if cause else injected
+            failed_at = fault["time"]  # the failure itself, not when the launcher noticed it
         now = time.time()
         self.metrics.write({"event": "restart", "attempt": self.restarts, "cause": cause or "unknown",
                             "resumed_from_step": self.step, "source": source or "start (nothing saved)",

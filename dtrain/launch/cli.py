@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import NoReturn
 
+from dtrain.faults.spec import KINDS as FAULT_KINDS, FaultSpecError, check_fits, parse_all as parse_faults
+
 __all__ = ["main", "build_parser", "INJECT_KINDS"]
 
-INJECT_KINDS: tuple[str, ...] = ("kill", "node-loss", "slow", "hang", "corrupt", "net", "chaos")
-_INJECT_KIND = re.compile(r"^\s*([A-Za-z][A-Za-z-]*)")
+INJECT_KINDS: tuple[str, ...] = tuple(FAULT_KINDS)
 
 
 class UsageError(Exception):
@@ -135,12 +135,15 @@ def _validate_launch(ns: argparse.Namespace) -> None:
         if reason:
             raise UsageError(f"--net needs network namespaces: {reason}")
     _validate_ray(ns)
-    kinds = INJECT_KINDS
-    for item in ns.inject:
-        match = _INJECT_KIND.match(item)
-        kind = match.group(1) if match else ""
-        if kind not in kinds:
-            raise UsageError(f"--inject {item!r}: unknown fault kind {kind!r}; use one of {', '.join(kinds)}")
+    try:
+        faults = parse_faults(ns.inject)
+        check_fits(faults, ns.nodes * ns.nproc, ns.nodes, None)
+    except FaultSpecError as exc:
+        raise UsageError(str(exc)) from None
+    for net in (f for f in faults if f.kind == "net"):  # `--inject net:bw=R` is `--net bw=R`
+        if ns.net is None:
+            ns.net = ",".join(f"{k}={v}" for k, v in net.params.items())
+            _validate_launch(ns)
 
 
 _RAY_ONLY = ("address", "min_nodes", "runtime_env", "dashboard")

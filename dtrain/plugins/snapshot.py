@@ -240,6 +240,8 @@ class SnapshotPlugin(Plugin):
         """The run finished: the node's snapshot process is no longer needed."""
         if self.client is None:
             return
+        if self.last_step > 0:  # the final state reaches memory (and the disk tier) before we stop
+            self.wait_committed(self.last_step)
         self.comm.barrier()
         if self.is_node_leader:
             try:

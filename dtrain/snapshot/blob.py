@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dtrain.checkpoint import CheckpointError, Flat, RankState, StateReader
+from dtrain.snapshot.coding import checksum
 
 MAGIC = b"DTSNAP01"
 _ALIGN = 64
@@ -30,11 +30,6 @@ class SnapshotMismatch(CheckpointError):
 
 def _align(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
-
-
-def checksum(data: Any) -> int:
-    """CRC-32 of a bytes-like object (detects flipped bytes; cheap enough to run every step)."""
-    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 @dataclass

@@ -16,11 +16,17 @@ travel with the parity so a rebuilt chunk is trimmed back exactly.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GroupLayout", "encode_parity", "decode_chunk", "chunk_bounds"]
+__all__ = ["GroupLayout", "encode_parity", "decode_chunk", "chunk_bounds", "checksum"]
+
+
+def checksum(data: object) -> int:
+    """CRC-32 of a bytes-like object (detects flipped bytes; cheap enough to run every step)."""
+    return zlib.crc32(data) & 0xFFFFFFFF  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.snapshot import wire
-from dtrain.snapshot.blob import checksum
-from dtrain.snapshot.coding import GroupLayout, chunk_bounds, decode_chunk, encode_parity
+from dtrain.snapshot.coding import GroupLayout, checksum, chunk_bounds, decode_chunk, encode_parity
 
 Table = list[list[int]]  # [[rank, nbytes, crc], ...] in local-rank order
 

@@ -70,7 +70,7 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
         "launch", "--nodes", "2", "--nproc", "2",
         "--set", "train.lr=0.5", "--set", "model.layers=2",
         "--metrics", str(tmp / "metrics.jsonl"), "--config", str(config),
-        "--timeout-s", "60", "--inject", "slow:rank=1,factor=2",
+        "--timeout-s", "60", "--inject", "slow:rank=1,ms=2",
         str(script), "--lr", "3", "--nproc", "7",
     )  # fmt: skip
     return proc, tmp
@@ -110,7 +110,7 @@ def test_env_contract(four_ranks: tuple[subprocess.CompletedProcess[str], Path])
         assert env["DTRAIN_METRICS"] == str(tmp / "metrics.jsonl")
         assert env["DTRAIN_CONFIG"] == str(tmp / "cfg.json")
         assert json.loads(env["DTRAIN_OVERRIDES"]) == ["train.lr=0.5", "model.layers=2"]
-        assert json.loads(env["DTRAIN_INJECT"]) == ["slow:rank=1,factor=2"]
+        assert json.loads(env["DTRAIN_INJECT"]) == ["slow:rank=1,ms=2"]
         assert env["DTRAIN_PROGRESS"] == "1" and float(env["DTRAIN_TIMEOUT_S"]) == 60.0
         assert env["TORCHELASTIC_RESTART_COUNT"] == "0"
         if "OMP_NUM_THREADS" not in os.environ:
