@@ -82,7 +82,7 @@ RAYTRAIN = textwrap.dedent("""
     if cfg["address"]:
         ray.init(address=cfg["address"], log_to_driver=False)
     else:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     fn, loop_cfg = (report_loop, cfg["report"]) if cfg.get("report") else (loop, cfg)
     trainer = TorchTrainer(fn, train_loop_config=loop_cfg,
                            scaling_config=ScalingConfig(num_workers=cfg["world"], use_gpu=False),
@@ -135,7 +135,10 @@ def run_once(variant: str, args: argparse.Namespace, address: str | None, work: 
                "--max-restarts", "1", "--metrics", str(metrics)]
         cmd += [x for s in sets for x in ("--set", s)]
         if variant.startswith("ray"):
-            cmd += ["--ray"] + (["--address", address] if variant == "ray-warm" else [])
+            cmd += ["--ray"]
+            if variant == "ray-warm":  # an existing cluster's nodes do not see this process's environment
+                cmd += ["--address", address, "--runtime-env",
+                        json.dumps({"env_vars": {"BENCH_PID_DIR": str(pid_dir)}})]
         cmd += [str(wrapper), *script_args]
     log = open(work / "launcher.log", "w")
     t0 = time.monotonic()

@@ -169,6 +169,12 @@ class NodeAgent:
         self.procs, self.pipes = {}, {}
         return result
 
+    def remove_run(self, run_id: str) -> None:
+        """End the job's per-node helpers (snapshot processes) on this node and delete its run dir."""
+        from dtrain.snapshot.client import remove_run  # torch-free
+
+        remove_run(run_id)
+
     def kill_rank(self, rank: int, sig: int = int(signal.SIGKILL)) -> int:
         """Send ``sig`` to one rank process (fault injection and benchmarks); returns its pid."""
         proc = self.procs[rank]

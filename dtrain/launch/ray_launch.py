@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -109,6 +110,7 @@ class _Job:
         self.spec, self.followers, self.log_dir, self.err = spec, followers, log_dir, err
         self.lost: list[str] = []  # descriptions of nodes lost during the job
         self.extra_defaults: dict[str, str] = {}  # per-rank defaults the user's environment may override
+        self.run_id = f"dtrain-{uuid.uuid4().hex[:12]}"  # stable across attempts (snapshot processes)
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -183,11 +185,15 @@ class _Job:
         return msg
 
     @staticmethod
-    def release(placement: _Placement) -> None:
+    def release(placement: _Placement, run_id: str | None = None) -> None:
+        """Stop the ranks and the agents, free the bundles; with ``run_id`` (the job is over) also
+        end the job's per-node helpers."""
         import ray
         from ray.util.placement_group import remove_placement_group
 
         refs = [node.agent.stop.remote() for node in placement.nodes]
+        if run_id is not None:
+            refs += [node.agent.remove_run.remote(run_id) for node in placement.nodes]
         try:
             ray.wait(refs, num_returns=len(refs), timeout=10)
         except Exception:
@@ -217,6 +223,7 @@ class _Job:
         job, nodes = self.spec.job, placement.nodes
         n, m = job.nproc, len(nodes)
         base = contract_env(dataclasses.replace(job, nodes=m))
+        base["DTRAIN_RUN_ID"] = self.run_id
         base.update(restart_env(attempt, job.max_restarts, *(restart or (None, None))))
         chosen = {k: os.environ[k] for k in PASSTHROUGH_VARS if k in os.environ}
         out: dict[int, dict[int, dict[str, str]]] = {}
@@ -368,7 +375,7 @@ class _Job:
                     placement = None
         finally:
             if placement is not None:
-                self.release(placement)
+                self.release(placement, self.run_id)
 
 
 def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
