@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -264,3 +265,37 @@ def test_unreachable_address_is_a_clear_error(cluster: RayCluster) -> None:
     assert got.returncode == 1
     assert "dtrain: error: cannot reach the Ray cluster at 127.0.0.1:9" in got.stderr, got.stderr
     assert "Traceback" not in got.stderr
+
+
+def _gone(pid: int, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_ctrl_c_or_dead_driver_stops_every_rank(cluster: RayCluster, tmp_path: Path, sig: signal.Signals) -> None:
+    script = tmp_path / "sleep.py"
+    script.write_text("import os, time\nprint('PID', os.getpid(), flush=True)\ntime.sleep(120)\n")
+    proc = cluster.popen("launch", "--ray", "--address", cluster.address, "--nodes", "2", "--no-progress", str(script))
+    pids: dict[str, int] = {}
+    assert proc.stdout is not None
+    while len(pids) < 2:
+        line = proc.stdout.readline()
+        assert line, proc.communicate()
+        m = re.match(r"\[rank (\d)\] PID (\d+)", line)
+        if m:
+            pids[m.group(1)] = int(m.group(2))
+    proc.send_signal(sig)  # `ip netns exec` execs: this is the launcher itself
+    out, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "dtrain: received SIGINT, stopped all ranks" in err, err
+    assert all(_gone(pid) for pid in pids.values()), pids
