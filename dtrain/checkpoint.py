@@ -100,6 +100,8 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False)
     parts = layout.parts if layout.shard_optim else 1
     writes_units = layout.shard_optim or comm.rank == 0 or all_units
     tensors: dict[str, Flat] = {"rng.torch": Flat.of(torch.get_rng_state())}
+    if engine.device.type == "cuda":
+        tensors["rng.cuda"] = Flat.of(torch.cuda.get_rng_state(engine.device))
     scalar_state: list[dict[str, Any]] = [{} for _ in layout.optimizer.param_groups]
     for unit in layout.units:
         lo, hi = unit.shard_range(parts, layout.index if layout.shard_optim else 0)
@@ -327,6 +329,8 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader") -> None:
     if meta["world_size"] == layout.comm.topology.shape.world_size:  # RNG streams are per rank
         part = reader.part(rank)
         torch.set_rng_state(part.get_tensor("rng.torch"))
+        if "rng.cuda" in part.keys() and engine.device.type == "cuda":
+            torch.cuda.set_rng_state(part.get_tensor("rng.cuda"), engine.device)
         info = reader.rank_info(rank)
         random.setstate(_tuples(info["python"]))
         np.random.set_state(tuple(_np_state(info["numpy"])))

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 import torch.nn as nn
 
@@ -75,17 +76,19 @@ class Engine:
     def _restart_event(self, source: str | None, started: float) -> None:
         """One metrics event per restart: its cause, how long recovery took, the step resumed from."""
         env = self.runtime.env
-        cause, failed_at = getattr(env, "restart_cause", None), getattr(env, "failure_time", None)
+        cause, noticed_at, failed_at = env.restart_cause, env.failure_time, env.failure_time
         fault = last_fault(self.faults.run) if self.faults is not None else None
         if fault is not None and fault["attempt"] == self.restarts - 1:
             injected = f"injected {fault['spec']} (rank {fault['rank']}, after step {fault['step']})"
             cause = f"{cause}: {injected}" if cause else injected
             failed_at = fault["time"]  # the failure itself, not when the launcher noticed it
         now = time.time()
+        since = (lambda t: t - failed_at if failed_at and t else None)
         self.metrics.write({"event": "restart", "attempt": self.restarts, "cause": cause or "unknown",
                             "resumed_from_step": self.step, "source": source or "start (nothing saved)",
-                            "restore_s": now - started,
-                            "recovery_s": now - failed_at if failed_at else None})
+                            "recovery_s": since(now), "noticed_s": since(noticed_at),
+                            "process_started_s": since(psutil.Process().create_time()),
+                            "restore_s": now - started})
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Any) -> torch.Tensor:

@@ -53,6 +53,8 @@ class FaultInjector:
         self.faults: list[Fault] = []
         for f in faults:
             if f.kind == "chaos":
+                if engine.total_steps is None:
+                    raise FaultSpecError("--inject chaos needs the run's step count (pass total_steps to dtrain.wrap)")
                 self.faults += expand_chaos(f, self.world, self.nodes, engine.total_steps, snapshots,
                                             first_index=100 * (f.index + 1))
             elif f.kind != "net":  # the launcher shapes the network

@@ -1,0 +1,164 @@
+"""Snapshots and fault injection end to end: `dtrain launch --inject ...` on the example, ZeRO-3.
+
+Every faulty run must finish with the fault-free run's ``param_sha256`` (bit-exact; the example
+draws its batches from (seed, step), so a run that restored step s sees the batches the fault-free
+run saw). Because restarting from step 0 would also reproduce that hash, each test also checks
+the restart event: where the state came from and which step it resumed at.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.dist
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = str(ROOT / "examples" / "train_gpt.py")
+STEPS = 12
+
+
+TIMEOUT_S = 20  # collective timeout: a hung rank is noticed after this; generous for a busy 2-core CI box
+
+
+def _launch(tmp_path: Path, name: str, nodes: int, nproc: int, *, inject=(), sets=(), restarts: int = 0,
+            env: dict[str, str] | None = None, steps: int = STEPS, wait_s: float = 280
+            ) -> tuple[int, list[dict], str]:
+    metrics = tmp_path / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "dtrain.launch.cli", "launch", "--nodes", str(nodes), "--nproc", str(nproc),
+           "--no-progress", "--max-restarts", str(restarts)]
+    for spec in inject:
+        cmd += ["--inject", spec]
+    cmd += [EXAMPLE, "--model", "tiny", "--steps", str(steps), "--batch-size", "12", "--metrics", str(metrics),
+            "--set", "zero.stage=3", "--set", "snapshot.enabled=true", "--set", f"comm.timeout_s={TIMEOUT_S}"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        out, _ = proc.communicate(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{name} timed out:\n{out[-4000:]}")
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    return proc.returncode, lines, out
+
+
+def _summary(lines: list[dict]) -> dict:
+    return next(r for r in lines if r.get("summary"))
+
+
+def _restarts(lines: list[dict]) -> list[dict]:
+    return [r for r in lines if r.get("event") == "restart"]
+
+
+@pytest.fixture(scope="module")
+def fault_free(tmp_path_factory):
+    """param_sha256 of the fault-free runs (2 nodes x 2 ranks and 3 nodes x 1 rank)."""
+    tmp = tmp_path_factory.mktemp("fault-free")
+    out = {}
+    for nodes, nproc in [(2, 2), (3, 1)]:
+        rc, lines, log = _launch(tmp, f"ok{nodes}x{nproc}", nodes, nproc)
+        assert rc == 0, log[-3000:]
+        steps = [r for r in lines if "step" in r and "event" not in r]
+        assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+        assert all(r["plugins"]["snapshot_step"] == r["step"] for r in steps)  # every step snapshotted
+        out[nodes, nproc] = _summary(lines)["param_sha256"]
+    return out
+
+
+def _check_resumed(lines, log, sha, source_has: str, min_step: int = 1):
+    assert _summary(lines)["param_sha256"] == sha, log[-3000:]
+    assert _summary(lines)["steps"] == STEPS
+    events = _restarts(lines)
+    assert events, log[-3000:]
+    assert source_has in events[-1]["source"], events
+    assert events[-1]["resumed_from_step"] >= min_step, events
+    return events
+
+
+def test_killed_rank_resumes_from_local_snapshot(tmp_path, fault_free):
+    rc, lines, log = _launch(tmp_path, "kill", 2, 2, inject=["kill:rank=1,step=5"], restarts=1)
+    assert rc == 0, log[-3000:]
+    events = _check_resumed(lines, log, fault_free[2, 2], "local snapshot", min_step=4)
+    assert "SIGKILL" in events[0]["cause"] and "kill:rank=1,step=5" in events[0]["cause"]
+    assert [r["kind"] for r in lines if r.get("event") == "fault"] == ["kill"]
+
+
+def test_lost_node_is_rebuilt_from_parity(tmp_path, fault_free):
+    rc, lines, log = _launch(tmp_path, "node", 2, 2, inject=["node-loss:node=1,step=5"], restarts=1)
+    assert rc == 0, log[-3000:]
+    _check_resumed(lines, log, fault_free[2, 2], "parity rebuild of node(s) [1]", min_step=4)
+
+
+def test_three_nodes_k2_m1_node_loss(tmp_path, fault_free):
+    rc, lines, log = _launch(tmp_path, "node3", 3, 1, inject=["node-loss:node=0,step=6"], restarts=1,
+                             sets=["snapshot.ec_data=2", "snapshot.ec_parity=1"])
+    assert rc == 0, log[-3000:]
+    _check_resumed(lines, log, fault_free[3, 1], "parity rebuild of node(s) [0]", min_step=5)
+    assert lines[0]["plugins"]["snapshot_memory_overhead"] == 1.5
+
+
+def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, fault_free):
+    rc, lines, log = _launch(tmp_path, "corrupt", 2, 2, inject=["corrupt:rank=2,step=5"], restarts=1)
+    assert rc == 0, log[-3000:]
+    assert "failed its checksum; rebuilding from parity" in log
+    _check_resumed(lines, log, fault_free[2, 2], "parity rebuild of node(s) [1]", min_step=5)
+
+
+def test_hung_rank_times_out_and_restarts(tmp_path, fault_free):
+    rc, lines, log = _launch(tmp_path, "hang", 2, 2, inject=["hang:rank=3,step=5"], restarts=1)
+    assert rc == 0, log[-3000:]
+    assert f"did not complete within {TIMEOUT_S} s" in log  # the peers' collective timeout names the operation
+    _check_resumed(lines, log, fault_free[2, 2], "local snapshot", min_step=4)
+
+
+@pytest.mark.slow
+def test_two_lost_nodes_in_a_group_fall_back_to_disk(tmp_path, fault_free):
+    disk = tmp_path / "persist"
+    rc, lines, log = _launch(tmp_path, "disk", 3, 1, inject=["node-loss:node=0,step=7", "node-loss:node=1,step=7"],
+                             restarts=1, sets=["snapshot.persist_every=2", f'snapshot.persist_dir="{disk}"'])
+    assert rc == 0, log[-3000:]
+    events = _check_resumed(lines, log, fault_free[3, 1], "disk tier", min_step=4)
+    assert "in-memory" not in events[-1]["source"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_chaos_five_faults_finishes_bit_exact(tmp_path, fault_free):
+    rc, lines, log = _launch(tmp_path, "chaos", 2, 2, inject=["chaos:faults=5,seed=7"], restarts=5, wait_s=560)
+    assert rc == 0, log[-3000:]
+    faults = [r for r in lines if r.get("event") == "fault"]
+    assert len(faults) == 5, faults
+    assert len(_restarts(lines)) == 5
+    assert _summary(lines)["param_sha256"] == fault_free[2, 2]
+
+
+def test_persisted_snapshot_of_another_world_is_refused(tmp_path):
+    disk = tmp_path / "persist"
+    sets = ["snapshot.persist_every=2", f'snapshot.persist_dir="{disk}"']
+    rc, _, log = _launch(tmp_path, "world4", 2, 2, sets=sets, steps=4)
+    assert rc == 0, log[-3000:]
+    rc, lines, log = _launch(tmp_path, "world2", 2, 1, sets=sets, steps=4)
+    assert rc != 0
+    assert "holds step 4 of a different run" in log
+    assert not [r for r in lines if "step" in r]
+
+
+def test_shared_memory_too_small_is_a_clear_error_before_training(tmp_path):
+    shm = tmp_path / "tiny-shm"
+    shm.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(shm)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        rc, lines, log = _launch(tmp_path, "noshm", 2, 2, env={"DTRAIN_SHM_DIR": str(shm)})
+    finally:
+        subprocess.run(["umount", "-l", str(shm)], capture_output=True)
+    assert rc != 0
+    assert "shared memory too small for snapshots" in log and "enlarge it" in log
+    assert not [r for r in lines if "step" in r]
