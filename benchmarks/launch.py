@@ -93,6 +93,7 @@ RAYTRAIN = textwrap.dedent("""
 
 
 def _steps(metrics: Path) -> list[int]:
+    """Step numbers of rank 0's step lines, in file order (a resumed run repeats steps)."""
     if not metrics.exists():
         return []
     out = []
@@ -104,6 +105,18 @@ def _steps(metrics: Path) -> list[int]:
         if "step" in rec and not rec.get("summary"):
             out.append(int(rec["step"]))
     return out
+
+
+def _resumed_index(steps: list[int], n_before: int, last_before: int) -> int | None:
+    """Index of the first line written by the restarted group.
+
+    Rank 0 may still log a step or two after rank 1 is killed; the restarted group starts again
+    from its checkpoint, at a step not after the last one logged before the kill.
+    """
+    for i in range(n_before, len(steps)):
+        if steps[i] <= last_before or steps[i] <= steps[i - 1]:
+            return i
+    return None
 
 
 def _rank_pid(pid_dir: Path, rank: int) -> int | None:
@@ -160,10 +173,11 @@ def run_once(variant: str, args: argparse.Namespace, address: str | None, work: 
                     last_before, n_before = max(steps), len(steps)
                     os.kill(pid, signal.SIGKILL)
                     killed_at = time.monotonic()
-            elif killed_at is not None and len(steps) > n_before:
+            elif killed_at is not None and (i := _resumed_index(steps, n_before, last_before)) is not None:
                 out["resume_s"] = round(now - killed_at, 3)
-                out["resumed_from"] = steps[n_before] - 1
-                out["steps_lost"] = last_before - out["resumed_from"]
+                out["resumed_from"] = steps[i] - 1
+                out["last_step_before_kill"] = max(steps[:i])
+                out["steps_lost"] = out["last_step_before_kill"] - out["resumed_from"]
                 break
             time.sleep(0.02)
         rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))

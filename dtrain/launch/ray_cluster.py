@@ -187,14 +187,17 @@ def ray_session(address: str | None, nodes: int, node_resources: dict[str, float
 
             node_args = {"num_cpus": node_resources.get("CPU", 1), "num_gpus": node_resources.get("GPU", 0),
                          "node_ip_address": "127.0.0.1"}
-            with _stderr_to(os.path.join(tmp, "start.log")):
-                cluster = Cluster(initialize_head=True, head_node_args={
-                    **node_args, "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
-                    "_system_config": FAST_HEALTH_CHECKS, "temp_dir": os.path.join(tmp, "ray")})
-                for _ in range(nodes - 1):
-                    cluster.add_node(wait=False, **node_args)
-                cluster.wait_for_nodes(timeout=120)
-                ray.init(address=cluster.address, _node_ip_address="127.0.0.1", **init_kw)
+            try:
+                with _stderr_to(os.path.join(tmp, "start.log")):
+                    cluster = Cluster(initialize_head=True, head_node_args={
+                        **node_args, "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
+                        "_system_config": FAST_HEALTH_CHECKS, "temp_dir": os.path.join(tmp, "ray")})
+                    for _ in range(nodes - 1):
+                        cluster.add_node(wait=False, **node_args)
+                    cluster.wait_for_nodes(timeout=120)
+                    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", **init_kw)
+            except Exception as exc:
+                raise RayUnavailable(f"could not start a local {nodes}-node Ray cluster: {_one_line(exc)}") from None
             try:
                 yield RaySession(address=cluster.address, local=True, isolated=isolated, cluster=cluster)
             finally:
