@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 import torch
 import torch.nn as nn
 
@@ -87,7 +86,6 @@ class Engine:
         self.metrics.write({"event": "restart", "attempt": self.restarts, "cause": cause or "unknown",
                             "resumed_from_step": self.step, "source": source or "start (nothing saved)",
                             "recovery_s": since(now), "noticed_s": since(noticed_at),
-                            "process_started_s": since(psutil.Process().create_time()),
                             "restore_s": now - started})
 
     # ------------------------------------------------------------------ steps
