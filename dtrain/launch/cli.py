@@ -167,10 +167,10 @@ def _validate_ray(ns: argparse.Namespace) -> None:
     if ns.address is not None and not ns.address.strip():
         raise UsageError("--address is empty; pass HOST:PORT of the Ray head or auto")
     ns.runtime_env = _runtime_env(ns.runtime_env)
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise UsageError("--ray needs Ray installed: pip install 'dtrain[ray]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError("--ray needs Ray installed: pip install 'dtrain[ray]'")
 
 
 def _runtime_env(value: str | None) -> dict | None:
@@ -193,6 +193,13 @@ def _runtime_env(value: str | None) -> dict | None:
 
 def _launch(ns: argparse.Namespace) -> int:
     _validate_launch(ns)
+    if ns.ray and ns.address is None:
+        # The job's own Ray goes into a private loopback-only network namespace. Without root that
+        # takes a user namespace, which only a single-threaded process may create: do it before
+        # torch starts threads. Best effort here; run_ray reports it if it cannot be done.
+        from dtrain.launch.ray_cluster import isolate_loopback
+
+        isolate_loopback()
     from dtrain.launch.local import LaunchSpec, run_local
 
     spec = LaunchSpec(

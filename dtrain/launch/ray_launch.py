@@ -329,10 +329,12 @@ class _Job:
             if (failed or lost) and failed_at is None:
                 failed_at = time.monotonic()
             if failed_at is None:
+                time.sleep(max(0.0, self.spec.poll_interval_s - (time.monotonic() - now)))
                 continue
             heard_from_all = all(answered_at[i] >= failed_at for i in by_index if i not in lost)
             if lost or heard_from_all or time.monotonic() - failed_at > self.spec.failure_grace_s:
                 return self._failure([by_index[i] for i in sorted(lost)], failed, lost)
+            time.sleep(max(0.0, self.spec.poll_interval_s - (time.monotonic() - now)))
 
     def _failure(self, lost_nodes: list[_Node], failed: dict[int, RankExit], lost: dict[int, float]) -> _Failure:
         n = self.spec.job.nproc
