@@ -1,0 +1,135 @@
+"""One rank of the snapshot benchmark's disk-checkpoint reference points (benchmarks/snapshot.py).
+
+    dtrain launch --nodes 2 --nproc 2 benchmarks/_snapshot_worker.py --method torch_save \\
+        --save-dir /tmp/x -- --steps 40 --set zero.stage=3 --metrics m.jsonl
+
+Owns: the ``bench_save`` plugin that, after every ``engine.train_step``, saves this rank's exact
+snapshot state (``dtrain.checkpoint.capture(engine, all_units=True, with_extra=True)``, every
+tensor materialised with ``Flat.tensor()``, plus the frozen parameters and buffers) with
+
+* ``torch_save``: synchronous ``torch.save`` to ``<save-dir>/rank<R>.pt`` (written to a temporary
+  name, then renamed, as a checkpoint must be; no fsync, which favours ``torch.save``);
+* ``dcp_async``: ``torch.distributed.checkpoint.async_save`` into ``<save-dir>/dcp/step-<S>``,
+  waiting for the previous save's future before starting the next one (as its documentation
+  requires), on a dedicated gloo process group (its background thread runs collectives).
+
+Training itself is examples/train_gpt.py's ``main`` unchanged (same model, optimizer, schedule and
+batches), so the engine writes the same metrics JSONL as every other variant. The plugin reports,
+in each step's ``plugins`` object, ``snapshot_block_s`` (the whole blocking part: capture,
+materialisation and the save call, including any wait for the previous save) and
+``save_call_s`` (the save call and wait alone), ``snapshot_bytes`` and ``save_method``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+from dtrain.checkpoint import capture  # noqa: E402
+from dtrain.plugins.base import Plugin, register  # noqa: E402
+
+METHODS = ("torch_save", "dcp_async")
+_SETTINGS: dict[str, str] = {}
+"""``method`` and ``save_dir`` for this process; the plugin is enabled only when they are set."""
+
+
+def rank_state(engine: Any) -> dict[str, torch.Tensor]:
+    """This rank's snapshot state as plain tensors (copies): what a snapshot blob holds."""
+    state = capture(engine, all_units=True, with_extra=True)
+    tensors = {k: f.tensor() for k, f in state.tensors.items()}
+    tensors.update({f"extra.{k}": v.detach().cpu().clone() for k, v in state.extra.items()})
+    return tensors
+
+
+@register
+class BenchSavePlugin(Plugin):
+    """Saves the rank's state to disk after every step and reports how long training blocked."""
+
+    name: ClassVar[str] = "bench_save"
+    slot: ClassVar[str] = "bench_save"
+
+    @classmethod
+    def enabled(cls, config: Any) -> bool:
+        return "method" in _SETTINGS
+
+    def setup(self, engine: Any) -> None:
+        super().setup(engine)
+        self.method = _SETTINGS["method"]
+        self.rank = engine.runtime.rank
+        self.dir = Path(_SETTINGS["save_dir"])
+        self.block_s = self.call_s = 0.0
+        self.nbytes = 0
+        self.future: Any = None
+        self.previous: list[Path] = []
+        self.group: Any = None
+        if self.method == "dcp_async":  # every rank calls new_group, in the same order
+            self.group = torch.distributed.new_group(backend="gloo")
+
+    def after_step(self, step: int) -> None:
+        start = time.perf_counter()
+        tensors = rank_state(self.engine)
+        call = time.perf_counter()
+        if self.method == "torch_save":
+            path = self.dir / f"rank{self.rank}.pt"
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(tensors, tmp)
+            os.replace(tmp, path)
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            if self.future is not None:
+                self.future.result()
+            target = self.dir / "dcp" / f"step-{step:06d}"
+            self.future = dcp.async_save({f"rank{self.rank}/{k}": v for k, v in tensors.items()},
+                                         checkpoint_id=str(target), process_group=self.group)
+        end = time.perf_counter()
+        self.block_s, self.call_s = end - start, end - call
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.method == "dcp_async":
+            self._prune(target)
+
+    def _prune(self, newest: Path) -> None:
+        """Delete checkpoints older than the previous one (rank 0; outside the timed part)."""
+        self.previous.append(newest)
+        while len(self.previous) > 2:
+            old = self.previous.pop(0)
+            if self.rank == 0:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"snapshot_block_s": self.block_s, "save_call_s": self.call_s,
+                "snapshot_bytes": self.nbytes, "save_method": self.method}
+
+    def teardown(self) -> None:
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--save-dir", required=True, help="directory for the checkpoints (created)")
+    own = p.parse_args(argv[:split])
+    torch.set_num_threads(1)
+    save_dir = Path(own.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    _SETTINGS.update(method=own.method, save_dir=str(save_dir))
+    from train_gpt import main as train_main
+
+    return train_main(argv[split + 1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
