@@ -2,9 +2,10 @@
 
 Owns the lifecycle of everything it creates, and nothing else:
 
-* one Linux bridge ``{prefix}-br`` with the host-side address ``10.231.0.1/24`` (a private /24);
+* one Linux bridge ``{prefix}-br`` with the host-side address ``10.231.X.1/24``, X being the first
+  private /24 that no interface uses yet (so harnesses of concurrent jobs never share addresses);
 * per node k a network namespace ``{prefix}-n{k}`` whose interface ``eth0`` (one end of a veth
-  pair; the other end ``{prefix}-v{k}`` is enslaved to the bridge) has ``10.231.0.{k+2}/24``;
+  pair; the other end ``{prefix}-v{k}`` is enslaved to the bridge) has ``10.231.X.{k+2}/24``;
 * a ``tc tbf`` qdisc on both ends of every veth: traffic leaving a node and traffic entering it
   are limited to ``rate`` (netem is not assumed to exist). Ranks of one node talk over the
   namespace's own loopback path, so only inter-node traffic is shaped.
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUBNET = "10.231.0"
+SUBNET_BASE = "10.231"
 EXEC_WRAPPER = str(Path(__file__).parent / "launch" / "netns_exec.py")  # run by path: no torch import
 IFNAME = "eth0"
 _LIVE: list["Hosts"] = []
@@ -98,7 +99,11 @@ class Hosts:
     addrs: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     bridge: str = ""
-    bridge_addr: str = f"{SUBNET}.1"
+    subnet: str = f"{SUBNET_BASE}.0"
+
+    @property
+    def bridge_addr(self) -> str:
+        return f"{self.subnet}.1"
     _closed: bool = False
 
     def exec(self, node: int, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -142,10 +147,16 @@ def create_hosts(nodes: int, rate: str = "100mbit", *, burst: str | None = None,
         hosts.bridge = f"{prefix}-br"
         _clear_stale(prefix, nodes)
         _run("ip", "link", "add", hosts.bridge, "type", "bridge")
-        _run("ip", "addr", "add", f"{hosts.bridge_addr}/24", "dev", hosts.bridge)
+        with open("/run/lock/dtrain-netns.lock" if os.path.isdir("/run/lock") else "/tmp/dtrain-netns.lock",
+                  "w") as lock:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # choose-and-claim a subnet atomically across processes
+            hosts.subnet = _free_subnet()
+            _run("ip", "addr", "add", f"{hosts.bridge_addr}/24", "dev", hosts.bridge)
         _run("ip", "link", "set", hosts.bridge, "up")
         for k in range(nodes):
-            ns, host_end, ns_end, addr = f"{prefix}-n{k}", f"{prefix}-v{k}", f"{prefix}-v{k}p", f"{SUBNET}.{k + 2}"
+            ns, host_end, ns_end, addr = f"{prefix}-n{k}", f"{prefix}-v{k}", f"{prefix}-v{k}p", f"{hosts.subnet}.{k + 2}"
             _run("ip", "netns", "add", ns)
             hosts.names.append(ns)
             _run("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end)
@@ -165,6 +176,15 @@ def create_hosts(nodes: int, rate: str = "100mbit", *, burst: str | None = None,
         hosts.teardown()
         raise
     return hosts
+
+
+def _free_subnet() -> str:
+    """The first ``10.231.X`` /24 that no interface of this host has an address in."""
+    used = _run("ip", "-o", "-4", "addr", "show", check=False).stdout
+    for x in range(256):
+        if f" {SUBNET_BASE}.{x}." not in used:
+            return f"{SUBNET_BASE}.{x}"
+    raise NetnsError(f"every {SUBNET_BASE}.X.0/24 subnet is in use; remove stale bridges (ip link del ...)")
 
 
 def _clear_stale(prefix: str, nodes: int) -> None:

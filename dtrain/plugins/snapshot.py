@@ -214,7 +214,8 @@ class SnapshotPlugin(Plugin):
             return
         start = time.perf_counter()
         state = capture(self.engine, all_units=True, with_extra=True)
-        plan = blobs.plan(state, step, self.comm.rank, self.fingerprint)
+        layout = self.engine.layout
+        plan = blobs.plan(state, step, self.comm.rank, self.fingerprint, layout.index if layout.shard_optim else 0)
         path = self.client.call("reserve", rank=self.comm.rank, step=step, nbytes=plan.nbytes,
                                 timeout_s=self.cfg.timeout_s, _wait=self.cfg.timeout_s + 30)["path"]
         fd = os.open(path, os.O_RDWR)

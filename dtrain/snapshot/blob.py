@@ -40,7 +40,7 @@ class BlobPlan:
     nbytes: int
 
 
-def plan(state: RankState, step: int, rank: int, fingerprint: str) -> BlobPlan:
+def plan(state: RankState, step: int, rank: int, fingerprint: str, part: int = 0) -> BlobPlan:
     """Where each tensor of ``state`` goes; the header is final, so the size is known up front."""
     offsets: dict[str, int] = {}
     table: list[list[Any]] = []
@@ -53,7 +53,7 @@ def plan(state: RankState, step: int, rank: int, fingerprint: str) -> BlobPlan:
         offsets["extra." + name] = cursor
         table.append(["extra." + name, _dtype_name(tensor.dtype), tensor.numel(), list(tensor.shape), cursor])
         cursor = _align(cursor + tensor.numel() * tensor.element_size())
-    header = json.dumps({"step": step, "rank": rank, "fingerprint": fingerprint, "meta": state.meta,
+    header = json.dumps({"step": step, "rank": rank, "part": part, "fingerprint": fingerprint, "meta": state.meta,
                          "info": state.info, "tensors": table}).encode()
     data_start = _align(16 + len(header))
     return BlobPlan(header, data_start, offsets, data_start + cursor)
@@ -114,7 +114,8 @@ class BlobReader(StateReader):
         header = json.loads(bytes(view[16:16 + length]))
         self.step: int = header["step"]
         self.rank: int = header["rank"]
-        self.sample_rank = self.rank
+        self.part_index: int = header["part"]  # this rank's index in the group its layout shards over
+        self.sample_rank = self.part_index
         self.fingerprint: str = header["fingerprint"]
         self.meta = header["meta"]
         self.info = header["info"]
@@ -127,8 +128,9 @@ class BlobReader(StateReader):
         self._part = _Part(tensors)
 
     def part(self, rank: int) -> _Part:
-        if rank != self.rank and self.meta["parts"] != 1:
-            raise CheckpointError(f"{self.where_saved} holds rank {self.rank}'s shard, not rank {rank}'s; "
+        """This blob's tensors: asked for by part index (unit ranges) or by global rank (RNG, plugins)."""
+        if rank not in (self.rank, self.part_index) and self.meta["parts"] != 1:
+            raise CheckpointError(f"{self.where_saved} holds rank {self.rank}'s shard, not part {rank}; "
                                   f"a snapshot restores only into the layout and world size that wrote it")
         return self._part
 

@@ -162,3 +162,35 @@ def test_shared_memory_too_small_is_a_clear_error_before_training(tmp_path):
     assert rc != 0
     assert "shared memory too small for snapshots" in log and "enlarge it" in log
     assert not [r for r in lines if "step" in r]
+
+
+def test_slow_rank_only_slows_the_run(tmp_path, fault_free):
+    rc, lines, log = _launch(tmp_path, "slow", 2, 2, inject=["slow:rank=2,ms=300,step=3"])
+    assert rc == 0, log[-3000:]
+    assert _summary(lines)["param_sha256"] == fault_free[2, 2] and not _restarts(lines)
+    times = {r["step"]: r["step_time_s"] for r in lines if "step_time_s" in r}
+    assert min(times[s] for s in range(4, STEPS + 1)) >= 0.3  # every step waits for the slow rank
+    assert [r["spec"] for r in lines if r.get("event") == "fault"] == ["slow:rank=2,ms=300,step=3"]
+
+
+@pytest.mark.slow
+def test_shaped_network_between_namespace_hosts(tmp_path, fault_free):
+    from dtrain import netns
+
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    # Snapshot processes exchange chunks and parity over the namespaces' veth links.
+    rc, lines, log = _launch(tmp_path, "net", 2, 2, inject=["net:bw=200mbit"])
+    assert rc == 0, log[-3000:]
+    assert _summary(lines)["param_sha256"] == fault_free[2, 2]
+    assert all(r["plugins"]["snapshot_step"] == r["step"] for r in lines if "plugins" in r)
+
+
+def test_co2_outer_state_survives_a_kill_mid_round(tmp_path):
+    co2 = ["zero.stage=1", "co2.enabled=true", "co2.local_steps=3", "co2.outer_momentum=0.5"]
+    rc, lines, log = _launch(tmp_path, "co2-ok", 2, 2, sets=co2)
+    assert rc == 0, log[-3000:]
+    rc, faulty, log = _launch(tmp_path, "co2-kill", 2, 2, sets=co2, inject=["kill:rank=2,step=5"], restarts=1)
+    assert rc == 0, log[-3000:]
+    _check_resumed(faulty, log, _summary(lines)["param_sha256"], "local snapshot", min_step=4)
