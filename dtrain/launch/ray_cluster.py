@@ -191,7 +191,9 @@ def ray_session(address: str | None, nodes: int, node_resources: dict[str, float
                 with _stderr_to(os.path.join(tmp, "start.log")):
                     cluster = Cluster(initialize_head=True, head_node_args={
                         **node_args, "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
-                        "_system_config": FAST_HEALTH_CHECKS, "temp_dir": os.path.join(tmp, "ray")})
+                        "_system_config": FAST_HEALTH_CHECKS, "temp_dir": os.path.join(tmp, "ray"),
+                        # fewer processes to start: no log streaming (log_to_driver is off), no autoscaler
+                        "include_log_monitor": False, "no_monitor": True})
                     for _ in range(nodes - 1):
                         cluster.add_node(wait=False, **node_args)
                     cluster.wait_for_nodes(timeout=120)
