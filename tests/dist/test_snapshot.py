@@ -181,10 +181,10 @@ def test_shaped_network_between_namespace_hosts(tmp_path, fault_free):
     if reason:
         pytest.skip(f"network namespaces unavailable: {reason}")
     # Snapshot processes exchange chunks and parity over the namespaces' veth links.
-    rc, lines, log = _launch(tmp_path, "net", 2, 2, inject=["net:bw=200mbit"])
+    rc, lines, log = _launch(tmp_path, "net", 2, 2, inject=["net:bw=200mbit", "node-loss:node=1,step=5"],
+                             restarts=1)
     assert rc == 0, log[-3000:]
-    assert _summary(lines)["param_sha256"] == fault_free[2, 2]
-    assert all(r["plugins"]["snapshot_step"] == r["step"] for r in lines if "plugins" in r)
+    _check_resumed(lines, log, fault_free[2, 2], "parity rebuild of node(s) [1]", min_step=4)
 
 
 def test_co2_outer_state_survives_a_kill_mid_round(tmp_path):
