@@ -24,7 +24,6 @@ import socket
 import struct
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -234,13 +233,3 @@ def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:300]
 
-
-def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.2) -> bool:
-    """Poll ``predicate()`` until it is true or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_s)

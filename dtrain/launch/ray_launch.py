@@ -129,12 +129,11 @@ class _Job:
             return fitting  # continue on fewer nodes at once rather than wait for a replacement
         return want
 
-    def place(self) -> _Placement:
+    def _reserve(self, deadline: float) -> tuple[Any, int]:
+        """A ready placement group of as many bundles as the job should use now, or LaunchError."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle, start = self.spec.bundle, time.monotonic()
         pg, target = None, 0
         while True:
             fitting = self._fitting_nodes()
@@ -142,28 +141,43 @@ class _Job:
                 if pg is not None:
                     remove_placement_group(pg)
                 target = self._target(len(fitting))
-                pg = placement_group([dict(bundle) for _ in range(target)], strategy="STRICT_SPREAD")
+                pg = placement_group([dict(self.spec.bundle) for _ in range(target)], strategy="STRICT_SPREAD")
             ready, _ = ray.wait([pg.ready()], timeout=0.5)
             if ready:
-                break
-            if time.monotonic() - start > self.spec.node_wait_s:
+                return pg, target
+            if time.monotonic() > deadline:
                 remove_placement_group(pg)
                 raise LaunchError(self._placement_message(target, fitting))
+
+    def place(self) -> _Placement:
+        """Reserve the bundles and start one node agent in each; retried until ``node_wait_s``
+        (a node that died but is not yet known dead can take a bundle and fail its agent)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle, deadline = self.spec.bundle, time.monotonic() + self.spec.node_wait_s
+        agent_cls = ray.remote(NodeAgent)
+        while True:
+            pg, target = self._reserve(deadline)
+            agents = [agent_cls.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k),
+            ).remote(k) for k in range(target)]
+            try:
+                infos = ray.get([a.info.remote() for a in agents],
+                                timeout=max(30.0, deadline - time.monotonic()))
+                break
+            except Exception as exc:
+                for a in agents:
+                    ray.kill(a)
+                remove_placement_group(pg)
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"the node agents did not start: {' '.join(str(exc).split())[:400]}") from None
+                time.sleep(1.0)
         if target < self.spec.job.nodes:
             self.say(f"dtrain: continuing on {target} of {self.spec.job.nodes} nodes (--min-nodes "
                      f"{self.spec.min_nodes}); lost: {', '.join(self.lost) or 'none'}")
-        agent_cls = ray.remote(NodeAgent)
-        agents = [agent_cls.options(
-            num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=k),
-        ).remote(k) for k in range(target)]
-        try:
-            infos = ray.get([a.info.remote() for a in agents], timeout=max(60.0, self.spec.node_wait_s))
-        except Exception as exc:
-            for a in agents:
-                ray.kill(a)
-            remove_placement_group(pg)
-            raise LaunchError(f"the node agents did not start: {' '.join(str(exc).split())[:400]}") from None
         placement = _Placement(pg, [_Node(k, a, info) for k, (a, info) in enumerate(zip(agents, infos))])
         n = self.spec.job.nproc
         for node in placement.nodes:

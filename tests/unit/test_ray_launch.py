@@ -3,10 +3,8 @@ reports, restart variables. No Ray cluster and no processes (tests/dist/test_ray
 from __future__ import annotations
 
 import io
-import json
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
