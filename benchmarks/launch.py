@@ -19,7 +19,8 @@ on the running cluster); both Ray Train variants restart through ``FailureConfig
 and resume from the same dtrain checkpoint directory. ``report_s`` is the mean blocking time of
 ``ray.train.report()`` measured in a separate small Ray Train run. The whole benchmark runs in a
 private network namespace with only loopback (as root), so no Ray server listens beyond it.
-Writes benchmarks/results/launch.json.
+Writes benchmarks/results/launch.json. The Ray Train variants need ``pip install 'ray[train]==2.60.0'``
+(pandas, pyarrow; not in dtrain's extras).
 """
 from __future__ import annotations
 
@@ -224,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
+    if any(v.startswith("raytrain") for v in variants):
+        try:
+            import ray.train.torch  # noqa: F401
+        except ImportError as exc:
+            p.error(f"the raytrain variants need Ray Train ({exc}); pip install 'ray[train]==2.60.0' "
+                    "or pass --variants local,ray,ray-warm")
     from dtrain.launch.ray_cluster import FAST_HEALTH_CHECKS, isolate_loopback
 
     load_start = os.getloadavg()
