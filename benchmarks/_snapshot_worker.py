@@ -50,6 +50,17 @@ def rank_state(engine: Any) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def torch_save_atomic(tensors: dict[str, torch.Tensor], path: Path, fsync: bool = False) -> None:
+    """``torch.save`` to a temporary name (optionally fsync-ed), then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(tensors, fh)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 @register
 class BenchSavePlugin(Plugin):
     """Saves the rank's state to disk after every step and reports how long training blocked."""
@@ -79,10 +90,7 @@ class BenchSavePlugin(Plugin):
         tensors = rank_state(self.engine)
         call = time.perf_counter()
         if self.method == "torch_save":
-            path = self.dir / f"rank{self.rank}.pt"
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(tensors, tmp)
-            os.replace(tmp, path)
+            torch_save_atomic(tensors, self.dir / f"rank{self.rank}.pt")
         else:
             import torch.distributed.checkpoint as dcp
 

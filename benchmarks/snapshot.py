@@ -127,7 +127,7 @@ def summary_record(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ memory monitor
 class SnapshotMemoryMonitor:
-    """Samples each node's snapshot process (``usage``) and its /dev/shm slot files during a run."""
+    """Samples each node's snapshot process (``usage``, CPU time) and its /dev/shm slot files during a run."""
 
     def __init__(self, run_id: str, nodes: int, period_s: float = 1.0) -> None:
         self.run_id, self.nodes, self.period_s = run_id, nodes, period_s
@@ -144,6 +144,8 @@ class SnapshotMemoryMonitor:
         self.thread.join(timeout=10)
 
     def _loop(self) -> None:
+        import psutil
+
         from dtrain.snapshot.client import DaemonClient, daemon_pid, node_dir, run_dir
 
         dirs = [node_dir(run_dir(self.run_id), n) for n in range(self.nodes)]
@@ -152,7 +154,13 @@ class SnapshotMemoryMonitor:
             while not self.stop.wait(self.period_s):
                 for n, d in enumerate(dirs):
                     sample = _slot_bytes(d)
-                    if daemon_pid(d) is not None:
+                    pid = daemon_pid(d)
+                    if pid is not None:
+                        try:
+                            cpu = psutil.Process(pid).cpu_times()
+                            sample["daemon_cpu_ms"] = int((cpu.user + cpu.system) * 1e3)
+                        except psutil.Error:
+                            pass
                         try:
                             client = clients.setdefault(n, DaemonClient(d))
                             usage = client.call("usage", _wait=5.0)
@@ -283,6 +291,7 @@ def copy_scaling(sizes_mib: list[float], repeats: int, disk_dir: Path) -> list[d
 
     import torch
 
+    from _snapshot_worker import torch_save_atomic
     from dtrain.checkpoint import Flat, RankState
     from dtrain.snapshot import blob as blobs
 
@@ -295,7 +304,7 @@ def copy_scaling(sizes_mib: list[float], repeats: int, disk_dir: Path) -> list[d
             parts = [torch.randn(numel // 4) for _ in range(4)]
             state = RankState({f"t{i}": Flat.of(t) for i, t in enumerate(parts)}, {}, {"step": 0}, {})
             slot, target = shm / "slot", disk_dir / "rank.pt"
-            times: dict[str, list[float]] = {"dtrain_copy": [], "torch_save": []}
+            times: dict[str, list[float]] = {"dtrain_copy": [], "torch_save": [], "torch_save_fsync": []}
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 plan = blobs.plan(state, 0, 0, "bench")
@@ -308,15 +317,18 @@ def copy_scaling(sizes_mib: list[float], repeats: int, disk_dir: Path) -> list[d
                 finally:
                     os.close(fd)
                 t1 = time.perf_counter()
-                tmp = target.with_name(target.name + ".tmp")
-                torch.save({k: f.tensor() for k, f in state.tensors.items()}, tmp)
-                os.replace(tmp, target)
+                torch_save_atomic({k: f.tensor() for k, f in state.tensors.items()}, target)
                 t2 = time.perf_counter()
+                torch_save_atomic({k: f.tensor() for k, f in state.tensors.items()}, target, fsync=True)
+                t3 = time.perf_counter()
                 times["dtrain_copy"].append(t1 - t0)
                 times["torch_save"].append(t2 - t1)
+                times["torch_save_fsync"].append(t3 - t2)
             med = {k: statistics.median(v) for k, v in times.items()}
             out.append({"state_mib": mib, "dtrain_copy_s": med["dtrain_copy"], "torch_save_s": med["torch_save"],
-                        "ratio": safe_ratio(med["torch_save"], med["dtrain_copy"]), "repeats": repeats})
+                        "torch_save_fsync_s": med["torch_save_fsync"],
+                        "ratio": safe_ratio(med["torch_save"], med["dtrain_copy"]),
+                        "ratio_fsync": safe_ratio(med["torch_save_fsync"], med["dtrain_copy"]), "repeats": repeats})
     finally:
         shutil.rmtree(shm, ignore_errors=True)
     return out
@@ -352,10 +364,13 @@ def variant_summary(runs: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
     return out
 
 
-def memory_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def memory_summary(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """(k+m)/k and what the monitor measured (medians over nodes and dtrain runs)."""
     dt = [r for r in runs if r["variant"] == "dtrain" and r["ok"]]
     per_node = [n for r in dt for n in r.get("memory", {}).values() if n.get("state_bytes")]
-    return {"k_plus_m_over_k": next((r["memory_overhead_k_m"] for r in dt), None),
+    cpu = median_or_none(n.get("daemon_cpu_ms") for n in per_node)
+    return {"snapshot_process_cpu_s_per_step": None if cpu is None else cpu / 1e3 / steps,
+            "k_plus_m_over_k": next((r["memory_overhead_k_m"] for r in dt), None),
             "rank_blob_bytes": max((r["snapshot_bytes"] or 0 for r in dt), default=None),
             "rank_state_bytes": dt[0]["state_bytes"] if dt else None,
             "node_state_bytes": median_or_none(n["state_bytes"] for n in per_node),
@@ -411,9 +426,52 @@ def plot(results: dict[str, Any], path: Path) -> None:
         panels.append(BarPanel("the copy alone, in-process (dtrain blob into /dev/shm vs torch.save to disk)", "ms",
                                [f"{c['state_mib']:g} MiB" for c in sc],
                                {"dtrain copy": [c["dtrain_copy_s"] * 1e3 for c in sc],
-                                "torch.save": [c["torch_save_s"] * 1e3 for c in sc]}))
+                                "torch.save": [c["torch_save_s"] * 1e3 for c in sc],
+                                "torch.save + fsync": [c["torch_save_fsync_s"] * 1e3 for c in sc]}))
     write_bar_png(path, panels, suptitle=f"dtrain snapshots, world 4 (2 nodes x 2 ranks, ZeRO-3), "
                                          f"{results['settings']['steps']} steps, shared 2-core machine")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The BENCHMARKS.md tables of a results JSON (``--markdown PATH`` prints them)."""
+    v, mem = results["variants"], results["memory"]
+
+    def num(x: float | None, fmt: str) -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    def spread(s: dict[str, Any], scale: float, fmt: str) -> str:
+        if s["median"] is None:
+            return "-"
+        return f"{s['median'] * scale:{fmt}} ({s['min'] * scale:{fmt}}-{s['max'] * scale:{fmt}})"
+
+    dt = v["dtrain"]["block_s"]["median"]
+    lines = ["| variant | blocking per step, ms | blocking vs dtrain | tokens/s | overhead vs none "
+             "(medians / paired) | blocking / limit step time |", "|---|---|---|---|---|---|"]
+    for name in VARIANTS:
+        x = v[name]
+        lines.append(f"| {name} | {spread(x['block_s'], 1e3, '.1f')} | "
+                     f"{num(safe_ratio(x['block_s']['median'], dt), '.2f') if name != 'none' else '-'} | "
+                     f"{spread(x['tokens_per_s'], 1, '.0f')} | {num(x['throughput_overhead'], '+.1%')} / "
+                     f"{num(x['throughput_overhead_paired_median'], '+.1%')} | "
+                     f"{num(x['block_share_of_limit_step'], '.1%') if name != 'none' else '-'} |")
+    lines += ["", "| fault | restored from | resumed from step | steps lost | noticed, s | restore, s | "
+              "recovery (fault to restored), s | bit-exact |", "|---|---|---|---|---|---|---|---|"]
+    for f in results["faults"]:
+        lines.append(f"| `{f['spec']}` | {f.get('source') or 'failed'} | {f.get('resumed_from_step')} | "
+                     f"{f.get('steps_lost')} | {num(f.get('noticed_s'), '.2f')} | {num(f.get('restore_s'), '.2f')} | "
+                     f"{num(f.get('recovery_s'), '.1f')} | {f.get('bit_exact')} |")
+    lines += ["", f"Memory: (k+m)/k = {mem['k_plus_m_over_k']}; per node: state "
+              f"{num((mem['node_state_bytes'] or 0) / 2**20, '.2f')} MiB, shared-memory slots "
+              f"{num(mem['shm_over_state'], '.2f')}x, parity held {num(mem['parity_over_state'], '.2f')}x, "
+              f"total {num(mem['held_over_state'], '.2f')}x the state; snapshot-process CPU "
+              f"{num(mem.get('snapshot_process_cpu_s_per_step'), '.3f')} s per step per node."]
+    if results["copy_scaling"]:
+        lines += ["", "| per-rank state | dtrain copy, ms | torch.save, ms (ratio) | torch.save + fsync, ms (ratio) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['state_mib']:g} MiB | {c['dtrain_copy_s'] * 1e3:.1f} | {c['torch_save_s'] * 1e3:.1f} "
+                  f"({num(c['ratio'], '.1f')}x) | {c['torch_save_fsync_s'] * 1e3:.1f} ({num(c['ratio_fsync'], '.1f')}x) |"
+                  for c in results["copy_scaling"]]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ main
@@ -434,6 +492,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=600.0, help="per launch")
     p.add_argument("--out", default=str(HERE / "results" / "snapshot"), help="output prefix (.json, .png)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (metrics, logs)")
+    p.add_argument("--markdown", metavar="JSON", help="only print the tables of an existing results JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup, args.repeats = 6, 1, 1
@@ -451,6 +510,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))  # runs the finally blocks
     work = Path(tempfile.mkdtemp(prefix="snapbench-"))
     started = time.time()
@@ -490,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "variant_names", "model", "batch_size", "seed")}
                     | {"world": NODES * NPROC, "nodes": NODES, "nproc": NPROC, "zero_stage": 3},
         "fault_free_param_sha256": shas, "fault_free_consistent": len(shas) == 1,
-        "variants": variants, "memory": memory_summary(runs),
+        "variants": variants, "memory": memory_summary(runs, args.steps),
         "faults": faults, "copy_scaling": scaling, "wall_s": time.time() - started, "runs": runs,
     }
     results["targets"] = targets(variants, faults)
