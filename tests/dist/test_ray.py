@@ -83,6 +83,10 @@ class RayCluster:
                     "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": self.tmp, "RAY_BACKEND_LOG_LEVEL": "error"}
         subprocess.run(["ip", "netns", "add", self.ns], check=True)
         subprocess.run(["ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up"], check=True)
+        # An interface besides lo, as on a real machine: a job's own Ray must not be reachable on it.
+        for cmd in ("ip link add ext0 type veth peer name ext1", "ip addr add 10.231.9.1/24 dev ext0",
+                    "ip link set ext0 up", "ip link set ext1 up"):
+            subprocess.run(["ip", "netns", "exec", self.ns, *cmd.split()], check=True)
         os.makedirs(f"{self.tmp}/ray")
         script = Path(self.tmp) / "server.py"
         script.write_text(SERVER)
@@ -149,11 +153,19 @@ TRAIN = [EXAMPLE, "--model", "tiny", "--steps", "6", "--batch-size", "12", "--se
 
 
 @pytest.mark.slow
-def test_three_nodes_private_cluster_match_local(cluster: RayCluster) -> None:
+def test_three_nodes_private_cluster_match_local(cluster: RayCluster, tmp_path: Path) -> None:
     """No --address: the job's own 3-node Ray (inside its own loopback namespace) vs the local launcher."""
     ref = _local("--nodes", "3", "--nproc", "1", "--no-progress", *TRAIN)
-    got = cluster.dtrain("launch", "--ray", "--nodes", "3", "--nproc", "1", "--no-progress", *TRAIN)
+    script = tmp_path / "ifaces.py"
+    script.write_text("import os, runpy, socket, sys\n"
+                      "print('IFACES', sorted(n for _, n in socket.if_nameindex()), flush=True)\n"
+                      f"sys.argv = [{EXAMPLE!r}] + sys.argv[1:]\n"
+                      f"runpy.run_path({EXAMPLE!r}, run_name='__main__')\n")
+    got = cluster.dtrain("launch", "--ray", "--nodes", "3", "--nproc", "1", "--no-progress", str(script), *TRAIN[1:])
     assert _sha(got) == _sha(ref)
+    # the job (its ranks and every Ray process) lives in a namespace with nothing but loopback,
+    # although the machine has another interface (ext0, 10.231.9.1)
+    assert got.stdout.count("IFACES ['lo']") == 3, got.stdout
     assert "Failed to determine local IP" not in got.stderr  # Ray's own warnings stay quiet
     placed = re.findall(r"dtrain: node (\d) on 127\.0\.0\.1 \(Ray node ([0-9a-f]{8})\): ranks", got.stderr)
     assert sorted(n for n, _ in placed) == ["0", "1", "2"] and len({i for _, i in placed}) == 3, got.stderr
