@@ -168,6 +168,8 @@ class SnapshotMemoryMonitor:
                         except Exception:  # noqa: BLE001 - starting or stopping: skip this sample
                             clients.pop(n, None)
                     peak = self.peak[n]
+                    if "daemon_cpu_ms" in sample:  # CPU spent before the first sample: start-up, not snapshots
+                        peak.setdefault("daemon_cpu_first_ms", sample["daemon_cpu_ms"])
                     for key, value in sample.items():
                         peak[key] = max(peak.get(key, 0), value)
         finally:
@@ -368,7 +370,7 @@ def memory_summary(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     """(k+m)/k and what the monitor measured (medians over nodes and dtrain runs)."""
     dt = [r for r in runs if r["variant"] == "dtrain" and r["ok"]]
     per_node = [n for r in dt for n in r.get("memory", {}).values() if n.get("state_bytes")]
-    cpu = median_or_none(n.get("daemon_cpu_ms") for n in per_node)
+    cpu = median_or_none(n["daemon_cpu_ms"] - n["daemon_cpu_first_ms"] for n in per_node if "daemon_cpu_ms" in n)
     return {"snapshot_process_cpu_s_per_step": None if cpu is None else cpu / 1e3 / steps,
             "k_plus_m_over_k": next((r["memory_overhead_k_m"] for r in dt), None),
             "rank_blob_bytes": max((r["snapshot_bytes"] or 0 for r in dt), default=None),
