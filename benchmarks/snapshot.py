@@ -403,19 +403,21 @@ def targets(variants: dict[str, Any], faults: list[dict[str, Any]]) -> dict[str,
 def plot(results: dict[str, Any], path: Path) -> None:
     v = results["variants"]
 
-    def series(key: str, scale: float = 1.0) -> tuple[list[float | None], list[tuple[float, float] | None]]:
+    def series(key: str, scale: float = 1.0, names: tuple[str, ...] = VARIANTS
+               ) -> tuple[list[float | None], list[tuple[float, float] | None]]:
         vals, errs = [], []
-        for name in VARIANTS:
+        for name in names:
             s = v[name][key]
             vals.append(None if s["median"] is None else s["median"] * scale)
             errs.append(None if s["min"] is None else (s["min"] * scale, s["max"] * scale))
         return vals, errs
 
-    block, block_err = series("block_s", 1e3)
+    saving = VARIANTS[1:]  # "none" blocks for nothing
+    block, block_err = series("block_s", 1e3, saving)
     tput, tput_err = series("tokens_per_s")
     faults = results["faults"]
     panels = [BarPanel("blocking time per step (median over steps; bars: median of repeats, min-max)", "ms",
-                       list(VARIANTS), {"blocking": block}, {"blocking": block_err}),
+                       list(saving), {"blocking": block}, {"blocking": block_err}),
               BarPanel("throughput (median tokens/s per run)", "tokens/s", list(VARIANTS),
                        {"tokens/s": tput}, {"tokens/s": tput_err})]
     if faults:
