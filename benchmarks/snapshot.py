@@ -274,8 +274,10 @@ def run_fault(kind: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
            "resumed_from_step": restart.get("resumed_from_step"),
            "steps_lost": (args.fault_step - restart["resumed_from_step"]
                           if "resumed_from_step" in restart else None),
-           **{k: restart.get(k) for k in ("recovery_s", "restore_s", "noticed_s", "process_started_s")},
+           **{k: restart.get(k) for k in ("recovery_s", "restore_s", "noticed_s")},
            "param_sha256": summary.get("param_sha256")}
+    if all(out[k] is not None for k in ("recovery_s", "restore_s", "noticed_s")):  # new processes up to the restore
+        out["relaunch_s"] = out["recovery_s"] - out["restore_s"] - out["noticed_s"]
     if not out["ok"] or not restart:
         out["log_tail"] = (work / f"fault-{kind}.log").read_text(errors="replace")[-2500:]
     return out
@@ -458,12 +460,12 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{spread(x['tokens_per_s'], 1, '.0f')} | {num(x['throughput_overhead'], '+.1%')} / "
                      f"{num(x['throughput_overhead_paired_median'], '+.1%')} | "
                      f"{num(x['block_share_of_limit_step'], '.1%') if name != 'none' else '-'} |")
-    lines += ["", "| fault | restored from | resumed from step | steps lost | noticed, s | restore, s | "
-              "recovery (fault to restored), s | bit-exact |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| fault | restored from | resumed from step | steps lost | noticed, s | relaunch, s | restore, s | "
+              "recovery (fault to restored), s | bit-exact |", "|---|---|---|---|---|---|---|---|---|"]
     for f in results["faults"]:
         lines.append(f"| `{f['spec']}` | {f.get('source') or 'failed'} | {f.get('resumed_from_step')} | "
-                     f"{f.get('steps_lost')} | {num(f.get('noticed_s'), '.2f')} | {num(f.get('restore_s'), '.2f')} | "
-                     f"{num(f.get('recovery_s'), '.1f')} | {f.get('bit_exact')} |")
+                     f"{f.get('steps_lost')} | {num(f.get('noticed_s'), '.2f')} | {num(f.get('relaunch_s'), '.1f')} | "
+                     f"{num(f.get('restore_s'), '.2f')} | {num(f.get('recovery_s'), '.1f')} | {f.get('bit_exact')} |")
     lines += ["", f"Memory: (k+m)/k = {mem['k_plus_m_over_k']}; per node: state "
               f"{num((mem['node_state_bytes'] or 0) / 2**20, '.2f')} MiB, shared-memory slots "
               f"{num(mem['shm_over_state'], '.2f')}x, parity held {num(mem['parity_over_state'], '.2f')}x, "
