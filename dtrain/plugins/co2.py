@@ -39,7 +39,8 @@ right after the send (``overlap = false``: synchronous local SGD, zero staleness
 
     xbar   = s_r / G                                          (average of the workers' a_r)
     Delta  = x_outer - xbar                                   (pseudo-gradient)
-    Lambda_l = 1 + ||Delta_l||_2 / (||x_outer,l||_2 + eps)    per parameter tensor l (penalty on)
+    Lambda_l = 1 + ||Delta_l||_2 / (||x_outer,l||_2 + eps)    per parameter tensor l (penalty on;
+                                                               a reconstruction, see below)
     Lambda_l = 1                                              (penalty off)
     m      = beta * m + Delta / Lambda
     m.clamp_(-phi, phi)                                       (IN PLACE; skipped when clip is None)
