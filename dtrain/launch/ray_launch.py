@@ -415,6 +415,10 @@ def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None =
                 with ray_session(spec.address, spec.job.nodes, spec.bundle, dashboard=spec.dashboard,
                                  isolate=spec.isolate, runtime_env=spec.runtime_env, warn=warn) as session:
                     job = _Job(spec, followers, log_dir, err)
+                    if spec.dashboard and session.local:
+                        where = (f" inside this job's network namespace (e.g. nsenter --net=/proc/{os.getpid()}"
+                                 "/ns/net curl ...)" if session.isolated else "")
+                        job.say(f"dtrain: Ray dashboard at http://{session.cluster.webui_url}{where}")
                     if session.isolated:  # no name resolution in the private namespace: c10d warns
                         job.extra_defaults["TORCH_CPP_LOG_LEVEL"] = "ERROR"
                     return job.run()
