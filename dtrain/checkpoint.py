@@ -53,11 +53,12 @@ class Flat:
     dtype: torch.dtype
     numel: int
     pieces: list[tuple[int, torch.Tensor]]  # (element offset, flat source)
+    shape: tuple[int, ...] | None = None  # restored shape (None: flat)
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "Flat":
         flat = tensor.detach().reshape(-1)
-        return cls(flat.dtype, flat.numel(), [(0, flat)])
+        return cls(flat.dtype, flat.numel(), [(0, flat)], tuple(tensor.shape))
 
     @property
     def nbytes(self) -> int:
@@ -70,10 +71,11 @@ class Flat:
 
     def tensor(self) -> torch.Tensor:
         if len(self.pieces) == 1 and self.pieces[0][0] == 0 and self.pieces[0][1].numel() == self.numel:
-            return self.pieces[0][1].cpu().clone()
-        out = torch.zeros(self.numel, dtype=self.dtype)
-        self.copy_into(out)
-        return out
+            out = self.pieces[0][1].cpu().clone()
+        else:
+            out = torch.zeros(self.numel, dtype=self.dtype)
+            self.copy_into(out)
+        return out.view(self.shape) if self.shape is not None else out
 
 
 @dataclass

@@ -47,7 +47,7 @@ def plan(state: RankState, step: int, rank: int, fingerprint: str, part: int = 0
     cursor = 0
     for name, flat in state.tensors.items():
         offsets[name] = cursor
-        table.append([name, _dtype_name(flat.dtype), flat.numel, [flat.numel], cursor])
+        table.append([name, _dtype_name(flat.dtype), flat.numel, list(flat.shape or (flat.numel,)), cursor])
         cursor = _align(cursor + flat.nbytes)
     for name, tensor in state.extra.items():
         offsets["extra." + name] = cursor
@@ -124,7 +124,7 @@ class BlobReader(StateReader):
         tensors = {}
         for name, dtype, numel, shape, offset in header["tensors"]:
             t = _tensor_at(buffer, getattr(torch, dtype), numel, start + offset)
-            tensors[name] = t.view(shape) if name.startswith("extra.") else t
+            tensors[name] = t.view(shape)
         self._part = _Part(tensors)
 
     def part(self, rank: int) -> _Part:
