@@ -6,7 +6,7 @@
     python cluster/fake_cluster.py down         # or Ctrl-C / SIGTERM the `up` process
 
 ``up`` builds the hosts with the slow-link harness of ``dtrain launch --net`` (dtrain/netns.py:
-namespace ``dtrain-fc-n{k}`` with address 10.231.0.{k+2} on ``eth0``, a veth to the bridge
+namespace ``dtrain-fc-n{k}`` with address 10.231.X.{k+2} (a free /24) on ``eth0``, a veth to the bridge
 ``dtrain-fc-br``, a ``tc tbf`` limit on both ends), starts ``ray start --head`` in node 0 and
 ``ray start`` workers in the others (each bound to its namespace address, token authentication
 with a fresh token, dashboard off), writes the state to /tmp/dtrain-fake-cluster/state.json and
