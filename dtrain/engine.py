@@ -63,8 +63,8 @@ class Engine:
         """Continue from the newest saved state: a resilience plugin's, else ``checkpoint.dir``."""
         started = time.time()
         source = next((how for how in (p.restore() for p in self.plugins) if how), None)
-        directory = self.config.checkpoint.dir
-        if source is None and directory and (Path(directory) / "meta.json").is_file():
+        directory = newest_checkpoint(self.config.checkpoint.dir) if self.config.checkpoint.dir else None
+        if source is None and directory is not None:
             self.load(directory)
             source = f"checkpoint {directory}"
         if self.runtime.rank == 0 and source:
@@ -119,7 +119,7 @@ class Engine:
             self.faults.after_step(self.step)
         every = self.config.checkpoint.every
         if every and self.step % every == 0:
-            self.save(self.config.checkpoint.dir)
+            self._periodic_checkpoint()
         mean_loss = self._record(loss_sum / accum, _count_tokens(batch), time.perf_counter() - start, grad_norm)
         return mean_loss
 
@@ -228,6 +228,17 @@ class Engine:
         return summary
 
     # ------------------------------------------------------------- checkpoints
+    def _periodic_checkpoint(self) -> None:
+        """``checkpoint.dir/step-N``; the previous complete one stays until this one is complete,
+        so a failure during a save never leaves the run without a checkpoint to resume from."""
+        root = Path(self.config.checkpoint.dir)
+        self.save(str(root / f"step-{self.step:09d}"))
+        if self.runtime.rank == 0:
+            import shutil
+
+            for old in _complete_checkpoints(root)[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+
     def save(self, directory: str) -> None:
         from dtrain.checkpoint import save
 
@@ -237,6 +248,20 @@ class Engine:
         from dtrain.checkpoint import load
 
         load(self, directory)
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    return sorted(d for d in root.glob("step-*") if (d / "meta.json").is_file())
+
+
+def newest_checkpoint(directory: str) -> Path | None:
+    """The checkpoint to resume from: ``directory`` itself if complete, else its newest complete
+    ``step-N`` (written by ``checkpoint.every``), else None."""
+    root = Path(directory)
+    if (root / "meta.json").is_file():
+        return root
+    done = _complete_checkpoints(root)
+    return done[-1] if done else None
 
 
 def _split(batch: Any, parts: int) -> list[Any]:

@@ -63,6 +63,6 @@ def test_preempted_run_resumes_bit_exact(tmp_path):
     first, _ = _launch(tmp_path, "first", "dtrain", [*ckpt, "--stop-at", "4"])
     assert first[-2]["step"] == 4
     resumed, proc = _launch(tmp_path, "resumed", "dtrain", ckpt)
-    assert "resumed from checkpoint" in proc.stdout + proc.stderr
+    assert "resumed at step 4 from checkpoint" in proc.stdout + proc.stderr
     assert [r["step"] for r in resumed[:-1]] == [5, 6]
     assert resumed[-1]["param_sha256"] == straight[-1]["param_sha256"]
