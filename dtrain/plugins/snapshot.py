@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dtrain.checkpoint import capture, load
+from dtrain.checkpoint import CheckpointError, capture, load
 from dtrain.plugins.base import Plugin, register
 from dtrain.snapshot import blob as blobs
 from dtrain.snapshot.client import DaemonClient, node_dir, run_dir
@@ -170,7 +170,10 @@ class SnapshotPlugin(Plugin):
             data = bytearray(f.read(info["nbytes"]))
         if blobs.checksum(data) != info["crc"]:
             return None, f"snapshot shard of step {step} ({info['path']}) fails its CRC-32 checksum"
-        return blobs.BlobReader(data, f"in-memory snapshot of step {step}"), ""
+        try:
+            return blobs.BlobReader(data, f"in-memory snapshot of step {step}"), ""
+        except CheckpointError as exc:
+            return None, str(exc)
 
     def _restore_disk(self) -> str | None:
         if not self.cfg.persist_dir:
@@ -193,7 +196,7 @@ class SnapshotPlugin(Plugin):
                     problem = "checksum mismatch"
                 else:
                     reader = blobs.BlobReader(data, f"persisted snapshot of step {step}")
-            except (OSError, KeyError) as exc:
+            except (OSError, KeyError, CheckpointError) as exc:
                 problem = str(exc)
             if any(self.comm.all_gather_json(problem)):
                 continue

@@ -18,7 +18,7 @@ import torch
 from dtrain.checkpoint import CheckpointError, Flat, RankState, StateReader
 from dtrain.snapshot.coding import checksum
 
-MAGIC = b"DTSNAP01"
+MAGIC = b"DTSNAP02"  # bump whenever the header changes: older blobs are refused, not misread
 _ALIGN = 64
 
 __all__ = ["BlobPlan", "plan", "write", "BlobReader", "checksum", "SnapshotMismatch"]
@@ -109,7 +109,8 @@ class BlobReader(StateReader):
         self.where_saved = where
         view = memoryview(buffer)
         if bytes(view[:8]) != MAGIC:
-            raise CheckpointError(f"{where} is not a dtrain snapshot blob (bad magic)")
+            raise CheckpointError(f"{where} is not a snapshot blob of this dtrain version "
+                                  f"(format {bytes(view[:8])!r}, expected {MAGIC!r})")
         (length,) = struct.unpack("<Q", view[8:16])
         header = json.loads(bytes(view[16:16 + length]))
         self.step: int = header["step"]
