@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -60,9 +61,11 @@ def init(config: Config | None = None) -> Runtime:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group(backend, rank=env.rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=config.comm.timeout_s))
-        # A process group left alive at interpreter exit can abort the process while its
-        # threads are torn down ("terminate called without an active exception").
-        atexit.register(_destroy_owned_group)
+        # A process group (or a subgroup still referenced by the topology) left alive at
+        # interpreter exit can abort the process while its threads are torn down ("terminate
+        # called without an active exception"): destroy every group and drop our references
+        # while the interpreter is still whole.
+        atexit.register(shutdown)
     elif dist.is_initialized():
         world = dist.get_world_size()
     nodes = config.topology.nodes or (env.nodes if env.world_size == world else 1)
@@ -73,14 +76,10 @@ def init(config: Config | None = None) -> Runtime:
     return _RUNTIME
 
 
-def _destroy_owned_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def shutdown() -> None:
     """Destroy the process group (if dtrain created one) and forget the runtime."""
     global _RUNTIME
     if dist.is_initialized():
         dist.destroy_process_group()
     _RUNTIME = None
+    gc.collect()  # release the C++ group objects now, not during interpreter finalization
