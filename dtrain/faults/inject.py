@@ -124,15 +124,10 @@ class FaultInjector:
 
     def _lose_node(self) -> None:
         """This node's snapshot process and shared memory go with its ranks."""
-        from dtrain.snapshot.client import daemon_pid, node_dir
+        from dtrain.snapshot.client import node_dir, stop_daemon
 
         directory = node_dir(self.run, self.node)
-        pid = daemon_pid(directory)
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_daemon(directory, signal.SIGKILL)
         for p in directory.glob("r*.slot*"):
             p.unlink(missing_ok=True)
         _die()

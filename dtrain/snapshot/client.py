@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 from dtrain.snapshot import wire
 
-__all__ = ["run_dir", "node_dir", "DaemonClient", "daemon_pid", "remove_run"]
+__all__ = ["run_dir", "node_dir", "DaemonClient", "daemon_pid", "remove_run", "stop_daemon"]
 
 
 def run_dir(run_id: str | None = None) -> Path:
@@ -38,17 +39,21 @@ def run_dir(run_id: str | None = None) -> Path:
 def remove_run(run_id: str) -> None:
     """Stop the job's snapshot processes (by the PIDs they recorded) and delete its run directory."""
     import shutil
-    import signal
 
     run = run_dir(run_id)
     for node in run.glob("node*"):
-        pid = daemon_pid(node)
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_daemon(node)
     shutil.rmtree(run, ignore_errors=True)
+
+
+def stop_daemon(directory: Path, sig: int = signal.SIGTERM) -> None:
+    """Signal the daemon serving ``directory`` (if alive): SIGTERM stops it, SIGKILL simulates a loss."""
+    pid = daemon_pid(directory)
+    if pid is not None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def node_dir(run: Path, node: int) -> Path:
