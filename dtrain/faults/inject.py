@@ -64,6 +64,7 @@ class FaultInjector:
         from dtrain.snapshot.client import run_dir
 
         self.run = run_dir(engine.config.snapshot.run_id)
+        self._slowed: set[int] = set()
 
     @property
     def active(self) -> bool:
@@ -72,7 +73,9 @@ class FaultInjector:
     def after_step(self, step: int) -> None:
         for f in self.faults:
             if f.kind == "slow" and f.get("rank") == self.rank and step >= f.get("step"):
-                self._claim(f, step)
+                if f.index not in self._slowed:  # marker and event once, not a file per step
+                    self._slowed.add(f.index)
+                    self._claim(f, step)
                 time.sleep(f.get("ms") / 1000.0)
             elif f.kind != "slow" and f.get("step") == step and self._mine(f) and self._claim(f, step):
                 self._fire(f, step)

@@ -124,6 +124,14 @@ def _validate_launch(ns: argparse.Namespace) -> None:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {item!r} is malformed; use --set section.key=value")
+    try:
+        faults = parse_faults(ns.inject)
+        check_fits(faults, ns.nodes * ns.nproc, ns.nodes, None)
+    except FaultSpecError as exc:
+        raise UsageError(str(exc)) from None
+    net_fault = next((f for f in faults if f.kind == "net"), None)
+    if ns.net is None and net_fault is not None:  # `--inject net:bw=R` is `--net bw=R`
+        ns.net = ",".join(f"{k}={v}" for k, v in net_fault.params.items())
     if ns.net is not None:
         from dtrain import netns
 
@@ -135,15 +143,6 @@ def _validate_launch(ns: argparse.Namespace) -> None:
         if reason:
             raise UsageError(f"--net needs network namespaces: {reason}")
     _validate_ray(ns)
-    try:
-        faults = parse_faults(ns.inject)
-        check_fits(faults, ns.nodes * ns.nproc, ns.nodes, None)
-    except FaultSpecError as exc:
-        raise UsageError(str(exc)) from None
-    for net in (f for f in faults if f.kind == "net"):  # `--inject net:bw=R` is `--net bw=R`
-        if ns.net is None:
-            ns.net = ",".join(f"{k}={v}" for k, v in net.params.items())
-            _validate_launch(ns)
 
 
 _RAY_ONLY = ("address", "min_nodes", "runtime_env", "dashboard")
