@@ -17,6 +17,7 @@ setup(
         "pulp>=2.8",
         "highspy",
         "zfec>=1.5",  # erasure codes for in-memory snapshots
+        "crc32c>=2.4",  # hardware CRC-32C: snapshot checksums every step
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "ray==2.60.0"],

@@ -97,6 +97,9 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False)
 
     Under ZeRO every rank owns a range of each unit; under ``ddp`` rank 0 alone stores unit data
     unless ``all_units`` (a snapshot: every rank must be able to restore from its own copy).
+    Tensors are the live ones until written; ``info`` and ``meta`` hold only values the next
+    step does not change in place (RNG states are copies), JSON-encoded when written
+    (:func:`to_json`), so a snapshot can be written in the background.
     """
     layout, comm = engine.layout, engine.comm
     parts = layout.parts if layout.shard_optim else 1
@@ -120,19 +123,17 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False)
                 tensors[f"plugin.{plugin.name}.{key}"] = Flat.of(value)
             else:
                 plugin_json.setdefault(plugin.name, {})[key] = _jsonable(value)
-    info = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
-            "plugins": plugin_json}
+    info = {"python": random.getstate(), "numpy": np.random.get_state(), "plugins": plugin_json}
+    units, aliases = _static_meta(engine)
     meta = {
         "format": FORMAT, "world_size": comm.topology.shape.world_size, "parts": parts,
-        "layout": layout.name, "step": engine.step,
-        "units": [{"padded": u.padded, "slots": [[s.name, list(s.shape), s.offset, s.group]
-                                                  for s in u.slots]} for u in layout.units],
+        "layout": layout.name, "step": engine.step, "units": units,
         "optimizer": {"class": type(layout.optimizer).__name__,
                       "param_groups": [_jsonable({k: v for k, v in g.items() if k != "params"})
                                        for g in layout.optimizer.param_groups],
                       "scalar_state": scalar_state},
         "scheduler": _jsonable(engine.scheduler.state_dict()) if engine.scheduler else None,
-        "aliases": _aliases(engine.model),
+        "aliases": aliases,
     }
     extra: dict[str, torch.Tensor] = {}
     if with_extra:
@@ -389,6 +390,27 @@ def consolidate(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------- helpers
+def _static_meta(engine: "Engine") -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The unit table and tied-parameter aliases: fixed once the model is wrapped, built once."""
+    cached = getattr(engine.layout, "_checkpoint_static", None)
+    if cached is None:
+        units = [{"padded": u.padded, "slots": [[s.name, list(s.shape), s.offset, s.group] for s in u.slots]}
+                 for u in engine.layout.units]
+        cached = engine.layout._checkpoint_static = (units, _aliases(engine.model))
+    return cached
+
+
+def to_json(obj: Any) -> str:
+    """JSON text of captured metadata (numpy arrays and tensors become lists, tuples lists)."""
+    return json.dumps(obj, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.ndarray, np.integer, np.floating)) or torch.is_tensor(obj):
+        return obj.tolist()
+    raise CheckpointError(f"cannot store {type(obj).__name__} in a checkpoint (JSON only)")
+
+
 def _aliases(model: torch.nn.Module) -> dict[str, str]:
     first: dict[int, str] = {}
     aliases = {}
@@ -413,7 +435,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj))
+    tmp.write_text(to_json(obj))
     os.replace(tmp, path)
 
 

@@ -109,6 +109,7 @@ class Engine:
                 plugin.after_backward(i, i == accum - 1)
             loss_sum += loss.detach().double()
         grad_norm = self._clip()
+        self._before_update()
         self.layout.optimizer_step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -247,7 +248,12 @@ class Engine:
     def load(self, directory: str) -> None:
         from dtrain.checkpoint import load
 
+        self._before_update()
         load(self, directory)
+
+    def _before_update(self) -> None:
+        for plugin in self.plugins:
+            plugin.before_update()
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one network namespace per node, inter-node links limited with tc tbf (root; iproute2)",
     )
     launch.add_argument("--no-progress", action="store_true", help="do not draw a progress bar on rank 0")
+    launch.add_argument("--start-method", choices=("forkserver", "spawn"), default="forkserver",
+                        help="forkserver (default): ranks are forked from one server that imported torch once; "
+                        "spawn: every rank is a fresh interpreter (local launcher; --net always spawns)")
     ray = launch.add_argument_group("Ray", "run on a Ray cluster: each node's NPROC ranks on one Ray node, "
                                     "NODES different Ray nodes (placement group, STRICT_SPREAD)")
     ray.add_argument("--ray", action="store_true", help="launch on Ray (without --address: a private "
@@ -199,6 +202,12 @@ def _launch(ns: argparse.Namespace) -> int:
         from dtrain.launch.ray_cluster import isolate_loopback
 
         isolate_loopback()
+    elif ns.net is None and ns.start_method == "forkserver":
+        # The fork server imports torch for the ranks while this process imports the agent.
+        from dtrain.launch import zygote
+        from dtrain.launch.env import process_defaults
+
+        zygote.start(process_defaults(None))
     from dtrain.launch.local import LaunchSpec, run_local
 
     spec = LaunchSpec(
@@ -214,6 +223,7 @@ def _launch(ns: argparse.Namespace) -> int:
         inject=list(ns.inject),
         progress=not ns.no_progress,
         net=ns.net,
+        start_method=ns.start_method,
     )
     if ns.ray:
         from dtrain.launch.ray_launch import RaySpec, run_ray

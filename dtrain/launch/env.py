@@ -31,7 +31,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["LaunchEnv", "read_launch_env", "RESTART_CAUSE_VAR", "FAILURE_TIME_VAR"]
+__all__ = ["LaunchEnv", "read_launch_env", "process_defaults", "RESTART_CAUSE_VAR", "FAILURE_TIME_VAR"]
 
 RESTART_CAUSE_VAR = "DTRAIN_RESTART_CAUSE"
 FAILURE_TIME_VAR = "DTRAIN_FAILURE_TIME"
@@ -184,3 +184,13 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         restart_cause=_optional_str(env, RESTART_CAUSE_VAR),
         failure_time=_failure_time(env),
     )
+
+
+def process_defaults(gloo_ifname: str | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Per-process defaults (one OMP thread, unbuffered output, gloo's interface), only where
+    ``environ`` (default: the launcher's environment) has not chosen already."""
+    environ = os.environ if environ is None else environ
+    defaults = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if gloo_ifname:
+        defaults["GLOO_SOCKET_IFNAME"] = gloo_ifname
+    return {key: value for key, value in defaults.items() if key not in environ}

@@ -48,7 +48,8 @@ from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousPa
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
-from dtrain.launch.env import FAILURE_TIME_VAR, RESTART_CAUSE_VAR
+from dtrain.launch import zygote
+from dtrain.launch.env import FAILURE_TIME_VAR, RESTART_CAUSE_VAR, process_defaults
 
 __all__ = [
     "LaunchSpec", "run_local", "format_failures", "dtrain_env", "contract_env", "process_defaults",
@@ -79,6 +80,10 @@ class LaunchSpec:
     monitor_interval_s: float = 0.1
     net: str | None = None
     """``bw=RATE[,latency=T][,burst=B]``: put each node in its own network namespace (dtrain.netns)."""
+    start_method: str = "forkserver"
+    """``forkserver``: ranks are forks of a server with torch preloaded (dtrain.launch.zygote);
+    ``spawn``: each rank is a fresh interpreter. Runs with ``net`` always spawn (a rank enters its
+    node's namespace before Python starts)."""
 
     @property
     def world_size(self) -> int:
@@ -102,16 +107,6 @@ def contract_env(spec: LaunchSpec) -> dict[str, str]:
     if spec.inject:
         env["DTRAIN_INJECT"] = json.dumps(list(spec.inject))
     return env
-
-
-def process_defaults(gloo_ifname: str | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Per-process defaults (one OMP thread, unbuffered output, gloo's interface), only where
-    ``environ`` (default: the launcher's environment) has not chosen already."""
-    environ = os.environ if environ is None else environ
-    defaults = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if gloo_ifname:
-        defaults["GLOO_SOCKET_IFNAME"] = gloo_ifname
-    return {key: value for key, value in defaults.items() if key not in environ}
 
 
 def restart_env(attempt: int, max_restarts: int, cause: str | None = None,
@@ -370,6 +365,8 @@ class _SimulatedNodesAgent(LocalElasticAgent):
             GROUP_WORLD_SIZE=str(self._dtrain_nodes),
         )
         worker_env.update(self._dtrain_env)  # includes the launcher's attempt count and restart cause
+        for key, value in os.environ.items():  # as a subprocess would inherit it (a forked rank
+            worker_env.setdefault(key, value)  # otherwise sees the fork server's older copy)
 
 
 def _quiet_elastic_logging() -> None:
@@ -496,12 +493,12 @@ def exit_status(failures: dict[int, Any]) -> int:
 
 
 def _run_attempt(spec: LaunchSpec, logs: "_PrefixedLogsSpecs", host: str, args: tuple[str, ...],
-                 env: dict[str, str], rdzv_id: str) -> Any:
+                 env: dict[str, str], rdzv_id: str, start_method: str) -> Any:
     """One attempt of the job on a fresh elastic agent (torch restarts nothing itself)."""
     worker_spec = WorkerSpec(
         role="dtrain",
         local_world_size=spec.world_size,
-        entrypoint=sys.executable,
+        entrypoint=zygote.run_script if start_method == "forkserver" else sys.executable,
         args=args,
         rdzv_handler=_loopback_rendezvous(rdzv_id, host),
         max_restarts=0,
@@ -511,7 +508,7 @@ def _run_attempt(spec: LaunchSpec, logs: "_PrefixedLogsSpecs", host: str, args: 
     agent = _SimulatedNodesAgent(
         spec=worker_spec,
         logs_specs=logs,
-        start_method="spawn",
+        start_method=start_method,
         shutdown_timeout=spec.shutdown_timeout_s,
         nproc=spec.nproc,
         nodes=spec.nodes,
@@ -533,6 +530,11 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
     logs = _PrefixedLogsSpecs(log_dir, out, err)
     hosts = None
     host, args, extra_env = "127.0.0.1", (spec.script, *spec.script_args), dtrain_env(spec)
+    start_method = "spawn" if spec.net else spec.start_method
+    if start_method not in ("forkserver", "spawn"):
+        raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {spec.start_method!r}")
+    if start_method == "forkserver":
+        zygote.start(process_defaults(None))  # at once unless the CLI started it already
     try:
         if spec.net:  # every node in its own namespace, inter-node links shaped (dtrain.netns)
             from dtrain import netns
@@ -552,7 +554,7 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
                 # of a failed attempt (store keys, sockets, half-dead ranks) leaks into the next.
                 for attempt in range(spec.max_restarts + 1):
                     attempt_env = dict(extra_env, **restart_env(attempt, spec.max_restarts, *(failure or ())))
-                    result = _run_attempt(spec, logs, host, args, attempt_env, f"{run_id}-{attempt}")
+                    result = _run_attempt(spec, logs, host, args, attempt_env, f"{run_id}-{attempt}", start_method)
                     if not result.is_failed():
                         break
                     rank = first_failure(result.failures)

@@ -77,6 +77,10 @@ class Plugin:
     def after_step(self, step: int) -> None:
         pass
 
+    def before_update(self) -> None:
+        """Called before the engine changes the trained state in place: the optimizer step of every
+        train step, and a ``load``. State handed out at ``after_step`` is valid until then."""
+
     def metrics(self) -> dict[str, float]:
         return {}
 

@@ -4,9 +4,14 @@ node's snapshot process; after a restart, restore the newest snapshot every rank
 What a rank hands over is exactly what a disk checkpoint holds for it (its shard of parameters
 and optimizer state, torch/CUDA/python/numpy RNG states, plugin state such as CO2's outer
 state) plus the shared metadata (step = data position, LR scheduler, optimizer hyperparameters),
-as one blob (:mod:`dtrain.snapshot.blob`). Training blocks only while that blob is copied into a
-shared-memory slot; checksums, erasure coding across nodes and the commit happen in the snapshot
-process (:mod:`dtrain.snapshot.daemon`).
+as one blob (:mod:`dtrain.snapshot.blob`). At ``after_step`` training blocks only to capture
+the state (RNG copies and references to the tensors, well under a millisecond); a background
+thread of the rank then lays the blob out, copies it into a shared-memory slot and hands it to
+the snapshot process, while the next step's forward and backward run. The parameters and
+optimizer state do not change before the next optimizer step, and the engine's
+``before_update`` hook waits for the copy there (normally long finished). Checksums, erasure
+coding across nodes and the commit happen in the snapshot process (:mod:`dtrain.snapshot.daemon`).
+A rank killed while its copy is in flight loses that snapshot, and restores the one before.
 
 Restore order at start-up: the newest step held in memory (rebuilding lost nodes from parity,
 and any shard whose checksum fails), else the newest complete step of the disk tier
@@ -23,6 +28,7 @@ import secrets
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +37,7 @@ from dtrain.plugins.base import Plugin, register
 from dtrain.snapshot import blob as blobs
 from dtrain.snapshot.client import DaemonClient, node_dir, run_dir
 from dtrain.snapshot.coding import GroupLayout
+from dtrain.snapshot.daemon import SLOTS
 from dtrain.snapshot.recovery import choose_in_memory, persisted_steps
 
 _FINGERPRINT_IGNORES = {"snapshot", "metrics", "checkpoint"}
@@ -63,8 +70,12 @@ class SnapshotPlugin(Plugin):
         self.k, self.m = k, m
         self.block_s = 0.0
         self.blob_bytes = 0
-        self.last_step = -1
+        self.last_step = -1  # newest step handed to the snapshot process (or restored)
+        self.captured_step = -1  # newest step captured (its write may still be in flight)
         self.client: DaemonClient | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="dtrain-snapshot")
+        self._pending: Future[None] | None = None
+        self._waited = 0.0
 
     # ------------------------------------------------------------------ start-up
     def _start(self) -> None:
@@ -99,17 +110,18 @@ class SnapshotPlugin(Plugin):
         comm.barrier()
 
     def _check_capacity(self) -> None:
-        """Refuse before training when /dev/shm cannot hold two snapshots plus parity."""
+        """Refuse before training when /dev/shm cannot hold the snapshot slots plus parity."""
         state = capture(self.engine, all_units=True, with_extra=True)
         mine = blobs.plan(state, 0, self.comm.rank, self.fingerprint).nbytes
         node_bytes = mine * len(self.local_ranks)
-        need = int(2 * node_bytes * (1 + self.m / self.k))
+        need = int(node_bytes * (SLOTS + 2 * self.m / self.k))
         shm = self.dir
         free = shutil.disk_usage(shm).free + sum(p.stat().st_size for p in shm.glob("r*.slot*"))
         if need > free:
             raise SnapshotError(
                 f"shared memory too small for snapshots: node {self.node} needs {need / 2**30:.2f} GiB "
-                f"(2 slots x {len(self.local_ranks)} ranks x {mine / 2**20:.1f} MiB, parity x{self.m}/{self.k}) "
+                f"({SLOTS} slots x {len(self.local_ranks)} ranks x {mine / 2**20:.1f} MiB, parity of two steps "
+                f"x{self.m}/{self.k}) "
                 f"but {shm.parent.parent} has {free / 2**30:.2f} GiB free; enlarge it "
                 f"(mount -o remount,size=... /dev/shm) or snapshot fewer ranks per node")
 
@@ -213,12 +225,30 @@ class SnapshotPlugin(Plugin):
 
     # ------------------------------------------------------------------ every step
     def after_step(self, step: int) -> None:
-        if step % self.cfg.every:
-            return
         start = time.perf_counter()
-        state = capture(self.engine, all_units=True, with_extra=True)
-        layout = self.engine.layout
-        plan = blobs.plan(state, step, self.comm.rank, self.fingerprint, layout.index if layout.shard_optim else 0)
+        if step % self.cfg.every == 0:
+            self.flush()
+            state = capture(self.engine, all_units=True, with_extra=True)
+            part = self.engine.layout.index if self.engine.layout.shard_optim else 0
+            self._pending = self._writer.submit(self._write, state, step, part)
+            self.captured_step = step
+        # what this step waited for snapshots: the capture now plus any wait before its update
+        self.block_s, self._waited = self._waited + time.perf_counter() - start, 0.0
+
+    def before_update(self) -> None:
+        start = time.perf_counter()
+        self.flush()
+        self._waited += time.perf_counter() - start
+
+    def flush(self) -> None:
+        """Wait until the snapshot in flight is in shared memory and handed over; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, state: Any, step: int, part: int) -> None:
+        """Background thread: lay out, reserve a slot, copy into it, tell the snapshot process."""
+        plan = blobs.plan(state, step, self.comm.rank, self.fingerprint, part)
         path = self.client.call("reserve", rank=self.comm.rank, step=step, nbytes=plan.nbytes,
                                 timeout_s=self.cfg.timeout_s, _wait=self.cfg.timeout_s + 30)["path"]
         fd = os.open(path, os.O_RDWR)
@@ -228,15 +258,15 @@ class SnapshotPlugin(Plugin):
         finally:
             os.close(fd)
         self.client.call("written", rank=self.comm.rank, step=step, path=path, nbytes=plan.nbytes)
-        self.block_s = time.perf_counter() - start
         self.blob_bytes = plan.nbytes
         self.last_step = step
 
     def metrics(self) -> dict[str, float]:
-        return {"snapshot_block_s": self.block_s, "snapshot_step": self.last_step,
+        return {"snapshot_block_s": self.block_s, "snapshot_step": self.captured_step,
                 "snapshot_bytes": self.blob_bytes, "snapshot_memory_overhead": (self.k + self.m) / self.k}
 
     def wait_committed(self, step: int, timeout_s: float = 60.0) -> bool:
+        self.flush()
         return bool(self.client.call("wait_commit", _wait=timeout_s + 10, step=step,
                                      timeout_s=timeout_s)["committed"])
 
@@ -244,6 +274,10 @@ class SnapshotPlugin(Plugin):
         """The run finished: the node's snapshot process is no longer needed."""
         if self.client is None:
             return
+        try:
+            self.flush()
+        finally:
+            self._writer.shutdown(wait=True)
         if self.last_step > 0:  # the final state reaches memory (and the disk tier) before we stop
             self.wait_committed(self.last_step)
         self.comm.barrier()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dtrain.checkpoint import CheckpointError, Flat, RankState, StateReader
+from dtrain.checkpoint import CheckpointError, Flat, RankState, StateReader, to_json
 from dtrain.snapshot.coding import checksum
 
 MAGIC = b"DTSNAP02"  # bump whenever the header changes: older blobs are refused, not misread
@@ -53,8 +53,8 @@ def plan(state: RankState, step: int, rank: int, fingerprint: str, part: int = 0
         offsets["extra." + name] = cursor
         table.append(["extra." + name, _dtype_name(tensor.dtype), tensor.numel(), list(tensor.shape), cursor])
         cursor = _align(cursor + tensor.numel() * tensor.element_size())
-    header = json.dumps({"step": step, "rank": rank, "part": part, "fingerprint": fingerprint, "meta": state.meta,
-                         "info": state.info, "tensors": table}).encode()
+    header = to_json({"step": step, "rank": rank, "part": part, "fingerprint": fingerprint, "meta": state.meta,
+                      "info": state.info, "tensors": table}).encode()
     data_start = _align(16 + len(header))
     return BlobPlan(header, data_start, offsets, data_start + cursor)
 

@@ -66,10 +66,23 @@ def daemon_pid(directory: Path) -> int | None:
     """PID of the live daemon serving ``directory``, or None."""
     try:
         pid = int(json.loads((directory / "daemon.json").read_text())["pid"])
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError, KeyError):
         return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie does not (a killed daemon whose parent rank died too stays
+    one until init reaps it, which can take seconds, while ``kill(pid, 0)`` still succeeds)."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill()
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 class DaemonClient:

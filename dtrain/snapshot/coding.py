@@ -10,23 +10,28 @@ Any ``m`` lost nodes of a group leave every stripe with at least ``k`` of its ``
 is enough to rebuild the lost chunks byte for byte.
 
 Parity uses zfec (systematic Reed-Solomon; any ``k`` of ``k+m`` blocks decode); for ``m = 1``
-a numpy XOR gives the same guarantee faster. Chunks of one stripe may differ in length (ranks
+a numpy XOR gives the same guarantee faster, and for ``k = 1`` every parity block is a copy of the
+one data chunk (replication), so the received chunk itself is kept. Chunks of one stripe may differ in length (ranks
 hold slightly different shard sizes): they are zero-padded to the longest, and the true lengths
 travel with the parity so a rebuilt chunk is trimmed back exactly.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
+import crc32c
 import numpy as np
 
 __all__ = ["GroupLayout", "encode_parity", "decode_chunk", "chunk_bounds", "checksum"]
 
 
-def checksum(data: object) -> int:
-    """CRC-32 of a bytes-like object (detects flipped bytes; cheap enough to run every step)."""
-    return zlib.crc32(data) & 0xFFFFFFFF  # type: ignore[arg-type]
+def checksum(data: object, value: int = 0) -> int:
+    """CRC-32C of a bytes-like object, continuing from ``value`` (detects flipped bytes).
+
+    The ``crc32c`` package uses the CPU's CRC instruction: ~15 GB/s here against ~2 GB/s for
+    zlib's CRC-32, which matters at one checksum of every node's state per training step.
+    """
+    return crc32c.crc32c(data, value)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -79,24 +84,30 @@ def chunk_bounds(total: int, k: int, chunk: int) -> tuple[int, int]:
     return a, min(total, a + size)
 
 
-def _padded(chunks: list[bytes]) -> tuple[list[bytes], int]:
-    width = max((len(c) for c in chunks), default=0)
-    width += (-width) % 8  # whole uint64 words for the XOR path
-    return [bytes(c) + b"\0" * (width - len(c)) for c in chunks], width
+def _xor_into(acc: np.ndarray, block: object) -> None:
+    """``acc[:len(block)] ^= block`` on bytes, without copying ``block`` (shorter blocks: zero-padded)."""
+    data = np.frombuffer(block, dtype=np.uint8)  # type: ignore[call-overload]
+    np.bitwise_xor(acc[:data.size], data, out=acc[:data.size])
 
 
-def encode_parity(chunks: list[bytes], k: int, m: int, index: int) -> bytes:
-    """Parity block ``index`` (0..m-1) of one stripe's ``k`` data chunks (in data-node order)."""
+def encode_parity(chunks: list, k: int, m: int, index: int) -> bytes | bytearray | memoryview:
+    """Parity block ``index`` (0..m-1) of one stripe's ``k`` data chunks (in data-node order).
+
+    With ``k = 1`` the block is the chunk itself (no copy): parity of one chunk is a replica.
+    """
     if len(chunks) != k:
         raise ValueError(f"a stripe needs {k} data chunks, got {len(chunks)}")
-    blocks, width = _padded(chunks)
+    if k == 1:
+        return chunks[0]
+    width = max((len(c) for c in chunks), default=0)
     if m == 1:
-        acc = np.zeros(width // 8, dtype=np.uint64)
-        for b in blocks:
-            acc ^= np.frombuffer(b, dtype=np.uint64)
-        return acc.tobytes()
+        acc = np.zeros(width, dtype=np.uint8)
+        for c in chunks:
+            _xor_into(acc, c)
+        return acc.data
     import zfec
 
+    blocks = [bytes(c) + b"\0" * (width - len(c)) for c in chunks]
     return bytes(zfec.Encoder(k, k + m).encode(tuple(blocks), (k + index,))[0])
 
 
@@ -110,16 +121,18 @@ def decode_chunk(available: dict[int, bytes], k: int, m: int, want: int, length:
         return bytes(available[want][:length])
     if len(available) < k:
         raise ValueError(f"cannot rebuild: {len(available)} of the {k} blocks needed survive")
+    if k == 1:  # every block is a replica of the one data chunk
+        return bytes(next(iter(available.values()))[:length])
     width = max(len(b) for b in available.values())
-    width += (-width) % 8
-    blocks = {n: bytes(b) + b"\0" * (width - len(b)) for n, b in available.items()}
     if m == 1:
-        acc = np.zeros(width // 8, dtype=np.uint64)
-        for n, b in blocks.items():
+        acc = np.zeros(width, dtype=np.uint8)
+        for n, b in available.items():
             if n != want:
-                acc ^= np.frombuffer(b, dtype=np.uint64)
+                _xor_into(acc, b)
         return acc.tobytes()[:length]
     import zfec
+
+    blocks = {n: bytes(b) + b"\0" * (width - len(b)) for n, b in available.items()}
 
     nums = sorted(blocks)[:k]
     decoded = zfec.Decoder(k, k + m).decode(tuple(blocks[n] for n in nums), tuple(nums))

@@ -7,9 +7,10 @@ authenticated (``multiprocessing.connection`` HMAC keys) and carry JSON headers 
 
 Per snapshot step ``s`` (see :mod:`dtrain.snapshot.coding` for the stripe layout):
 
-1. each local rank ``reserve``-s a slot (a file in the node's /dev/shm directory, mode 0600, two
-   per rank so the last committed snapshot survives while the next is written), copies its blob
-   in, and says ``written`` -- the only part that blocks training;
+1. each local rank ``reserve``-s a slot (a file in the node's /dev/shm directory, mode 0600,
+   :data:`SLOTS` per rank: the last committed snapshot survives while the previous step is still
+   being coded and the next is written), copies its blob in, and says ``written``; a rank does
+   this in a background thread (:mod:`dtrain.plugins.snapshot`);
 2. the daemon's worker thread checksums the node's blobs (CRC-32) and sends each data chunk to the
    parity holders of its stripe; a parity holder encodes once it has all ``k`` chunks;
 3. a node whose blobs are checksummed, chunks delivered and parity blocks encoded is *complete*
@@ -42,6 +43,8 @@ from dtrain.snapshot import wire
 from dtrain.snapshot.coding import GroupLayout, checksum, chunk_bounds, decode_chunk, encode_parity
 
 Table = list[list[int]]  # [[rank, nbytes, crc], ...] in local-rank order
+SLOTS = 3  # per rank: the newest committed step, one still being coded, the one being written
+NICE = 10  # coding yields to training on a busy node; it needs a few % of one core
 
 
 @dataclass
@@ -267,7 +270,7 @@ class Daemon:
                 keep_from = max(committed, default=-1)
                 busy = {st.blobs[rank][0] for s, st in self.steps.items()
                         if s >= keep_from and s != step and rank in st.blobs}
-                free = [p for p in (self._slot(rank, 0), self._slot(rank, 1)) if p not in busy]
+                free = [p for p in (self._slot(rank, i) for i in range(SLOTS)) if p not in busy]
                 if free:
                     break
                 left = deadline - time.monotonic()
@@ -356,22 +359,19 @@ class Daemon:
             if st is None:
                 return
             blobs = [(r, *st.blobs[r]) for r in self.local_ranks]
-        table = []
-        for rank, path, nbytes in blobs:
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), nbytes, prot=mmap.PROT_READ) as mm:
-                table.append([rank, nbytes, checksum(mm)])
-        with self.cv:
-            st.table = table
-        node_blob = _NodeBlob([(p, n) for _, p, n in blobs])
-        k = self.group.k
-        for c, stripe in enumerate(self.group.data_stripes(self.node)):
-            a, b = chunk_bounds(node_blob.total, k, c)
-            chunk = node_blob.read(a, b)
-            for p in self.group.parity_nodes(stripe):
-                if p == self.node:
-                    self._receive_chunk(step, stripe, self.node, chunk, table)
-                else:
-                    self._peer(p, {"op": "chunk", "step": step, "stripe": stripe, "table": table}, chunk)
+        with _NodeBlob([(p, n) for _, p, n in blobs]) as node_blob:
+            table = [[rank, nbytes, checksum(view)] for (rank, _, nbytes), view in zip(blobs, node_blob.views)]
+            with self.cv:
+                st.table = table
+            k = self.group.k
+            for c, stripe in enumerate(self.group.data_stripes(self.node)):
+                a, b = chunk_bounds(node_blob.total, k, c)
+                for p in self.group.parity_nodes(stripe):
+                    if p == self.node:
+                        self._receive_chunk(step, stripe, self.node, node_blob.read(a, b), table)
+                    else:  # sent from the slots themselves, without joining the pieces
+                        self._peer(p, {"op": "chunk", "step": step, "stripe": stripe, "table": table},
+                                   node_blob.pieces(a, b))
         with self.cv:
             st.sent = True
         self._check_complete(step)
@@ -462,9 +462,9 @@ class Daemon:
             table = st.table
             files = [(st.blobs[r][0], n) for r, n, _ in table]
         c = self.group.data_stripes(self.node).index(stripe)
-        blob = _NodeBlob(files)
-        a, b = chunk_bounds(blob.total, self.group.k, c)
-        return {"table": table}, blob.read(a, b)
+        with _NodeBlob(files) as blob:
+            a, b = chunk_bounds(blob.total, self.group.k, c)
+            return {"table": table}, blob.read(a, b)
 
     # ------------------------------------------------------------------ rebuild
     def _rebuild(self, step: int) -> None:
@@ -551,23 +551,42 @@ class Daemon:
 
 
 class _NodeBlob:
-    """The concatenation of a node's rank blobs, read by byte range across the slot files."""
+    """The concatenation of a node's rank blobs, mapped from their slot files (a context manager)."""
 
     def __init__(self, files: list[tuple[str, int]]) -> None:
         self.files = files
         self.total = sum(n for _, n in files)
+        self._maps: list[mmap.mmap] = []
+        self.views: list[memoryview] = []
+
+    def __enter__(self) -> "_NodeBlob":
+        for path, n in self.files:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ) if n else None
+            self._maps.append(mm)  # type: ignore[arg-type]
+            self.views.append(memoryview(mm) if mm is not None else memoryview(b""))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for view in self.views:
+            view.release()
+        for mm in self._maps:
+            if mm is not None:
+                mm.close()
+        self.views, self._maps = [], []
+
+    def pieces(self, a: int, b: int) -> list[memoryview]:
+        """Byte range [a, b) as views into the slots (valid until the context exits)."""
+        out, start = [], 0
+        for view in self.views:
+            lo, hi = max(a, start), min(b, start + len(view))
+            if lo < hi:
+                out.append(view[lo - start:hi - start])
+            start += len(view)
+        return out
 
     def read(self, a: int, b: int) -> bytes:
-        out = bytearray()
-        start = 0
-        for path, n in self.files:
-            lo, hi = max(a, start), min(b, start + n)
-            if lo < hi:
-                with open(path, "rb") as f:
-                    f.seek(lo - start)
-                    out += f.read(hi - lo)
-            start += n
-        return bytes(out)
+        return b"".join(self.pieces(a, b))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -592,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-s", type=float, default=120.0)
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    os.nice(NICE)
     key = (Path(args.dir) / "key").read_bytes()
     daemon = Daemon(args)
     try:

@@ -3,42 +3,78 @@
 Messages travel over :mod:`multiprocessing.connection` (Unix sockets between a rank and its node's
 snapshot process, TCP between snapshot processes), authenticated with HMAC keys by that module.
 Headers are JSON and payloads raw bytes, so nothing received is ever unpickled.
+
+A header is one ``send_bytes`` message that says how many payload bytes follow (``_nbytes``). The
+payload then goes straight over the connection's socket: written from the sender's buffers (a
+chunk is sent from the shared-memory slots it lives in, as several pieces, without joining them)
+and read into one preallocated buffer. ``Connection.recv_bytes`` would copy every byte twice more,
+and a node's whole state crosses the wire every step.
 """
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from multiprocessing.connection import Client, Connection
-from typing import Any
+from typing import Any, Union
 
-__all__ = ["send", "recv", "request", "connect", "RemoteError"]
+__all__ = ["send", "recv", "request", "reply", "connect", "RemoteError", "Payload"]
+
+Payload = Union[bytes, bytearray, memoryview, Sequence[Union[bytes, bytearray, memoryview]]]
 
 
 class RemoteError(RuntimeError):
     """The other side answered a request with an error message."""
 
 
-def send(conn: Connection, header: dict[str, Any], payload: bytes | memoryview | None = None) -> None:
-    conn.send_bytes(json.dumps({**header, "_payload": payload is not None}).encode())
-    if payload is not None:
-        conn.send_bytes(payload)
+def _pieces(payload: Payload | None) -> list[memoryview]:
+    if payload is None:
+        return []
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        payload = [payload]
+    return [memoryview(p).cast("B") for p in payload]
 
 
-def recv(conn: Connection) -> tuple[dict[str, Any], bytes | None]:
+def send(conn: Connection, header: dict[str, Any], payload: Payload | None = None) -> None:
+    pieces = _pieces(payload)
+    nbytes = sum(p.nbytes for p in pieces) if payload is not None else None
+    conn.send_bytes(json.dumps({**header, "_nbytes": nbytes}).encode())
+    fd = conn.fileno()
+    for piece in pieces:
+        while piece.nbytes:
+            piece = piece[os.write(fd, piece):]
+
+
+def recv(conn: Connection) -> tuple[dict[str, Any], bytearray | None]:
     header = json.loads(conn.recv_bytes())
-    payload = conn.recv_bytes() if header.pop("_payload") else None
-    return header, payload
+    nbytes = header.pop("_nbytes")
+    if nbytes is None:
+        return header, None
+    data = bytearray(nbytes)
+    view, got, fd = memoryview(data), 0, conn.fileno()
+    while got < nbytes:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            raise EOFError(f"connection closed after {got} of {nbytes} payload bytes")
+        got += n
+    return header, data
 
 
-def request(conn: Connection, header: dict[str, Any], payload: bytes | memoryview | None = None,
-            timeout_s: float | None = None) -> tuple[dict[str, Any], bytes | None]:
+def request(conn: Connection, header: dict[str, Any], payload: Payload | None = None,
+            timeout_s: float | None = None) -> tuple[dict[str, Any], bytearray | None]:
     """Send one request and wait for its reply; an ``error`` reply raises :class:`RemoteError`."""
     send(conn, header, payload)
+    return reply(conn, header.get("op"), timeout_s)
+
+
+def reply(conn: Connection, op: Any = None, timeout_s: float | None = None) -> tuple[dict[str, Any], bytearray | None]:
+    """Wait for the reply to a request sent earlier with :func:`send`."""
     if timeout_s is not None and not conn.poll(timeout_s):
-        raise TimeoutError(f"no reply to {header.get('op')!r} within {timeout_s:g} s")
-    reply, data = recv(conn)
-    if "error" in reply:
-        raise RemoteError(reply["error"])
-    return reply, data
+        raise TimeoutError(f"no reply to {op!r} within {timeout_s:g} s")
+    answer, data = recv(conn)
+    if "error" in answer:
+        raise RemoteError(answer["error"])
+    return answer, data
 
 
 def connect(address: Any, key: bytes) -> Connection:

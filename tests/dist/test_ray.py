@@ -335,3 +335,39 @@ def test_ctrl_c_or_dead_driver_stops_every_rank(cluster: RayCluster, tmp_path: P
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "dtrain: received SIGINT, stopped all ranks" in err, err
     assert all(_gone(pid) for pid in pids.values()), pids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_fake_cluster_script_runs_a_job_on_separate_hosts(tmp_path: Path) -> None:
+    """cluster/fake_cluster.py: up (2 namespace hosts, 1 Gbit tbf links, Ray head + worker), exec a
+    2-node job with --address auto, down; the job matches the local launcher and its nodes are two
+    different host addresses."""
+    script = REPO / "cluster" / "fake_cluster.py"
+    if Path("/tmp/dtrain-fake-cluster/state.json").exists():
+        pytest.skip("a fake cluster is already up on this machine")
+    ref = _local("--nodes", "2", "--nproc", "1", "--no-progress", *TRAIN)
+    up = subprocess.Popen([sys.executable, str(script), "up", "--nodes", "2", "--cpus", "1", "--bw", "1gbit"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                          start_new_session=True)
+    try:
+        assert up.stdout is not None
+        seen = []
+        for line in up.stdout:  # blocks until the cluster is up (or `up` failed and closed stdout)
+            seen.append(line)
+            if line.startswith("fake cluster up"):
+                break
+        assert seen and seen[-1].startswith("fake cluster up"), "".join(seen)
+        got = subprocess.run([sys.executable, str(script), "exec", "--", sys.executable, "-m", "dtrain.launch.cli",
+                              "launch", "--ray", "--address", "auto", "--nodes", "2", "--nproc", "1",
+                              "--no-progress", *TRAIN], capture_output=True, text=True, timeout=240, cwd=REPO)
+        assert _sha(got) == _sha(ref)
+        hosts = dict(re.findall(r"dtrain: node (\d) on (10\.231\.\d+\.\d+) \(Ray node", got.stderr))
+        assert sorted(hosts) == ["0", "1"] and len(set(hosts.values())) == 2, got.stderr
+    finally:
+        subprocess.run([sys.executable, str(script), "down"], capture_output=True, timeout=90)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+    assert not Path("/tmp/dtrain-fake-cluster/state.json").exists()
