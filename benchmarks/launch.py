@@ -225,12 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
-    if any(v.startswith("raytrain") for v in variants):
-        try:
-            import ray.train.torch  # noqa: F401
-        except ImportError as exc:
-            p.error(f"the raytrain variants need Ray Train ({exc}); pip install 'ray[train]==2.60.0' "
-                    "or pass --variants local,ray,ray-warm")
     from dtrain.launch.ray_cluster import FAST_HEALTH_CHECKS, isolate_loopback
 
     load_start = os.getloadavg()
@@ -245,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                       RAY_TMPDIR=str(tmp), RAY_TRAIN_ENABLE_PRINT_PATCH="0")
     (tmp / "ray").mkdir()
+    # Only now: importing Ray Train reads RAY_AUTH_MODE, which must already say "token".
+    if any(v.startswith("raytrain") for v in variants):
+        try:
+            import ray.train.torch  # noqa: F401
+        except ImportError as exc:
+            p.error(f"the raytrain variants need Ray Train ({exc}); pip install 'ray[train]==2.60.0' "
+                    "or pass --variants local,ray,ray-warm")
     cluster = None
     results: list[dict[str, Any]] = []
     report: list[float] = []

@@ -92,31 +92,24 @@ class RankState:
     """Frozen parameters and persistent buffers by name (empty unless asked for)."""
 
 
-def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False) -> RankState:
-    """This rank's state without copying tensor data.
+@dataclass
+class Volatile:
+    """The part of a rank's state that the next forward and backward may change, taken as copies:
+    RNG states, plugin state, persistent buffers (BatchNorm updates its statistics in forward)."""
 
-    Under ZeRO every rank owns a range of each unit; under ``ddp`` rank 0 alone stores unit data
-    unless ``all_units`` (a snapshot: every rank must be able to restore from its own copy).
-    Tensors are the live ones until written; ``info`` and ``meta`` hold only values the next
-    step does not change in place (RNG states are copies), JSON-encoded when written
-    (:func:`to_json`), so a snapshot can be written in the background.
-    """
-    layout, comm = engine.layout, engine.comm
-    parts = layout.parts if layout.shard_optim else 1
-    writes_units = layout.shard_optim or comm.rank == 0 or all_units
+    tensors: dict[str, Flat]
+    info: dict[str, Any]
+    buffers: dict[str, torch.Tensor]
+
+
+def capture_volatile(engine: "Engine", with_extra: bool = False) -> Volatile:
+    """Copies of what changes before the next optimizer step; the rest of :func:`capture` does not."""
     tensors: dict[str, Flat] = {"rng.torch": Flat.of(torch.get_rng_state())}
     if engine.device.type == "cuda":
         tensors["rng.cuda"] = Flat.of(torch.cuda.get_rng_state(engine.device))
-    scalar_state: list[dict[str, Any]] = [{} for _ in layout.optimizer.param_groups]
-    for unit in layout.units:
-        lo, hi = unit.shard_range(parts, layout.index if layout.shard_optim else 0)
-        optim = _optim_pieces(layout, unit, lo, hi, scalar_state)
-        if writes_units:
-            tensors[f"u{unit.index}.param"] = Flat.of(unit.shard if layout.shard_optim else unit.full[lo:hi])
-            tensors.update({f"u{unit.index}.optim.{key}": flat for key, flat in optim.items()})
     plugin_json: dict[str, dict[str, Any]] = {}
     for plugin in engine.plugins:
-        if plugin is layout:
+        if plugin is engine.layout:
             continue
         for key, value in plugin.state_dict().items():
             if torch.is_tensor(value):
@@ -124,7 +117,38 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False)
             else:
                 plugin_json.setdefault(plugin.name, {})[key] = _jsonable(value)
     info = {"python": random.getstate(), "numpy": np.random.get_state(), "plugins": plugin_json}
-    units, aliases = _static_meta(engine)
+    buffers = {}
+    if with_extra:
+        buffers = {f"buffer.{n}": engine.model.get_buffer(n).detach().clone() for n in _static_meta(engine)[2]}
+    return Volatile(tensors, info, buffers)
+
+
+def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False,
+            volatile: Volatile | None = None) -> RankState:
+    """This rank's state without copying parameter or optimizer data.
+
+    Under ZeRO every rank owns a range of each unit; under ``ddp`` rank 0 alone stores unit data
+    unless ``all_units`` (a snapshot: every rank must be able to restore from its own copy).
+    ``volatile`` (taken earlier with :func:`capture_volatile`, default: now) supplies the RNG,
+    plugin and buffer state. Everything else read here (parameters, optimizer state and scalars,
+    LR scheduler, step) changes only in the next optimizer step, so a snapshot captures
+    ``volatile`` at the end of a step and the rest in a background thread while the next step's
+    forward and backward run (:mod:`dtrain.plugins.snapshot`). ``info`` and ``meta`` are
+    JSON-encoded when written (:func:`to_json`).
+    """
+    volatile = volatile if volatile is not None else capture_volatile(engine, with_extra)
+    layout, comm = engine.layout, engine.comm
+    parts = layout.parts if layout.shard_optim else 1
+    writes_units = layout.shard_optim or comm.rank == 0 or all_units
+    tensors = dict(volatile.tensors)
+    scalar_state: list[dict[str, Any]] = [{} for _ in layout.optimizer.param_groups]
+    for unit in layout.units:
+        lo, hi = unit.shard_range(parts, layout.index if layout.shard_optim else 0)
+        optim = _optim_pieces(layout, unit, lo, hi, scalar_state)
+        if writes_units:
+            tensors[f"u{unit.index}.param"] = Flat.of(unit.shard if layout.shard_optim else unit.full[lo:hi])
+            tensors.update({f"u{unit.index}.optim.{key}": flat for key, flat in optim.items()})
+    units, aliases, _, _ = _static_meta(engine)
     meta = {
         "format": FORMAT, "world_size": comm.topology.shape.world_size, "parts": parts,
         "layout": layout.name, "step": engine.step, "units": units,
@@ -137,10 +161,9 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False)
     }
     extra: dict[str, torch.Tensor] = {}
     if with_extra:
-        model = engine.model
-        extra = {f"buffer.{n}": b.detach() for n, b in _persistent_buffers(model)}
-        extra.update({f"frozen.{n}": p.detach() for n, p in model.named_parameters() if not p.requires_grad})
-    return RankState(tensors, info, meta, extra)
+        extra = dict(volatile.buffers)
+        extra.update({f"frozen.{n}": engine.model.get_parameter(n).detach() for n in _static_meta(engine)[3]})
+    return RankState(tensors, volatile.info, meta, extra)
 
 
 def _optim_pieces(layout, unit, lo: int, hi: int, scalar_state: list[dict[str, Any]]) -> dict[str, Flat]:
@@ -390,13 +413,17 @@ def consolidate(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _static_meta(engine: "Engine") -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The unit table and tied-parameter aliases: fixed once the model is wrapped, built once."""
+def _static_meta(engine: "Engine") -> tuple[list[dict[str, Any]], dict[str, str], list[str], list[str]]:
+    """Unit table, tied-parameter aliases, persistent buffer names and frozen parameter names:
+    fixed once the model is wrapped, so built once."""
     cached = getattr(engine.layout, "_checkpoint_static", None)
     if cached is None:
+        model = engine.model
         units = [{"padded": u.padded, "slots": [[s.name, list(s.shape), s.offset, s.group] for s in u.slots]}
                  for u in engine.layout.units]
-        cached = engine.layout._checkpoint_static = (units, _aliases(engine.model))
+        buffers = [n for n, _ in _persistent_buffers(model)]
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        cached = engine.layout._checkpoint_static = (units, _aliases(model), buffers, frozen)
     return cached
 
 

@@ -41,6 +41,11 @@ class Engine:
         self.comm, self.device = runtime.comm, runtime.device
         self.model = model.to(self.device)
         self.step = 0
+        self.loss_level = "global"
+        """Over whom ``train_step``'s loss is averaged; a plugin whose workers train separate
+        replicas (co2) narrows it to the worker (``node`` or ``rank``), and the global figures
+        of each step are then reduced in the background (``_record_deferred``)."""
+        self._deferred: tuple | None = None
         self.layout: LayoutPlugin = plugin_class(layout_name(config.zero.stage))()  # type: ignore[assignment]
         self.plugins: list[Plugin] = [self.layout, *(cls() for cls in enabled_plugins(config))]
         for plugin in self.plugins:
@@ -171,35 +176,78 @@ class Engine:
 
     def _record(self, local_loss: torch.Tensor, tokens: int, step_time: float,
                 grad_norm: float | None) -> torch.Tensor:
+        if self.loss_level != "global":
+            return self._record_deferred(local_loss, tokens, step_time, grad_norm)
         sums = torch.tensor([float(local_loss), float(tokens)], dtype=torch.float64, device=self.device)
         self.comm.all_reduce(sums)
         loss = sums[0] / self.runtime.world_size
         if not self._wants_metrics():
             return loss.float()
+        maxes = torch.tensor(self._local_stats(step_time), dtype=torch.float64, device=self.device)
+        self.comm.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
+        self._write_record(self.step, float(sums[0]), float(sums[1]), maxes.tolist(), grad_norm,
+                           self._plugin_metrics())
+        return loss.float()
+
+    def _record_deferred(self, local_loss: torch.Tensor, tokens: int, step_time: float,
+                         grad_norm: float | None) -> torch.Tensor:
+        """Workers train separate replicas between outer syncs (co2 sets ``loss_level``): the loss
+        returned is this worker's mean, and the step's global figures travel in one asynchronous
+        all-gather whose record is written at the next step, so no step waits on the inter-node
+        link (where a 16-byte collective queues behind the outer sync's bytes)."""
+        loss = local_loss.detach().double().reshape(1).clone()
+        if self.loss_level != "rank":
+            self.comm.all_reduce(loss, self.loss_level)
+            loss /= self.comm.size(self.loss_level)
+        self._finish_deferred()
+        if self._wants_metrics():
+            mine = torch.tensor([float(local_loss), float(tokens), *self._local_stats(step_time)],
+                                dtype=torch.float64, device=self.device)
+            gathered = torch.empty(self.runtime.world_size * mine.numel(), dtype=mine.dtype, device=self.device)
+            handle = self.comm.all_gather(gathered, mine, async_op=True)
+            self._deferred = (handle, gathered, mine.numel(), self.step, grad_norm, self._plugin_metrics())
+        return loss.float()[0]
+
+    def _finish_deferred(self) -> None:
+        """Write the record of the step whose global figures are still in flight, if any."""
+        if self._deferred is None:
+            return
+        handle, gathered, width, step, grad_norm, plugins = self._deferred
+        self._deferred = None
+        handle.wait()
+        rows = gathered.view(-1, width)
+        sums, maxes = rows[:, :2].sum(0), rows[:, 2:].max(0).values
+        self._write_record(step, float(sums[0]), float(sums[1]), maxes.tolist(), grad_norm, plugins)
+
+    def _local_stats(self, step_time: float) -> list[float]:
+        """This rank's figures that the record takes the maximum of over ranks."""
         levels = [name for name, _ in self.comm.topology.shape.levels]
-        sent = {lvl: self.comm.bytes_sent.get(lvl, 0) - self._comm_seen.get(lvl, 0) for lvl in levels}
+        sent = [self.comm.bytes_sent.get(lvl, 0) - self._comm_seen.get(lvl, 0) for lvl in levels]
         self._comm_seen = dict(self.comm.bytes_sent)
         sb = self.state_bytes()
-        maxes = torch.tensor([peak_rss_bytes(), sb["params"], sb["grads"], sb["optim"], step_time,
-                              *sent.values()], dtype=torch.float64, device=self.device)
-        self.comm.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
-        m = maxes.tolist()
-        step_time = m[4]
-        self._totals["tokens"] += float(sums[1])
+        return [peak_rss_bytes(), sb["params"], sb["grads"], sb["optim"], step_time, *sent]
+
+    def _plugin_metrics(self) -> dict[str, Any]:
+        return {k: v for p in self.plugins for k, v in p.metrics().items()}
+
+    def _write_record(self, step: int, loss_sum: float, tokens: float, maxes: list[float],
+                      grad_norm: float | None, plugins: dict[str, Any]) -> None:
+        levels = [name for name, _ in self.comm.topology.shape.levels]
+        step_time = maxes[4]
+        self._totals["tokens"] += tokens
         self._totals["time_s"] += step_time
         record = {
-            "step": self.step, "loss": float(loss), "step_time_s": step_time,
-            "tokens_per_s": float(sums[1]) / step_time if step_time > 0 else 0.0,
-            "peak_rss_bytes": int(m[0]),
-            "state_bytes": {"params": int(m[1]), "grads": int(m[2]), "optim": int(m[3])},
-            "comm_bytes": {lvl: int(v) for lvl, v in zip(levels, m[5:])},
+            "step": step, "loss": loss_sum / self.runtime.world_size, "step_time_s": step_time,
+            "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
+            "peak_rss_bytes": int(maxes[0]),
+            "state_bytes": {"params": int(maxes[1]), "grads": int(maxes[2]), "optim": int(maxes[3])},
+            "comm_bytes": {lvl: int(v) for lvl, v in zip(levels, maxes[5:])},
             "restarts": self.restarts,
-            "plugins": {k: v for p in self.plugins for k, v in p.metrics().items()},
+            "plugins": plugins,
         }
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         self.metrics.write(record)
-        return loss.float()
 
     def _wants_metrics(self) -> bool:
         # Every rank must take the same branch: the decision may not depend on rank-0-only state.
@@ -218,6 +266,7 @@ class Engine:
         if self._closed:
             return {}
         self._closed = True
+        self._finish_deferred()
         summary = {"summary": True, "steps": self.step, "tokens": int(self._totals["tokens"]),
                    "time_s": self._totals["time_s"], "restarts": self.restarts,
                    "param_sha256": self.param_sha256(),

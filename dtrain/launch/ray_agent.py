@@ -45,6 +45,8 @@ class PollResult:
     stderr: dict[int, bytes] = field(default_factory=dict)
     exited: list[RankExit] = field(default_factory=list)
     running: int = 0
+    spawn: list[str] | None = None
+    """A rank's request for this node's snapshot process (its arguments; see dtrain.snapshot.ray_host)."""
 
 
 def interface_of(address: str) -> str | None:
@@ -110,6 +112,7 @@ class NodeAgent:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.pipes: dict[int, tuple[_Pipe, _Pipe]] = {}
         self.exits: dict[int, RankExit] = {}
+        self.run_id: str | None = None
 
     def info(self) -> dict[str, object]:
         """Where this actor runs: node IP, host name, pid, and a free port on the node IP."""
@@ -124,6 +127,7 @@ class NodeAgent:
         """Start one process per entry of ``rank_envs`` (global rank -> its extra environment)."""
         self.stop()
         self.exits = {}
+        self.run_id = next(iter(rank_envs.values()), {}).get("DTRAIN_RUN_ID")
         for rank, extra in sorted(rank_envs.items()):
             env = {k: v for k, v in {**os.environ, **extra}.items() if k not in _NOT_FOR_RANKS}
             proc = subprocess.Popen([sys.executable, *argv], env=env, stdin=subprocess.DEVNULL,
@@ -151,6 +155,11 @@ class NodeAgent:
             result.stderr[rank] = err.drain()
         result.exited = sorted(self.exits.values(), key=lambda e: e.rank)
         result.running = sum(1 for p in self.procs.values() if p.poll() is None)
+        if self.run_id is not None:
+            from dtrain.snapshot.client import node_dir, run_dir  # torch-free
+            from dtrain.snapshot.ray_host import read_request
+
+            result.spawn = read_request(node_dir(run_dir(self.run_id), self.node_index))
         return result
 
     def stop(self, grace_s: float = 3.0) -> PollResult:

@@ -38,6 +38,7 @@ from dtrain.launch.local import (
     format_failures, process_defaults, restart_env, signals_raise,
 )
 from dtrain.launch.ray_agent import NodeAgent, RankExit
+from dtrain.snapshot.client import SPAWN_VAR
 from dtrain.launch.ray_cluster import RayUnavailable, ray_session
 
 __all__ = ["RaySpec", "run_ray", "PASSTHROUGH_VARS"]
@@ -111,6 +112,7 @@ class _Job:
         self.lost: list[str] = []  # descriptions of nodes lost during the job
         self.extra_defaults: dict[str, str] = {}  # per-rank defaults the user's environment may override
         self.run_id = f"dtrain-{uuid.uuid4().hex[:12]}"  # stable across attempts (snapshot processes)
+        self.snapshot_hosts: dict[str, Any] = {}  # Ray node id -> its SnapshotHost actor (whole job)
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -238,6 +240,7 @@ class _Job:
         n, m = job.nproc, len(nodes)
         base = contract_env(dataclasses.replace(job, nodes=m))
         base["DTRAIN_RUN_ID"] = self.run_id
+        base[SPAWN_VAR] = "request"  # snapshot processes are Ray actors started here (dtrain.snapshot.ray_host)
         base.update(restart_env(attempt, job.max_restarts, *(restart or (None, None))))
         chosen = {k: os.environ[k] for k in PASSTHROUGH_VARS if k in os.environ}
         out: dict[int, dict[int, dict[str, str]]] = {}
@@ -334,6 +337,8 @@ class _Job:
                     lost[index] = time.time()
                     continue
                 self._write(files, result)
+                if result.spawn:
+                    self._start_snapshot_host(by_index[index], result.spawn)
                 answered_at[index] = issued
                 for e in result.exited:
                     exits[e.rank] = e
@@ -349,6 +354,36 @@ class _Job:
             if lost or heard_from_all or time.monotonic() - failed_at > self.spec.failure_grace_s:
                 return self._failure([by_index[i] for i in sorted(lost)], failed, lost)
             time.sleep(max(0.0, self.spec.poll_interval_s - (time.monotonic() - now)))
+
+    def _start_snapshot_host(self, node: _Node, argv: list[str]) -> None:
+        """Start (or find) the Ray actor that is ``node``'s snapshot process; it serves until the job ends."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from dtrain.snapshot.ray_host import SnapshotHost
+
+        node_id = str(node.info["node_id"])
+        host = self.snapshot_hosts.get(node_id)
+        if host is None:
+            host = self.snapshot_hosts[node_id] = ray.remote(SnapshotHost).options(
+                num_cpus=0, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+        try:
+            ray.get(host.start.remote(argv), timeout=60)
+        except Exception as exc:  # the rank waiting for it reports the failure; say why here
+            self.snapshot_hosts.pop(node_id, None)
+            self.say(f"dtrain: could not start the snapshot process of node {node.index} as a Ray actor: "
+                     f"{' '.join(str(exc).split())[:300]}")
+
+    def _end_snapshot_hosts(self) -> None:
+        import ray
+
+        for host in self.snapshot_hosts.values():
+            try:
+                ray.kill(host)
+            except Exception:
+                pass
+        self.snapshot_hosts.clear()
 
     def _failure(self, lost_nodes: list[_Node], failed: dict[int, RankExit], lost: dict[int, float]) -> _Failure:
         n = self.spec.job.nproc
@@ -390,6 +425,7 @@ class _Job:
                     self.release(placement)
                     placement = None
         finally:
+            self._end_snapshot_hosts()
             if placement is not None:
                 self.release(placement, self.run_id)
 

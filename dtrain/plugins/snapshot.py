@@ -4,12 +4,13 @@ node's snapshot process; after a restart, restore the newest snapshot every rank
 What a rank hands over is exactly what a disk checkpoint holds for it (its shard of parameters
 and optimizer state, torch/CUDA/python/numpy RNG states, plugin state such as CO2's outer
 state) plus the shared metadata (step = data position, LR scheduler, optimizer hyperparameters),
-as one blob (:mod:`dtrain.snapshot.blob`). At ``after_step`` training blocks only to capture
-the state (RNG copies and references to the tensors, well under a millisecond); a background
-thread of the rank then lays the blob out, copies it into a shared-memory slot and hands it to
-the snapshot process, while the next step's forward and backward run. The parameters and
-optimizer state do not change before the next optimizer step, and the engine's
-``before_update`` hook waits for the copy there (normally long finished). Checksums, erasure
+as one blob (:mod:`dtrain.snapshot.blob`). At ``after_step`` training blocks only to copy what
+the next forward and backward may change (RNG states, plugin state, buffers:
+:func:`dtrain.checkpoint.capture_volatile`); a background thread of the rank then captures the
+rest, lays the blob out, copies it into a shared-memory slot and hands it to the snapshot
+process while the next step's forward and backward run. Parameters, optimizer state and the LR
+schedule change only in the next optimizer step, and the engine's ``before_update`` hook makes
+that step wait for the thread (normally long finished). Checksums, erasure
 coding across nodes and the commit happen in the snapshot process (:mod:`dtrain.snapshot.daemon`).
 A rank killed while its copy is in flight loses that snapshot, and restores the one before.
 
@@ -32,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dtrain.checkpoint import CheckpointError, capture, load
+from dtrain.checkpoint import CheckpointError, Volatile, capture, capture_volatile, load
 from dtrain.plugins.base import Plugin, register
 from dtrain.snapshot import blob as blobs
 from dtrain.snapshot.client import DaemonClient, node_dir, run_dir
@@ -76,6 +77,7 @@ class SnapshotPlugin(Plugin):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="dtrain-snapshot")
         self._pending: Future[None] | None = None
         self._waited = 0.0
+        self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # slot path -> (inode, mapping)
 
     # ------------------------------------------------------------------ start-up
     def _start(self) -> None:
@@ -228,9 +230,8 @@ class SnapshotPlugin(Plugin):
         start = time.perf_counter()
         if step % self.cfg.every == 0:
             self.flush()
-            state = capture(self.engine, all_units=True, with_extra=True)
-            part = self.engine.layout.index if self.engine.layout.shard_optim else 0
-            self._pending = self._writer.submit(self._write, state, step, part)
+            volatile = capture_volatile(self.engine, with_extra=True)
+            self._pending = self._writer.submit(self._write, volatile, step)
             self.captured_step = step
         # what this step waited for snapshots: the capture now plus any wait before its update
         self.block_s, self._waited = self._waited + time.perf_counter() - start, 0.0
@@ -246,20 +247,32 @@ class SnapshotPlugin(Plugin):
         if pending is not None:
             pending.result()
 
-    def _write(self, state: Any, step: int, part: int) -> None:
-        """Background thread: lay out, reserve a slot, copy into it, tell the snapshot process."""
+    def _write(self, volatile: Volatile, step: int) -> None:
+        """Background thread, before the next optimizer step: capture the rest of the state, lay
+        it out, reserve a slot, copy into it, tell the snapshot process."""
+        state = capture(self.engine, all_units=True, with_extra=True, volatile=volatile)
+        part = self.engine.layout.index if self.engine.layout.shard_optim else 0
         plan = blobs.plan(state, step, self.comm.rank, self.fingerprint, part)
         path = self.client.call("reserve", rank=self.comm.rank, step=step, nbytes=plan.nbytes,
                                 timeout_s=self.cfg.timeout_s, _wait=self.cfg.timeout_s + 30)["path"]
-        fd = os.open(path, os.O_RDWR)
-        try:
-            with mmap.mmap(fd, plan.nbytes) as mm:
-                blobs.write(mm, state, plan)
-        finally:
-            os.close(fd)
+        blobs.write(self._slot_map(path, plan.nbytes), state, plan)
         self.client.call("written", rank=self.comm.rank, step=step, path=path, nbytes=plan.nbytes)
         self.blob_bytes = plan.nbytes
         self.last_step = step
+
+    def _slot_map(self, path: str, nbytes: int) -> mmap.mmap:
+        """The slot file mapped, kept mapped across steps (a fresh mapping faults in every page)."""
+        inode = os.stat(path).st_ino
+        cached = self._maps.get(path)
+        if cached is None or cached[0] != inode or len(cached[1]) < nbytes:
+            if cached is not None:
+                cached[1].close()
+            fd = os.open(path, os.O_RDWR)
+            try:
+                cached = self._maps[path] = (inode, mmap.mmap(fd, os.fstat(fd).st_size))
+            finally:
+                os.close(fd)
+        return cached[1]
 
     def metrics(self) -> dict[str, float]:
         return {"snapshot_block_s": self.block_s, "snapshot_step": self.captured_step,
@@ -278,6 +291,9 @@ class SnapshotPlugin(Plugin):
             self.flush()
         finally:
             self._writer.shutdown(wait=True)
+            for _, mm in self._maps.values():
+                mm.close()
+            self._maps.clear()
         if self.last_step > 0:  # the final state reaches memory (and the disk tier) before we stop
             self.wait_committed(self.last_step)
         self.comm.barrier()

@@ -21,7 +21,11 @@ from typing import Any
 
 from dtrain.snapshot import wire
 
-__all__ = ["run_dir", "node_dir", "DaemonClient", "daemon_pid", "remove_run", "stop_daemon"]
+__all__ = ["run_dir", "node_dir", "DaemonClient", "daemon_pid", "remove_run", "stop_daemon", "SPAWN_VAR"]
+
+SPAWN_VAR = "DTRAIN_SNAPSHOT_SPAWN"
+"""``request``: ask the launcher to start the node's snapshot process (``dtrain launch --ray``)."""
+_REQUEST_WAIT_S = 60.0
 
 
 def run_dir(run_id: str | None = None) -> Path:
@@ -85,6 +89,22 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
+def _request(directory: Path, args: list[str], node: int) -> None:
+    """Leave the daemon's arguments for the launcher (:mod:`dtrain.snapshot.ray_host`), wait for it."""
+    from dtrain.snapshot.ray_host import REQUEST
+
+    tmp = directory / (REQUEST + ".tmp")
+    tmp.write_text(json.dumps({"argv": args}))
+    os.replace(tmp, directory / REQUEST)
+    deadline = time.monotonic() + _REQUEST_WAIT_S
+    while daemon_pid(directory) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the launcher did not start the snapshot process of node {node} within "
+                               f"{_REQUEST_WAIT_S:g} s ({SPAWN_VAR}=request; unset it to start one per node "
+                               f"from the ranks)")
+        time.sleep(0.05)
+
+
 class DaemonClient:
     """One connection from a rank to its node's snapshot process."""
 
@@ -104,13 +124,16 @@ class DaemonClient:
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(32))
             (self.dir / "daemon.json").unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "dtrain.snapshot.daemon", "--dir", str(self.dir), "--node", str(node),
-                   "--nodes", str(nodes), "--k", str(k), "--m", str(m), "--host", host,
-                   "--persist-every", str(persist_every), "--idle-s", str(idle_s)]
+            args = ["--dir", str(self.dir), "--node", str(node), "--nodes", str(nodes), "--k", str(k), "--m", str(m),
+                    "--host", host, "--persist-every", str(persist_every), "--idle-s", str(idle_s)]
             if persist_dir:
-                cmd += ["--persist-dir", persist_dir]
+                args += ["--persist-dir", persist_dir]
+            if os.environ.get(SPAWN_VAR) == "request":  # the launcher starts it (a Ray actor: ray_host)
+                _request(self.dir, args, node)
+                return
             with open(self.dir / "daemon.log", "ab") as log:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                proc = subprocess.Popen([sys.executable, "-m", "dtrain.snapshot.daemon", *args],
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True, close_fds=True)
             deadline = time.monotonic() + 30.0
             while not (self.dir / "daemon.json").exists():

@@ -44,6 +44,7 @@ from dtrain.snapshot.coding import GroupLayout, checksum, chunk_bounds, decode_c
 
 Table = list[list[int]]  # [[rank, nbytes, crc], ...] in local-rank order
 SLOTS = 3  # per rank: the newest committed step, one still being coded, the one being written
+SLOT_SLACK = 64 << 10  # bytes a slot grows beyond the blob that needed it
 NICE = 10  # coding yields to training on a busy node; it needs a few % of one core
 
 
@@ -287,9 +288,12 @@ class Daemon:
         path = free[0]
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size != nbytes:
-                os.ftruncate(fd, nbytes)
-                os.posix_fallocate(fd, 0, nbytes)  # tmpfs full fails here, not as SIGBUS later
+            # Slots only grow (with room for the header's step-to-step jitter), so a rank can keep
+            # its slots mapped: a mapping never reaches past the end of its file.
+            if os.fstat(fd).st_size < nbytes:
+                size = nbytes + SLOT_SLACK
+                os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size)  # tmpfs full fails here, not as SIGBUS later
         finally:
             os.close(fd)
         return path
@@ -598,7 +602,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="dtrain snapshot process of one node")
     p.add_argument("--dir", required=True)
     p.add_argument("--node", type=int, required=True)
@@ -609,15 +613,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--persist-dir")
     p.add_argument("--persist-every", type=int, default=0)
     p.add_argument("--idle-s", type=float, default=120.0)
-    args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    os.nice(NICE)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Serve until shut down, idle or stopped (in whichever process or thread calls it)."""
     key = (Path(args.dir) / "key").read_bytes()
     daemon = Daemon(args)
     try:
         daemon.serve(key)
     finally:
         daemon.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    os.nice(NICE)
+    run(args)
     return 0
 
 

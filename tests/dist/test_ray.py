@@ -371,3 +371,38 @@ def test_fake_cluster_script_runs_a_job_on_separate_hosts(tmp_path: Path) -> Non
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
     assert not Path("/tmp/dtrain-fake-cluster/state.json").exists()
+
+
+def test_snapshot_process_is_a_ray_actor_and_a_killed_rank_resumes_from_it(cluster: RayCluster, tmp_path: Path) -> None:
+    """Under --ray each node's snapshot process is a Ray actor on that node (started by the driver on
+    the node leader's request); a SIGKILL'd rank resumes from the in-memory snapshot, bit-exact."""
+    snap = ["--set", "zero.stage=3", "--set", "snapshot.enabled=true", "--set", "comm.timeout_s=20"]
+    ref = _local("--nodes", "2", "--nproc", "1", "--no-progress", *TRAIN, *snap)
+    script = tmp_path / "host.py"
+    script.write_text(textwrap.dedent(f"""
+        import runpy, sys
+        import dtrain.plugins.snapshot as sp
+        from dtrain.snapshot.client import daemon_pid
+        restore = sp.SnapshotPlugin.restore
+        def reporting(self):
+            out = restore(self)
+            if self.is_node_leader:
+                pid = daemon_pid(self.dir)
+                cmd = open(f"/proc/{{pid}}/cmdline").read().replace("\\0", " ")
+                print("SNAPHOST", self.node, pid, cmd, flush=True)
+            return out
+        sp.SnapshotPlugin.restore = reporting
+        sys.argv = [{EXAMPLE!r}] + sys.argv[1:]
+        runpy.run_path({EXAMPLE!r}, run_name="__main__")
+    """))
+    metrics = tmp_path / "m.jsonl"
+    got = cluster.dtrain("launch", "--ray", "--address", cluster.address, "--nodes", "2", "--nproc", "1",
+                         "--no-progress", "--max-restarts", "1", "--inject", "kill:rank=1,step=4", str(script),
+                         *TRAIN[1:], *snap, "--metrics", str(metrics))
+    assert _sha(got) == _sha(ref)
+    hosts = re.findall(r"SNAPHOST (\d) (\d+) (.*)", got.stdout)
+    assert {n for n, _, _ in hosts} == {"0", "1"}, got.stdout + got.stderr[-2000:]
+    assert all("SnapshotHost" in cmd for _, _, cmd in hosts), hosts  # Ray names its worker process
+    assert len({(n, pid) for n, pid, _ in hosts}) == 2, hosts  # the same actors serve the restart
+    events = [json.loads(x) for x in metrics.read_text().splitlines() if '"restart"' in x]
+    assert events and "local snapshot" in events[-1]["source"] and events[-1]["resumed_from_step"] >= 1, events
