@@ -54,6 +54,7 @@ def run_script(script: str, *args: str) -> None:
     """
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
+    _threads_from_env()
     try:
         runpy.run_path(script, run_name="__main__")
     except (SystemExit, KeyboardInterrupt):
@@ -65,3 +66,15 @@ def run_script(script: str, *args: str) -> None:
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _threads_from_env() -> None:
+    """torch's intra-op threads as this rank's ``OMP_NUM_THREADS`` says, as in a fresh interpreter.
+
+    The thread count was fixed when the server imported torch, from the server's environment; a
+    rank's may differ (a Ray worker's environment says how many CPUs the actor has, the rank's 1).
+    """
+    torch = sys.modules.get("torch")
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if torch is not None and threads.isdigit() and int(threads) > 0 and torch.get_num_threads() != int(threads):
+        torch.set_num_threads(int(threads))
