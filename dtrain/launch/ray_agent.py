@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = ["NodeAgent", "RankExit", "PollResult", "interface_of", "MAX_BUFFER_BYTES"]
 
@@ -112,7 +113,7 @@ class NodeAgent:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.pipes: dict[int, tuple[_Pipe, _Pipe]] = {}
         self.exits: dict[int, RankExit] = {}
-        self.run_id: str | None = None
+        self.request_dir: Path | None = None  # where this node's ranks ask for a snapshot process
 
     def info(self) -> dict[str, object]:
         """Where this actor runs: node IP, host name, pid, and a free port on the node IP."""
@@ -127,7 +128,11 @@ class NodeAgent:
         """Start one process per entry of ``rank_envs`` (global rank -> its extra environment)."""
         self.stop()
         self.exits = {}
-        self.run_id = next(iter(rank_envs.values()), {}).get("DTRAIN_RUN_ID")
+        run_id = next(iter(rank_envs.values()), {}).get("DTRAIN_RUN_ID")
+        if run_id is not None:  # only looked at, never created here: a job without snapshots leaves nothing
+            from dtrain.snapshot.client import node_dir, run_dir  # torch-free
+
+            self.request_dir = node_dir(run_dir(run_id, create=False), self.node_index, create=False)
         for rank, extra in sorted(rank_envs.items()):
             env = {k: v for k, v in {**os.environ, **extra}.items() if k not in _NOT_FOR_RANKS}
             proc = subprocess.Popen([sys.executable, *argv], env=env, stdin=subprocess.DEVNULL,
@@ -155,11 +160,10 @@ class NodeAgent:
             result.stderr[rank] = err.drain()
         result.exited = sorted(self.exits.values(), key=lambda e: e.rank)
         result.running = sum(1 for p in self.procs.values() if p.poll() is None)
-        if self.run_id is not None:
-            from dtrain.snapshot.client import node_dir, run_dir  # torch-free
+        if self.request_dir is not None:
             from dtrain.snapshot.ray_host import read_request
 
-            result.spawn = read_request(node_dir(run_dir(self.run_id), self.node_index))
+            result.spawn = read_request(self.request_dir)
         return result
 
     def stop(self, grace_s: float = 3.0) -> PollResult:

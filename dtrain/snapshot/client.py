@@ -28,15 +28,17 @@ SPAWN_VAR = "DTRAIN_SNAPSHOT_SPAWN"
 _REQUEST_WAIT_S = 60.0
 
 
-def run_dir(run_id: str | None = None) -> Path:
-    """This job's run directory (created, 0700) under /dev/shm (or ``DTRAIN_RUN_DIR``'s parent)."""
+def run_dir(run_id: str | None = None, create: bool = True) -> Path:
+    """This job's run directory (created, 0700, unless ``create`` is false) under /dev/shm (or
+    ``DTRAIN_SHM_DIR``)."""
     key = run_id or os.environ.get("DTRAIN_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
     if key in ("", "none"):
         key = f"{os.environ.get('MASTER_ADDR', 'local')}:{os.environ.get('MASTER_PORT', '0')}"
     base = Path(os.environ.get("DTRAIN_SHM_DIR", "/dev/shm")) / f"dtrain-{os.getuid()}"
     path = base / hashlib.sha256(key.encode()).hexdigest()[:12]
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(base, 0o700)
+    if create:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(base, 0o700)
     return path
 
 
@@ -60,9 +62,10 @@ def stop_daemon(directory: Path, sig: int = signal.SIGTERM) -> None:
             pass
 
 
-def node_dir(run: Path, node: int) -> Path:
+def node_dir(run: Path, node: int, create: bool = True) -> Path:
     path = run / f"node{node}"
-    path.mkdir(mode=0o700, exist_ok=True)
+    if create:
+        path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 

@@ -10,10 +10,10 @@ Any ``m`` lost nodes of a group leave every stripe with at least ``k`` of its ``
 is enough to rebuild the lost chunks byte for byte.
 
 Parity uses zfec (systematic Reed-Solomon; any ``k`` of ``k+m`` blocks decode); for ``m = 1``
-a numpy XOR gives the same guarantee faster, and for ``k = 1`` every parity block is a copy of the
-one data chunk (replication), so the received chunk itself is kept. Chunks of one stripe may differ in length (ranks
-hold slightly different shard sizes): they are zero-padded to the longest, and the true lengths
-travel with the parity so a rebuilt chunk is trimmed back exactly.
+a numpy XOR gives the same guarantee faster, and for ``k = 1`` every parity block is a copy of
+the one data chunk (replication), so the received chunk itself is kept. Chunks of one stripe may
+differ in length (ranks hold slightly different shard sizes): they are zero-padded to the
+longest, and the true lengths travel with the parity so a rebuilt chunk is trimmed back exactly.
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ import numpy as np
 __all__ = ["GroupLayout", "encode_parity", "decode_chunk", "chunk_bounds", "checksum"]
 
 
-def checksum(data: object, value: int = 0) -> int:
-    """CRC-32C of a bytes-like object, continuing from ``value`` (detects flipped bytes).
+def checksum(data: object) -> int:
+    """CRC-32C of a bytes-like object (detects flipped bytes).
 
     The ``crc32c`` package uses the CPU's CRC instruction: ~15 GB/s here against ~2 GB/s for
     zlib's CRC-32, which matters at one checksum of every node's state per training step.
     """
-    return crc32c.crc32c(data, value)  # type: ignore[arg-type]
+    return crc32c.crc32c(data)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,6 @@ def decode_chunk(available: dict[int, bytes], k: int, m: int, want: int, length:
     import zfec
 
     blocks = {n: bytes(b) + b"\0" * (width - len(b)) for n, b in available.items()}
-
     nums = sorted(blocks)[:k]
     decoded = zfec.Decoder(k, k + m).decode(tuple(blocks[n] for n in nums), tuple(nums))
     return bytes(decoded[want])[:length]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Client, Connection
 from typing import Any, Union
 
-__all__ = ["send", "recv", "request", "reply", "connect", "RemoteError", "Payload"]
+__all__ = ["send", "recv", "request", "connect", "RemoteError", "Payload"]
 
 Payload = Union[bytes, bytearray, memoryview, Sequence[Union[bytes, bytearray, memoryview]]]
 
@@ -64,13 +64,8 @@ def request(conn: Connection, header: dict[str, Any], payload: Payload | None = 
             timeout_s: float | None = None) -> tuple[dict[str, Any], bytearray | None]:
     """Send one request and wait for its reply; an ``error`` reply raises :class:`RemoteError`."""
     send(conn, header, payload)
-    return reply(conn, header.get("op"), timeout_s)
-
-
-def reply(conn: Connection, op: Any = None, timeout_s: float | None = None) -> tuple[dict[str, Any], bytearray | None]:
-    """Wait for the reply to a request sent earlier with :func:`send`."""
     if timeout_s is not None and not conn.poll(timeout_s):
-        raise TimeoutError(f"no reply to {op!r} within {timeout_s:g} s")
+        raise TimeoutError(f"no reply to {header.get('op')!r} within {timeout_s:g} s")
     answer, data = recv(conn)
     if "error" in answer:
         raise RemoteError(answer["error"])
