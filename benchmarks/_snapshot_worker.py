@@ -13,6 +13,14 @@ tensor materialised with ``Flat.tensor()``, plus the frozen parameters and buffe
   waiting for the previous save's future before starting the next one (as its documentation
   requires), on a dedicated gloo process group (its background thread runs collectives).
 
+and one in-run A/B mode of dtrain's own snapshots:
+
+* ``snapshot_ab``: ``snapshot.enabled = true`` (set by the caller), but the snapshot plugin acts
+  only in alternate windows of ``--ab-window`` steps (``(step // window) % 2 == 0``: "on"). Steps
+  of "on" windows are snapshotted every step, steps of "off" windows not at all, so one run
+  measures both under the same machine conditions, a few seconds apart (see
+  :func:`ab_window`). The per-step ``snapshot_step`` metric says which steps were captured.
+
 Training itself is examples/train_gpt.py's ``main`` unchanged (same model, optimizer, schedule and
 batches), so the engine writes the same metrics JSONL as every other variant. The plugin reports,
 in each step's ``plugins`` object, ``snapshot_block_s`` (the whole blocking part: capture,
@@ -37,9 +45,29 @@ sys.path.insert(0, str(ROOT / "examples"))
 from dtrain.checkpoint import capture  # noqa: E402
 from dtrain.plugins.base import Plugin, register  # noqa: E402
 
-METHODS = ("torch_save", "dcp_async")
+METHODS = ("torch_save", "dcp_async", "snapshot_ab")
 _SETTINGS: dict[str, str] = {}
 """``method`` and ``save_dir`` for this process; the plugin is enabled only when they are set."""
+
+
+def ab_window(step: int, window: int) -> tuple[bool, int]:
+    """Whether ``step`` lies in an "on" window of ``snapshot_ab``, and its position in its window."""
+    return (step // window) % 2 == 0, step % window
+
+
+def gate_snapshots(window: int) -> None:
+    """Make dtrain's snapshot plugin act only on the steps of "on" windows (``snapshot_ab``)."""
+    from dtrain.plugins.snapshot import SnapshotPlugin
+
+    every_step = SnapshotPlugin.after_step
+
+    def after_step(self: Any, step: int) -> None:
+        if ab_window(step, window)[0]:
+            every_step(self, step)
+        else:
+            self.block_s = 0.0
+
+    SnapshotPlugin.after_step = after_step  # type: ignore[method-assign]
 
 
 def rank_state(engine: Any) -> dict[str, torch.Tensor]:
@@ -70,7 +98,7 @@ class BenchSavePlugin(Plugin):
 
     @classmethod
     def enabled(cls, config: Any) -> bool:
-        return "method" in _SETTINGS
+        return _SETTINGS.get("method") in ("torch_save", "dcp_async")
 
     def setup(self, engine: Any) -> None:
         super().setup(engine)
@@ -129,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--save-dir", required=True, help="directory for the checkpoints (created)")
+    p.add_argument("--ab-window", type=int, default=8, help="snapshot_ab: steps per on/off window")
     own = p.parse_args(argv[:split])
     torch.set_num_threads(1)
+    if own.method == "snapshot_ab":
+        gate_snapshots(own.ab_window)
     save_dir = Path(own.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     _SETTINGS.update(method=own.method, save_dir=str(save_dir))

@@ -14,6 +14,7 @@ ancestor, so the unit that gathers it is alive whenever either module runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -54,8 +55,8 @@ class FlatUnit:
     def __post_init__(self) -> None:
         self.slot_of = {id(s.param): s for s in self.slots}
 
-    @property
-    def numel(self) -> int:
+    @cached_property
+    def numel(self) -> int:  # a unit's parameters are fixed when it is built
         return sum(s.numel for s in self.slots)
 
     @property

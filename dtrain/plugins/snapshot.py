@@ -76,6 +76,8 @@ class SnapshotPlugin(Plugin):
         self.client: DaemonClient | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="dtrain-snapshot")
         self._pending: Future[None] | None = None
+        self._next_slot: str | None = None  # reserved by the snapshot process's reply to `written`
+        self.write_cpu_s = 0.0  # CPU time of the newest background write
         self._waited = 0.0
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # slot path -> (inode, mapping)
 
@@ -249,20 +251,33 @@ class SnapshotPlugin(Plugin):
 
     def _write(self, volatile: Volatile, step: int) -> None:
         """Background thread, before the next optimizer step: capture the rest of the state, lay
-        it out, reserve a slot, copy into it, tell the snapshot process."""
+        it out, copy it into a free slot, tell the snapshot process (whose reply names the slot
+        for the next snapshot when one is free already; else ask for one, waiting for a commit)."""
+        cpu = time.thread_time()
         state = capture(self.engine, all_units=True, with_extra=True, volatile=volatile)
         part = self.engine.layout.index if self.engine.layout.shard_optim else 0
         plan = blobs.plan(state, step, self.comm.rank, self.fingerprint, part)
-        path = self.client.call("reserve", rank=self.comm.rank, step=step, nbytes=plan.nbytes,
-                                timeout_s=self.cfg.timeout_s, _wait=self.cfg.timeout_s + 30)["path"]
-        blobs.write(self._slot_map(path, plan.nbytes), state, plan)
-        self.client.call("written", rank=self.comm.rank, step=step, path=path, nbytes=plan.nbytes)
+        path, self._next_slot = self._next_slot, None
+        slot = self._slot_map(path, plan.nbytes) if path is not None else None
+        if slot is None:
+            path = self.client.call("reserve", rank=self.comm.rank, nbytes=plan.nbytes,
+                                    timeout_s=self.cfg.timeout_s, _wait=self.cfg.timeout_s + 30)["path"]
+            slot = self._slot_map(path, plan.nbytes)
+            assert slot is not None
+        blobs.write(slot, state, plan)
+        reply = self.client.call("written", rank=self.comm.rank, step=step, path=path, nbytes=plan.nbytes)
+        self._next_slot = reply.get("next")
         self.blob_bytes = plan.nbytes
         self.last_step = step
+        self.write_cpu_s = time.thread_time() - cpu
 
-    def _slot_map(self, path: str, nbytes: int) -> mmap.mmap:
-        """The slot file mapped, kept mapped across steps (a fresh mapping faults in every page)."""
-        inode = os.stat(path).st_ino
+    def _slot_map(self, path: str, nbytes: int) -> mmap.mmap | None:
+        """The slot file mapped, kept mapped across steps (a fresh mapping faults in every page);
+        None if the file is smaller than ``nbytes`` (the snapshot process grows it on ``reserve``)."""
+        st = os.stat(path)
+        if st.st_size < nbytes:
+            return None
+        inode = st.st_ino
         cached = self._maps.get(path)
         if cached is None or cached[0] != inode or len(cached[1]) < nbytes:
             if cached is not None:
@@ -275,7 +290,8 @@ class SnapshotPlugin(Plugin):
         return cached[1]
 
     def metrics(self) -> dict[str, float]:
-        return {"snapshot_block_s": self.block_s, "snapshot_step": self.captured_step,
+        return {"snapshot_block_s": self.block_s, "snapshot_write_cpu_s": self.write_cpu_s,
+                "snapshot_step": self.captured_step,
                 "snapshot_bytes": self.blob_bytes, "snapshot_memory_overhead": (self.k + self.m) / self.k}
 
     def wait_committed(self, step: int, timeout_s: float = 60.0) -> bool:

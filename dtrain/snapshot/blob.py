@@ -5,20 +5,26 @@ padding to 64 bytes, then every tensor's bytes at the 64-byte-aligned offset the
 The header carries the step, the rank, the run fingerprint, and the same ``meta``/``info`` a disk
 checkpoint stores (:class:`dtrain.checkpoint.RankState`), so a blob restores through
 :func:`dtrain.checkpoint.load` like a checkpoint does. Nothing is ever unpickled.
+
+The Mersenne Twister words of the python and numpy RNG states (624 each) travel as binary
+tensors (``rng.python.words``, ``rng.numpy.words``) rather than as JSON numbers: a blob is laid
+out every training step, and encoding ~1,250 integers as text was most of that.
 """
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from dtrain.checkpoint import CheckpointError, Flat, RankState, StateReader, to_json
 from dtrain.snapshot.coding import checksum
 
-MAGIC = b"DTSNAP02"  # bump whenever the header changes: older blobs are refused, not misread
+MAGIC = b"DTSNAP03"  # bump whenever the header changes: older blobs are refused, not misread
 _ALIGN = 64
 
 __all__ = ["BlobPlan", "plan", "write", "BlobReader", "checksum", "SnapshotMismatch"]
@@ -32,12 +38,32 @@ def _align(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+_RNG_WORDS = {"python": 1, "numpy": 1}  # info key -> index of the state's word array in it
+
+
 @dataclass
 class BlobPlan:
     header: bytes
     data_start: int
     offsets: dict[str, int]
     nbytes: int
+    words: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG words, written as tensors
+
+
+def _rng_words(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``info`` without the RNG states' word arrays, and those arrays as int32 tensors (the bits of
+    the uint32 words)."""
+    info, words = dict(info), {}
+    for key, index in _RNG_WORDS.items():
+        if key not in info:
+            continue
+        state = list(info[key])
+        raw = state[index]
+        as_u32 = raw if isinstance(raw, np.ndarray) else np.frombuffer(array("I", raw), dtype=np.uint32)
+        words[f"rng.{key}.words"] = torch.from_numpy(np.ascontiguousarray(as_u32, dtype=np.uint32).view(np.int32))
+        state[index] = None
+        info[key] = state
+    return info, words
 
 
 def plan(state: RankState, step: int, rank: int, fingerprint: str, part: int = 0) -> BlobPlan:
@@ -45,18 +71,20 @@ def plan(state: RankState, step: int, rank: int, fingerprint: str, part: int = 0
     offsets: dict[str, int] = {}
     table: list[list[Any]] = []
     cursor = 0
+    info, words = _rng_words(state.info)
     for name, flat in state.tensors.items():
         offsets[name] = cursor
         table.append([name, _dtype_name(flat.dtype), flat.numel, list(flat.shape or (flat.numel,)), cursor])
         cursor = _align(cursor + flat.nbytes)
-    for name, tensor in state.extra.items():
-        offsets["extra." + name] = cursor
-        table.append(["extra." + name, _dtype_name(tensor.dtype), tensor.numel(), list(tensor.shape), cursor])
+    extra = {"extra." + name: tensor for name, tensor in state.extra.items()}
+    for name, tensor in (extra | words).items():
+        offsets[name] = cursor
+        table.append([name, _dtype_name(tensor.dtype), tensor.numel(), list(tensor.shape), cursor])
         cursor = _align(cursor + tensor.numel() * tensor.element_size())
     header = to_json({"step": step, "rank": rank, "part": part, "fingerprint": fingerprint, "meta": state.meta,
-                      "info": state.info, "tensors": table}).encode()
+                      "info": info, "tensors": table}).encode()
     data_start = _align(16 + len(header))
-    return BlobPlan(header, data_start, offsets, data_start + cursor)
+    return BlobPlan(header, data_start, offsets, data_start + cursor, words)
 
 
 def write(buffer: Any, state: RankState, blob: BlobPlan) -> None:
@@ -71,8 +99,9 @@ def write(buffer: Any, state: RankState, blob: BlobPlan) -> None:
         if sum(src.numel() for _, src in flat.pieces) != flat.numel:
             out.zero_()  # padding the pieces do not cover
         flat.copy_into(out)
-    for name, tensor in state.extra.items():
-        out = _tensor_at(buffer, tensor.dtype, tensor.numel(), blob.data_start + blob.offsets["extra." + name])
+    extra = {"extra." + name: tensor for name, tensor in state.extra.items()}
+    for name, tensor in (extra | blob.words).items():
+        out = _tensor_at(buffer, tensor.dtype, tensor.numel(), blob.data_start + blob.offsets[name])
         out.copy_(tensor.reshape(-1))
 
 
@@ -119,13 +148,17 @@ class BlobReader(StateReader):
         self.sample_rank = self.part_index
         self.fingerprint: str = header["fingerprint"]
         self.meta = header["meta"]
-        self.info = header["info"]
         self._index()
         start = _align(16 + length)
         tensors = {}
         for name, dtype, numel, shape, offset in header["tensors"]:
             t = _tensor_at(buffer, getattr(torch, dtype), numel, start + offset)
             tensors[name] = t.view(shape)
+        self.info = header["info"]
+        for key, index in _RNG_WORDS.items():
+            words = tensors.pop(f"rng.{key}.words", None)
+            if words is not None:
+                self.info[key][index] = words.numpy().view(np.uint32).tolist()
         self._part = _Part(tensors)
 
     def part(self, rank: int) -> _Part:

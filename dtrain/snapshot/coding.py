@@ -17,6 +17,7 @@ longest, and the true lengths travel with the parity so a rebuilt chunk is trimm
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import crc32c
@@ -90,10 +91,12 @@ def _xor_into(acc: np.ndarray, block: object) -> None:
     np.bitwise_xor(acc[:data.size], data, out=acc[:data.size])
 
 
-def encode_parity(chunks: list, k: int, m: int, index: int) -> bytes | bytearray | memoryview:
+def encode_parity(chunks: list, k: int, m: int, index: int,
+                  alloc: Callable[[int], memoryview] | None = None) -> bytes | bytearray | memoryview:
     """Parity block ``index`` (0..m-1) of one stripe's ``k`` data chunks (in data-node order).
 
     With ``k = 1`` the block is the chunk itself (no copy): parity of one chunk is a replica.
+    ``alloc(n)`` supplies the XOR block's buffer (``m = 1``), e.g. one reused from a pool.
     """
     if len(chunks) != k:
         raise ValueError(f"a stripe needs {k} data chunks, got {len(chunks)}")
@@ -101,10 +104,14 @@ def encode_parity(chunks: list, k: int, m: int, index: int) -> bytes | bytearray
         return chunks[0]
     width = max((len(c) for c in chunks), default=0)
     if m == 1:
-        acc = np.zeros(width, dtype=np.uint8)
-        for c in chunks:
+        out = alloc(width) if alloc is not None else memoryview(bytearray(width))
+        acc = np.frombuffer(out, dtype=np.uint8)
+        first = np.frombuffer(chunks[0], dtype=np.uint8)  # type: ignore[call-overload]
+        acc[:first.size] = first
+        acc[first.size:] = 0
+        for c in chunks[1:]:
             _xor_into(acc, c)
-        return acc.data
+        return out
     import zfec
 
     blocks = [bytes(c) + b"\0" * (width - len(c)) for c in chunks]

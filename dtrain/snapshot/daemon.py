@@ -7,16 +7,23 @@ authenticated (``multiprocessing.connection`` HMAC keys) and carry JSON headers 
 
 Per snapshot step ``s`` (see :mod:`dtrain.snapshot.coding` for the stripe layout):
 
-1. each local rank ``reserve``-s a slot (a file in the node's /dev/shm directory, mode 0600,
-   :data:`SLOTS` per rank: the last committed snapshot survives while the previous step is still
-   being coded and the next is written), copies its blob in, and says ``written``; a rank does
-   this in a background thread (:mod:`dtrain.plugins.snapshot`);
-2. the daemon's worker thread checksums the node's blobs (CRC-32) and sends each data chunk to the
-   parity holders of its stripe; a parity holder encodes once it has all ``k`` chunks;
+1. each local rank copies its blob into a slot (a file in the node's /dev/shm directory, mode
+   0600, :data:`SLOTS` per rank: the last committed snapshot survives while the previous step is
+   still being coded and the next is written) and says ``written``; the reply reserves the slot
+   for its next snapshot when one is free already (else the rank asks with ``reserve``, which
+   waits for a commit), so a snapshot normally costs a rank one request. A rank does this in a
+   background thread (:mod:`dtrain.plugins.snapshot`);
+2. the daemon's worker thread checksums the node's blobs (CRC-32C) and sends each data chunk to
+   the parity holders of its stripe; a parity holder encodes once it has all ``k`` chunks;
 3. a node whose blobs are checksummed, chunks delivered and parity blocks encoded is *complete*
    for ``s`` and tells every daemon; ``s`` is *committed* when every node of the job is complete.
    Older steps are dropped then, and every ``persist_every``-th committed step is written to
    disk by a background thread (temporary file, fsync, atomic rename, checksums in a JSON index).
+
+The daemon keeps its mappings of the slot files and its receive buffers from step to step, and
+runs under ``SCHED_IDLE`` (:func:`lower_priority`): on a node whose cores training keeps busy,
+coding takes the moments a core would otherwise idle, and training blocks on it only through
+:data:`SLOTS` (a rank whose every slot is still in use waits for a commit).
 
 Recovery asks every daemon what it holds (``status``), rebuilds lost nodes' data from the others'
 chunks and parity (``rebuild``), and pins the chosen step (``keep``). The ranks make that decision
@@ -45,7 +52,8 @@ from dtrain.snapshot.coding import GroupLayout, checksum, chunk_bounds, decode_c
 Table = list[list[int]]  # [[rank, nbytes, crc], ...] in local-rank order
 SLOTS = 3  # per rank: the newest committed step, one still being coded, the one being written
 SLOT_SLACK = 64 << 10  # bytes a slot grows beyond the blob that needed it
-NICE = 10  # coding yields to training on a busy node; it needs a few % of one core
+NICE = 19  # where SCHED_IDLE is unavailable
+POOL_KEEP = 8  # spare receive buffers kept for the next steps
 
 
 @dataclass
@@ -92,6 +100,8 @@ class Daemon:
         self.clients = 0
         self.last_client = time.monotonic()
         self.persisted: list[int] = []
+        self.maps = _SlotMaps()
+        self.buffers = _BufferPool()
         self.stop = threading.Event()
 
     # ------------------------------------------------------------------ plumbing
@@ -114,6 +124,7 @@ class Daemon:
         self.cleanup()
 
     def cleanup(self) -> None:
+        self.maps.close()
         for p in self.dir.glob("r*.slot*"):
             p.unlink(missing_ok=True)
         for name in ("sock", "daemon.json"):
@@ -129,17 +140,20 @@ class Daemon:
                 continue
             threading.Thread(target=handler, args=(conn,), daemon=True).start()
 
-    def _serve_conn(self, conn: Connection, dispatch) -> None:
+    def _serve_conn(self, conn: Connection, dispatch, into=None) -> None:
         try:
             while True:
-                header, payload = wire.recv(conn)
+                header, payload = wire.recv(conn, into)
                 try:
                     reply, data = dispatch(header, payload)
                 except Exception as exc:  # answer with the error; the connection stays usable
                     reply, data = {"error": f"{type(exc).__name__}: {exc}"}, None
                     if not isinstance(exc, (ValueError, TimeoutError, KeyError)):
                         self.log(traceback.format_exc())
-                wire.send(conn, reply, data)
+                    elif header.get("_oneway"):  # nobody waits for this answer
+                        self.log(f"{header.get('op')} from node {header.get('from')}: {reply['error']}")
+                if not header.get("_oneway"):
+                    wire.send(conn, reply, data)
                 if header.get("op") == "shutdown":
                     self.stop.set()
         except (EOFError, OSError):
@@ -165,8 +179,9 @@ class Daemon:
                 self.log(f"no rank connected for {self.idle_s:g} s; exiting")
                 self.stop.set()
 
-    def _peer(self, node: int, header: dict[str, Any], payload: bytes | None = None,
-              timeout_s: float = 60.0) -> tuple[dict[str, Any], bytes | None]:
+    def _peer(self, node: int, header: dict[str, Any], payload: wire.Payload | None = None,
+              timeout_s: float = 60.0, oneway: bool = False) -> tuple[dict[str, Any], Any]:
+        """Request ``header`` of node ``node``'s daemon; ``oneway``: send only (no reply comes)."""
         with self.cv:
             lock = self.peer_locks.setdefault(node, threading.Lock())
             address, key, epoch = self.peers.get(node), self.job_key, self.epoch
@@ -177,7 +192,11 @@ class Daemon:
             if conn is None:
                 conn = self.peer_conns[node] = wire.connect(address, key)
             try:
-                return wire.request(conn, {**header, "epoch": epoch, "from": self.node}, payload, timeout_s)
+                header = {**header, "epoch": epoch, "from": self.node}
+                if oneway:
+                    wire.send(conn, {**header, "_oneway": True}, payload)
+                    return {}, None
+                return wire.request(conn, header, payload, timeout_s)
             except (EOFError, OSError, TimeoutError):
                 self.peer_conns.pop(node, None)
                 conn.close()
@@ -199,17 +218,19 @@ class Daemon:
                 self.peers = {int(n): (a[0], int(a[1])) for n, a in h["peers"].items()}
             return {}, None
         if op == "reserve":
-            return {"path": self._reserve(h["rank"], h["step"], h["nbytes"], h["timeout_s"])}, None
+            return {"path": self._reserve(h["rank"], h["nbytes"], h["timeout_s"])}, None
         if op == "written":
+            rank = h["rank"]
             with self.cv:
                 st = self._state(h["step"])
-                st.blobs[h["rank"]] = (h["path"], h["nbytes"])
+                st.blobs[rank] = (h["path"], h["nbytes"])
                 ready = len(st.blobs) == len(self.local_ranks)
-                if ready:
-                    self.busy += 1
+                following = self._free_slot(rank)
             if ready:
-                self.work.put(("encode", h["step"]))
-            return {}, None
+                self._queue("encode", h["step"])
+            if following is not None:
+                self._size_slot(following, h["nbytes"])
+            return {"next": following}, None
         if op == "status":
             self._drain(h.get("timeout_s", 30.0))
             return self._status(), None
@@ -262,30 +283,33 @@ class Daemon:
                 threading.Thread(target=self._accept, args=(self.tcp, self._peer_conn), daemon=True).start()
             return {"port": self.tcp.address[1]}
 
-    def _reserve(self, rank: int, step: int, nbytes: int, timeout_s: float) -> str:
-        """A slot file for ``rank``'s blob of ``step``: one not holding the newest committed step."""
+    def _reserve(self, rank: int, nbytes: int, timeout_s: float) -> str:
+        """A slot file of at least ``nbytes`` for ``rank``'s next blob; waits for a commit while every
+        slot holds the newest committed step or one still being coded."""
         deadline = time.monotonic() + timeout_s
         with self.cv:
-            while True:
-                committed = [s for s, st in self.steps.items() if st.committed]
-                keep_from = max(committed, default=-1)
-                busy = {st.blobs[rank][0] for s, st in self.steps.items()
-                        if s >= keep_from and s != step and rank in st.blobs}
-                free = [p for p in (self._slot(rank, i) for i in range(SLOTS)) if p not in busy]
-                if free:
-                    break
+            while (path := self._free_slot(rank)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    pending = sorted(s for s, st in self.steps.items() if not st.committed and s != step)
+                    pending = sorted(s for s, st in self.steps.items() if not st.committed)
                     missing = sorted(set(range(self.nodes)) - self.steps[pending[0]].complete) if pending else []
                     raise TimeoutError(f"snapshot of step {pending[0] if pending else '?'} did not commit within "
                                        f"{timeout_s:g} s (nodes not complete: {missing}); a peer node "
                                        f"or its snapshot process is gone")
                 self.cv.wait(min(left, 1.0))
-            st = self._state(step)
-            st.blobs.pop(rank, None)
-            st.table = None
-        path = free[0]
+        self._size_slot(path, nbytes)
+        return path
+
+    def _free_slot(self, rank: int) -> str | None:
+        """A slot of ``rank`` holding neither the newest committed step nor a newer one (call with
+        ``cv`` held); None while all do. Older steps are never read again (the worker codes steps
+        in order), so such a slot stays free until the rank writes into it."""
+        keep_from = max((s for s, st in self.steps.items() if st.committed), default=-1)
+        busy = {st.blobs[rank][0] for s, st in self.steps.items() if s >= keep_from and rank in st.blobs}
+        return next((p for p in (self._slot(rank, i) for i in range(SLOTS)) if p not in busy), None)
+
+    @staticmethod
+    def _size_slot(path: str, nbytes: int) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             # Slots only grow (with room for the header's step-to-step jitter), so a rank can keep
@@ -296,16 +320,24 @@ class Daemon:
                 os.posix_fallocate(fd, 0, size)  # tmpfs full fails here, not as SIGBUS later
         finally:
             os.close(fd)
-        return path
 
     def _slot(self, rank: int, i: int) -> str:
         return str(self.dir / f"r{rank}.slot{i}")
 
     def _drain(self, timeout_s: float) -> None:
+        """Wait until this node's queued steps are coded and every peer has handled what they sent
+        it: chunks and ``complete`` notices are one-way, and a peer serves a connection in order,
+        so its answer to a ``ping`` on the same connection comes after them."""
         deadline = time.monotonic() + timeout_s
         with self.cv:
             while self.busy and time.monotonic() < deadline:
                 self.cv.wait(0.2)
+            peers = list(self.peer_conns)
+        for n in peers:
+            try:
+                self._peer(n, {"op": "ping"}, timeout_s=max(0.1, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - a lost node or another attempt's daemon: nothing to wait for
+                pass
 
     def _status(self) -> dict[str, Any]:
         with self.cv:
@@ -329,6 +361,11 @@ class Daemon:
 
     def _drop(self, step: int) -> None:
         st = self.steps.pop(step)
+        for par in st.parity.values():
+            self.buffers.give(par.block)
+        for box in st.inbox.values():
+            for chunk, _ in box.values():
+                self.buffers.give(chunk)
         st.parity.clear()
         st.inbox.clear()
 
@@ -344,12 +381,22 @@ class Daemon:
         return False
 
     # ------------------------------------------------------------------ encoding
+    def _queue(self, op: str, step: int) -> None:
+        with self.cv:
+            self.busy += 1
+        self.work.put((op, step))
+
     def _worker(self) -> None:
+        """Codes steps in order and is the only thread that sends to peers while training runs.
+        A thread serving a peer connection must never block on sending to a peer: two nodes'
+        senders each waiting for the other's reader to drain a full socket would deadlock."""
         while True:
             op, step = self.work.get()
             try:
                 if op == "encode":
                     self._encode(step)
+                elif op == "check":
+                    self._check_complete(step)
             except Exception:
                 self.log(f"step {step}: {traceback.format_exc()}")
             finally:
@@ -363,7 +410,7 @@ class Daemon:
             if st is None:
                 return
             blobs = [(r, *st.blobs[r]) for r in self.local_ranks]
-        with _NodeBlob([(p, n) for _, p, n in blobs]) as node_blob:
+        with _NodeBlob(self.maps, [(p, n) for _, p, n in blobs]) as node_blob:
             table = [[rank, nbytes, checksum(view)] for (rank, _, nbytes), view in zip(blobs, node_blob.views)]
             with self.cv:
                 st.table = table
@@ -375,7 +422,7 @@ class Daemon:
                         self._receive_chunk(step, stripe, self.node, node_blob.read(a, b), table)
                     else:  # sent from the slots themselves, without joining the pieces
                         self._peer(p, {"op": "chunk", "step": step, "stripe": stripe, "table": table},
-                                   node_blob.pieces(a, b))
+                                   node_blob.pieces(a, b), oneway=True)
         with self.cv:
             st.sent = True
         self._check_complete(step)
@@ -390,10 +437,14 @@ class Daemon:
             del st.inbox[stripe]
         data = self.group.data_nodes(stripe)
         index = self.group.parity_nodes(stripe).index(self.node)
-        block = encode_parity([box[n][0] for n in data], self.group.k, self.group.m, index)
+        chunks = [box[n][0] for n in data]
+        block = encode_parity(chunks, self.group.k, self.group.m, index, self.buffers.take)
+        if block is not chunks[0]:  # k > 1: the chunks are coded, their buffers free
+            for chunk in chunks:
+                self.buffers.give(chunk)
         with self.cv:
             st.parity[stripe] = Parity(block, {n: len(box[n][0]) for n in data}, {n: box[n][1] for n in data})
-        self._check_complete(step)
+        self._queue("check", step)  # the worker tells the peers (see _worker)
 
     def _check_complete(self, step: int) -> None:
         with self.cv:
@@ -406,7 +457,7 @@ class Daemon:
             peers = [n for n in self.peers if n != self.node]
         for n in peers:
             try:
-                self._peer(n, {"op": "complete", "step": step})
+                self._peer(n, {"op": "complete", "step": step}, oneway=True)
             except Exception as exc:  # a lost node: the step cannot commit; recovery sorts it out
                 self.log(f"step {step}: could not tell node {n} ({exc})")
         self._maybe_commit(step)
@@ -432,12 +483,17 @@ class Daemon:
 
     # ------------------------------------------------------------------ peer requests
     def _peer_conn(self, conn: Connection) -> None:
-        self._serve_conn(conn, self._peer_op)
+        self._serve_conn(conn, self._peer_op, self._chunk_buffer)
+
+    def _chunk_buffer(self, header: dict[str, Any], nbytes: int) -> memoryview | None:
+        return self.buffers.take(nbytes) if header.get("op") == "chunk" else None
 
     def _peer_op(self, h: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         op = h["op"]
         if h.get("epoch") != self.epoch:
             raise ValueError(f"message from attempt {h.get('epoch')} while this is attempt {self.epoch}")
+        if op == "ping":
+            return {}, None
         if op == "chunk":
             self._receive_chunk(h["step"], h["stripe"], h["from"], payload or b"", h["table"])
             return {}, None
@@ -452,10 +508,11 @@ class Daemon:
             with self.cv:
                 st = self.steps.get(h["step"])
                 par = st.parity.get(h["stripe"]) if st else None
+                block = bytes(par.block) if par is not None else None  # its buffer is reused once dropped
             if par is None:
                 raise KeyError(f"node {self.node} holds no parity of step {h['step']} stripe {h['stripe']}")
             return {"lengths": {str(n): v for n, v in par.lengths.items()},
-                    "tables": {str(n): t for n, t in par.tables.items()}}, par.block
+                    "tables": {str(n): t for n, t in par.tables.items()}}, block
         raise ValueError(f"unknown peer request {op!r}")
 
     def _get_chunk(self, step: int, stripe: int) -> tuple[dict[str, Any], bytes]:
@@ -466,7 +523,7 @@ class Daemon:
             table = st.table
             files = [(st.blobs[r][0], n) for r, n, _ in table]
         c = self.group.data_stripes(self.node).index(stripe)
-        with _NodeBlob(files) as blob:
+        with _NodeBlob(self.maps, files) as blob:
             a, b = chunk_bounds(blob.total, self.group.k, c)
             return {"table": table}, blob.read(a, b)
 
@@ -502,7 +559,7 @@ class Daemon:
         entries: dict[int, tuple[str, int]] = {}
         offset = 0
         for rank, nbytes, crc in table:
-            path = self._reserve(rank, step, nbytes, 5.0)
+            path = self._reserve(rank, nbytes, 5.0)
             piece = node_bytes[offset:offset + nbytes]
             offset += nbytes
             if checksum(piece) != crc:
@@ -554,30 +611,95 @@ class Daemon:
                 pass
 
 
-class _NodeBlob:
-    """The concatenation of a node's rank blobs, mapped from their slot files (a context manager)."""
+class _SlotMaps:
+    """Read-only mappings of the node's slot files, kept from step to step (a fresh mapping faults
+    in every page again, which on a VM costs about as much as checksumming them). A file that grew
+    or was replaced is mapped again; the old mapping closes once no view of it is left."""
 
-    def __init__(self, files: list[tuple[str, int]]) -> None:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # path -> (inode, mapping)
+        self._retired: list[mmap.mmap] = []
+
+    def view(self, path: str, nbytes: int) -> memoryview:
+        if nbytes == 0:
+            return memoryview(b"")
+        st = os.stat(path)
+        with self._lock:
+            cached = self._maps.get(path)
+            if cached is None or cached[0] != st.st_ino or len(cached[1]) < nbytes:
+                if cached is not None:
+                    self._retired.append(cached[1])
+                with open(path, "rb") as f:
+                    cached = self._maps[path] = (st.st_ino, mmap.mmap(f.fileno(), st.st_size, prot=mmap.PROT_READ))
+                self._retired = [mm for mm in self._retired if not _try_close(mm)]
+            return memoryview(cached[1])[:nbytes]
+
+    def close(self) -> None:
+        with self._lock:
+            for mm in [m for _, m in self._maps.values()] + self._retired:
+                _try_close(mm)
+            self._maps.clear()
+            self._retired.clear()
+
+
+def _try_close(mm: mmap.mmap) -> bool:
+    try:
+        mm.close()
+        return True
+    except BufferError:  # a view of it is still in use
+        return False
+
+
+class _PoolBuffer(bytearray):
+    """A buffer of :class:`_BufferPool` (the type tells its views from any other)."""
+
+
+class _BufferPool:
+    """Buffers for received chunks and parity blocks, reused once their step is dropped: a fresh
+    multi-megabyte ``bytearray`` is zero-filled and faulted in page by page, every step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[_PoolBuffer] = []
+
+    def take(self, nbytes: int) -> memoryview:
+        with self._lock:
+            fits = [b for b in self._free if nbytes <= len(b) <= 2 * nbytes + SLOT_SLACK]
+            if fits:
+                buf = min(fits, key=len)
+                self._free.remove(buf)
+            else:
+                buf = _PoolBuffer(nbytes + SLOT_SLACK)
+        return memoryview(buf)[:nbytes]
+
+    def give(self, block: Any) -> None:
+        """Return ``block`` (a view :meth:`take` made; anything else is ignored) for reuse."""
+        buf = block.obj if isinstance(block, memoryview) else None
+        if not isinstance(buf, _PoolBuffer):
+            return
+        with self._lock:
+            if len(self._free) < POOL_KEEP and not any(b is buf for b in self._free):
+                self._free.append(buf)
+
+
+class _NodeBlob:
+    """The concatenation of a node's rank blobs, viewed in their slot files (a context manager)."""
+
+    def __init__(self, maps: _SlotMaps, files: list[tuple[str, int]]) -> None:
+        self.maps = maps
         self.files = files
         self.total = sum(n for _, n in files)
-        self._maps: list[mmap.mmap] = []
         self.views: list[memoryview] = []
 
     def __enter__(self) -> "_NodeBlob":
-        for path, n in self.files:
-            with open(path, "rb") as f:
-                mm = mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ) if n else None
-            self._maps.append(mm)  # type: ignore[arg-type]
-            self.views.append(memoryview(mm) if mm is not None else memoryview(b""))
+        self.views = [self.maps.view(path, n) for path, n in self.files]
         return self
 
     def __exit__(self, *exc: object) -> None:
         for view in self.views:
             view.release()
-        for mm in self._maps:
-            if mm is not None:
-                mm.close()
-        self.views, self._maps = [], []
+        self.views = []
 
     def pieces(self, a: int, b: int) -> list[memoryview]:
         """Byte range [a, b) as views into the slots (valid until the context exits)."""
@@ -617,13 +739,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def lower_priority() -> None:
-    """Run at niceness :data:`NICE` (not lower), so coding yields to training on a busy node."""
-    if os.nice(0) < NICE:
-        os.nice(NICE - os.nice(0))
+    """Schedule the calling thread, and the threads it starts, under ``SCHED_IDLE``: it runs when a
+    core would otherwise idle (on Linux a thread's policy is its own). Niceness :data:`NICE` where
+    that policy is unavailable."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        if os.nice(0) < NICE:
+            os.nice(NICE - os.nice(0))
 
 
 def run(args: argparse.Namespace) -> None:
-    """Serve until shut down, idle or stopped (in whichever process or thread calls it)."""
+    """Serve until shut down, idle or stopped (in whichever process or thread calls it), at the
+    priority of :func:`lower_priority`."""
+    lower_priority()
     key = (Path(args.dir) / "key").read_bytes()
     daemon = Daemon(args)
     try:
@@ -635,7 +764,6 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    lower_priority()
     run(args)
     return 0
 

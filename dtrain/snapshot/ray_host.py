@@ -47,7 +47,6 @@ class SnapshotHost:
         args = daemon.parse_args(argv)
         ready = Path(args.dir) / "daemon.json"
         if self.thread is None or not self.thread.is_alive():
-            daemon.lower_priority()
             self.thread = threading.Thread(target=daemon.run, args=(args,), name="dtrain-snapshot", daemon=True)
             self.thread.start()
         deadline = time.monotonic() + timeout_s

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Client, Connection
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 __all__ = ["send", "recv", "request", "connect", "RemoteError", "Payload"]
 
 Payload = Union[bytes, bytearray, memoryview, Sequence[Union[bytes, bytearray, memoryview]]]
+Into = Callable[[dict[str, Any], int], Optional[memoryview]]
+"""Given a header and its payload size, a writable buffer of exactly that size to receive into
+(None: a new ``bytearray``)."""
 
 
 class RemoteError(RuntimeError):
@@ -45,12 +48,14 @@ def send(conn: Connection, header: dict[str, Any], payload: Payload | None = Non
             piece = piece[os.write(fd, piece):]
 
 
-def recv(conn: Connection) -> tuple[dict[str, Any], bytearray | None]:
+def recv(conn: Connection, into: Into | None = None) -> tuple[dict[str, Any], bytearray | memoryview | None]:
     header = json.loads(conn.recv_bytes())
     nbytes = header.pop("_nbytes")
     if nbytes is None:
         return header, None
-    data = bytearray(nbytes)
+    data = into(header, nbytes) if into is not None else None
+    if data is None:
+        data = bytearray(nbytes)
     view, got, fd = memoryview(data), 0, conn.fileno()
     while got < nbytes:
         n = os.readv(fd, [view[got:]])
@@ -61,7 +66,7 @@ def recv(conn: Connection) -> tuple[dict[str, Any], bytearray | None]:
 
 
 def request(conn: Connection, header: dict[str, Any], payload: Payload | None = None,
-            timeout_s: float | None = None) -> tuple[dict[str, Any], bytearray | None]:
+            timeout_s: float | None = None) -> tuple[dict[str, Any], bytearray | memoryview | None]:
     """Send one request and wait for its reply; an ``error`` reply raises :class:`RemoteError`."""
     send(conn, header, payload)
     if timeout_s is not None and not conn.poll(timeout_s):

@@ -1,20 +1,34 @@
-"""Erasure coding, the restore decision and fault specs, without processes.
+"""Erasure coding, blobs, the snapshot process's buffers, the restore decision and fault specs,
+without processes.
 
 Coding is checked exhaustively on small groups: for every set of up to m lost nodes, every lost
-chunk is rebuilt byte for byte from the survivors (chunks of unequal length included).
+chunk is rebuilt byte for byte from the survivors (chunks of unequal length included), with parity
+blocks coded into fresh buffers and into reused ones that still hold another step's bytes.
 """
 import itertools
+import os
 import random
 
+import numpy as np
 import pytest
+import torch
 
+from dtrain.checkpoint import FORMAT, Flat, RankState, _np_state, _tuples
 from dtrain.faults.spec import FaultSpecError, check_fits, expand_chaos, parse
+from dtrain.snapshot import blob as blobs
 from dtrain.snapshot.coding import GroupLayout, chunk_bounds, decode_chunk, encode_parity
+from dtrain.snapshot.daemon import _BufferPool, _SlotMaps
 from dtrain.snapshot.recovery import choose_in_memory
 
 
+def _dirty(n: int) -> memoryview:
+    """A reused buffer: it still holds some earlier step's bytes."""
+    return memoryview(bytearray(b"\xa5" * n))
+
+
+@pytest.mark.parametrize("reused", [False, True])
 @pytest.mark.parametrize("k,m", [(1, 1), (2, 1), (3, 1), (2, 2), (3, 2)])
-def test_any_m_lost_nodes_are_rebuilt_exactly(k, m):
+def test_any_m_lost_nodes_are_rebuilt_exactly(k, m, reused):
     rng = random.Random(k * 10 + m)
     group = GroupLayout(tuple(range(k + m)), k, m)
     blobs = {n: rng.randbytes(rng.randrange(1, 300)) for n in group.nodes}
@@ -27,7 +41,7 @@ def test_any_m_lost_nodes_are_rebuilt_exactly(k, m):
     for stripe in range(group.size):
         data = [chunk[n, stripe] for n in group.data_nodes(stripe)]
         for i, p in enumerate(group.parity_nodes(stripe)):
-            parity[p, stripe] = encode_parity(data, k, m, i)
+            parity[p, stripe] = encode_parity(data, k, m, i, _dirty if reused else None)
     widest = max(len(b) for b in blobs.values())  # parity is as wide as a stripe's widest chunk
     assert all(len(v) <= -(-widest // k) + 8 for v in parity.values())
     for lost in itertools.chain.from_iterable(itertools.combinations(group.nodes, r) for r in range(1, m + 1)):
@@ -90,3 +104,55 @@ def test_chaos_is_seeded_and_spreads_faults():
     b = expand_chaos(chaos, world=4, nodes=2, total_steps=24, snapshots=True, first_index=100)
     assert a == b and len(a) == 5 and len({f.get("step") for f in a}) == 5
     assert all(f.kind in {"kill", "hang", "corrupt", "node-loss"} for f in a)
+
+
+def test_buffer_pool_reuses_only_its_own_buffers_once_given_back():
+    pool = _BufferPool()
+    a, b = pool.take(1000), pool.take(1000)
+    assert a.obj is not b.obj and len(a) == len(b) == 1000
+    pool.give(memoryview(bytearray(1000)))  # not the pool's: ignored
+    pool.give(a)
+    pool.give(a)  # twice: still handed out once
+    c, d = pool.take(900), pool.take(900)
+    assert c.obj is a.obj and d.obj is not a.obj and len(c) == 900
+    pool.give(b)
+    assert pool.take(10 * 2**20).obj is not b.obj  # a much larger request never gets a small buffer
+
+
+def test_slot_maps_follow_a_slot_that_grew_or_was_replaced(tmp_path):
+    path = str(tmp_path / "r0.slot0")
+    with open(path, "wb") as f:
+        f.write(b"a" * 100)
+    maps = _SlotMaps()
+    first = maps.view(path, 100)
+    assert bytes(first) == b"a" * 100
+    with open(path, "r+b") as f:  # the snapshot process grows a slot in place
+        f.write(b"b" * 300)
+    assert bytes(maps.view(path, 300)) == b"b" * 300
+    first.release()
+    os.unlink(path)  # a new file under the same name (rebuilt after a node loss)
+    with open(path, "wb") as f:
+        f.write(b"c" * 50)
+    assert bytes(maps.view(path, 50)) == b"c" * 50
+    maps.close()
+
+
+def test_blob_round_trip_restores_rng_states_and_tensors():
+    random.seed(3)
+    np.random.seed(4)
+    info = {"python": random.getstate(), "numpy": np.random.get_state(), "plugins": {"co2": {"round": 2}}}
+    tensors = {"u0.param": Flat.of(torch.arange(6.0)), "u0.optim.exp_avg": Flat.of(torch.ones(6))}
+    state = RankState(tensors, info, {"format": FORMAT, "units": [], "parts": 1, "step": 7}, {})
+    plan = blobs.plan(state, 7, 1, "fingerprint")
+    buffer = bytearray(plan.nbytes)
+    blobs.write(buffer, state, plan)
+    reader = blobs.BlobReader(buffer)
+    assert reader.step == 7 and reader.info["plugins"] == {"co2": {"round": 2}}
+    assert torch.equal(reader.part(1).get_tensor("u0.param"), torch.arange(6.0))
+    assert sorted(reader.part(1).keys()) == ["u0.optim.exp_avg", "u0.param"]  # RNG words are not tensors of the state
+    expected = (random.random(), float(np.random.rand()))
+    random.seed(0)
+    np.random.seed(0)
+    random.setstate(_tuples(reader.info["python"]))
+    np.random.set_state(tuple(_np_state(reader.info["numpy"])))
+    assert (random.random(), float(np.random.rand())) == expected
