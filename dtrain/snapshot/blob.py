@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtrain.checkpoint import CheckpointError, Flat, RankState, StateReader, to_json
+from dtrain.checkpoint import CheckpointError, RankState, StateReader, to_json
 from dtrain.snapshot.coding import checksum
 
 MAGIC = b"DTSNAP03"  # bump whenever the header changes: older blobs are refused, not misread

@@ -15,8 +15,10 @@ Per snapshot step ``s`` (see :mod:`dtrain.snapshot.coding` for the stripe layout
    background thread (:mod:`dtrain.plugins.snapshot`);
 2. the daemon's worker thread checksums the node's blobs (CRC-32C) and sends each data chunk to
    the parity holders of its stripe; a parity holder encodes once it has all ``k`` chunks;
-3. a node whose blobs are checksummed, chunks delivered and parity blocks encoded is *complete*
-   for ``s`` and tells every daemon; ``s`` is *committed* when every node of the job is complete.
+3. a node whose blobs are checksummed, chunks sent and parity blocks encoded is *complete* for
+   ``s`` and tells every daemon; ``s`` is *committed* when every node of the job is complete
+   (so every parity holder has coded what it was sent: chunks and these notices are one-way
+   messages, and a parity holder is complete only once it has).
    Older steps are dropped then, and every ``persist_every``-th committed step is written to
    disk by a background thread (temporary file, fsync, atomic rename, checksums in a JSON index).
 
