@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import secrets
 import shutil
@@ -40,6 +39,7 @@ from dtrain.snapshot.client import DaemonClient, node_dir, run_dir
 from dtrain.snapshot.coding import GroupLayout
 from dtrain.snapshot.daemon import SLOTS
 from dtrain.snapshot.recovery import choose_in_memory, persisted_steps
+from dtrain.snapshot.slots import SlotMaps
 
 _FINGERPRINT_IGNORES = {"snapshot", "metrics", "checkpoint"}
 
@@ -79,7 +79,7 @@ class SnapshotPlugin(Plugin):
         self._next_slot: str | None = None  # reserved by the snapshot process's reply to `written`
         self.write_cpu_s = 0.0  # CPU time of the newest background write
         self._waited = 0.0
-        self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # slot path -> (inode, mapping)
+        self._slots = SlotMaps(writable=True)
 
     # ------------------------------------------------------------------ start-up
     def _start(self) -> None:
@@ -258,36 +258,20 @@ class SnapshotPlugin(Plugin):
         part = self.engine.layout.index if self.engine.layout.shard_optim else 0
         plan = blobs.plan(state, step, self.comm.rank, self.fingerprint, part)
         path, self._next_slot = self._next_slot, None
-        slot = self._slot_map(path, plan.nbytes) if path is not None else None
-        if slot is None:
+        slot = self._slots.view(path, plan.nbytes) if path is not None else None
+        if slot is None:  # none reserved, or too small for this blob: the snapshot process grows it
             path = self.client.call("reserve", rank=self.comm.rank, nbytes=plan.nbytes,
                                     timeout_s=self.cfg.timeout_s, _wait=self.cfg.timeout_s + 30)["path"]
-            slot = self._slot_map(path, plan.nbytes)
-            assert slot is not None
-        blobs.write(slot, state, plan)
+            slot = self._slots.view(path, plan.nbytes)
+            if slot is None:
+                raise SnapshotError(f"slot {path} reserved for {plan.nbytes} bytes is smaller")
+        with slot:
+            blobs.write(slot, state, plan)
         reply = self.client.call("written", rank=self.comm.rank, step=step, path=path, nbytes=plan.nbytes)
         self._next_slot = reply.get("next")
         self.blob_bytes = plan.nbytes
         self.last_step = step
         self.write_cpu_s = time.thread_time() - cpu
-
-    def _slot_map(self, path: str, nbytes: int) -> mmap.mmap | None:
-        """The slot file mapped, kept mapped across steps (a fresh mapping faults in every page);
-        None if the file is smaller than ``nbytes`` (the snapshot process grows it on ``reserve``)."""
-        st = os.stat(path)
-        if st.st_size < nbytes:
-            return None
-        inode = st.st_ino
-        cached = self._maps.get(path)
-        if cached is None or cached[0] != inode or len(cached[1]) < nbytes:
-            if cached is not None:
-                cached[1].close()
-            fd = os.open(path, os.O_RDWR)
-            try:
-                cached = self._maps[path] = (inode, mmap.mmap(fd, os.fstat(fd).st_size))
-            finally:
-                os.close(fd)
-        return cached[1]
 
     def metrics(self) -> dict[str, float]:
         return {"snapshot_block_s": self.block_s, "snapshot_write_cpu_s": self.write_cpu_s,
@@ -307,9 +291,7 @@ class SnapshotPlugin(Plugin):
             self.flush()
         finally:
             self._writer.shutdown(wait=True)
-            for _, mm in self._maps.values():
-                mm.close()
-            self._maps.clear()
+            self._slots.close()
         if self.last_step > 0:  # the final state reaches memory (and the disk tier) before we stop
             self.wait_committed(self.last_step)
         self.comm.barrier()

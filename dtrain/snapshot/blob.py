@@ -66,6 +66,11 @@ def _rng_words(info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Te
     return info, words
 
 
+def _loose_tensors(state: RankState, words: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The blob's whole tensors after the flat ones: frozen parameters and buffers, RNG words."""
+    return {"extra." + name: tensor for name, tensor in state.extra.items()} | words
+
+
 def plan(state: RankState, step: int, rank: int, fingerprint: str, part: int = 0) -> BlobPlan:
     """Where each tensor of ``state`` goes; the header is final, so the size is known up front."""
     offsets: dict[str, int] = {}
@@ -76,8 +81,7 @@ def plan(state: RankState, step: int, rank: int, fingerprint: str, part: int = 0
         offsets[name] = cursor
         table.append([name, _dtype_name(flat.dtype), flat.numel, list(flat.shape or (flat.numel,)), cursor])
         cursor = _align(cursor + flat.nbytes)
-    extra = {"extra." + name: tensor for name, tensor in state.extra.items()}
-    for name, tensor in (extra | words).items():
+    for name, tensor in _loose_tensors(state, words).items():
         offsets[name] = cursor
         table.append([name, _dtype_name(tensor.dtype), tensor.numel(), list(tensor.shape), cursor])
         cursor = _align(cursor + tensor.numel() * tensor.element_size())
@@ -99,8 +103,7 @@ def write(buffer: Any, state: RankState, blob: BlobPlan) -> None:
         if sum(src.numel() for _, src in flat.pieces) != flat.numel:
             out.zero_()  # padding the pieces do not cover
         flat.copy_into(out)
-    extra = {"extra." + name: tensor for name, tensor in state.extra.items()}
-    for name, tensor in (extra | blob.words).items():
+    for name, tensor in _loose_tensors(state, blob.words).items():
         out = _tensor_at(buffer, tensor.dtype, tensor.numel(), blob.data_start + blob.offsets[name])
         out.copy_(tensor.reshape(-1))
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import queue
 import signal
@@ -50,6 +49,7 @@ from typing import Any
 
 from dtrain.snapshot import wire
 from dtrain.snapshot.coding import GroupLayout, checksum, chunk_bounds, decode_chunk, encode_parity
+from dtrain.snapshot.slots import SlotMaps
 
 Table = list[list[int]]  # [[rank, nbytes, crc], ...] in local-rank order
 SLOTS = 3  # per rank: the newest committed step, one still being coded, the one being written
@@ -102,7 +102,7 @@ class Daemon:
         self.clients = 0
         self.last_client = time.monotonic()
         self.persisted: list[int] = []
-        self.maps = _SlotMaps()
+        self.maps = SlotMaps()
         self.buffers = _BufferPool()
         self.stop = threading.Event()
 
@@ -613,46 +613,6 @@ class Daemon:
                 pass
 
 
-class _SlotMaps:
-    """Read-only mappings of the node's slot files, kept from step to step (a fresh mapping faults
-    in every page again, which on a VM costs about as much as checksumming them). A file that grew
-    or was replaced is mapped again; the old mapping closes once no view of it is left."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # path -> (inode, mapping)
-        self._retired: list[mmap.mmap] = []
-
-    def view(self, path: str, nbytes: int) -> memoryview:
-        if nbytes == 0:
-            return memoryview(b"")
-        st = os.stat(path)
-        with self._lock:
-            cached = self._maps.get(path)
-            if cached is None or cached[0] != st.st_ino or len(cached[1]) < nbytes:
-                if cached is not None:
-                    self._retired.append(cached[1])
-                with open(path, "rb") as f:
-                    cached = self._maps[path] = (st.st_ino, mmap.mmap(f.fileno(), st.st_size, prot=mmap.PROT_READ))
-                self._retired = [mm for mm in self._retired if not _try_close(mm)]
-            return memoryview(cached[1])[:nbytes]
-
-    def close(self) -> None:
-        with self._lock:
-            for mm in [m for _, m in self._maps.values()] + self._retired:
-                _try_close(mm)
-            self._maps.clear()
-            self._retired.clear()
-
-
-def _try_close(mm: mmap.mmap) -> bool:
-    try:
-        mm.close()
-        return True
-    except BufferError:  # a view of it is still in use
-        return False
-
-
 class _PoolBuffer(bytearray):
     """A buffer of :class:`_BufferPool` (the type tells its views from any other)."""
 
@@ -688,14 +648,18 @@ class _BufferPool:
 class _NodeBlob:
     """The concatenation of a node's rank blobs, viewed in their slot files (a context manager)."""
 
-    def __init__(self, maps: _SlotMaps, files: list[tuple[str, int]]) -> None:
+    def __init__(self, maps: SlotMaps, files: list[tuple[str, int]]) -> None:
         self.maps = maps
         self.files = files
         self.total = sum(n for _, n in files)
         self.views: list[memoryview] = []
 
     def __enter__(self) -> "_NodeBlob":
-        self.views = [self.maps.view(path, n) for path, n in self.files]
+        for path, n in self.files:
+            view = self.maps.view(path, n)
+            if view is None:
+                raise ValueError(f"slot {path} holds fewer than the {n} bytes its rank wrote")
+            self.views.append(view)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,8 +17,9 @@ from dtrain.checkpoint import FORMAT, Flat, RankState, _np_state, _tuples
 from dtrain.faults.spec import FaultSpecError, check_fits, expand_chaos, parse
 from dtrain.snapshot import blob as blobs
 from dtrain.snapshot.coding import GroupLayout, chunk_bounds, decode_chunk, encode_parity
-from dtrain.snapshot.daemon import _BufferPool, _SlotMaps
+from dtrain.snapshot.daemon import _BufferPool
 from dtrain.snapshot.recovery import choose_in_memory
+from dtrain.snapshot.slots import SlotMaps
 
 
 def _dirty(n: int) -> memoryview:
@@ -123,9 +124,10 @@ def test_slot_maps_follow_a_slot_that_grew_or_was_replaced(tmp_path):
     path = str(tmp_path / "r0.slot0")
     with open(path, "wb") as f:
         f.write(b"a" * 100)
-    maps = _SlotMaps()
+    maps = SlotMaps()
     first = maps.view(path, 100)
     assert bytes(first) == b"a" * 100
+    assert maps.view(path, 101) is None  # shorter than asked: the caller must grow it first
     with open(path, "r+b") as f:  # the snapshot process grows a slot in place
         f.write(b"b" * 300)
     assert bytes(maps.view(path, 300)) == b"b" * 300
@@ -135,6 +137,12 @@ def test_slot_maps_follow_a_slot_that_grew_or_was_replaced(tmp_path):
         f.write(b"c" * 50)
     assert bytes(maps.view(path, 50)) == b"c" * 50
     maps.close()
+    writer = SlotMaps(writable=True)  # a rank writes its blob through its own mapping
+    with writer.view(path, 50) as out:
+        out[:3] = b"xyz"
+    writer.close()
+    with open(path, "rb") as f:
+        assert f.read(4) == b"xyzc"
 
 
 def test_blob_round_trip_restores_rng_states_and_tensors():
