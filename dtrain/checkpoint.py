@@ -13,6 +13,13 @@ Format (a directory; nothing is ever unpickled):
   table (parameter name, shape, flat offset), optimizer hyperparameters and scalar state per
   param group, LR-scheduler state, tied-parameter aliases. A directory without it is incomplete.
 
+Scalar optimizer state (Adam's ``step``) is one value per param group. Every rank steps every
+group (under ZeRO a rank owning no element of a group steps an empty placeholder in it), so each
+rank's capture holds every group's scalars; a checkpoint lacking a group's scalars is refused at
+save and at load. Format 1 checkpoints took the scalars from the elements rank 0 owned and can lack
+a group's (the param-group resume bug); they load when complete and are refused, saying so, when
+not.
+
 Loading reads tensors *by parameter name* (a name maps to a unit, an offset and the parts that
 hold it), so a checkpoint saved at world 4 under ZeRO-3 loads at world 2 or 3, or under another
 stage. Optimizer state must be element-wise (Adam, AdamW, SGD momentum, ...) or scalar.
@@ -34,7 +41,8 @@ from safetensors.torch import save_file
 if TYPE_CHECKING:
     from dtrain.engine import Engine
 
-FORMAT = "dtrain-checkpoint/1"
+FORMAT = "dtrain-checkpoint/2"
+READABLE_FORMATS = ("dtrain-checkpoint/1", FORMAT)
 
 
 class CheckpointError(RuntimeError):
@@ -141,10 +149,10 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False,
     parts = layout.parts if layout.shard_optim else 1
     writes_units = layout.shard_optim or comm.rank == 0 or all_units
     tensors = dict(volatile.tensors)
-    scalar_state: list[dict[str, Any]] = [{} for _ in layout.optimizer.param_groups]
+    elementwise = _elementwise_keys(layout.optimizer)
     for unit in layout.units:
         lo, hi = unit.shard_range(parts, layout.index if layout.shard_optim else 0)
-        optim = _optim_pieces(layout, unit, lo, hi, scalar_state)
+        optim = _optim_pieces(layout, unit, lo, hi, elementwise)
         if writes_units:
             tensors[f"u{unit.index}.param"] = Flat.of(unit.shard if layout.shard_optim else unit.full[lo:hi])
             tensors.update({f"u{unit.index}.optim.{key}": flat for key, flat in optim.items()})
@@ -155,7 +163,7 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False,
         "optimizer": {"class": type(layout.optimizer).__name__,
                       "param_groups": [_jsonable({k: v for k, v in g.items() if k != "params"})
                                        for g in layout.optimizer.param_groups],
-                      "scalar_state": scalar_state},
+                      "scalar_state": _scalar_state(layout.optimizer, elementwise)},
         "scheduler": _jsonable(engine.scheduler.state_dict()) if engine.scheduler else None,
         "aliases": aliases,
     }
@@ -166,19 +174,25 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False,
     return RankState(tensors, volatile.info, meta, extra)
 
 
-def _optim_pieces(layout, unit, lo: int, hi: int, scalar_state: list[dict[str, Any]]) -> dict[str, Flat]:
-    """Element-wise optimizer state of ``unit`` over [lo, hi) as pieces; scalars collected."""
+def _elementwise_keys(optimizer: torch.optim.Optimizer) -> set[str]:
+    """Optimizer state keys holding one value per parameter element (Adam's ``exp_avg``).
+
+    Decided over the whole optimizer, not per tensor: a 0-dim parameter's ``exp_avg`` is 0-dim
+    too, but it is element-wise like every other parameter's."""
+    return {key for st in optimizer.state.values() for key, value in st.items()
+            if torch.is_tensor(value) and value.dim() > 0}
+
+
+def _optim_pieces(layout, unit, lo: int, hi: int, elementwise: set[str]) -> dict[str, Flat]:
+    """Element-wise optimizer state of ``unit`` over [lo, hi) as pieces."""
     flats: dict[str, Flat] = {}
     if layout.shard_optim:
-        pieces = [(v.group, v.tensor, v.lo, v.hi) for v in layout.opt_views if v.unit is unit]
+        pieces = [(v.tensor, v.lo, v.hi) for v in layout.opt_views if v.unit is unit]
     else:
-        pieces = [(s.group, s.param, s.offset, s.offset + s.numel) for s in unit.slots]
-    for group, param, a, b in pieces:
+        pieces = [(s.param, s.offset, s.offset + s.numel) for s in unit.slots]
+    for param, a, b in pieces:
         for key, value in layout.optimizer.state.get(param, {}).items():
-            if not torch.is_tensor(value) or value.dim() == 0:
-                scalar_state[group][key] = {"value": float(value), "tensor": torch.is_tensor(value),
-                                            "dtype": str(value.dtype).removeprefix("torch.")
-                                            if torch.is_tensor(value) else None}
+            if key not in elementwise:
                 continue
             if value.numel() != b - a:
                 raise CheckpointError(
@@ -187,6 +201,46 @@ def _optim_pieces(layout, unit, lo: int, hi: int, scalar_state: list[dict[str, A
             flat = flats.setdefault(key, Flat(value.dtype, hi - lo, []))
             flat.pieces.append((a - lo, value.detach().reshape(-1)))
     return flats
+
+
+def _scalar_state(optimizer: torch.optim.Optimizer, elementwise: set[str]) -> list[dict[str, Any]]:
+    """Each param group's scalar state, read from every parameter of the group (placeholders
+    included), so a group is covered whichever rank owns its elements."""
+    groups: list[dict[str, Any]] = []
+    for gi, group in enumerate(optimizer.param_groups):
+        found: dict[str, Any] = {}
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if key in elementwise:
+                    continue
+                entry = {"value": float(value), "tensor": torch.is_tensor(value),
+                         "dtype": str(value.dtype).removeprefix("torch.") if torch.is_tensor(value) else None}
+                if found.setdefault(key, entry) != entry:
+                    raise CheckpointError(
+                        f"optimizer state {key!r} differs between parameters of param group {gi} "
+                        f"({found[key]['value']} vs {entry['value']}); dtrain checkpoints keep one "
+                        f"scalar per param group")
+        groups.append(found)
+    _check_scalar_state(groups, "this run's optimizer")
+    return groups
+
+
+def _check_scalar_state(groups: list[dict[str, Any]], where: str, format_: str = FORMAT) -> None:
+    """Every param group has the same scalar state keys: a group without them would crash the
+    optimizer's next step (``KeyError: 'step'``) or silently restart its bias correction."""
+    keys = [sorted(g) for g in groups]
+    reference = max(keys, key=len)
+    bad = [gi for gi, k in enumerate(keys) if k != reference]
+    if not bad:
+        return
+    good = keys.index(reference)
+    why = (" It was written by a dtrain before the param-group fix (format dtrain-checkpoint/1), which "
+           "saved only the groups rank 0 owned elements of; its parameters are intact: "
+           "dtrain.consolidate() returns them for a fresh start of the optimizer."
+           if format_ == READABLE_FORMATS[0] else "")
+    raise CheckpointError(
+        f"{where} lacks the optimizer's scalar state {reference} for param group(s) {bad} "
+        f"(group {good} has it){'; refusing to resume from it.' if why else ''}{why}")
 
 
 # ------------------------------------------------------------------------------------ save
@@ -224,9 +278,9 @@ class StateReader:
     """A rank whose part this reader holds (lists the stored optimizer keys)."""
 
     def _index(self) -> None:
-        if self.meta.get("format") != FORMAT:
+        if self.meta.get("format") not in READABLE_FORMATS:
             raise CheckpointError(f"{self.where_saved}: unknown format {self.meta.get('format')!r}, "
-                                  f"expected {FORMAT}")
+                                  f"expected one of {list(READABLE_FORMATS)}")
         self.where = {slot[0]: (ui, slot[1], slot[2]) for ui, u in enumerate(self.meta["units"])
                       for slot in u["slots"]}
 
@@ -314,6 +368,7 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader") -> None:
     if len(scalars) != len(layout.optimizer.param_groups):
         raise CheckpointError(f"{reader.where_saved} has {len(scalars)} optimizer param groups, "
                               f"the optimizer has {len(layout.optimizer.param_groups)}")
+    _check_scalar_state(scalars, reader.where_saved, meta["format"])
     with torch.no_grad():
         for unit in layout.units:
             lo, hi = unit.shard_range(layout.parts, layout.index)
@@ -326,18 +381,21 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader") -> None:
             if not layout.shard_params:
                 for unit in layout.units:
                     layout.comm.all_gather(unit.full, unit.shard, layout.level)
-            targets = [(v.tensor, v.group, lambda key, v=v: _assemble(reader, v.unit, v.lo, v.hi, key))
-                       for v in layout.opt_views]
+            fetchers = {id(v.tensor): lambda key, v=v: _assemble(reader, v.unit, v.lo, v.hi, key)
+                        for v in layout.opt_views}
         else:
-            targets = [(s.param, s.group, lambda key, s=s: reader.read(s.name, key))
-                       for u in layout.units for s in u.slots]
+            fetchers = {id(s.param): lambda key, s=s: reader.read(s.name, key)
+                        for u in layout.units for s in u.slots}
         state = layout.optimizer.state
-        for tensor, group, fetch in targets:
-            st = state[tensor]
-            for key in keys:
-                st[key] = fetch(key).to(tensor.device).clone()
-            for key, sc in scalars[group].items():
-                st[key] = torch.tensor(sc["value"], dtype=getattr(torch, sc["dtype"])) if sc["tensor"] else sc["value"]
+        for gi, group in enumerate(layout.optimizer.param_groups):
+            for tensor in group["params"]:
+                fetch = fetchers.get(id(tensor))
+                st = state[tensor]
+                for key in keys:  # a placeholder (owns no element of its group) gets empty state
+                    st[key] = (fetch(key).to(tensor.device).clone() if fetch is not None
+                               else torch.zeros(0, device=tensor.device))
+                for key, sc in scalars[gi].items():
+                    st[key] = torch.tensor(sc["value"], dtype=getattr(torch, sc["dtype"])) if sc["tensor"] else sc["value"]
         for g, saved in zip(layout.optimizer.param_groups, meta["optimizer"]["param_groups"]):
             g.update({k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items()})
         extra = reader.extra()
