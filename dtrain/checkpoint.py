@@ -11,7 +11,13 @@ Format (a directory; nothing is ever unpickled):
 * ``extra.safetensors`` — frozen parameters and persistent buffers by name (rank 0).
 * ``meta.json`` — written last, after every rank finished: world size, layout, step, the unit
   table (parameter name, shape, flat offset), optimizer hyperparameters and scalar state per
-  param group, LR-scheduler state, tied-parameter aliases. A directory without it is incomplete.
+  param group, LR-scheduler state, tied-parameter aliases, and the size and CRC-32C of every
+  other file. A directory without it is incomplete.
+
+A file that is missing, truncated or fails its CRC-32C is a :class:`CheckpointError` naming the
+file and the check. :func:`verify` checks a whole checkpoint collectively (each rank a share of
+the files), which is how automatic resume (``Engine._resume``) falls back to the previous
+complete checkpoint when the newest is damaged.
 
 Scalar optimizer state (Adam's ``step``) is one value per param group. Every rank steps every
 group (under ZeRO a rank owning no element of a group steps an empty placeholder in it), so each
@@ -36,7 +42,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
+
+from dtrain.snapshot.coding import checksum
 
 if TYPE_CHECKING:
     from dtrain.engine import Engine
@@ -253,14 +261,15 @@ def save(engine: "Engine", directory: str | os.PathLike) -> None:
         (path / "meta.json").unlink()  # the directory is incomplete until the new meta lands
     comm.barrier()
     state = capture(engine, with_extra=rank == 0)
-    _atomic_save({k: f.tensor() for k, f in state.tensors.items()}, path / f"rank{rank}.safetensors")
-    _atomic_json(state.info, path / f"rank{rank}.json")
+    files = {f"rank{rank}.safetensors": _atomic_save({k: f.tensor() for k, f in state.tensors.items()},
+                                                     path / f"rank{rank}.safetensors"),
+             f"rank{rank}.json": _atomic_json(state.info, path / f"rank{rank}.json")}
     if rank == 0:
         extra = {k: v.cpu().contiguous() for k, v in state.extra.items()}
-        _atomic_save(extra or {"_empty": torch.zeros(0)}, path / "extra.safetensors")
-    comm.barrier()
+        files["extra.safetensors"] = _atomic_save(extra or {"_empty": torch.zeros(0)}, path / "extra.safetensors")
+    written = {name: check for each in comm.all_gather_json(files) for name, check in each.items()}
     if rank == 0:
-        _atomic_json(state.meta, path / "meta.json")
+        _atomic_json({**state.meta, "files": written}, path / "meta.json")
     comm.barrier()
 
 
@@ -327,39 +336,110 @@ class StateReader:
 
 
 class CheckpointReader(StateReader):
-    """A checkpoint directory written by :func:`save`."""
+    """A checkpoint directory written by :func:`save`; each file is checked against the size and
+    CRC-32C that ``meta.json`` records for it the first time it is read."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, verified: bool = False) -> None:
         self.path = Path(directory)
         self.where_saved = f"checkpoint {self.path}"
+        self.verified = verified
+        """Every file already passed :func:`verify`: skip the per-file checks."""
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise CheckpointError(f"{self.path} is not a complete dtrain checkpoint (no meta.json); "
                                   f"it was not written or its save did not finish")
-        self.meta = json.loads(meta_path.read_text())
-        self._index()
+        self.meta = _parse_json(meta_path)
+        try:
+            self._index()
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CheckpointError(f"{meta_path}: not a dtrain checkpoint's metadata "
+                                  f"({type(exc).__name__}: {exc}); the file is corrupt") from None
         self._files: dict[int, Any] = {}
+        self._checked: set[str] = set()
+
+    def files(self) -> list[str]:
+        """Every file the checkpoint consists of besides ``meta.json``."""
+        recorded = self.meta.get("files")
+        if recorded is not None:
+            return sorted(recorded)
+        ranks = range(self.meta["world_size"])  # format 1 recorded no list
+        return [f"rank{r}{ext}" for r in ranks for ext in (".safetensors", ".json")] + ["extra.safetensors"]
+
+    def check(self, name: str) -> Path:
+        """``name``'s path once it exists and matches its recorded size and CRC-32C."""
+        f = self.path / name
+        if name in self._checked:
+            return f
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
+        expected = self.meta.get("files", {}).get(name)
+        if self.verified:
+            pass
+        elif expected is not None:
+            data = f.read_bytes()
+            if len(data) != expected["bytes"]:
+                raise CheckpointError(f"{f}: size check failed: {len(data)} bytes, {expected['bytes']} "
+                                      f"written; the file is truncated or was overwritten")
+            if checksum(data) != expected["crc32c"]:
+                raise CheckpointError(f"{f}: CRC-32C check failed; the file is corrupt")
+        elif name.endswith(".safetensors"):
+            _open_safetensors(f).__exit__(None, None, None)  # format 1: the header must parse
+        self._checked.add(name)
+        return f
 
     def part(self, rank: int) -> Any:
         if rank not in self._files:
-            f = self.path / f"rank{rank}.safetensors"
-            if not f.is_file():
-                raise CheckpointError(f"{f} is missing; the checkpoint is incomplete")
-            self._files[rank] = safe_open(str(f), framework="pt")
+            self._files[rank] = _open_safetensors(self.check(f"rank{rank}.safetensors"))
         return self._files[rank]
 
     def rank_info(self, rank: int) -> dict[str, Any]:
-        return json.loads((self.path / f"rank{rank}.json").read_text())
+        return _parse_json(self.check(f"rank{rank}.json"))
 
     def extra(self) -> dict[str, torch.Tensor]:
-        with safe_open(str(self.path / "extra.safetensors"), framework="pt") as f:
+        with _open_safetensors(self.check("extra.safetensors")) as f:
             return {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
 
 
+def verify(directory: str | os.PathLike, comm: Any) -> str | None:
+    """Collective: check every file of the checkpoint (each rank a share); the first problem
+    found, identical on every rank, or None when the checkpoint is intact."""
+    problem = None
+    try:
+        reader = CheckpointReader(directory)
+        for i, name in enumerate(reader.files()):
+            if i % comm.topology.shape.world_size == comm.rank:
+                reader.check(name)
+    except CheckpointError as exc:
+        problem = str(exc)
+    return next((p for p in comm.all_gather_json(problem) if p), None)
+
+
+def _parse_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is truncated or corrupt") from None
+
+
+def _open_safetensors(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); the file is "
+                              f"truncated or corrupt") from None
+
+
 # ------------------------------------------------------------------------------------ load
-def load(engine: "Engine", source: "str | os.PathLike | StateReader") -> None:
-    """Restore ``engine`` from a checkpoint directory or any :class:`StateReader`."""
-    reader = source if isinstance(source, StateReader) else CheckpointReader(source)
+def load(engine: "Engine", source: "str | os.PathLike | StateReader", verified: bool = False) -> None:
+    """Restore ``engine`` from a checkpoint directory or any :class:`StateReader` (collective).
+
+    A directory is first checked whole (:func:`verify`, unless ``verified``), so a damaged file
+    is an error before anything is changed, whichever ranks would have read it."""
+    if not isinstance(source, StateReader) and not verified:
+        problem = verify(source, engine.comm)
+        if problem is not None:
+            raise CheckpointError(problem)
+    reader = source if isinstance(source, StateReader) else CheckpointReader(source, verified=verified)
     layout, meta = engine.layout, reader.meta
     _check_model(reader, engine)
     shard_optim = layout.shard_optim
@@ -512,16 +592,20 @@ def _persistent_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]
     return [(n, b) for n, b in model.named_buffers() if n in keys]
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, int]:
+    return _atomic_write(safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}), path)
 
 
-def _atomic_json(obj: Any, path: Path) -> None:
+def _atomic_json(obj: Any, path: Path) -> dict[str, int]:
+    return _atomic_write(to_json(obj).encode(), path)
+
+
+def _atomic_write(data: bytes, path: Path) -> dict[str, int]:
+    """Write ``data`` to ``path`` via a rename; its size and CRC-32C, for ``meta.json``."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(to_json(obj))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+    return {"bytes": len(data), "crc32c": checksum(data)}
 
 
 def _jsonable(obj: Any) -> Any:

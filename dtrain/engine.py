@@ -68,14 +68,33 @@ class Engine:
         """Continue from the newest saved state: a resilience plugin's, else ``checkpoint.dir``."""
         started = time.time()
         source = next((how for how in (p.restore() for p in self.plugins) if how), None)
-        directory = newest_checkpoint(self.config.checkpoint.dir) if self.config.checkpoint.dir else None
-        if source is None and directory is not None:
-            self.load(directory)
+        directory = self._usable_checkpoint(self.config.checkpoint.dir) if source is None else None
+        if directory is not None:
+            self.load(str(directory), verified=True)
             source = f"checkpoint {directory}"
         if self.runtime.rank == 0 and source:
             print(f"dtrain: resumed at step {self.step} from {source}", file=sys.stderr)
         if self.restarts:
             self._restart_event(source, started)
+
+    def _usable_checkpoint(self, root: str | None) -> Path | None:
+        """The newest complete checkpoint under ``root`` whose files all pass their size and CRC
+        checks (collective); a damaged one is skipped with one line saying so."""
+        from dtrain.checkpoint import CheckpointError, verify
+
+        candidates = checkpoints_newest_first(root) if root else []
+        for i, directory in enumerate(candidates):
+            problem = verify(directory, self.comm)
+            if problem is None:
+                return directory
+            if self.runtime.rank == 0:
+                then = (f"falling back to {candidates[i + 1]}" if i + 1 < len(candidates)
+                        else "no older complete checkpoint is left")
+                print(f"dtrain: skipping damaged checkpoint: {problem}; {then}", file=sys.stderr)
+        if candidates:
+            raise CheckpointError(f"every complete checkpoint under {root} is damaged (see above); move "
+                                  f"them aside to start from scratch, or restore them from a copy")
+        return None
 
     def _restart_event(self, source: str | None, started: float) -> None:
         """One metrics event per restart: its cause, how long recovery took, the step resumed from."""
@@ -294,11 +313,13 @@ class Engine:
 
         save(self, directory)
 
-    def load(self, directory: str) -> None:
+    def load(self, directory: str, verified: bool = False) -> None:
+        """Restore from a checkpoint directory (collective); ``verified``: its files already
+        passed :func:`dtrain.checkpoint.verify`."""
         from dtrain.checkpoint import load
 
         self._before_update()
-        load(self, directory)
+        load(self, directory, verified=verified)
 
     def _before_update(self) -> None:
         for plugin in self.plugins:
@@ -309,14 +330,13 @@ def _complete_checkpoints(root: Path) -> list[Path]:
     return sorted(d for d in root.glob("step-*") if (d / "meta.json").is_file())
 
 
-def newest_checkpoint(directory: str) -> Path | None:
-    """The checkpoint to resume from: ``directory`` itself if complete, else its newest complete
-    ``step-N`` (written by ``checkpoint.every``), else None."""
+def checkpoints_newest_first(directory: str) -> list[Path]:
+    """The checkpoints to resume from, best first: ``directory`` itself if complete, else its
+    complete ``step-N`` (written by ``checkpoint.every``), newest first."""
     root = Path(directory)
     if (root / "meta.json").is_file():
-        return root
-    done = _complete_checkpoints(root)
-    return done[-1] if done else None
+        return [root]
+    return _complete_checkpoints(root)[::-1]
 
 
 def _split(batch: Any, parts: int) -> list[Any]:
