@@ -112,6 +112,7 @@ def _bytes_unit(values: Iterable[float]) -> tuple[float, str]:
 
 
 _KIND_STYLES = {"params": "-", "grads": "--", "optim": "-.", "peak RSS": ":"}
+_KIND_WIDTHS = {"params": 2.8, "grads": 2.1, "optim": 1.4, "peak RSS": 1.6}  # equal sizes stay visible
 _LEVEL_STYLES = ("-", "--", "-.", ":")
 
 
@@ -140,7 +141,8 @@ def _levels(runs: list[Run]) -> list[str]:
 def _summary_line(run: Run) -> str:
     losses = [rec["loss"] for rec in run.steps]
     rates = sorted(rec["tokens_per_s"] for rec in run.steps if isinstance(rec.get("tokens_per_s"), (int, float)))
-    parts = [f"{run.label}: {len(run.steps)} steps", f"final loss {losses[-1]:.4f}"]
+    steps = (run.summary or {}).get("steps", run.steps[-1]["step"])
+    parts = [f"{run.label}: {steps} steps", f"final loss {losses[-1]:.4f}"]
     if rates:
         parts.append(f"median {rates[len(rates) // 2]:,.0f} tok/s")
     if run.restarts or run.faults:
@@ -181,7 +183,8 @@ def _draw(runs: list[Run], output: Path) -> None:
             for kind, style in _KIND_STYLES.items():
                 xs, ys = (_series(seg, "peak_rss_bytes") if kind == "peak RSS"
                           else _series(seg, "state_bytes", kind))
-                ax_mem.plot(xs, [y / mem_scale for y in ys], color=color, linestyle=style)
+                ax_mem.plot(xs, [y / mem_scale for y in ys], color=color, linestyle=style,
+                            linewidth=_KIND_WIDTHS[kind])
             for level, style in zip(levels, _LEVEL_STYLES * (len(levels) // 4 + 1)):
                 xs, ys = _series(seg, "comm_bytes", level)
                 ax_comm.plot(xs, [y / comm_scale for y in ys], color=color, linestyle=style)
@@ -204,7 +207,8 @@ def _draw(runs: list[Run], output: Path) -> None:
         ax_mem.set_yscale("log")  # peak RSS is often 100x the training state of a small model
     ax_comm.set_ylim(bottom=0)
     gray = "0.35"
-    ax_mem.legend(handles=[Line2D([], [], color=gray, linestyle=s, label=k) for k, s in _KIND_STYLES.items()],
+    ax_mem.legend(handles=[Line2D([], [], color=gray, linestyle=s, linewidth=_KIND_WIDTHS[k], label=k)
+                           for k, s in _KIND_STYLES.items()],
                   fontsize=8, loc="best")
     if levels:
         ax_comm.legend(handles=[Line2D([], [], color=gray, linestyle=s, label=lvl)
