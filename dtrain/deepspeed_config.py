@@ -140,10 +140,9 @@ def _positive_int(key: str, value: Any) -> int:
     return _int(key, value, 1)
 
 
-def _section(table: Mapping[str, Handler], *, on_enable: Handler | None = None) -> Handler:
-    """A DeepSpeed dict section with an ``enabled`` switch (off by default, as in DeepSpeed): off
-    (false, "auto" or absent) accepts everything in it silently; on calls ``on_enable`` with the
-    section, or walks its keys."""
+def _switched(on_enable: Handler) -> Handler:
+    """A DeepSpeed section with an ``enabled`` switch (off by default, as in DeepSpeed): off (false,
+    absent, or "auto") accepts everything in it silently; on calls ``on_enable`` with the section."""
     def handler(walk: _Walk, key: str, value: Any) -> None:
         if not isinstance(value, Mapping):
             walk.reject(key, f"expected a section (a JSON object), got {value!r}")
@@ -151,13 +150,8 @@ def _section(table: Mapping[str, Handler], *, on_enable: Handler | None = None) 
         enabled = value.get("enabled", False)
         if enabled == AUTO:
             walk.result.auto.append(f"{key}.enabled")
-            return
-        if enabled is False:
-            return
-        if on_enable is not None:
+        elif enabled:
             on_enable(walk, f"{key}.enabled", value)
-            return
-        walk.visit({"enabled": _silent, **table}, f"{key}.", value)
     return handler
 
 
@@ -406,48 +400,11 @@ def _comm_dtype(walk: _Walk, key: str, value: Any) -> None:
         walk.reject(key, f"{value!r}: dtrain reduces gradients in fp32; remove the key")
 
 
-_MONITORING = ("flops_profiler", "comms_logger", "tensorboard", "wandb", "csv_monitor", "comet", "timers",
-               "autotuning", "monitor_config")
-
-_TOP: dict[str, Handler] = {
-    "train_batch_size": lambda walk, key, value: _record_batch(walk, key, value),
-    "train_micro_batch_size_per_gpu": _maps("train.micro_batch_size", _positive_int),
-    "gradient_accumulation_steps": _maps("train.grad_accum", _positive_int),
-    "gradient_clipping": _clip,
-    "zero_optimization": lambda walk, key, value: _zero(walk, key, value),
-    "bf16": _section(_BF16, on_enable=_bf16_on),
-    "bfloat16": _section(_BF16, on_enable=_bf16_on),
-    "fp16": _section({}, on_enable=_FP16),
-    "amp": _section({}, on_enable=_reject('apex AMP is not available; use bf16: "bf16": {"enabled": true}')),
-    "torch_autocast": _section({}, on_enable=lambda walk, key, value: _torch_autocast(walk, key, value)),
-    "optimizer": _optimizer,
-    "scheduler": _scheduler,
-    "communication_data_type": _comm_dtype,
-    "data_types": lambda walk, key, value: walk.visit(
-        {"grad_accum_dtype": _comm_dtype}, f"{key}.", value if isinstance(value, Mapping) else {}),
-    "sparse_gradients": _unless(_off(False), _not_available("sparse gradient reduction", "remove the key")),
-    # logging, profiling and tuning: nothing trained changes
-    **{name: _ignore for name in (
-        "steps_per_print", "wall_clock_breakdown", "dump_state", "memory_breakdown", "prescale_gradients",
-        "gradient_predivide_factor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
-        "disable_allgather", "dataloader_drop_last", "activation_checkpointing", "checkpoint", "aio", "nebula",
-        "graph_harvesting", "compile", "seq_parallel_comm_data_type", "use_data_before_expert_parallelism",
-        *_MONITORING)},
-    "elasticity": _section({}, on_enable=_not_available(
-        "DeepSpeed elastic batch sizing", "for elastic jobs use dtrain launch --max-restarts and (Ray) --min-nodes")),
-    "pipeline": _not_available("pipeline parallelism", "remove the section"),
-    "tensor_parallel": _not_available("tensor parallelism", "remove the section"),
-    "sequence_parallel_size": _unless(_off(1), _not_available(
-        "Ulysses sequence parallelism", "the FlexSP runtime (issue 16) will cover long sequences")),
-    "hybrid_engine": _section({}, on_enable=_not_available("the hybrid (RLHF) engine", "remove the section")),
-    **{name: _section({}, on_enable=_not_available(what, "remove the section")) for name, what in (
-        ("progressive_layer_drop", "progressive layer drop"), ("eigenvalue", "eigenvalue-based MoQ"),
-        ("curriculum_learning", "curriculum learning (put it in your data pipeline)"),
-        ("data_efficiency", "data efficiency (put it in your data pipeline)"))},
-    **{name: _not_available(what, "remove the section") for name, what in (  # present = on
-        ("sparse_attention", "sparse attention"), ("compression_training", "compression training"),
-        ("quantize_training", "quantize training (MoQ)"), ("weight_quantization", "weight quantization"))},
-}
+def _data_types(walk: _Walk, key: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        walk.reject(key, f"expected a section (a JSON object), got {value!r}")
+    else:
+        walk.visit({"grad_accum_dtype": _comm_dtype}, f"{key}.", value)
 
 
 def _zero(walk: _Walk, key: str, value: Any) -> None:
@@ -468,6 +425,49 @@ def _record_batch(walk: _Walk, key: str, value: Any) -> None:
         walk.result.train_batch_size = _int(key, value, 1)
     except ConfigError as exc:
         walk.reject(key, str(exc))
+
+
+_MONITORING = ("flops_profiler", "comms_logger", "tensorboard", "wandb", "csv_monitor", "comet", "timers",
+               "autotuning", "monitor_config")
+
+_TOP: dict[str, Handler] = {
+    "train_batch_size": _record_batch,
+    "train_micro_batch_size_per_gpu": _maps("train.micro_batch_size", _positive_int),
+    "gradient_accumulation_steps": _maps("train.grad_accum", _positive_int),
+    "gradient_clipping": _clip,
+    "zero_optimization": _zero,
+    "bf16": _switched(_bf16_on),
+    "bfloat16": _switched(_bf16_on),
+    "fp16": _switched(_FP16),
+    "amp": _switched(_reject('apex AMP is not available; use bf16: "bf16": {"enabled": true}')),
+    "torch_autocast": _switched(_torch_autocast),
+    "optimizer": _optimizer,
+    "scheduler": _scheduler,
+    "communication_data_type": _comm_dtype,
+    "data_types": _data_types,
+    "sparse_gradients": _unless(_off(False), _not_available("sparse gradient reduction", "remove the key")),
+    # logging, profiling and tuning: nothing trained changes
+    **{name: _ignore for name in (
+        "steps_per_print", "wall_clock_breakdown", "dump_state", "memory_breakdown", "prescale_gradients",
+        "gradient_predivide_factor", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+        "disable_allgather", "dataloader_drop_last", "activation_checkpointing", "checkpoint", "aio", "nebula",
+        "graph_harvesting", "compile", "seq_parallel_comm_data_type", "use_data_before_expert_parallelism",
+        *_MONITORING)},
+    "elasticity": _switched(_not_available(
+        "DeepSpeed elastic batch sizing", "for elastic jobs use dtrain launch --max-restarts and (Ray) --min-nodes")),
+    "pipeline": _not_available("pipeline parallelism", "remove the section"),
+    "tensor_parallel": _not_available("tensor parallelism", "remove the section"),
+    "sequence_parallel_size": _unless(_off(1), _not_available(
+        "Ulysses sequence parallelism", "the FlexSP runtime (issue 16) will cover long sequences")),
+    "hybrid_engine": _switched(_not_available("the hybrid (RLHF) engine", "remove the section")),
+    **{name: _switched(_not_available(what, "remove the section")) for name, what in (
+        ("progressive_layer_drop", "progressive layer drop"), ("eigenvalue", "eigenvalue-based MoQ"),
+        ("curriculum_learning", "curriculum learning (put it in your data pipeline)"),
+        ("data_efficiency", "data efficiency (put it in your data pipeline)"))},
+    **{name: _not_available(what, "remove the section") for name, what in (  # present = on
+        ("sparse_attention", "sparse attention"), ("compression_training", "compression training"),
+        ("quantize_training", "quantize training (MoQ)"), ("weight_quantization", "weight quantization"))},
+}
 
 
 # ------------------------------------------------------------------ batch sizes
@@ -579,7 +579,8 @@ def to_overrides(data: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [f"{section}.{key}={_toml_literal(value)}" for section, keys in data.items() for key, value in keys.items()]
 
 
-def launch_overrides(path: str, world_size: int, config_path: str | None, overrides: list[str]) -> tuple[list[str], str | None]:
+def launch_overrides(path: str, world_size: int, config_path: str | None,
+                     overrides: list[str]) -> tuple[list[str], str | None]:
     """For ``dtrain launch --deepspeed-config``: the overrides every rank gets (the mapped settings
     first, so the command line's ``--set`` wins) and the warning line, after checking the merged
     config and the batch sizes at this world size."""

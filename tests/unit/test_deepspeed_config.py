@@ -141,7 +141,8 @@ def test_generated_optimizer_and_scheduler_code_runs_and_follows_deepspeed():
     ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage: 7 is not a ZeRO stage; use 0, 1, 2 or 3"),
     ({"zero_optimization": {"stgae": 2}}, "zero_optimization.stgae: not a DeepSpeed key"),
     ({"trian_batch_size": 8}, "trian_batch_size: not a DeepSpeed key"),
-    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu: 0 is not allowed; expected an integer >= 1"),
+    ({"train_micro_batch_size_per_gpu": 0},
+     "train_micro_batch_size_per_gpu: 0 is not allowed; expected an integer >= 1"),
     ({"gradient_accumulation_steps": 1.5}, "gradient_accumulation_steps: 1.5 is not allowed"),
     ({"amp": {"enabled": True}}, "amp.enabled: apex AMP is not available; use bf16"),
     ({"communication_data_type": "bf16"}, "communication_data_type: 'bf16': dtrain reduces gradients in fp32"),
@@ -157,8 +158,9 @@ def test_bad_values_name_the_deepspeed_key(config, match):
 
 
 def test_off_values_and_batch_inference():
-    quiet = translate({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1, "offload_param": {"device": "none"},
-                                             "offload_optimizer": None, "stage3_prefetch_bucket_size": 0},
+    quiet = translate({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1,
+                                             "offload_param": {"device": "none"}, "offload_optimizer": None,
+                                             "stage3_prefetch_bucket_size": 0},
                        "fp16": {"enabled": False, "loss_scale": 0}, "bf16": {"enabled": True},
                        "gradient_clipping": 0.0, "sparse_gradients": False, "elasticity": {"enabled": False}})
     assert quiet.data == {"zero": {"stage": 3, "prefetch": False}, "train": {"precision": "bf16"}}
