@@ -33,9 +33,13 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 = autocast compute in bfloat16 with fp32 master weights and fp32 reductions."""
     seed: int = 0
+    micro_batch_size: int | None = None
+    """Per-rank micro-batch size; the default batch size of ``dtrain.data.loader``. None = the script decides."""
 
     def validate(self) -> None:
         _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "an integer >= 1")
+        _require(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size",
+                 self.micro_batch_size, "an integer >= 1, or omit it")
         _require(
             self.clip_grad_norm is None or self.clip_grad_norm > 0,
             "train.clip_grad_norm", self.clip_grad_norm, "a positive float, or omit it to disable",
@@ -215,6 +219,18 @@ class Config:
         for item in overrides or []:
             _apply_override(data, item)
         return _build(cls, data, prefix="").validate()
+
+    @classmethod
+    def from_deepspeed(cls, source: "Mapping[str, Any] | str | os.PathLike", *, world_size: int | None = None,
+                       overrides: list[str] | None = None) -> "Config":
+        """A validated Config from a DeepSpeed JSON config (a path or a dict), then ``overrides``.
+
+        Keys dtrain cannot honour are a :class:`ConfigError` (one line per key, naming what to use
+        instead); ``world_size`` checks ``train_batch_size`` now. Mapping: docs/deepspeed.md.
+        """
+        from dtrain.deepspeed_config import from_deepspeed
+
+        return cls.load(from_deepspeed(source, world_size=world_size), overrides)
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

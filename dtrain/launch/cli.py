@@ -6,6 +6,7 @@ Sub-commands:
   M simulated nodes x N ranks via :func:`dtrain.launch.local.run_local`, or with ``--ray`` on
   M Ray nodes x N ranks via :func:`dtrain.launch.ray_launch.run_ray`;
 * ``dtrain plan ARGS...`` forwards to ``dtrain.planner.cli.main``;
+* ``dtrain plot runs/x.jsonl [...] -o x.png`` draws metrics files (:mod:`dtrain.plot`);
 * ``dtrain --version``.
 
 Bad input is reported as ``error: ...`` on stderr with exit status 2.
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for ``dtrain``."""
     parser = _Parser(prog="dtrain", description="dtrain: distributed training toolkit")
     parser.add_argument("--version", action="version", version=f"dtrain {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{launch,plan}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{launch,plan,plot}", parser_class=_Parser)
 
     launch = sub.add_parser(
         "launch",
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="config override, repeatable (DTRAIN_OVERRIDES)",
     )
     launch.add_argument("--config", metavar="FILE", help="config file (DTRAIN_CONFIG)")
+    launch.add_argument("--deepspeed-config", metavar="FILE", help="DeepSpeed JSON config, mapped onto dtrain's "
+                        "config (on top of --config; --set wins); see docs/deepspeed.md")
     launch.add_argument(
         "--max-restarts", type=int, default=0, metavar="K", help="restart the whole group up to K times"
     )
@@ -107,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
     sub.add_parser("plan", help="plan a parallel layout (see `dtrain plan --help`)", add_help=False)
+
+    plot = sub.add_parser("plot", help="draw metrics files (loss, tokens/s, step time, memory, comm, restarts)",
+                          description="One figure of dtrain metrics JSONL files, several runs overlaid.")
+    plot.add_argument("files", nargs="+", metavar="METRICS.jsonl", help="metrics files (dtrain launch --metrics)")
+    plot.add_argument("-o", "--output", metavar="PNG", help="output image (default: the first file with .png)")
     return parser
 
 
@@ -146,6 +154,21 @@ def _validate_launch(ns: argparse.Namespace) -> None:
         if reason:
             raise UsageError(f"--net needs network namespaces: {reason}")
     _validate_ray(ns)
+    if ns.deepspeed_config is not None:
+        _apply_deepspeed(ns)
+
+
+def _apply_deepspeed(ns: argparse.Namespace) -> None:
+    """The DeepSpeed config's mapped settings go to every rank as overrides before the command line's."""
+    from dtrain.config import ConfigError
+    from dtrain.deepspeed_config import launch_overrides
+
+    try:
+        ns.overrides, warning = launch_overrides(ns.deepspeed_config, ns.nodes * ns.nproc, ns.config, ns.overrides)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if warning:
+        print(f"dtrain: warning: {warning}", file=sys.stderr)
 
 
 _RAY_ONLY = ("address", "min_nodes", "runtime_env", "dashboard")
@@ -244,6 +267,16 @@ def _plan(args: list[str]) -> int:
     return int(plan_main(args) or 0)
 
 
+def _plot(ns: argparse.Namespace) -> int:
+    from dtrain.plot import PlotError, plot_files
+
+    try:
+        plot_files(ns.files, ns.output)
+    except PlotError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dtrain`` console script; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -257,10 +290,13 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 0
         if ns.command == "launch":
             return _launch(ns)
+        if ns.command == "plot":
+            return _plot(ns)
         parser.print_help(sys.stderr)
         return 2
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # one line per problem
+            print(f"error: {line}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,210 @@
+"""The DeepSpeed bridge on configs from DeepSpeed's own docs (tests/data/deepspeed/README.md).
+
+Checks what each doc config maps to, that every key dtrain cannot honour is one error line naming
+the DeepSpeed key, that the generated optimizer/scheduler code runs and follows DeepSpeed's
+documented schedule, the batch-size rule, and that ``dtrain launch --deepspeed-config`` rejects a
+bad config up front (exit 2, one line per problem). No process group: this file runs in seconds.
+"""
+import logging
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtrain.config import Config, ConfigError
+from dtrain.deepspeed_config import NOT_YET, from_deepspeed, launch_overrides, to_overrides, translate
+from dtrain.launch.cli import main
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "deepspeed"
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET_5E8_MB = 5e8 * 4 / 2**20  # 5e8 fp32 elements
+
+
+def _errors(source, world_size=None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        translate(source, world_size)
+    return str(info.value).splitlines()
+
+
+def test_zero_tutorial_configs_map(caplog):
+    cfg = Config.from_deepspeed(DATA / "zero1.json")
+    assert (cfg.zero.stage, cfg.zero.bucket_mb) == (1, BUCKET_5E8_MB)
+    with caplog.at_level(logging.WARNING, logger="dtrain"):
+        data = from_deepspeed(DATA / "zero2.json")
+    assert data == {"zero": {"stage": 2, "bucket_mb": BUCKET_5E8_MB}}
+    assert len(caplog.records) == 1  # ONE warning line naming every ignored key
+    warning = caplog.records[0].getMessage()
+    assert "\n" not in warning
+    for key in ("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_bucket_size"):
+        assert f"zero_optimization.{key}" in warning
+
+
+def test_bf16_batch_and_clipping_map():
+    cfg = Config.from_deepspeed(DATA / "bf16_zero2.json", world_size=2)
+    t = cfg.train
+    assert (t.micro_batch_size, t.grad_accum, t.clip_grad_norm, t.precision) == (2, 2, 1.0, "bf16")
+    assert cfg.zero.stage == 2
+    assert Config.from_deepspeed(DATA / "bf16_zero2.json", overrides=["zero.stage=3"]).zero.stage == 3
+    (line,) = _errors(DATA / "bf16_zero2.json", world_size=4)
+    assert "train_batch_size = 8 but train.micro_batch_size (2) x train.grad_accum (2) x world size (4) = 16" in line
+    assert "not checked" in translate(DATA / "bf16_zero2.json").warning()  # recorded, checked at launch
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("getting_started.json", [("optimizer", "torch.optim.AdamW(p, lr=0.00015, weight_decay=0.0)"),
+                              ("fp16.enabled", 'train.precision = "bf16"')]),
+    ("zero_infinity.json", [("zero_optimization.offload_optimizer", "issue 14"),
+                            ("zero_optimization.offload_param", "issue 14")]),
+    ("zeropp.json", [("zero_optimization.zero_quantized_weights", "issue 13"),
+                     ("zero_optimization.zero_hpz_partition_size", "hierarchical partitioning is not available yet"),
+                     ("zero_optimization.zero_quantized_gradients", "not available")]),
+    ("bert_pld.json", [("optimizer", "torch.optim.AdamW(p, lr=0.001, weight_decay=0.01)"),
+                       ("fp16.enabled", "use bf16"), ("progressive_layer_drop.enabled", "not available")]),
+    ("hf_zero3_nvme_auto.json", [("optimizer", "AdamW(p, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)"),
+                                 ("scheduler", "LambdaLR"), ("zero_optimization.offload_optimizer", "issue 14"),
+                                 ("zero_optimization.offload_param", "issue 14")]),
+])
+def test_doc_configs_rejected_key_by_key(name, expected):
+    lines = _errors(DATA / name)
+    assert len(lines) == len(expected), lines
+    for line, (key, hint) in zip(lines, expected):
+        assert line.startswith(f"{name}: {key}: "), line
+        assert hint in line, line
+
+
+def test_hf_auto_values_are_left_to_defaults():
+    import json
+
+    data = json.loads((DATA / "hf_zero3_nvme_auto.json").read_text())
+    for key in ("optimizer", "scheduler"):
+        del data[key]
+    for key in ("offload_optimizer", "offload_param"):
+        del data["zero_optimization"][key]
+    result = translate(data)
+    assert result.data == {"zero": {"stage": 3}}
+    assert result.auto == ["fp16.enabled", "zero_optimization.reduce_bucket_size",
+                           "zero_optimization.stage3_prefetch_bucket_size",
+                           "zero_optimization.stage3_param_persistence_threshold", "gradient_accumulation_steps",
+                           "gradient_clipping", "train_batch_size", "train_micro_batch_size_per_gpu"]
+    assert "zero_optimization.aio" in result.ignored and "steps_per_print" in result.ignored
+    assert "'auto' left to dtrain's defaults" in result.warning()
+
+
+def test_generated_optimizer_and_scheduler_code_runs_and_follows_deepspeed():
+    line = _errors({"optimizer": {"type": "Adam", "params": {"lr": 0.01, "betas": [0.8, 0.99]}},
+                    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.001, "warmup_max_lr": 0.01,
+                                                                  "warmup_num_steps": 10, "warmup_type": "linear"}}})
+    opt_code = line[0].split("pass ", 1)[1].split(" to dtrain.wrap")[0]
+    sched_code = line[1].split("pass ", 1)[1].split(" to dtrain.wrap")[0]
+    assert "lr set to warmup_max_lr (0.01)" in line[1]
+    scope = {"torch": torch, "math": math}
+    exec(opt_code, scope)
+    exec(sched_code, scope)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = scope["optimizer"]([p])
+    assert isinstance(opt, torch.optim.AdamW)  # DeepSpeed's Adam defaults to adam_w_mode
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.01, (0.8, 0.99), 0.0)
+    sched = scope["scheduler"](opt)
+    seen = []
+    for _ in range(13):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # DeepSpeed's WarmupLR (docs): min + (max - min) * s / N during warmup, then max.
+    want = [0.001 + 0.009 * min(1.0, s / 10) for s in range(13)]
+    assert seen == pytest.approx(want, rel=1e-12)
+    # DeepSpeed's docs: log warmup over N = 5 steps, then linear decay to 0 at T = 20 / cosine to
+    # cos_min_ratio; the factor multiplies the optimizer's lr (warmup_max_lr / the peak lr).
+    warm = [math.log(s + 1) / math.log(5) for s in range(5)]
+    decay = warm + [max(0.0, (20 - s) / 15) for s in range(5, 25)]
+    cosine = warm + [max(0.0, 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * (s - 4) / 15)) / 2) for s in range(5, 25)]
+    for kind, want in (("WarmupDecayLR", decay), ("WarmupCosineLR", cosine)):
+        (line,) = _errors({"scheduler": {"type": kind, "params": {"total_num_steps": 20, "warmup_num_steps": 5,
+                                                                   "warmup_max_lr": 0.1}}})
+        exec(line.split("pass ", 1)[1].split(" to dtrain.wrap")[0], scope)
+        opt = torch.optim.SGD([p], lr=0.1)
+        sched = scope["scheduler"](opt)
+        seen = []
+        for _ in range(25):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert seen == pytest.approx([0.1 * f for f in want], rel=1e-12, abs=1e-15), kind
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage: 7 is not a ZeRO stage; use 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stgae": 2}}, "zero_optimization.stgae: not a DeepSpeed key"),
+    ({"trian_batch_size": 8}, "trian_batch_size: not a DeepSpeed key"),
+    ({"train_micro_batch_size_per_gpu": 0},
+     "train_micro_batch_size_per_gpu: 0 is not allowed; expected an integer >= 1"),
+    ({"gradient_accumulation_steps": 1.5}, "gradient_accumulation_steps: 1.5 is not allowed"),
+    ({"amp": {"enabled": True}}, "amp.enabled: apex AMP is not available; use bf16"),
+    ({"communication_data_type": "bf16"}, "communication_data_type: 'bf16': dtrain reduces gradients in fp32"),
+    ({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}},
+     "bf16.bf16_master_weights_and_grads: dtrain keeps fp32 master weights"),
+    ({"optimizer": {"type": "Lamb", "params": {"lr": 0.01}}}, "optimizer: Lamb has no torch.optim equivalent"),
+    ({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2},
+     "train_batch_size = 30 is not a multiple of"),
+])
+def test_bad_values_name_the_deepspeed_key(config, match):
+    (line,) = _errors(config)
+    assert match in line, line
+
+
+def test_off_values_and_batch_inference():
+    quiet = translate({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 1,
+                                             "offload_param": {"device": "none"}, "offload_optimizer": None,
+                                             "stage3_prefetch_bucket_size": 0},
+                       "fp16": {"enabled": False, "loss_scale": 0}, "bf16": {"enabled": True},
+                       "gradient_clipping": 0.0, "sparse_gradients": False, "elasticity": {"enabled": False}})
+    assert quiet.data == {"zero": {"stage": 3, "prefetch": False}, "train": {"precision": "bf16"}}
+    assert quiet.warning() is None
+    inferred = translate({"train_batch_size": 32, "gradient_accumulation_steps": 2}, world_size=4)
+    assert inferred.data["train"] == {"grad_accum": 2, "micro_batch_size": 4}
+    inferred = translate({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 2}, world_size=4)
+    assert inferred.data["train"] == {"micro_batch_size": 2, "grad_accum": 4}
+    assert translate({"zero_optimization": True}).data == {"zero": {"stage": 1}}  # DeepSpeed's old form
+    # under stage 3 dtrain reduces per gather unit: reduce_bucket_size has nothing to tune
+    assert translate({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e7}}).data == {"zero": {"stage": 3}}
+
+
+def test_not_yet_keys_are_one_table():
+    for key, pending in NOT_YET.items():
+        (line,) = _errors({"zero_optimization": {key: {"device": "cpu"} if "offload_" in key else 2}})
+        assert f"zero_optimization.{key}: " in line and ("issue 13" in line or "issue 14" in line)
+        assert pending.later in line
+
+
+def test_overrides_round_trip_and_set_wins():
+    data = translate(DATA / "bf16_zero2.json", world_size=2).data
+    assert Config.load({}, to_overrides(data)) == Config.load(data)
+    merged, warning = launch_overrides(str(DATA / "bf16_zero2.json"), 2, None, ["zero.stage=3"])
+    cfg = Config.load(None, merged)
+    assert (cfg.zero.stage, cfg.train.precision, cfg.train.micro_batch_size) == (3, "bf16", 2)
+    assert "overlap_comm" in warning and "not checked" not in warning
+    with pytest.raises(ConfigError, match=r"x train.grad_accum \(4\) x world size \(2\) = 16"):
+        launch_overrides(str(DATA / "bf16_zero2.json"), 2, None, ["train.grad_accum=4"])
+
+
+def test_launch_rejects_a_deepspeed_config_up_front(tmp_path, capsys):
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('a rank started')\n")
+    start = time.monotonic()
+    rc = main(["launch", "--nproc", "2", "--deepspeed-config", str(DATA / "zeropp.json"), str(script)])
+    assert rc == 2 and time.monotonic() - start < 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: zeropp.json: zero_optimization.") for line in lines)
+    assert main(["launch", "--deepspeed-config", str(tmp_path / "missing.json"), str(script)]) == 2
+    assert "error: DeepSpeed config" in capsys.readouterr().err
+
+
+def test_bridge_is_torch_free():
+    code = ("import sys, dtrain.deepspeed_config as d; d.translate({'zero_optimization': {'stage': 2}}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
