@@ -154,20 +154,23 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False,
     """
     volatile = volatile if volatile is not None else capture_volatile(engine, with_extra)
     layout, comm = engine.layout, engine.comm
-    parts = layout.parts if layout.shard_optim else 1
-    writes_units = layout.shard_optim or comm.rank == 0 or all_units
+    masters = layout.shards("master")
+    level, parts, _ = layout.placement("master")
+    writes_units = all_units or all(m.primary for m in masters)
     tensors = dict(volatile.tensors)
     elementwise = _elementwise_keys(layout.optimizer)
-    for unit in layout.units:
-        lo, hi = unit.shard_range(parts, layout.index if layout.shard_optim else 0)
-        optim = _optim_pieces(layout, unit, lo, hi, elementwise)
-        if writes_units:
-            tensors[f"u{unit.index}.param"] = Flat.of(unit.shard if layout.shard_optim else unit.full[lo:hi])
-            tensors.update({f"u{unit.index}.optim.{key}": flat for key, flat in optim.items()})
+    if writes_units:
+        for m in masters:
+            tensors[f"u{m.unit.index}.param"] = _flat(m)
+        for key in sorted(elementwise):
+            for shard in layout.shards(f"optim.{key}"):
+                tensors[f"u{shard.unit.index}.optim.{key}"] = _flat(shard)
     units, aliases, _, _ = _static_meta(engine)
+    holders = [0] if level == "rank" else comm.group_ranks(level)
     meta = {
         "format": FORMAT, "world_size": comm.topology.shape.world_size, "parts": parts,
         "layout": layout.name, "step": engine.step, "units": units,
+        "shards": {kind: {"level": level, "parts": parts, "holders": holders} for kind in ("param", "optim")},
         "optimizer": {"class": type(layout.optimizer).__name__,
                       "param_groups": [_jsonable({k: v for k, v in g.items() if k != "params"})
                                        for g in layout.optimizer.param_groups],
@@ -191,24 +194,17 @@ def _elementwise_keys(optimizer: torch.optim.Optimizer) -> set[str]:
             if torch.is_tensor(value) and value.dim() > 0}
 
 
-def _optim_pieces(layout, unit, lo: int, hi: int, elementwise: set[str]) -> dict[str, Flat]:
-    """Element-wise optimizer state of ``unit`` over [lo, hi) as pieces."""
-    flats: dict[str, Flat] = {}
-    if layout.shard_optim:
-        pieces = [(v.tensor, v.lo, v.hi) for v in layout.opt_views if v.unit is unit]
-    else:
-        pieces = [(s.param, s.offset, s.offset + s.numel) for s in unit.slots]
-    for param, a, b in pieces:
-        for key, value in layout.optimizer.state.get(param, {}).items():
-            if key not in elementwise:
-                continue
-            if value.numel() != b - a:
-                raise CheckpointError(
-                    f"optimizer state {key!r} has shape {tuple(value.shape)}, not element-wise; "
-                    f"dtrain checkpoints support element-wise optimizers (Adam, AdamW, SGD, ...)")
-            flat = flats.setdefault(key, Flat(value.dtype, hi - lo, []))
-            flat.pieces.append((a - lo, value.detach().reshape(-1)))
-    return flats
+def _flat(shard: Any) -> Flat:
+    """A shard's range [lo, hi) as a :class:`Flat` of its pieces (gaps stay zero)."""
+    dtype = shard.pieces[0].tensor.dtype if shard.pieces else torch.float32
+    flat = Flat(dtype, shard.hi - shard.lo, [])
+    for piece in shard.pieces:
+        if piece.tensor.numel() != piece.hi - piece.lo:
+            raise CheckpointError(
+                f"{shard.kind} of unit {shard.unit.name} has shape {tuple(piece.tensor.shape)}, not "
+                f"element-wise; dtrain checkpoints support element-wise optimizers (Adam, AdamW, SGD, ...)")
+        flat.pieces.append((piece.lo - shard.lo, piece.flat()))
+    return flat
 
 
 def _scalar_state(optimizer: torch.optim.Optimizer, elementwise: set[str]) -> list[dict[str, Any]]:
@@ -323,14 +319,22 @@ class StateReader:
         ui, _, offset = self.where[name]
         return self._read_range(ui, kind, offset + a, offset + b)
 
+    def placement(self, kind: str) -> tuple[int, list[int]]:
+        """(parts, holders): the kind ("param" or an optimizer key) was split into ``parts``
+        and part i is stored in the part (rank file) ``holders[i]``."""
+        placed = self.meta.get("shards", {}).get("param" if kind == "param" else "optim")
+        if placed is None:  # written before placements were recorded: part i in rank file i
+            return self.meta["parts"], list(range(self.meta["parts"]))
+        return placed["parts"], placed["holders"]
+
     def _read_range(self, ui: int, kind: str, a: int, b: int) -> torch.Tensor:
-        parts, padded = self.meta["parts"], self.meta["units"][ui]["padded"]
-        size = padded // parts
+        parts, holders = self.placement(kind)
+        size = self.meta["units"][ui]["padded"] // parts
         key = f"u{ui}.param" if kind == "param" else f"u{ui}.optim.{kind}"
         out = []
-        for r in range(a // size, (b - 1) // size + 1):
-            lo = r * size
-            sl = self.part(r).get_slice(key)
+        for i in range(a // size, (b - 1) // size + 1):
+            lo = i * size
+            sl = self.part(holders[i]).get_slice(key)
             out.append(sl[max(a, lo) - lo:min(b, lo + size) - lo])
         return torch.cat(out) if len(out) > 1 else out[0]
 
@@ -442,7 +446,6 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader", verified: 
     reader = source if isinstance(source, StateReader) else CheckpointReader(source, verified=verified)
     layout, meta = engine.layout, reader.meta
     _check_model(reader, engine)
-    shard_optim = layout.shard_optim
     keys = reader.optim_keys()
     scalars = meta["optimizer"]["scalar_state"]
     if len(scalars) != len(layout.optimizer.param_groups):
@@ -450,30 +453,19 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader", verified: 
                               f"the optimizer has {len(layout.optimizer.param_groups)}")
     _check_scalar_state(scalars, reader.where_saved, meta["format"])
     with torch.no_grad():
-        for unit in layout.units:
-            lo, hi = unit.shard_range(layout.parts, layout.index)
-            if shard_optim:
-                unit.shard.copy_(_assemble(reader, unit, lo, hi, "param"))
-            else:
-                for s in unit.slots:
-                    s.param.copy_(reader.read(s.name))
-        if shard_optim:
-            if not layout.shard_params:
-                for unit in layout.units:
-                    layout.comm.all_gather(unit.full, unit.shard, layout.level)
-            fetchers = {id(v.tensor): lambda key, v=v: _assemble(reader, v.unit, v.lo, v.hi, key)
-                        for v in layout.opt_views}
-        else:
-            fetchers = {id(s.param): lambda key, s=s: reader.read(s.name, key)
-                        for u in layout.units for s in u.slots}
+        for master in layout.shards("master"):
+            for piece in master.pieces:
+                piece.flat().copy_(_assemble(reader, master.unit, piece.lo, piece.hi, "param"))
+        layout.publish()
+        owned = {id(piece.tensor): (unit, piece) for unit, piece in layout.optimizer_pieces()}
         state = layout.optimizer.state
         for gi, group in enumerate(layout.optimizer.param_groups):
             for tensor in group["params"]:
-                fetch = fetchers.get(id(tensor))
                 st = state[tensor]
+                unit, piece = owned.get(id(tensor), (None, None))
                 for key in keys:  # a placeholder (owns no element of its group) gets empty state
-                    st[key] = (fetch(key).to(tensor.device).clone() if fetch is not None
-                               else torch.zeros(0, device=tensor.device))
+                    st[key] = (_assemble(reader, unit, piece.lo, piece.hi, key).view_as(tensor).to(tensor.device)
+                               if piece is not None else torch.zeros(0, device=tensor.device))
                 for key, sc in scalars[gi].items():
                     st[key] = torch.tensor(sc["value"], dtype=getattr(torch, sc["dtype"])) if sc["tensor"] else sc["value"]
         for g, saved in zip(layout.optimizer.param_groups, meta["optimizer"]["param_groups"]):
@@ -515,19 +507,20 @@ def _load_plugin_states(engine: "Engine", saved: dict[str, dict[str, Any]], part
             plugin.load_state_dict(state)
 
 
-def _assemble(reader: StateReader, unit, lo: int, hi: int, kind: str) -> torch.Tensor:
-    """Flat range [lo, hi) of ``unit`` (this run's layout) rebuilt from the saved names."""
+def _assemble(reader: StateReader, unit: Any, lo: int, hi: int, kind: str) -> torch.Tensor:
+    """Flat range [lo, hi) of ``unit`` (a :class:`~dtrain.partition.UnitSpec` of this run's
+    layout) rebuilt from the saved names; padding is zero."""
     out = torch.zeros(hi - lo, dtype=torch.float32)
     for s in unit.slots:
         a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
         if a < b:
             out[a - lo:b - lo] = reader.read_flat(s.name, kind, a - s.offset, b - s.offset)
-    return out.to(unit.full.device if unit.full is not None else "cpu")
+    return out
 
 
 def _check_model(reader: StateReader, engine: "Engine") -> None:
     saved = {n: tuple(shape) for n, (_, shape, _) in reader.where.items()}
-    have = {s.name: tuple(s.shape) for u in engine.layout.units for s in u.slots}
+    have = {s.name: tuple(s.shape) for u in engine.layout.unit_specs() for s in u.slots}
     if saved.keys() != have.keys():
         diff = sorted(saved.keys() ^ have.keys())
         raise CheckpointError(f"{reader.where_saved} was saved from a different model: "
@@ -558,7 +551,7 @@ def _static_meta(engine: "Engine") -> tuple[list[dict[str, Any]], dict[str, str]
     if cached is None:
         model = engine.model
         units = [{"padded": u.padded, "slots": [[s.name, list(s.shape), s.offset, s.group] for s in u.slots]}
-                 for u in engine.layout.units]
+                 for u in engine.layout.unit_specs()]
         buffers = [n for n, _ in _persistent_buffers(model)]
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         cached = engine.layout._checkpoint_static = (units, _aliases(model), buffers, frozen)

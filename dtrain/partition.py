@@ -10,11 +10,16 @@ Units are formed by :func:`bucket_units` (size-capped buckets in reverse registr
 overlapped gradient reduction) or :func:`module_units` (one unit per wrapped module, for ZeRO-3
 gathering). The ``owner`` of a parameter shared by two modules (tied weights) is their common
 ancestor, so the unit that gathers it is alive whenever either module runs.
+
+The public descriptors (:class:`UnitSpec`, :class:`Shard`, :class:`Piece`) say where each kind of
+state of each unit lives on a rank without exposing a layout's storage objects; checkpoints,
+snapshots and plugins read state only through them (``LayoutPlugin.shards``; docs/layouts.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -36,6 +41,94 @@ class Slot:
     @property
     def shape(self) -> torch.Size:
         return self.param.shape
+
+
+Tier = Literal["device", "host", "nvme"]
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """A parameter's place in its unit's flat space: ``[offset, offset + numel)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    group: int  # optimizer param-group index
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """A unit's flat space: its parameters back to back, padded to ``padded`` elements."""
+
+    index: int
+    name: str
+    padded: int
+    slots: tuple[SlotSpec, ...]
+
+    def shard_range(self, parts: int, index: int) -> tuple[int, int]:
+        """Elements [lo, hi) of part ``index`` when the unit is split evenly into ``parts``."""
+        if self.padded % parts:
+            raise ValueError(f"unit {self.name}: {parts} parts do not divide padded size {self.padded}")
+        size = self.padded // parts
+        return index * size, (index + 1) * size
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A tensor holding elements [lo, hi) of a unit's flat space (``tensor.numel() == hi - lo``).
+
+    For the optimizer's pieces (``LayoutPlugin.optimizer_pieces``) ``tensor`` is the optimizer's
+    parameter object itself (its key in ``optimizer.state``), flat or shaped like the parameter."""
+
+    lo: int
+    hi: int
+    tensor: torch.Tensor
+    group: int | None = None  # optimizer param group, for master and optimizer pieces
+
+    def flat(self) -> torch.Tensor:
+        return self.tensor.detach().reshape(-1)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where one kind of state of one unit lives on this rank.
+
+    ``kind`` is ``param`` (the working parameters), ``grad``, ``master`` (the fp32 values the
+    optimizer updates) or ``optim.<key>`` (an element-wise optimizer state, e.g. ``optim.exp_avg``).
+    The kind is split evenly into ``parts`` over the ranks of this rank's group at ``level``
+    (``rank``: not split, every rank holds all of it); this rank holds part ``index``, elements
+    ``[lo, hi)``, in ``pieces`` (gaps between pieces are padding). ``primary``: this rank is the
+    first holder of its part (the one a checkpoint stores it from).
+    """
+
+    unit: UnitSpec
+    kind: str
+    level: str
+    parts: int
+    index: int
+    lo: int
+    hi: int
+    pieces: tuple[Piece, ...]
+    tier: Tier = "device"
+    primary: bool = True
+
+    def view(self) -> torch.Tensor:
+        """The whole range [lo, hi) as one flat tensor sharing storage with the state."""
+        if len(self.pieces) == 1 and (self.pieces[0].lo, self.pieces[0].hi) == (self.lo, self.hi):
+            return self.pieces[0].flat()
+        raise ValueError(f"{self.kind} of unit {self.unit.name} is held in {len(self.pieces)} pieces, "
+                         f"not one tensor; read its pieces")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.tensor.numel() * p.tensor.element_size() for p in self.pieces)
 
 
 @dataclass(eq=False)  # identity semantics: units are dict keys
@@ -63,11 +156,13 @@ class FlatUnit:
     def padded(self) -> int:
         return -(-self.numel // self.pad_to) * self.pad_to
 
+    @cached_property
+    def spec(self) -> UnitSpec:
+        return UnitSpec(self.index, self.name, self.padded,
+                        tuple(SlotSpec(s.name, tuple(s.shape), s.offset, s.group) for s in self.slots))
+
     def shard_range(self, parts: int, index: int) -> tuple[int, int]:
-        if self.padded % parts:
-            raise ValueError(f"unit {self.name}: {parts} parts do not divide padded size {self.padded}")
-        size = self.padded // parts
-        return index * size, (index + 1) * size
+        return self.spec.shard_range(parts, index)
 
     def group_ranges(self) -> list[tuple[int, int, int]]:
         """(group, lo, hi) flat ranges of each optimizer param group present in the unit."""

@@ -6,7 +6,9 @@ nothing by default, so a plugin overrides only what it changes.
 
 The *layout* slot is special: its occupant owns where parameters, gradients and optimizer state
 live, so it also builds the optimizer, reduces gradients and reports state bytes
-(:class:`LayoutPlugin`).
+(:class:`LayoutPlugin`). Everything else (checkpoints, snapshots, other plugins) reaches that
+state only through the layout's descriptors: ``unit_specs``, ``shards(kind)``,
+``optimizer_pieces`` and ``publish`` (docs/layouts.md).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dtrain.config import ConfigError
 
 if TYPE_CHECKING:
     from dtrain.engine import Engine
+    from dtrain.partition import Piece, Shard, UnitSpec
 
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
@@ -139,6 +142,56 @@ class LayoutPlugin(Plugin):
     def state_bytes(self) -> dict[str, int]:
         """Bytes of params, grads and optimizer state this rank holds persistently."""
         raise NotImplementedError
+
+    def state_bytes_by_tier(self) -> dict[str, dict[str, int]]:
+        """Bytes this rank holds per tier (device / host / nvme) and kind (params, grads, optim)."""
+        out: dict[str, dict[str, int]] = {}
+        for kind, n in self.state_bytes().items():
+            out.setdefault("device", {})[kind] = n
+        return out
+
+    # ------------------------------------------------------------- descriptors
+    def unit_specs(self) -> "list[UnitSpec]":
+        """Every unit's flat space (parameter names, shapes, offsets, groups, padded size)."""
+        raise NotImplementedError
+
+    def placement(self, kind: str) -> tuple[str, int, int]:
+        """(level, parts, index): the kind is split into ``parts`` over this rank's group at
+        ``level`` and this rank holds part ``index``. Optimizer kinds follow ``master``."""
+        raise NotImplementedError
+
+    def optimizer_pieces(self) -> "list[tuple[UnitSpec, Piece]]":
+        """The optimizer's parameters with the unit and range each covers (``Piece.tensor`` is
+        the key in ``optimizer.state``), in unit order. Parameters of the optimizer not listed
+        are empty placeholders (a rank that owns no element of a param group still steps it)."""
+        raise NotImplementedError
+
+    def shards(self, kind: str) -> "list[Shard]":
+        """Where ``kind`` (param, grad, master, optim.<key>) of every unit lives on this rank."""
+        raise NotImplementedError
+
+    def publish(self) -> None:
+        """The master values changed outside an optimizer step (a load, an outer step): make the
+        working parameters consistent with them again (collective)."""
+        raise NotImplementedError
+
+    def optim_shards(self, key: str) -> "list[Shard]":
+        """``shards("optim.<key>")`` built from the optimizer's state on ``optimizer_pieces``."""
+        from dtrain.partition import Piece, Shard
+
+        level, parts, index = self.placement("master")
+        by_unit: dict[int, list[Piece]] = {}
+        for unit, piece in self.optimizer_pieces():
+            value = self.optimizer.state.get(piece.tensor, {}).get(key)
+            if torch.is_tensor(value):
+                by_unit.setdefault(unit.index, []).append(Piece(piece.lo, piece.hi, value, piece.group))
+        primary = self.shards("master")[0].primary if self.unit_specs() else True
+        out = []
+        for spec in self.unit_specs():
+            lo, hi = spec.shard_range(parts, index)
+            out.append(Shard(spec, f"optim.{key}", level, parts, index, lo, hi,
+                             tuple(by_unit.get(spec.index, ())), primary=primary))
+        return out
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Consolidated fp32 parameters by name (a collective on sharded layouts)."""

@@ -22,11 +22,14 @@ asynchronous all-gather whose metrics record is written at the next step.
 
 Sharding
 --------
-Each rank holds only its layout shard ``[lo, hi)`` of every flat unit (``unit.shard_range(
-layout.parts, layout.index)``) of the outer state, under ddp as under ZeRO-1/2: with N ranks per
-node each holds 1/N of x_outer and m, and the outer all-reduce of a rank covers only its shard,
-so a node sends each byte across the slow link once. After a rebase the node's ranks all-gather
-the updated shards into the full parameters (ddp) or the layout does it (ZeRO: ``unit.full``).
+Each rank holds only its part ``[lo, hi)`` of every flat unit, split over the worker's
+data-parallel group (the layout's ``level``), of the outer state, under ddp as under ZeRO-1/2:
+with N ranks per node each holds 1/N of x_outer and m, and the outer all-reduce of a rank covers
+only its part, so a node sends each byte across the slow link once. The plugin reads and writes
+the parameters only through the layout's descriptors (``shards("master")``, ``shards("param")``,
+``publish``; docs/layouts.md): after a rebase the layout publishes the updated master shards
+(ZeRO), or the node's ranks all-gather their parts into the full parameters (ddp, whose master
+is not split).
 
 Equations (per rank, on its shard; G = number of workers, r = round index)
 ---------------------------------------------------------------------------
@@ -124,6 +127,7 @@ from dtrain.topology import Topology
 
 if TYPE_CHECKING:
     from dtrain.engine import Engine
+    from dtrain.partition import UnitSpec
 
 EPS = 1e-8
 OUTER_CHUNK_BYTES = 256 * 1024
@@ -186,9 +190,9 @@ class CO2Plugin(Plugin):
         super().setup(engine)
         self.cfg = engine.config.co2
         layout = engine.layout
-        if getattr(layout, "shard_params", False):
+        if engine.config.zero.stage == 3:
             raise ConfigError("co2.enabled = true cannot be combined with zero.stage = 3; use stage 0, 1 or 2")
-        layout.level = "node" if self.cfg.intra_node_sync else "rank"
+        layout.level = "node" if self.cfg.intra_node_sync else "rank"  # the data-parallel group
         engine.loss_level = layout.level  # a worker's own loss; no per-step wait on the slow link
         self.blocking = False  # reference execution: wait for each sync right after starting it
         # Bytes per outer collective (0: one per unit). Measured on the 100 Mbit harness (tbf,
@@ -225,20 +229,22 @@ class CO2Plugin(Plugin):
         return outer
 
     # ------------------------------------------------------------ flat views
-    def _ranges(self) -> list[tuple[Any, int, int]]:
-        layout = self.engine.layout
-        return [(u, *u.shard_range(layout.parts, layout.index)) for u in layout.units]
+    def _ranges(self) -> list[tuple[UnitSpec, int, int]]:
+        """This rank's part of every unit when split over the worker's data-parallel group."""
+        level, comm = self.engine.layout.level, self.engine.comm
+        parts, index = comm.size(level), comm.group_ranks(level).index(comm.rank)
+        return [(u, *u.shard_range(parts, index)) for u in self.engine.layout.unit_specs()]
 
-    def _local(self, unit: Any, lo: int, hi: int) -> torch.Tensor:
-        """This rank's master copy of its shard of ``unit`` (what the optimizer updates)."""
-        layout = self.engine.layout
-        return unit.shard if layout.shard_optim else unit.full[lo:hi]
+    def _locals(self) -> list[torch.Tensor]:
+        """This rank's master values over its ranges (views: what the optimizer updates)."""
+        masters = self.engine.layout.shards("master")
+        return [m.view()[lo - m.lo:hi - m.lo] for m, (_, lo, hi) in zip(masters, self._ranges())]
 
     def _ensure_state(self) -> None:
         if self._ready:
             return
         with torch.no_grad():
-            locals_ = [self._local(u, lo, hi) for u, lo, hi in self._ranges()]
+            locals_ = self._locals()
             self.x_outer = [t.detach().clone() for t in locals_]
             self.momentum = [torch.zeros_like(t) for t in locals_]
             self.anchor = [t.detach().clone() for t in locals_]
@@ -270,9 +276,8 @@ class CO2Plugin(Plugin):
         """Record the anchor and start summing this round's local shards over the workers."""
         with torch.no_grad():
             sums = []
-            for i, (u, lo, hi) in enumerate(self._ranges()):
-                local = self._local(u, lo, hi)
-                self.anchor[i].copy_(local)
+            for anchor, local in zip(self.anchor, self._locals()):
+                anchor.copy_(local)
                 sums.append(local.detach().clone())
         rnd = _Round(sums, started=time.perf_counter())
         if self.workers == 1:
@@ -330,13 +335,13 @@ class CO2Plugin(Plugin):
             for delta, seg, lams in zip(deltas, self._segments, self._penalty(deltas)):
                 for piece, lam in zip(delta.split(list(seg.lengths) + [seg.pad]), lams):
                     piece.div_(lam)
-        for i, (u, lo, hi) in enumerate(self._ranges()):
+        for i, local in enumerate(self._locals()):
             m = self.momentum[i]
             m.mul_(cfg.outer_momentum).add_(deltas[i])
             if cfg.clip is not None:
                 m.clamp_(-cfg.clip, cfg.clip)
             self.x_outer[i].sub_(m, alpha=cfg.outer_lr)
-            self._local(u, lo, hi).sub_(self.anchor[i]).add_(self.x_outer[i])
+            local.sub_(self.anchor[i]).add_(self.x_outer[i])
         self._publish()
 
     def _penalty(self, deltas: list[torch.Tensor]) -> list[list[float]]:
@@ -347,20 +352,20 @@ class CO2Plugin(Plugin):
         Each Lambda is rounded to the parameters' dtype before it divides them.
         """
         layout = self.engine.layout
-        sq = torch.zeros(2, sum(len(u.slots) for u in layout.units), dtype=torch.float64,
-                         device=deltas[0].device)
+        units = layout.unit_specs()
+        sq = torch.zeros(2, sum(len(u.slots) for u in units), dtype=torch.float64, device=deltas[0].device)
         base = 0
-        for unit, seg, delta, outer in zip(layout.units, self._segments, deltas, self.x_outer):
+        for unit, seg, delta, outer in zip(units, self._segments, deltas, self.x_outer):
             if seg.lengths:
                 at = slice(base + seg.first, base + seg.first + len(seg.lengths))
                 sq[0, at] = segment_sq_norms(delta, seg.lengths)
                 sq[1, at] = segment_sq_norms(outer, seg.lengths)
             base += len(unit.slots)
-        if layout.parts > 1:
+        if self.engine.comm.size(layout.level) > 1:
             self.engine.comm.all_reduce(sq, layout.level)
         lam = gap_penalty(sq[0], sq[1]).to(deltas[0].dtype).tolist()
         out, base = [], 0
-        for unit, seg in zip(layout.units, self._segments):
+        for unit, seg in zip(units, self._segments):
             out.append(lam[base + seg.first: base + seg.first + len(seg.lengths)] + [1.0])
             base += len(unit.slots)
         return out
@@ -368,12 +373,12 @@ class CO2Plugin(Plugin):
     def _publish(self) -> None:
         """Make every rank of the node hold the full, updated local parameters again."""
         layout, comm = self.engine.layout, self.engine.comm
-        if layout.parts == 1 and not layout.shard_optim:
-            return  # the local shard is a view of the full parameters already
-        handles = []
-        for u, lo, hi in self._ranges():
-            src = u.shard if layout.shard_optim else u.full[lo:hi].clone()
-            handles.append(comm.all_gather(u.full, src, layout.level, async_op=True))
+        layout.publish()  # ZeRO: the master shards are exactly this plugin's parts
+        if layout.placement("master")[1] > 1 or comm.size(layout.level) == 1:
+            return
+        # ddp: the master is the whole of the parameters; each rank updated only its part
+        handles = [comm.all_gather(param.view(), local.clone(), layout.level, async_op=True)
+                   for param, local in zip(layout.shards("param"), self._locals())]
         for h in handles:
             h.wait()
 
@@ -394,11 +399,11 @@ class CO2Plugin(Plugin):
             self._wait(self._inflight)
             out["inflight"] = True
             out["inflight_started_step"] = self.engine.step - self.engine.step % self.cfg.local_steps
-        for i, (u, lo, hi) in enumerate(self._ranges()):
+        for i, local in enumerate(self._locals()):
             out[f"x_outer.{i}"] = self.x_outer[i].detach().cpu().clone()
             out[f"momentum.{i}"] = self.momentum[i].detach().cpu().clone()
             out[f"anchor.{i}"] = self.anchor[i].detach().cpu().clone()
-            out[f"local.{i}"] = self._local(u, lo, hi).detach().cpu().clone()
+            out[f"local.{i}"] = local.detach().cpu().clone()
             if self._inflight is not None:
                 out[f"inflight.{i}"] = self._inflight.sums[i].detach().cpu().clone()
         opt = self.engine.layout.optimizer
@@ -419,12 +424,12 @@ class CO2Plugin(Plugin):
         if state.get("local_steps") != self.cfg.local_steps and state.get("inflight"):
             raise ConfigError(f"the checkpoint's co2 round in flight was started with co2.local_steps = "
                               f"{state.get('local_steps')}, this run has {self.cfg.local_steps}")
-        for i, (u, lo, hi) in enumerate(self._ranges()):
+        for i, local in enumerate(self._locals()):
             dev = self.x_outer[i].device
             self.x_outer[i].copy_(state[f"x_outer.{i}"].to(dev))
             self.momentum[i].copy_(state[f"momentum.{i}"].to(dev))
             self.anchor[i].copy_(state[f"anchor.{i}"].to(dev))
-            self._local(u, lo, hi).copy_(state[f"local.{i}"].to(dev))
+            local.copy_(state[f"local.{i}"].to(dev))
         self._inflight = None
         if state.get("inflight"):
             sums = [state[f"inflight.{i}"].to(self.x_outer[i].device).clone() for i in range(len(self.x_outer))]

@@ -255,7 +255,7 @@ class SnapshotPlugin(Plugin):
         for the next snapshot when one is free already; else ask for one, waiting for a commit)."""
         cpu = time.thread_time()
         state = capture(self.engine, all_units=True, with_extra=True, volatile=volatile)
-        part = self.engine.layout.index if self.engine.layout.shard_optim else 0
+        part = self.engine.layout.placement("master")[2]
         plan = blobs.plan(state, step, self.comm.rank, self.fingerprint, part)
         path, self._next_slot = self._next_slot, None
         slot = self._slots.view(path, plan.nbytes) if path is not None else None
@@ -307,7 +307,7 @@ def _fingerprint(engine: Any) -> str:
     """What must match for a snapshot to restore bit-exactly into this run."""
     config = {k: v for k, v in engine.config.to_dict().items() if k not in _FINGERPRINT_IGNORES}
     config.get("comm", {}).pop("timeout_s", None)
-    units = [[s.name, list(s.shape)] for u in engine.layout.units for s in u.slots]
+    units = [[s.name, list(s.shape)] for u in engine.layout.unit_specs() for s in u.slots]
     blob = json.dumps({"world": engine.comm.topology.shape.world_size, "layout": engine.layout.name,
                        "units": units, "config": config}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -41,7 +41,8 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from dtrain.comm import Handle
-from dtrain.partition import FlatUnit, bucket_units, module_units, param_group_index, trainable_params
+from dtrain.partition import (FlatUnit, Piece, Shard, UnitSpec, bucket_units, module_units, param_group_index,
+                              trainable_params)
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, register
 
 MAX_INFLIGHT = 2
@@ -234,6 +235,9 @@ class FlatLayout(LayoutPlugin):
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
+        self.publish()
+
+    def publish(self) -> None:
         if self.shard_optim and not self.shard_params:
             handles = [self.comm.all_gather(u.full, u.shard, self.level, async_op=True) for u in self.units]
             for h in handles:
@@ -242,6 +246,39 @@ class FlatLayout(LayoutPlugin):
     def zero_grad(self) -> None:
         for u in self.units:
             (u.grad_shard if self.shard_grads else u.grad_full).zero_()
+
+    # ------------------------------------------------------------ descriptors
+    def unit_specs(self) -> list[UnitSpec]:
+        return [u.spec for u in self.units]
+
+    def placement(self, kind: str) -> tuple[str, int, int]:
+        sharded = {"param": self.shard_params, "grad": self.shard_grads}.get(kind, self.shard_optim)
+        return (self.level, self.parts, self.index) if sharded else ("rank", 1, 0)
+
+    def optimizer_pieces(self) -> list[tuple[UnitSpec, Piece]]:
+        if self.shard_optim:
+            return [(v.unit.spec, Piece(v.lo, v.hi, v.tensor, v.group)) for v in self.opt_views]
+        return [(u.spec, Piece(s.offset, s.offset + s.numel, s.param, s.group)) for u in self.units for s in u.slots]
+
+    def shards(self, kind: str) -> list[Shard]:
+        if kind.startswith("optim."):
+            return self.optim_shards(kind[len("optim."):])
+        if kind not in ("param", "grad", "master"):
+            raise ValueError(f"unknown kind of state {kind!r}; use param, grad, master or optim.<key>")
+        level, parts, index = self.placement(kind)
+        primary = self.comm.rank == 0 if level == "rank" else 0 in self.comm.group_ranks(level)
+        out = []
+        for unit in self.units:
+            lo, hi = unit.shard_range(parts, index)
+            if kind == "grad":
+                tensor = unit.grad_shard if self.shard_grads else unit.grad_full
+            elif kind == "param":
+                tensor = unit.shard if self.shard_params else unit.full
+            else:
+                tensor = unit.shard if self.shard_optim else unit.full
+            pieces = (Piece(lo, hi, tensor),) if tensor is not None else ()
+            out.append(Shard(unit.spec, kind, level, parts, index, lo, hi, pieces, primary=primary))
+        return out
 
     # ------------------------------------------------------------- reporting
     def state_bytes(self) -> dict[str, int]:

@@ -90,7 +90,7 @@ def _async_vs_blocking(stage: int, steps: int):
     whole, _ = _train(cfg, steps, engine=engines[2])
     co2 = _co2(a)
     shard = sum(t.numel() for t in co2.outer_state()["x_outer"])
-    full = sum(u.padded for u in a.layout.units)
+    full = sum(u.padded for u in a.layout.unit_specs())
     return {"sha": (a.param_sha256(), b.param_sha256(), whole.param_sha256()), "losses": (la, lb),
             "shard": shard, "full": full,
             "global_bytes": a.comm.bytes_sent.get("global", 0), "metrics": co2.metrics(),
