@@ -1,8 +1,11 @@
 """Every collective dtrain issues goes through :class:`Comm`.
 
 It owns three things: the choice of process group for a topology level, byte counters per level
-(bytes this rank sends under a ring schedule, attributed to the smallest level whose blocks
-contain the whole group), and timeouts. Each collective is issued asynchronously and waited for
+(bytes this rank sends under a ring schedule, or directly for all-to-all, attributed to the
+smallest level whose blocks contain the whole group), and timeouts. A collective's ``level`` is a
+level name (``"node"``, ``"global"``, a declared level such as ``"pair"``) or an int: the
+aligned block of that many ranks (a power of two; see :meth:`Comm.block_group`). The topology
+model and the byte attribution are described in docs/topology.md. Each collective is issued asynchronously and waited for
 with the configured timeout; one that does not complete raises :class:`CollectiveTimeout`
 naming the rank, the operation, its sequence number and the group, instead of hanging.
 Nothing here assumes a backend or a device: gloo on CPU and NCCL on CUDA take the same path.
@@ -14,12 +17,15 @@ import json
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from dtrain.topology import Topology
+
+Level = Union[str, int]
+"""A level name, or the size of an aligned block of ranks (a power of two)."""
 
 
 class CollectiveError(RuntimeError):
@@ -67,20 +73,33 @@ class Comm:
     def rank(self) -> int:
         return self.topology.shape.rank
 
-    def group_ranks(self, level: str, peers: bool = False) -> list[int]:
+    def group_ranks(self, level: Level, peers: bool = False) -> list[int]:
         shape = self.topology.shape
+        if isinstance(level, int):
+            if peers:
+                raise ValueError("peers=True needs a level name, not an aligned block size")
+            return shape.aligned_block_of(level)
         return shape.peers_of(level) if peers else shape.block_of(level)
 
-    def size(self, level: str, peers: bool = False) -> int:
+    def size(self, level: Level, peers: bool = False) -> int:
         return len(self.group_ranks(level, peers))
 
-    def all_reduce(self, tensor: torch.Tensor, level: str = "global", *, peers: bool = False,
+    def block_group(self, size: int | str) -> dist.ProcessGroup | None:
+        """The group of this rank's aligned block of ``size`` ranks (or of the level named ``size``).
+
+        Creating a size's groups is collective (see :meth:`Topology.block_group`): every rank asks
+        for the same sizes in the same order. The collectives here create them on first use
+        too, so ``comm.all_to_all_single(out, inp, level=4)`` carries the same rule.
+        """
+        return self.topology.block_group(size)
+
+    def all_reduce(self, tensor: torch.Tensor, level: Level = "global", *, peers: bool = False,
                    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, async_op: bool = False) -> Handle:
         n = self.size(level, peers)
         return self._issue("all_reduce", level, peers, 2 * (n - 1) * _nbytes(tensor) // max(n, 1), async_op,
                            lambda g: dist.all_reduce(tensor, op=op, group=g, async_op=True))
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, level: str = "global", *,
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, level: Level = "global", *,
                        peers: bool = False, async_op: bool = False) -> Handle:
         """Sum-reduce ``input`` (n equal chunks) and leave chunk ``group rank`` in ``output``."""
         n = self.size(level, peers)
@@ -89,7 +108,7 @@ class Comm:
         return self._issue("reduce_scatter", level, peers, (n - 1) * _nbytes(input) // max(n, 1), async_op,
                            lambda g: _reduce_scatter_flat(output, input, group=g, async_op=True))
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor, level: str = "global", *,
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, level: Level = "global", *,
                    peers: bool = False, async_op: bool = False) -> Handle:
         """Concatenate every group member's ``input`` into the flat ``output``."""
         n = self.size(level, peers)
@@ -98,14 +117,14 @@ class Comm:
         return self._issue("all_gather", level, peers, (n - 1) * _nbytes(output) // max(n, 1), async_op,
                            lambda g: _all_gather_flat(output, input, group=g, async_op=True))
 
-    def broadcast(self, tensor: torch.Tensor, src: int, level: str = "global", *,
+    def broadcast(self, tensor: torch.Tensor, src: int, level: Level = "global", *,
                   peers: bool = False, async_op: bool = False) -> Handle:
         """Broadcast from global rank ``src`` (a member of this rank's group at ``level``)."""
         sent = _nbytes(tensor) if self.rank == src else 0
         return self._issue("broadcast", level, peers, sent, async_op,
                            lambda g: dist.broadcast(tensor, src=src, group=g, async_op=True))
 
-    def all_gather_json(self, obj: Any, level: str = "global") -> list[Any]:
+    def all_gather_json(self, obj: Any, level: Level = "global") -> list[Any]:
         """Every group member's JSON-serialisable ``obj``, in group order (small control data)."""
         data = json.dumps(obj).encode()
         n, device = self.size(level), self._device_hint()
@@ -119,22 +138,51 @@ class Comm:
         rows = out.cpu().view(n, width)
         return [json.loads(bytes(rows[i, :int(sizes[i])].tolist())) for i in range(n)]
 
-    def barrier(self, level: str = "global") -> None:
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, level: Level = "global", *,
+                          output_split_sizes: Sequence[int] | None = None,
+                          input_split_sizes: Sequence[int] | None = None, async_op: bool = False) -> Handle:
+        """Scatter ``input`` along dim 0 to the group's members, gather theirs into ``output``.
+
+        Without split sizes both are cut into n equal chunks (chunk i goes to / comes from group
+        member i); with them, ``input_split_sizes[i]`` rows go to member i and
+        ``output_split_sizes[i]`` rows arrive from it. Counted bytes: what this rank sends to the
+        other members (its own chunk stays local).
+        """
+        ranks = self.group_ranks(level)
+        n, me = len(ranks), ranks.index(self.rank)
+        if input_split_sizes is not None:
+            row = _nbytes(input) // max(input.shape[0], 1)
+            sent = (sum(input_split_sizes) - input_split_sizes[me]) * row
+        else:
+            sent = (n - 1) * _nbytes(input) // max(n, 1)
+        if n == 1:
+            output.copy_(input)
+        out_splits = list(output_split_sizes) if output_split_sizes is not None else None
+        in_splits = list(input_split_sizes) if input_split_sizes is not None else None
+        return self._issue("all_to_all_single", level, False, sent, async_op,
+                           lambda g: dist.all_to_all_single(output, input, out_splits, in_splits,
+                                                            group=g, async_op=True))
+
+    def barrier(self, level: Level = "global") -> None:
         self.all_reduce(torch.zeros(1, device=self._device_hint()), level)
 
     def _device_hint(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and \
             dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def _issue(self, op: str, level: str, peers: bool, nbytes: int, async_op: bool, launch) -> Handle:
+    def _issue(self, op: str, level: Level, peers: bool, nbytes: int, async_op: bool, launch) -> Handle:
         ranks = self.group_ranks(level, peers)
+        # Aligned-block groups are created (collectively) before the sequence number is taken.
+        group = self.topology.block_group(level) if isinstance(level, int) and len(ranks) > 1 else None
+        label = f"block{level}" if isinstance(level, int) else level + (" peers" if peers else "")
         with self._lock:
             self._seq += 1
-            handle = Handle(None, self, op, self._seq, level + (" peers" if peers else ""), ranks)
+            handle = Handle(None, self, op, self._seq, label, ranks)
             if len(ranks) > 1:
                 self.bytes_sent[self.topology.shape.level_of_ranks(ranks)] += nbytes
         if len(ranks) > 1:
-            group = self.topology.peer_group(level) if peers else self.topology.group(level)
+            if not isinstance(level, int):
+                group = self.topology.peer_group(level) if peers else self.topology.group(level)
             try:
                 handle.work = launch(group)
             except RuntimeError as exc:

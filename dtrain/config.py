@@ -1,13 +1,22 @@
 """The typed configuration tree: loading from dict / TOML / JSON, `a.b=v` overrides, validation.
 
-Every section is a kw_only dataclass. Loading walks the dataclass fields, so an unknown key, a
-value of the wrong type or an impossible value is a :class:`ConfigError` that names the full key
+Every section is a dataclass. Loading walks the dataclass fields, so an unknown key, a value of
+the wrong type or an impossible value is a :class:`ConfigError` that names the full key
 (``zero.stage``) and says what is allowed. Cross-section rules (incompatible plugins) live in
 :meth:`Config.validate`, which runs after every load.
+
+The core sections (train, zero, comm, topology, metrics, checkpoint) are fields of
+:class:`Config`. Every other section belongs to a plugin: :func:`register_section` (called by
+``dtrain.plugins.register`` for a plugin's nested ``Config`` dataclass) makes ``name`` a section,
+reachable as ``config.<name>``. The built-in plugins keep their section dataclasses in torch-free
+modules (:data:`BUILTIN_SECTION_MODULES`) so that this module, and the launcher that validates a
+config before any rank starts, never import torch. Writing a plugin: docs/plugins.md.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib
 import json
 import os
 import tomllib
@@ -75,17 +84,28 @@ class CommConfig:
 
 @dataclass(kw_only=True)
 class TopologyConfig:
+    """The cluster shape; see docs/topology.md."""
+
     nodes: int | None = None
     """Number of (simulated) nodes; None = take it from the launcher (DTRAIN_NODES) or 1."""
+    levels: dict[str, int] = field(default_factory=dict)
+    """Declared levels, name -> ranks per block, e.g. ``{pair = 2}``: a divisor of the node size, or a
+    multiple of it dividing the world size (checked against the world in :mod:`dtrain.topology`)."""
 
     def validate(self) -> None:
         _require(self.nodes is None or self.nodes >= 1, "topology.nodes", self.nodes, "an integer >= 1")
+        for name, size in self.levels.items():
+            key = f"topology.levels.{name}"
+            _require(name.isidentifier(), key, size, "a level name that is an identifier (e.g. pair)")
+            _require(name not in ("rank", "node", "global"), key, size,
+                     "a name other than the built-in levels rank, node and global")
+            _require(size >= 1, key, size, "a number of ranks per block >= 1")
 
 
 @dataclass(kw_only=True)
 class MetricsConfig:
     path: str | None = None
-    """JSONL file rank 0 writes one line per step to (DESIGN.md metrics contract)."""
+    """JSONL file rank 0 writes one line per step to (contract: docs/metrics.md)."""
     progress: bool = False
     """Draw a progress bar on rank 0 (the launcher turns it on)."""
 
@@ -104,74 +124,54 @@ class CheckpointConfig:
         )
 
 
-@dataclass(kw_only=True)
-class CO2Config:
-    """CO2 (Sun et al., ICLR 2024): local steps + an outer all-reduce overlapped with the next round."""
+BUILTIN_SECTION_MODULES = ("dtrain.plugins.co2_config", "dtrain.plugins.snapshot_config")
+"""Torch-free modules that register the built-in plugins' sections when first needed."""
 
-    enabled: bool = False
-    local_steps: int = 4
-    """tau: inner (local) optimizer steps per round; the outer sync starts every tau steps."""
-    outer_lr: float = 1.0
-    """alpha: outer learning rate applied to the outer momentum."""
-    outer_momentum: float = 0.5
-    """beta: outer momentum decay (0 disables outer momentum)."""
-    clip: float | None = None
-    """phi: clip the outer momentum element-wise to [-phi, phi]; None disables clipping."""
-    penalty: bool = True
-    """Scale each pseudo-gradient by 1 / Lambda, the staleness gap penalty (see plugins/co2.py)."""
-    intra_node_sync: bool = True
-    """Ranks of one node all-reduce gradients every step; False makes every rank its own worker."""
-    overlap: bool = True
-    """False = synchronous local SGD: the outer all-reduce is waited for and applied at once."""
-
-    def validate(self) -> None:
-        if self.enabled and self.local_steps < 1:
-            raise ConfigError(f"co2.local_steps = {self.local_steps!r} is not allowed with co2.enabled = true; "
-                              f"expected an integer >= 1 (the number of local steps per round)")
-        _require(self.local_steps >= 1, "co2.local_steps", self.local_steps, "an integer >= 1")
-        _require(self.outer_lr > 0, "co2.outer_lr", self.outer_lr, "a positive float")
-        _require(0 <= self.outer_momentum < 1, "co2.outer_momentum", self.outer_momentum, "a float in [0, 1)")
-        _require(self.clip is None or self.clip > 0, "co2.clip", self.clip,
-                 "a positive float, or omit it to disable outer-momentum clipping")
+_SECTIONS: dict[str, type] = {}  # plugin-owned sections, in registration order
+_NEAR_MISS_CUTOFF = 0.8  # difflib ratio: 'zer' -> 'zero' (0.86), 'co3' -> 'co2' (0.67) is a plugin name
 
 
-@dataclass(kw_only=True)
-class SnapshotConfig:
-    """In-memory snapshots held by one snapshot process per node, erasure coded across nodes."""
+def register_section(name: str, section: type) -> None:
+    """Make ``name`` a config section whose keys are the fields of the dataclass ``section``.
 
-    enabled: bool = False
-    every: int = 1
-    """Snapshot every this many steps."""
-    ec_data: int = 0
-    """k: data nodes per coding group; 0 = every node of the job not used for parity."""
-    ec_parity: int = 1
-    """m: parity nodes per coding group (any m lost nodes of a group are rebuilt); capped at nodes - 1."""
-    persist_every: int = 0
-    """Write every this many steps' committed snapshot to ``persist_dir`` in the background; 0 = never."""
-    persist_dir: str | None = None
-    timeout_s: float = 60.0
-    """How long a snapshot may wait for the previous one to commit before the rank gives up."""
-    idle_s: float = 120.0
-    """A snapshot process with no rank connected for this long exits (the job is gone)."""
-    run_id: str | None = None
-    """Names the job's snapshot processes; default: the launcher's run id."""
-    host: str | None = None
-    """Address the snapshot process listens on for its peers; default: this node's gloo address."""
+    Called by ``dtrain.plugins.register`` for a plugin's nested ``Config``. Registering the same
+    class (or a re-definition of it, e.g. a script imported twice) again is a no-op; another
+    class under a name already taken, or a core section's name, is an error.
+    """
+    if not name.isidentifier():
+        raise ConfigError(f"config section name {name!r} must be an identifier (e.g. my_plugin)")
+    if name in _core_sections():
+        raise ConfigError(f"config section {name!r} is a core section of dtrain; give the plugin another name")
+    if not (isinstance(section, type) and dataclasses.is_dataclass(section)):
+        raise ConfigError(f"config section {name!r}: {section!r} is not a dataclass; declare the plugin's "
+                          f"Config with @dataclass")
+    existing = _SECTIONS.get(name)
+    if existing is not None and existing is not section and existing.__qualname__ != section.__qualname__:
+        raise ConfigError(f"config section {name!r} is registered twice ({existing.__module__}."
+                          f"{existing.__qualname__} and {section.__module__}.{section.__qualname__})")
+    _SECTIONS[name] = section
 
-    def validate(self) -> None:
-        _require(self.every >= 1, "snapshot.every", self.every, "an integer >= 1")
-        _require(self.ec_data >= 0, "snapshot.ec_data", self.ec_data, "an integer >= 0 (0 = automatic)")
-        _require(self.ec_parity >= 0, "snapshot.ec_parity", self.ec_parity, "an integer >= 0")
-        _require(self.persist_every >= 0, "snapshot.persist_every", self.persist_every, "an integer >= 0")
-        _require(self.persist_every == 0 or self.persist_dir is not None, "snapshot.persist_dir",
-                 self.persist_dir, "a directory path when snapshot.persist_every > 0")
-        _require(self.timeout_s > 0, "snapshot.timeout_s", self.timeout_s, "a positive number of seconds")
-        _require(self.idle_s > 0, "snapshot.idle_s", self.idle_s, "a positive number of seconds")
+
+def registered_sections() -> dict[str, type]:
+    """Every plugin-owned section by name (the built-in plugins' included)."""
+    for module in BUILTIN_SECTION_MODULES:
+        importlib.import_module(module)  # registers on first import; cached afterwards
+    return dict(_SECTIONS)
+
+
+def _core_sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
 
 
 @dataclass(kw_only=True)
 class Config:
-    """The whole run configuration. Plugin sections are switched on by their own keys."""
+    """The whole run configuration. Plugin sections are switched on by their own keys.
+
+    Core sections are dataclass fields; a plugin's section is an attribute too
+    (``config.co2.enabled``), made from its defaults the first time it is read. Sections nobody
+    registered yet that :meth:`load` was told to defer stay raw until a plugin registers them
+    (then the first read builds and validates them) or a strict load sees them.
+    """
 
     train: TrainConfig = field(default_factory=TrainConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
@@ -179,12 +179,36 @@ class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    co2: CO2Config = field(default_factory=CO2Config)
-    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+
+    def __post_init__(self) -> None:
+        self._deferred: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not set: plugin sections not read yet.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        section = registered_sections().get(name)
+        if section is None:
+            raise AttributeError(f"config has no section {name!r}; sections: "
+                                 f"{', '.join(self.section_names())}")
+        value = _build(section, self.__dict__.get("_deferred", {}).pop(name, {}), f"{name}.")
+        if hasattr(value, "validate"):
+            value.validate()
+        self.__dict__[name] = value
+        return value
+
+    def section_names(self) -> list[str]:
+        """Core sections, then every registered plugin section."""
+        return [*_core_sections(), *registered_sections()]
+
+    @property
+    def deferred_sections(self) -> dict[str, Any]:
+        """Raw sections kept by ``load(..., defer_unknown_sections=True)`` that no plugin registered yet."""
+        return {k: v for k, v in self._deferred.items() if k not in registered_sections()}
 
     def validate(self) -> "Config":
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
+        for name in self.section_names():
+            section = getattr(self, name)
             if hasattr(section, "validate"):
                 section.validate()
         self._validate_combinations()
@@ -202,12 +226,21 @@ class Config:
                               "step slot (first-order local steps vs zeroth-order steps); enable only one")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section as plain data (deferred raw sections included, as given)."""
+        data = {name: dataclasses.asdict(getattr(self, name)) for name in self.section_names()}
+        data.update(self.deferred_sections)
+        return data
 
     @classmethod
     def load(cls, source: "Config | Mapping[str, Any] | str | os.PathLike | None" = None,
-             overrides: list[str] | None = None) -> "Config":
-        """Build a validated Config from a Config, dict, or .toml/.json path, then apply overrides."""
+             overrides: list[str] | None = None, *, defer_unknown_sections: bool = False) -> "Config":
+        """Build a validated Config from a Config, dict, or .toml/.json path, then apply overrides.
+
+        An unknown top-level key is an error naming it, unless ``defer_unknown_sections``: then a
+        table nobody registered is kept raw (a plugin defined in the user's script registers it
+        later, in the rank) -- except a near-miss of a known section's name ("did you mean"),
+        which is an error at once. Unknown keys inside a known section are always errors.
+        """
         if isinstance(source, Config):
             data = source.to_dict()
         elif source is None:
@@ -218,7 +251,7 @@ class Config:
             data = _read_file(Path(source))
         for item in overrides or []:
             _apply_override(data, item)
-        return _build(cls, data, prefix="").validate()
+        return _build_config(cls, data, defer_unknown_sections).validate()
 
     @classmethod
     def from_deepspeed(cls, source: "Mapping[str, Any] | str | os.PathLike", *, world_size: int | None = None,
@@ -233,9 +266,41 @@ class Config:
         return cls.load(from_deepspeed(source, world_size=world_size), overrides)
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+def _build_config(cls: type[Config], data: Any, defer: bool) -> Config:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config must be a table/section, got {type(data).__name__}")
+    core, plugins = _core_sections(), registered_sections()
+    known = [*core, *plugins]
+    deferred: dict[str, Any] = {}
+    for key in data:
+        if key in known:
+            continue
+        near = difflib.get_close_matches(key, known, n=1, cutoff=_NEAR_MISS_CUTOFF)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        if defer and not near and isinstance(data[key], Mapping):
+            deferred[key] = data[key]
+            continue
+        if defer and not near:
+            raise ConfigError(f"unknown key '{key}' in config: a plugin's section must be a table, got "
+                              f"{data[key]!r}")
+        raise ConfigError(f"unknown {'section' if defer else 'key'} '{key}' in config; {hint}allowed keys: "
+                          f"{', '.join(known)} (a plugin's section exists once the plugin is registered)")
+    hints = typing.get_type_hints(cls)
+    config = cls(**{name: _coerce(hints[name], data[name], name) for name in core if name in data})
+    config._deferred = deferred
+    for name in plugins:
+        if name in data:
+            config.__dict__[name] = _build(plugins[name], data[name], f"{name}.")
+    return config
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise the standard ConfigError ``key = value is not allowed; expected allowed`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key} = {value!r} is not allowed; expected {allowed}")
+
+
+_require = require
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -308,6 +373,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {list(args)}")
         return value
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a table of {args[0].__name__} -> {args[1].__name__}, got {value!r}")
+        for k in value:
+            if not isinstance(k, args[0]):
+                raise ConfigError(f"{key}: key {k!r} must be {args[0].__name__}")
+        return {k: _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")

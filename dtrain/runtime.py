@@ -2,7 +2,10 @@
 
 :func:`init` is idempotent. It reads the launch environment (``dtrain launch``, torchrun, or a
 plain single process), initialises torch.distributed with the backend that fits the device
-(NCCL on CUDA, gloo otherwise) unless the script already did, and builds the per-level groups.
+(NCCL on CUDA, gloo otherwise) unless the script already did, and builds the groups of every
+level: ``node``, ``global`` and those declared in ``topology.levels``, the same way under every
+launcher (``dtrain launch``, ``--ray``, plain torchrun, a single process), since every launcher
+hands the config and ``--set`` overrides to the ranks. See docs/topology.md.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ def init(config: Config | None = None) -> Runtime:
     config = config or Config()
     if _RUNTIME is not None:
         _RUNTIME.comm.timeout_s = config.comm.timeout_s
+        _RUNTIME.topology.add_levels(config.topology.levels)  # collective only if levels are new
         return _RUNTIME
     env = read_launch_env()
     backend = config.comm.backend
@@ -70,7 +74,7 @@ def init(config: Config | None = None) -> Runtime:
         world = dist.get_world_size()
     nodes = config.topology.nodes or (env.nodes if env.world_size == world else 1)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    shape = Shape.of(world, rank, nodes)  # raises TopologyError naming the mismatch
+    shape = Shape.of(world, rank, nodes, config.topology.levels)  # TopologyError names the mismatch
     topology = Topology.build(shape)
     _RUNTIME = Runtime(env, device, topology, Comm(topology, config.comm.timeout_s))
     return _RUNTIME

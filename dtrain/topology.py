@@ -1,48 +1,88 @@
-"""Cluster shape: nodes x procs, named levels, and the process groups of each level.
+"""Cluster shape: nodes x procs, named levels, aligned blocks, and their process groups.
 
 Ranks are laid out on a grid ``arange(world).view(nodes, procs_per_node)``. A *level* is a
-partition of the ranks into equal contiguous blocks: ``node`` (the ranks of one node) and
-``global`` (everyone). Further levels (e.g. ``pair``) can be declared with a block size that
-divides the next level's. For each level this module also builds the *peer* groups: ranks with
-the same position inside their block (for ``node``: the same local rank on every node), which is
-what hierarchical sharding and inter-node synchronisation need.
+partition of the ranks into equal contiguous blocks: ``node`` (the ranks of one node),
+``global`` (everyone) and the levels declared in ``topology.levels`` (e.g. ``pair = 2``). A
+declared level's block size divides the node size or is a multiple of it that divides the world
+size, and every level's blocks nest in the next larger level's. For each level this module also
+builds the *peer* groups: ranks with the same position inside their block (for ``node``: the
+same local rank on every node), which is what hierarchical sharding and inter-node
+synchronisation need. Besides levels, :meth:`Topology.block_group` hands out groups of aligned
+blocks of any power-of-two size, created on first request. The model is described in
+docs/topology.md.
 
-The shape alone (:class:`Shape`) is pure and testable without processes; :class:`Topology`
+The shape alone (:class:`Shape`) is pure, torch-free and testable without processes (the
+launcher can check a config against a world size before starting any rank); :class:`Topology`
 adds the torch.distributed groups, created identically on every rank.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-import torch.distributed as dist
+from dtrain.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+BUILTIN_LEVELS = ("node", "global")
+RESERVED_LEVELS = ("rank", *BUILTIN_LEVELS)
+"""``rank`` is the pseudo-level of every rank alone; none of these may be declared."""
 
 
-class TopologyError(ValueError):
-    """The world does not fit the requested shape."""
+class TopologyError(ConfigError):
+    """The world does not fit the requested shape (a config problem: the message names the key)."""
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass(frozen=True)
 class Shape:
-    """World size, rank and named levels (level name -> ranks per block), smallest first."""
+    """World size, rank and named levels (level name -> ranks per block), smallest first.
+
+    Levels of equal size keep the built-in one first, so byte attribution
+    (:meth:`level_of_ranks`) names ``node``/``global`` rather than a declared alias of them.
+    """
 
     world_size: int
     rank: int
     levels: tuple[tuple[str, int], ...]
 
     @classmethod
-    def of(cls, world_size: int, rank: int, nodes: int, extra_levels: dict[str, int] | None = None) -> "Shape":
+    def of(cls, world_size: int, rank: int, nodes: int, levels: Mapping[str, int] | None = None) -> "Shape":
+        """The shape of ``world_size`` ranks on ``nodes`` nodes with the declared ``levels``."""
         if nodes < 1 or world_size % nodes:
             raise TopologyError(
                 f"world size {world_size} cannot be split into {nodes} nodes of equal size; "
                 f"use --nodes M with M dividing the number of ranks (or --nproc N per node)"
             )
-        sizes = {"node": world_size // nodes, "global": world_size, **(extra_levels or {})}
-        levels = tuple(sorted(sizes.items(), key=lambda kv: (kv[1], kv[0] != "node")))
-        for (small, s), (big, b) in zip(levels, levels[1:]):
+        node = world_size // nodes
+        for name, size in (levels or {}).items():
+            key = f"topology.levels.{name}"
+            if name in RESERVED_LEVELS:
+                raise TopologyError(f"{key}: {name!r} is a built-in level; pick another name "
+                                    f"(reserved: {', '.join(RESERVED_LEVELS)})")
+            fits = (isinstance(size, int) and size >= 1
+                    and (node % size == 0 or (size % node == 0 and world_size % size == 0)))
+            if not fits:
+                allowed = sorted({*_divisors(node), *(m for m in _divisors(world_size) if m % node == 0)})
+                raise TopologyError(
+                    f"{key} = {size!r} does not fit {nodes} node(s) of {node} rank(s) (world {world_size}); "
+                    f"expected a divisor of the node size or a multiple of it dividing the world: "
+                    f"one of {allowed}")
+        builtin = {"node": node, "global": world_size}
+        tie = {"node": 0, "global": 1}  # among equal sizes: node, global, then declared by name
+        ordered = sorted([*builtin.items(), *(levels or {}).items()],
+                         key=lambda kv: (kv[1], tie.get(kv[0], 2), kv[0]))
+        for (small, s), (big, b) in zip(ordered, ordered[1:]):
             if b % s:
-                raise TopologyError(f"level {small!r} (size {s}) does not divide level {big!r} (size {b})")
-        return cls(world_size=world_size, rank=rank, levels=levels)
+                raise TopologyError(
+                    f"topology.levels: level {small!r} (size {s}) does not divide level {big!r} (size {b}); "
+                    f"declared levels must nest (each size divides the next larger one)")
+        return cls(world_size=world_size, rank=rank, levels=tuple(ordered))
 
     @property
     def nodes(self) -> int:
@@ -60,31 +100,50 @@ class Shape:
     def local_rank(self) -> int:
         return self.rank % self.procs_per_node
 
+    @property
+    def level_names(self) -> list[str]:
+        """Level names, smallest block first (the order of ``comm_bytes`` in the metrics)."""
+        return [name for name, _ in self.levels]
+
     def size(self, level: str) -> int:
         if level == "rank":  # pseudo-level: every rank alone (e.g. CO2 without intra-node sync)
             return 1
         for name, size in self.levels:
             if name == level:
                 return size
-        raise TopologyError(f"unknown topology level {level!r}; levels are {[n for n, _ in self.levels]}")
+        raise TopologyError(f"unknown topology level {level!r}; levels are {self.level_names} "
+                            f"(declare more in topology.levels)")
 
     def blocks(self, level: str) -> list[list[int]]:
         """All blocks of ``level``: contiguous rank ranges of its size."""
-        s = self.size(level)
-        grid = torch.arange(self.world_size).view(-1, s)
-        return [row.tolist() for row in grid]
+        return self._blocks(self.size(level))
 
     def peers(self, level: str) -> list[list[int]]:
         """Ranks holding the same position inside their ``level`` block (one list per position)."""
         s = self.size(level)
-        grid = torch.arange(self.world_size).view(-1, s)
-        return [col.tolist() for col in grid.t()]
+        return [list(range(j, self.world_size, s)) for j in range(s)]
 
     def block_of(self, level: str) -> list[int]:
-        return next(b for b in self.blocks(level) if self.rank in b)
+        return self._blocks(self.size(level))[self.rank // self.size(level)]
 
     def peers_of(self, level: str) -> list[int]:
-        return next(p for p in self.peers(level) if self.rank in p)
+        return list(range(self.rank % self.size(level), self.world_size, self.size(level)))
+
+    def check_block_size(self, size: int) -> None:
+        """An aligned block size must be a power of two dividing the world size."""
+        if not (isinstance(size, int) and size >= 1 and size & (size - 1) == 0 and self.world_size % size == 0):
+            allowed = [d for d in _divisors(self.world_size) if d & (d - 1) == 0]
+            raise TopologyError(f"block size {size!r} is not allowed for world size {self.world_size}; "
+                                f"expected a power of two dividing it: one of {allowed}")
+
+    def aligned_blocks(self, size: int) -> list[list[int]]:
+        """Every aligned block of ``size`` ranks: ``[k*size, (k+1)*size)`` for each k."""
+        self.check_block_size(size)
+        return self._blocks(size)
+
+    def aligned_block_of(self, size: int) -> list[int]:
+        """This rank's aligned block of ``size`` ranks."""
+        return self.aligned_blocks(size)[self.rank // size]
 
     def level_of_ranks(self, ranks: list[int]) -> str:
         """The smallest level whose blocks contain all of ``ranks`` (for byte accounting)."""
@@ -93,38 +152,113 @@ class Shape:
                 return name
         return "global"
 
+    def _blocks(self, size: int) -> list[list[int]]:
+        return [list(range(start, start + size)) for start in range(0, self.world_size, size)]
+
 
 @dataclass
 class Topology:
-    """A :class:`Shape` plus the process groups of each level, built on every rank."""
+    """A :class:`Shape` plus the process groups of each level, built on every rank.
+
+    Groups are created through one cache keyed by their ranks, so a declared level that equals
+    ``node`` (or an aligned block size that equals a level's) shares that level's groups.
+    """
 
     shape: Shape
-    _groups: dict[tuple[str, str], dist.ProcessGroup | None] = field(default_factory=dict)
+    _groups: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _by_ranks: dict[tuple[int, ...], Any] = field(default_factory=dict)
+    _aligned: dict[int, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def build(cls, shape: Shape) -> "Topology":
+        """Every level's block and peer groups (collective: every rank calls it with the same shape)."""
         topo = cls(shape)
-        if shape.world_size == 1 or not dist.is_initialized():
-            return topo
-        # new_group must be called by every rank for every group, in the same order.
-        for name, size in shape.levels:
-            for kind, lists in (("block", shape.blocks(name)), ("peer", shape.peers(name))):
-                mine = None
-                for ranks in lists:
-                    if len(ranks) == shape.world_size:
-                        group = dist.group.WORLD
-                    elif len(ranks) == 1:
-                        group = None
-                    else:
-                        group = dist.new_group(ranks)
-                    if shape.rank in ranks:
-                        mine = group
-                topo._groups[(kind, name)] = mine
+        topo._build_levels([name for name, _ in shape.levels])
         return topo
 
-    def group(self, level: str) -> dist.ProcessGroup | None:
-        """This rank's block group at ``level`` (None when the block is just this rank)."""
-        return self._groups.get(("block", level), dist.group.WORLD if level == "global" else None)
+    @property
+    def _distributed(self) -> bool:
+        import torch.distributed as dist
 
-    def peer_group(self, level: str) -> dist.ProcessGroup | None:
+        return self.shape.world_size > 1 and dist.is_initialized()
+
+    def _new_group(self, ranks: list[int]) -> Any:
+        """The group of ``ranks``: WORLD, None for one rank, else cached or created.
+
+        ``dist.new_group`` must be called by every rank for every group, in the same order; the
+        callers below iterate every block of a partition, not only this rank's.
+        """
+        import torch.distributed as dist
+
+        if len(ranks) == self.shape.world_size:
+            return dist.group.WORLD
+        if len(ranks) == 1:
+            return None
+        key = tuple(ranks)
+        if key not in self._by_ranks:
+            self._by_ranks[key] = dist.new_group(list(ranks))
+        return self._by_ranks[key]
+
+    def _build_levels(self, names: list[str]) -> None:
+        if not self._distributed:
+            return
+        for name in names:
+            for kind, lists in (("block", self.shape.blocks(name)), ("peer", self.shape.peers(name))):
+                mine = None
+                for ranks in lists:
+                    group = self._new_group(ranks)
+                    if self.shape.rank in ranks:
+                        mine = group
+                self._groups[(kind, name)] = mine
+
+    def add_levels(self, levels: Mapping[str, int]) -> None:
+        """Declare more levels after the fact (collective: every rank, same ``levels``, same order).
+
+        A name already declared with another size is an error; the same size is a no-op.
+        """
+        current = dict(self.shape.levels)
+        for name, size in levels.items():
+            if name in current and current[name] != size:
+                raise TopologyError(f"topology.levels.{name} = {size} conflicts with the level {name!r} "
+                                    f"of size {current[name]} this process already built")
+        new = {n: s for n, s in levels.items() if n not in current}
+        if not new:
+            return
+        declared = {n: s for n, s in current.items() if n not in BUILTIN_LEVELS}
+        self.shape = Shape.of(self.shape.world_size, self.shape.rank, self.shape.nodes, {**declared, **new})
+        self._build_levels(list(new))
+
+    def group(self, level: str) -> "dist.ProcessGroup | None":
+        """This rank's block group at ``level`` (None when the block is just this rank)."""
+        if ("block", level) not in self._groups and level == "global" and self._distributed:
+            import torch.distributed as dist
+
+            return dist.group.WORLD
+        return self._groups.get(("block", level))
+
+    def peer_group(self, level: str) -> "dist.ProcessGroup | None":
         return self._groups.get(("peer", level))
+
+    def block_group(self, size: int | str) -> "dist.ProcessGroup | None":
+        """This rank's group of the aligned block of ``size`` ranks (or of the level named ``size``).
+
+        The first request for a size creates the groups of *all* aligned blocks of that size, so
+        it is a collective: every rank must request the same sizes in the same order (e.g. the
+        sizes of a plan every rank computed alike, from the training thread), including ranks
+        that will not use the block. Later requests are cached lookups. None when the block is
+        this rank alone or the process is not distributed.
+        """
+        if isinstance(size, str):
+            return self.group(size)
+        blocks = self.shape.aligned_blocks(size)  # raises TopologyError for a bad size
+        with self._lock:
+            if size not in self._aligned:
+                mine = None
+                if self._distributed:
+                    for ranks in blocks:
+                        group = self._new_group(ranks)
+                        if self.shape.rank in ranks:
+                            mine = group
+                self._aligned[size] = mine
+            return self._aligned[size]

@@ -4,6 +4,10 @@ The engine runs one ``train_step`` skeleton and calls the plugins at fixed point
 fills one *slot* (layout, step, tier, data, resilience); a slot has exactly one occupant. Hooks do
 nothing by default, so a plugin overrides only what it changes.
 
+A plugin declares its config section as a nested ``Config`` dataclass; :func:`register` makes it
+the section ``config.<name>`` (:func:`dtrain.config.register_section`). Writing a plugin:
+docs/plugins.md.
+
 The *layout* slot is special: its occupant owns where parameters, gradients and optimizer state
 live, so it also builds the optimizer, reduces gradients and reports state bytes
 (:class:`LayoutPlugin`). Everything else (checkpoints, snapshots, other plugins) reaches that
@@ -12,12 +16,13 @@ state only through the layout's descriptors: ``unit_specs``, ``shards(kind)``,
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
-from dtrain.config import ConfigError
+from dtrain.config import ConfigError, register_section
 
 if TYPE_CHECKING:
     from dtrain.engine import Engine
@@ -26,17 +31,30 @@ if TYPE_CHECKING:
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 _REGISTRY: dict[str, type["Plugin"]] = {}
+BUILTIN_PLUGIN_MODULES = ("dtrain.plugins.zero", "dtrain.plugins.co2", "dtrain.plugins.snapshot")
 
 
 def register(cls: type["Plugin"]) -> type["Plugin"]:
-    """Class decorator: make a plugin available by its ``name``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+    """Class decorator: make a plugin available by its ``name``, and its nested ``Config`` (if any)
+    the config section ``config.<name>``. Re-registering a re-definition of the same class (a
+    script imported twice) replaces it; another class under a taken name is an error."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
         raise ValueError(f"plugin name {cls.name!r} is registered twice")
+    section = cls.__dict__.get("Config")
+    if section is not None:
+        register_section(cls.name, section)
     _REGISTRY[cls.name] = cls
     return cls
 
 
+def _load_builtins() -> None:
+    for module in BUILTIN_PLUGIN_MODULES:
+        importlib.import_module(module)  # each registers its plugins on first import
+
+
 def plugin_class(name: str) -> type["Plugin"]:
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -45,6 +63,7 @@ def plugin_class(name: str) -> type["Plugin"]:
 
 def enabled_plugins(config: Any) -> list[type["Plugin"]]:
     """Non-layout plugins switched on by ``config``; two occupants of one slot are an error."""
+    _load_builtins()
     chosen: dict[str, type[Plugin]] = {}
     for cls in _REGISTRY.values():
         if cls.slot != "layout" and cls.enabled(config):
@@ -57,7 +76,12 @@ def enabled_plugins(config: Any) -> list[type["Plugin"]]:
 
 
 class Plugin:
-    """Base class: every hook is a no-op."""
+    """Base class: every hook is a no-op.
+
+    ``name`` names the plugin and its config section; ``slot`` is the slot it occupies (one
+    occupant per slot: an observer takes a slot name of its own); a nested dataclass ``Config``
+    declares its section (read it as ``self.engine.config.<name>``).
+    """
 
     name: ClassVar[str] = "base"
     slot: ClassVar[str] = "none"

@@ -123,6 +123,7 @@ import torch.distributed as dist
 from dtrain.comm import Comm
 from dtrain.config import ConfigError
 from dtrain.plugins.base import Plugin, register
+from dtrain.plugins.co2_config import CO2Config
 from dtrain.topology import Topology
 
 if TYPE_CHECKING:
@@ -184,6 +185,7 @@ class CO2Plugin(Plugin):
 
     name = "co2"
     slot = "step"
+    Config = CO2Config  # the ``co2`` section; defined in a torch-free module for the launcher
 
     # ------------------------------------------------------------------ setup
     def setup(self, engine: "Engine") -> None:

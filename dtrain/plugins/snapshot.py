@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from dtrain.checkpoint import CheckpointError, Volatile, capture, capture_volatile, load
 from dtrain.plugins.base import Plugin, register
+from dtrain.plugins.snapshot_config import SnapshotConfig
 from dtrain.snapshot import blob as blobs
 from dtrain.snapshot.client import DaemonClient, node_dir, run_dir
 from dtrain.snapshot.coding import GroupLayout
@@ -52,6 +53,7 @@ class SnapshotError(RuntimeError):
 class SnapshotPlugin(Plugin):
     name: ClassVar[str] = "snapshot"
     slot: ClassVar[str] = "resilience"
+    Config = SnapshotConfig  # the ``snapshot`` section; defined in a torch-free module for the launcher
 
     def setup(self, engine: Any) -> None:
         super().setup(engine)

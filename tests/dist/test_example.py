@@ -1,6 +1,6 @@
 """The main job end to end: `dtrain launch examples/train_gpt.py` under both launchers.
 
-Checks the metrics contract (DESIGN.md), that the same seed gives the same param_sha256 run after
+Checks the metrics contract (docs/metrics.md), that the same seed gives the same param_sha256 run after
 run and under torchrun, and that a run preempted after a periodic checkpoint resumes bit-exactly.
 """
 import json
