@@ -2,6 +2,7 @@
 
     python benchmarks/co2.py                       # 100 Mbit and 1 Gbit, 3 repeats, ~15 min on 2 cores
     python benchmarks/co2.py --rates 100mbit --steps 60 --repeats 1
+    python benchmarks/co2.py --ablation-only --rates 1gbit      # co2 + the ablations, one run each
 
 Every variant trains examples/train_gpt.py's model (GPT preset ``small``) on the shipped corpus
 with the same data, seed and AdamW, on 2 simulated hosts (network namespaces, ``tc tbf`` on the
@@ -15,8 +16,12 @@ link; see dtrain/netns.py), 1 rank each:
   (``CO2Plugin.chunk_bytes = 0``), to show what the chunking buys;
 * ``compute``: the same run with communication off (tau larger than the run: no outer sync),
   i.e. the throughput limit;
-* once, at the first rate, the ablations ``co2-nopenalty`` and ``co2-clip`` (their losses do not
-  depend on the link or on timing, so one run each is enough).
+* once, at the first rate, the ablations (their losses do not depend on the link or on timing,
+  so one run each is enough): the three forms of ``co2.penalty`` -- ``co2`` itself ("adaptive",
+  the default), ``co2-penalty-off`` ("off") and ``co2-penalty-const`` (the constant
+  ``--penalty-constant``, as the authors' released code's ``co2_gap_penalty``) -- and
+  ``co2-clip`` (outer momentum 0.5 clipped at 1e-3). ``--ablation-only`` runs just ``co2`` and the
+  ablations and writes benchmarks/results/co2_ablation.json.
 
 ``python benchmarks/co2.py --probe`` instead measures, at each rate, how long a 16-byte
 all-reduce (the engine's per-step loss reduction) takes while an outer sync of the model's size
@@ -46,16 +51,17 @@ RESULTS = HERE / "results"
 
 
 TIMED = ("ddp", "localsgd", "co2", "co2-1chunk", "compute")
-ABLATIONS = ("co2-nopenalty", "co2-clip")
+ABLATIONS = ("co2-penalty-off", "co2-penalty-const", "co2-clip")
 
 
-def variants(tau: int, steps: int) -> dict[str, dict]:
+def variants(tau: int, steps: int, penalty_constant: float = 2.0) -> dict[str, dict]:
     """Name -> {"config": dtrain config, "chunk_bytes": CO2Plugin.chunk_bytes override or None}."""
     co2 = {"enabled": True, "local_steps": tau, "outer_lr": 1.0, "outer_momentum": 0.0,
-           "penalty": True, "clip": None, "intra_node_sync": True}
+           "penalty": "adaptive", "clip": None, "intra_node_sync": True}
     configs = {"ddp": {}, "localsgd": {"co2": {**co2, "overlap": False}}, "co2": {"co2": co2},
                "co2-1chunk": {"co2": co2}, "compute": {"co2": {**co2, "local_steps": steps + 1}},
-               "co2-nopenalty": {"co2": {**co2, "penalty": False}},
+               "co2-penalty-off": {"co2": {**co2, "penalty": "off"}},
+               "co2-penalty-const": {"co2": {**co2, "penalty": penalty_constant}},
                "co2-clip": {"co2": {**co2, "outer_momentum": 0.5, "clip": 1e-3}}}
     return {name: {"config": cfg, "chunk_bytes": 0 if name == "co2-1chunk" else None}
             for name, cfg in configs.items()}
@@ -221,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="global batch (sequences of 128 tokens)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--repeats", type=int, default=3, help="runs of each timed variant per rate")
+    p.add_argument("--penalty-constant", type=float, default=2.0, help="co2.penalty of co2-penalty-const")
+    p.add_argument("--ablation-only", action="store_true",
+                   help="only co2 and the ablations, once each at the first rate (loss at equal tokens)")
     p.add_argument("--timeout-s", type=float, default=600)
     p.add_argument("--tmp", default="/tmp/dtrain-bench-co2")
     args = p.parse_args(argv)
@@ -246,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine_info(), "args": {k: v for k, v in vars(args).items()
                                                          if k not in ("worker", "config", "out", "chunk_bytes", "probe", "probe_worker")},
                      "command": "python benchmarks/co2.py " + " ".join(argv or sys.argv[1:]), "rates": {}}
-    specs = variants(args.tau, args.steps)
+    specs = variants(args.tau, args.steps, args.penalty_constant)
     port = 29600
+    if args.ablation_only:
+        return ablation(args, specs, results)
     for i, rate in enumerate(args.rates.split(",")):
         runs: dict[str, list[dict]] = {}
         schedule = rotated_schedule(TIMED, args.repeats) + [(0, name) for name in (ABLATIONS if i == 0 else ())]
@@ -266,6 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     write_json(RESULTS / "co2.json", results)
     _plot(results, RESULTS / "co2.png")
     print(json.dumps({r: v["ratios"] for r, v in results["rates"].items()}, indent=2))
+    return 0
+
+
+def ablation(args: argparse.Namespace, specs: dict[str, dict], results: dict) -> int:
+    """co2 and each ablation once at the first rate: loss at equal tokens (timing-independent)."""
+    from _bench_util import write_json
+    from dtrain import netns
+
+    rate = args.rates.split(",")[0]
+    runs = {}
+    with netns.create_hosts(2, rate, prefix="dtrain-a") as hosts:
+        for k, name in enumerate(("co2", *ABLATIONS)):
+            runs[name] = run_variant(hosts, name, specs[name], args, 29700 + k, 0)
+            print(f"{name:>18}: final loss {runs[name]['losses'][-1]:.4f}  mean of last 8 "
+                  f"{_tail_loss(runs[name]):.4f}  load {runs[name]['loadavg_1m'][0]:.1f}", flush=True)
+    results["rate"] = rate
+    results["runs"] = {name: {"config": specs[name]["config"], "losses": r["losses"],
+                              "tail_loss": _tail_loss(r), "loadavg_1m": r["loadavg_1m"]} for name, r in runs.items()}
+    results["loss_vs_co2"] = {name: _tail_loss(runs[name]) / _tail_loss(runs["co2"]) - 1 for name in ABLATIONS}
+    write_json(RESULTS / "co2_ablation.json", results)
+    print(json.dumps(results["loss_vs_co2"], indent=2))
     return 0
 
 

@@ -42,8 +42,17 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 = autocast compute in bfloat16 with fp32 master weights and fp32 reductions."""
     seed: int = 0
+    """``dtrain.wrap`` seeds torch (CPU and CUDA), python's ``random`` and numpy's global RNG on
+    each rank from a stable hash of (seed, rank) (``dtrain.engine.derived_seed``): dropout and any
+    random draw after ``wrap`` are reproducible and differ between ranks. It does not touch the
+    model's initial parameters (built before ``wrap``; every rank starts from rank 0's). A resumed
+    run (checkpoint or snapshot) continues from the restored RNG states instead."""
     micro_batch_size: int | None = None
     """Per-rank micro-batch size; the default batch size of ``dtrain.data.loader``. None = the script decides."""
+    loss_norm: Literal["batch", "tokens"] = "batch"
+    """"batch": each micro-batch's loss counts the same (the mean of the micro-batch means).
+    "tokens": the sum of per-token losses over the global batch divided by its number of valid
+    tokens (labels != -100, or loss_mask), exact under uneven padding; rules in dtrain/loss.py."""
 
     def validate(self) -> None:
         _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "an integer >= 1")
@@ -351,8 +360,23 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(
             f"unknown key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(sorted(fields))}"
         )
+    for name, value in data.items():  # a value of a form the key no longer takes: say what to write
+        for old, new in fields[name].metadata.get("replaced", ()):
+            if type(value) is type(old) and value == old:
+                raise ConfigError(f"{prefix}{name} = {_toml(value)} is no longer accepted; write "
+                                  f"{prefix}{name} = {new} instead")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     return cls(**kwargs)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    return f"a {getattr(hint, '__name__', hint)}"
+
+
+def _toml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
@@ -363,12 +387,16 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        alternatives = [a for a in args if a is not type(None)]
+        for arg in alternatives:
             try:
                 return _coerce(arg, value, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0])
+        if len(alternatives) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{key} = {value!r} is not allowed; expected "
+                          f"{' or '.join(_describe(a) for a in alternatives)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {list(args)}")

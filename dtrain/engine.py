@@ -1,16 +1,18 @@
 """The common trainer: one ``train_step`` skeleton that every plugin plugs into.
 
-    split batch into micro-batches -> for each: plugins.before_forward -> forward (autocast)
-    -> backward (the layout reduces gradients as they land) -> layout.finish_backward
-    -> global-norm clipping across shards -> layout.optimizer_step (owned shard, then publish)
-    -> LR scheduler -> plugins.after_step -> metrics
+    split batch into micro-batches -> step strategy (dtrain/plugins/step.py; the default:
+    per micro-batch plugins.before_forward -> forward (autocast) -> backward (the layout reduces
+    gradients as they land) -> layout.finish_backward; then global-norm clipping across shards
+    -> layout.optimizer_step) -> LR scheduler -> plugins.after_step -> checkpoint -> metrics
 
-The engine owns the step counter, the metrics stream and checkpoints; the layout plugin owns
-where parameters, gradients and optimizer state live.
+The engine owns the RNG seeding, the step counter, the scheduler, the metrics stream and
+checkpoints; the step strategy owns turning micro-batches into an update; the layout plugin owns
+where parameters, gradients and optimizer state live; dtrain/loss.py owns loss normalisation.
 """
 from __future__ import annotations
 
-import math
+import hashlib
+import random
 import sys
 import time
 from contextlib import nullcontext
@@ -22,12 +24,13 @@ import torch.nn as nn
 
 from dtrain.config import Config
 from dtrain.faults import FaultInjector, last_fault
+from dtrain.loss import LossFn, StepLoss, is_hf_causal_lm, model_loss, takes_num_items_in_batch
 from dtrain.metrics import MetricsWriter, param_sha256, peak_rss_bytes
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, Plugin, enabled_plugins, plugin_class
+from dtrain.plugins.step import FirstOrderStep, StepStrategy
 from dtrain.plugins.zero import layout_name
 from dtrain.runtime import Runtime
 
-LossFn = Callable[[Any, Any], torch.Tensor]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
@@ -39,7 +42,10 @@ class Engine:
                  total_steps: int | None = None) -> None:
         self.config, self.runtime, self.loss_fn = config, runtime, loss_fn
         self.comm, self.device = runtime.comm, runtime.device
+        seed_rngs(config.train.seed, runtime.rank)  # a resumed run's restored RNG state replaces it
         self.model = model.to(self.device)
+        self.hf_causal_lm = loss_fn is None and is_hf_causal_lm(model)
+        self.hf_num_items = self.hf_causal_lm and takes_num_items_in_batch(model)
         self.step = 0
         self.loss_level = "global"
         """Over whom ``train_step``'s loss is averaged; a plugin whose workers train separate
@@ -47,9 +53,19 @@ class Engine:
         of each step are then reduced in the background (``_record_deferred``)."""
         self._deferred: tuple | None = None
         self.layout: LayoutPlugin = plugin_class(layout_name(config.zero.stage))()  # type: ignore[assignment]
-        self.plugins: list[Plugin] = [self.layout, *(cls() for cls in enabled_plugins(config))]
+        chosen = enabled_plugins(config)
+        for cls in chosen:
+            if issubclass(cls, StepStrategy):
+                cls.check_config(config)
+        self.plugins: list[Plugin] = [self.layout, *(cls() for cls in chosen)]
+        self.strategy: StepStrategy = next((p for p in self.plugins if isinstance(p, StepStrategy)),
+                                           None) or FirstOrderStep()
+        """The step slot's occupant, or the default first-order strategy (not in ``plugins``)."""
         for plugin in self.plugins:
             plugin.setup(self)
+        if self.strategy not in self.plugins:
+            self.strategy.setup(self)
+        self.layout.allocate_grads = self.strategy.needs_grads
         self.layout.wrap_model(self.model, optimizer)
         self.optimizer = self.layout.optimizer
         self.scheduler = scheduler(self.optimizer) if scheduler else None
@@ -114,27 +130,11 @@ class Engine:
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Any) -> torch.Tensor:
-        """Forward, backward and optimizer step on ``batch`` (this rank's part of the global batch)."""
+        """One optimizer step on ``batch`` (this rank's part of the global batch), made by the step
+        strategy; returns the step's loss (``train.loss_norm``: the mean over the data-parallel group)."""
         self.model.train()
         start = time.perf_counter()
-        accum = self.config.train.grad_accum
-        micro_batches = _split(batch, accum)
-        self.layout.zero_grad()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, micro in enumerate(micro_batches):
-            self.layout.start_micro_step(i, i == accum - 1)
-            for plugin in self.plugins:
-                micro = plugin.before_forward(micro)
-            with self._autocast():
-                loss = self._loss(self.model(**micro) if isinstance(micro, dict) else self.model(micro), micro)
-            (loss / accum).backward()
-            self.layout.finish_backward()
-            for plugin in self.plugins:
-                plugin.after_backward(i, i == accum - 1)
-            loss_sum += loss.detach().double()
-        grad_norm = self._clip()
-        self._before_update()
-        self.layout.optimizer_step()
+        outcome = self.strategy.run(_split(batch, self.config.train.grad_accum))
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
@@ -145,15 +145,47 @@ class Engine:
         every = self.config.checkpoint.every
         if every and self.step % every == 0:
             self._periodic_checkpoint()
-        mean_loss = self._record(loss_sum / accum, _count_tokens(batch), time.perf_counter() - start, grad_norm)
-        return mean_loss
+        return self._record(outcome.loss, _count_tokens(batch), time.perf_counter() - start, outcome.grad_norm)
+
+    # ------------------------------------------- what step strategies call
+    def step_loss(self, micro_batches: list[Any]) -> StepLoss:
+        """The loss normalisation of one step over ``micro_batches`` (dtrain/loss.py); under
+        ``train.loss_norm = "tokens"`` this starts the all-reduce of the valid-token counts."""
+        return StepLoss(self.config.train.loss_norm, micro_batches, self.comm, self.dp_level, self.device,
+                        hf_causal=self.hf_causal_lm, hf_num_items=self.hf_num_items)
+
+    @property
+    def dp_level(self) -> str:
+        """The group the layout averages gradients over (``global``; a co2 worker's ``node`` or ``rank``)."""
+        return getattr(self.layout, "level", "global")
+
+    def forward_objective(self, micro: Any, index: int, losses: StepLoss) -> torch.Tensor:
+        """Forward micro-batch ``index`` (plugins' ``before_forward``, autocast) and return its
+        normalised share of the step's objective: the tensor to differentiate. Runs under the
+        caller's grad mode (a forward-only strategy calls it inside ``torch.no_grad()``)."""
+        for plugin in self.plugins:
+            micro = plugin.before_forward(micro)
+        extra = losses.model_kwargs(index)
+        with self._autocast():
+            output = self.model(**micro, **extra) if isinstance(micro, dict) else self.model(micro)
+            loss, n = model_loss(output, micro, self.loss_fn)
+        return losses.objective(index, loss, n)
+
+    def before_update(self) -> None:
+        """Plugins' ``before_update``: a strategy calls it before it first changes the trained
+        state in place in a step (the optimizer step, or its own update)."""
+        for plugin in self.plugins:
+            plugin.before_update()
 
     @torch.no_grad()
     def eval_step(self, batch: Any) -> torch.Tensor:
         """Forward only; returns the loss averaged over ranks."""
         self.model.eval()
         with self._autocast():
-            loss = self._loss(self.model(**batch) if isinstance(batch, dict) else self.model(batch), batch)
+            loss, n = model_loss(self.model(**batch) if isinstance(batch, dict) else self.model(batch), batch,
+                                 self.loss_fn)
+        if n is not None:
+            loss = loss / n.clamp(min=1)
         total = loss.detach().double().reshape(1)
         self.comm.all_reduce(total)
         return (total / self.runtime.world_size).squeeze(0).float()
@@ -162,32 +194,6 @@ class Engine:
         if self.config.train.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
-
-    def _loss(self, output: Any, batch: Any) -> torch.Tensor:
-        if self.loss_fn is not None:
-            loss = self.loss_fn(output, batch)
-        elif torch.is_tensor(output):
-            loss = output
-        elif isinstance(output, dict) and "loss" in output:
-            loss = output["loss"]
-        elif getattr(output, "loss", None) is not None:
-            loss = output.loss
-        else:
-            raise TypeError(f"the model returned {type(output).__name__}, not a loss; "
-                            f"pass loss_fn=(output, batch) -> loss to dtrain.wrap")
-        if not torch.is_tensor(loss) or loss.numel() != 1:
-            raise TypeError("the loss must be a scalar tensor; reduce it (e.g. .mean()) in loss_fn")
-        return loss.reshape(())
-
-    def _clip(self) -> float | None:
-        max_norm = self.config.train.clip_grad_norm
-        if max_norm is None:
-            return None
-        norm = math.sqrt(float(self.layout.grad_norm_sq()))
-        coef = max_norm / (norm + 1e-6)  # the same rule as torch.nn.utils.clip_grad_norm_
-        if coef < 1.0:
-            self.layout.scale_grads(coef)
-        return norm
 
     # ---------------------------------------------------------------- metrics
     def state_bytes(self) -> dict[str, int]:
@@ -318,12 +324,27 @@ class Engine:
         passed :func:`dtrain.checkpoint.verify`."""
         from dtrain.checkpoint import load
 
-        self._before_update()
+        self.before_update()
         load(self, directory, verified=verified)
 
-    def _before_update(self) -> None:
-        for plugin in self.plugins:
-            plugin.before_update()
+
+def derived_seed(seed: int, rank: int) -> int:
+    """The 63-bit seed of rank ``rank`` under ``train.seed = seed``: a stable hash of both, so
+    every rank draws its own streams and (seed, rank) always gives the same ones."""
+    digest = hashlib.sha256(f"dtrain train.seed={seed} rank={rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_rngs(seed: int, rank: int) -> None:
+    """Seed torch (CPU and every CUDA device), python's ``random`` and numpy's global RNG."""
+    value = derived_seed(seed, rank)
+    torch.manual_seed(value)
+    random.seed(value)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(value % 2**32)
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:

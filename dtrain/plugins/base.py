@@ -137,6 +137,9 @@ class LayoutPlugin(Plugin):
 
     slot: ClassVar[str] = "layout"
     optimizer: torch.optim.Optimizer
+    allocate_grads: bool = True
+    """Set by the engine before ``wrap_model`` from the step strategy's ``needs_grads``: False means
+    no gradient buffers and no gradient hooks (forward-only strategies, dtrain/plugins/step.py)."""
 
     def wrap_model(self, model: nn.Module, factory: OptimizerFactory) -> None:
         """Lay out the model's state and build ``self.optimizer`` from ``factory``."""

@@ -1,8 +1,14 @@
-"""Step plugin ``co2``: local steps with the outer all-reduce overlapped with the next round.
+"""Step strategy ``co2``: local steps with the outer all-reduce overlapped with the next round.
 
 CO2 (Sun et al., "CO2: Efficient Distributed Training with Full Communication-Computation
 Overlap", ICLR 2024). This module owns the outer state (outer parameters, outer momentum, the
 round in flight), the dedicated process group of the outer sync, and the ``outer_*`` metrics.
+
+Why a step strategy: :class:`CO2Plugin` occupies the step slot as a subclass of
+:class:`~dtrain.plugins.step.FirstOrderStep`. Its inner steps are first-order steps on the
+worker's gradients, so it inherits ``run`` unchanged (clipping, ``train.loss_norm`` and gradient
+accumulation work as without co2, over the worker's group); the outer step runs in ``after_step``
+at round boundaries. Holding the step slot keeps it exclusive with other strategies (ZO2).
 
 Workers and groups
 ------------------
@@ -45,9 +51,12 @@ right after the send (``overlap = false``: synchronous local SGD, zero staleness
 
     xbar   = s_r / G                                          (average of the workers' a_r)
     Delta  = x_outer - xbar                                   (pseudo-gradient)
-    Lambda_l = 1 + ||Delta_l||_2 / (||x_outer,l||_2 + eps)    per parameter tensor l (penalty on;
+    Lambda_l = 1 + ||Delta_l||_2 / (||x_outer,l||_2 + eps)    per parameter tensor l
+                                                              (co2.penalty = "adaptive", default;
                                                                a reconstruction, see below)
-    Lambda_l = 1                                              (penalty off)
+    Lambda_l = c                                              (co2.penalty = c, a positive number:
+                                                               the released code's constant)
+    Lambda_l = 1                                              (co2.penalty = "off")
     m      = beta * m + Delta / Lambda
     m.clamp_(-phi, phi)                                       (IN PLACE; skipped when clip is None)
     x_outer = x_outer - alpha * m
@@ -60,7 +69,12 @@ restarts from x_outer: that is SlowMo / DiLoCo-style synchronous local SGD.
 
 Where this differs from the paper and its code, and why:
 
-* Lambda is a RECONSTRUCTION, not the paper's formula. The paper (Algorithm 1) divides the
+* ``co2.penalty``, decided: the paper's exact Lambda_t could not be obtained; what is established
+  is that the authors' released code divides the pseudo-gradient by a constant
+  ``co2_gap_penalty``. So ``co2.penalty`` is one of "off" (Lambda = 1), a positive number (that
+  constant divisor, as the released code) or "adaptive" (the default: the per-tensor
+  1 + ||Delta_l|| / ||x_outer,l|| below). No further search for the paper's formula is planned.
+* "adaptive" is a RECONSTRUCTION, not the paper's formula. The paper (Algorithm 1) divides the
   pseudo-gradient by a staleness gap penalty Lambda_t computed from x_{t,0}, after Gap-Aware
   (Barkai et al., ICLR 2020: a stale update divided element-wise by its "gap" in units of an
   average step size); a reviewer notes that its derivation assumes a decaying inner learning
@@ -74,7 +88,7 @@ Where this differs from the paper and its code, and why:
   current outer point is Delta itself, measured relative to ||x_outer,l||. Lambda must be
   identical on every worker or x_outer would silently diverge, which rules out any term in the
   local y. The per-tensor norms of a sharded tensor are summed over the node's ranks (one tiny
-  intra-node all-reduce, in float64); ``co2.penalty = false`` gives Lambda = 1, the released
+  intra-node all-reduce, in float64); ``co2.penalty = "off"`` gives Lambda = 1, the released
   code's default.
 * Clipping is element-wise and in place. The released code calls ``torch.clamp(m, ...)`` and
   discards the result, so its clipping does nothing; ``tests/dist/test_co2.py`` fails on that
@@ -90,7 +104,7 @@ Where this differs from the paper and its code, and why:
 
 Equivalence with DDP
 --------------------
-With tau = 1, beta = 0, alpha = 1, no penalty, no clip and ``overlap = false``, plain SGD as the
+With tau = 1, beta = 0, alpha = 1, penalty "off", no clip and ``overlap = false``, plain SGD as the
 inner optimizer, every worker starts each step from x_outer and x_outer <- x_outer - (x_outer -
 mean_j(x_outer - lr g_j)) = x_outer - lr mean_j g_j: DDP. It is equal up to rounding, not bit
 for bit: DDP averages gradients and steps once, CO2 steps on each worker and averages the
@@ -122,8 +136,9 @@ import torch.distributed as dist
 
 from dtrain.comm import Comm
 from dtrain.config import ConfigError
-from dtrain.plugins.base import Plugin, register
+from dtrain.plugins.base import register
 from dtrain.plugins.co2_config import CO2Config
+from dtrain.plugins.step import FirstOrderStep
 from dtrain.topology import Topology
 
 if TYPE_CHECKING:
@@ -180,11 +195,10 @@ class _Round:
 
 
 @register
-class CO2Plugin(Plugin):
+class CO2Plugin(FirstOrderStep):
     """Local inner steps; every ``local_steps`` an outer sync overlapped with the next round."""
 
     name = "co2"
-    slot = "step"
     Config = CO2Config  # the ``co2`` section; defined in a torch-free module for the launcher
 
     # ------------------------------------------------------------------ setup
@@ -333,10 +347,13 @@ class CO2Plugin(Plugin):
         """
         cfg = self.cfg
         deltas = [avg.neg_().add_(x) for x, avg in zip(self.x_outer, averages)]
-        if cfg.penalty:
+        if cfg.penalty == "adaptive":
             for delta, seg, lams in zip(deltas, self._segments, self._penalty(deltas)):
                 for piece, lam in zip(delta.split(list(seg.lengths) + [seg.pad]), lams):
                     piece.div_(lam)
+        elif cfg.penalty != "off":
+            for delta in deltas:
+                delta.div_(float(cfg.penalty))
         for i, local in enumerate(self._locals()):
             m = self.momentum[i]
             m.mul_(cfg.outer_momentum).add_(deltas[i])

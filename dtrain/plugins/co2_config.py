@@ -2,7 +2,8 @@
 starts). :class:`dtrain.plugins.co2.CO2Plugin` declares it as its nested ``Config``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from dtrain.config import ConfigError, register_section, require
 
@@ -20,8 +21,11 @@ class CO2Config:
     """beta: outer momentum decay (0 disables outer momentum)."""
     clip: float | None = None
     """phi: clip the outer momentum element-wise to [-phi, phi]; None disables clipping."""
-    penalty: bool = True
-    """Scale each pseudo-gradient by 1 / Lambda, the staleness gap penalty (see plugins/co2.py)."""
+    penalty: float | Literal["off", "adaptive"] = field(
+        default="adaptive", metadata={"replaced": ((True, '"adaptive"'), (False, '"off"'))})
+    """The pseudo-gradient's divisor Lambda (plugins/co2.py): "adaptive" = per tensor
+    1 + ||Delta|| / ||x_outer|| (a reconstruction, not the paper's formula), a positive number =
+    that constant (the authors' released code, ``co2_gap_penalty``), "off" = 1."""
     intra_node_sync: bool = True
     """Ranks of one node all-reduce gradients every step; False makes every rank its own worker."""
     overlap: bool = True
@@ -36,6 +40,8 @@ class CO2Config:
         require(0 <= self.outer_momentum < 1, "co2.outer_momentum", self.outer_momentum, "a float in [0, 1)")
         require(self.clip is None or self.clip > 0, "co2.clip", self.clip,
                  "a positive float, or omit it to disable outer-momentum clipping")
+        require(isinstance(self.penalty, str) or self.penalty > 0, "co2.penalty", self.penalty,
+                '"adaptive", "off" or a positive number (a constant divisor of the pseudo-gradient)')
 
 
 register_section("co2", CO2Config)

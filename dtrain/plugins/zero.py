@@ -93,8 +93,9 @@ class FlatLayout(LayoutPlugin):
         for unit in self.units:
             self._lay_out(unit)
         self.optimizer = probe if not self.shard_optim else self._shard_optimizer(probe)
-        for _, p in named:
-            p.register_post_accumulate_grad_hook(self._on_grad)
+        if self.allocate_grads:
+            for _, p in named:
+                p.register_post_accumulate_grad_hook(self._on_grad)
         self.ready = {u.index: 0 for u in self.units}
         self.reduced: set[int] = set()
         self.inflight: list[tuple[FlatUnit, Handle, torch.Tensor | None]] = []
@@ -119,7 +120,9 @@ class FlatLayout(LayoutPlugin):
         unit.shard = full[lo:hi].clone() if self.shard_optim else None
         if self.shard_params:
             unit.release()
-        if self.shard_grads:
+        if not self.allocate_grads:  # a forward-only step strategy: no gradient is ever computed
+            unit.grad_full, unit.grad_shard = None, None
+        elif self.shard_grads:
             unit.grad_full, unit.grad_shard = None, torch.zeros(hi - lo, device=self.device)
         else:
             unit.grad_full, unit.grad_shard = torch.zeros(unit.padded, device=self.device), None
@@ -131,12 +134,15 @@ class FlatLayout(LayoutPlugin):
         self.opt_views: list[OptView] = []
         for unit in self.units:
             lo, hi = unit.shard_range(self.parts, self.index)
-            grad = unit.grad_shard if self.shard_grads else unit.grad_full[lo:hi]
+            if not self.allocate_grads:
+                grad = None
+            else:
+                grad = unit.grad_shard if self.shard_grads else unit.grad_full[lo:hi]
             for g, a, b in unit.group_ranges():
                 a, b = max(a, lo), min(b, hi)
                 if a < b:
                     view = unit.shard[a - lo:b - lo]
-                    view.grad = grad[a - lo:b - lo]
+                    view.grad = None if grad is None else grad[a - lo:b - lo]
                     per_group[g].append(view)
                     self.opt_views.append(OptView(unit, g, a, b, view))
         for ps in per_group:  # a rank whose shard misses a group still needs a valid group
@@ -215,6 +221,8 @@ class FlatLayout(LayoutPlugin):
     # ------------------------------------------------------------- optimizer
     def _grad_tensors(self) -> list[torch.Tensor]:
         """The reduced gradient this rank is responsible for (padding is zero)."""
+        if not self.allocate_grads:
+            raise RuntimeError("this layout holds no gradients: the step strategy set allocate_grads = False")
         if self.shard_grads:
             return [u.grad_shard for u in self.units]
         if self.shard_optim:
@@ -244,6 +252,8 @@ class FlatLayout(LayoutPlugin):
                 h.wait()
 
     def zero_grad(self) -> None:
+        if not self.allocate_grads:
+            return
         for u in self.units:
             (u.grad_shard if self.shard_grads else u.grad_full).zero_()
 
@@ -286,7 +296,7 @@ class FlatLayout(LayoutPlugin):
         full = sum(u.padded for u in self.units) * 4
         frozen = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
         params = frozen + shard + (0 if self.shard_params else full)
-        grads = shard if self.shard_grads else full
+        grads = 0 if not self.allocate_grads else shard if self.shard_grads else full
         optim = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
                     for t in st.values() if torch.is_tensor(t))
         return {"params": params, "grads": grads, "optim": optim}

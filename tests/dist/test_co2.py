@@ -1,6 +1,6 @@
 """The ``co2`` step plugin on real gloo groups (simulated nodes on one machine).
 
-* tau = 1, beta = 0, alpha = 1, no penalty, no clip, synchronous outer step == DDP, within the
+* tau = 1, beta = 0, alpha = 1, penalty "off", no clip, synchronous outer step == DDP, within the
   tolerance of test_equivalence.py (atol 2e-5 / rtol 1e-4): CO2 averages parameters after a
   local SGD step where DDP averages gradients, and computes x_outer - (x_outer - xbar), so each
   parameter carries a few ulps of rounding difference (see the module docstring of
@@ -51,7 +51,7 @@ def _ddp_vs_co2(runs: dict[str, dict], steps: int) -> dict[str, dict]:
     return out
 
 
-EXACT = {"local_steps": 1, "outer_momentum": 0.0, "outer_lr": 1.0, "penalty": False, "clip": None,
+EXACT = {"local_steps": 1, "outer_momentum": 0.0, "outer_lr": 1.0, "penalty": "off", "clip": None,
          "overlap": False}
 
 
@@ -76,7 +76,7 @@ def test_tau1_sync_equals_ddp(world, nodes, stages, intra):
     assert moved > 1e-3
 
 
-CO2 = {"enabled": True, "local_steps": 2, "outer_momentum": 0.5, "outer_lr": 0.8, "penalty": True,
+CO2 = {"enabled": True, "local_steps": 2, "outer_momentum": 0.5, "outer_lr": 0.8, "penalty": "adaptive",
        "clip": 5e-3}
 
 
@@ -114,7 +114,7 @@ def test_async_equals_blocking_reference_bit_exact():
 
 def _clip_run(phi: float):
     cfg = {"co2": {"enabled": True, "local_steps": 2, "outer_momentum": 0.9, "outer_lr": 1.0,
-                   "penalty": False, "clip": phi, "overlap": False}}
+                   "penalty": "off", "clip": phi, "overlap": False}}
     engine, _ = _train(cfg, 2)
     co2 = _co2(engine)
     st = co2.outer_state()

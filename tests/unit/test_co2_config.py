@@ -11,7 +11,7 @@ from dtrain.plugins.co2 import EPS, _Segments, gap_penalty, segment_sq_norms
 def test_defaults_and_overrides():
     cfg = Config.load({"co2": {"enabled": True}}, overrides=["co2.local_steps=8", "co2.clip=0.01"])
     assert cfg.co2.local_steps == 8 and cfg.co2.clip == 0.01
-    assert cfg.co2.penalty and cfg.co2.intra_node_sync and cfg.co2.overlap
+    assert cfg.co2.penalty == "adaptive" and cfg.co2.intra_node_sync and cfg.co2.overlap
     assert Config.load({}).co2.enabled is False
 
 
@@ -68,3 +68,18 @@ def test_shard_segments_follow_the_parameter_tensors():
     assert _Segments.of(unit, 0, 6) == _Segments(0, (3, 3), 0)
     assert _Segments.of(unit, 6, 12) == _Segments(1, (2, 2), 2)
     assert _Segments.of(unit, 10, 12) == _Segments(3, (), 2)  # padding only
+
+
+@pytest.mark.parametrize("raw,expected", [('"adaptive"', "adaptive"), ('"off"', "off"), ("2", 2.0), ("0.5", 0.5)])
+def test_penalty_forms(raw, expected):
+    assert Config.load({}, [f"co2.penalty={raw}"]).co2.penalty == expected
+
+
+@pytest.mark.parametrize("raw,says", [("true", 'write co2.penalty = "adaptive" instead'),
+                                      ("false", 'write co2.penalty = "off" instead'),
+                                      ("0", "a positive number"), ("-1.5", "a positive number"),
+                                      ('"constant"', "expected a float or 'off' or 'adaptive'")])
+def test_penalty_errors_are_one_line(raw, says):
+    with pytest.raises(ConfigError) as info:
+        Config.load({}, [f"co2.penalty={raw}"])
+    assert says in str(info.value) and "\n" not in str(info.value)
