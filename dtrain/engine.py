@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from dtrain.config import Config
+from dtrain.data import DataSlot
 from dtrain.faults import FaultInjector, last_fault
 from dtrain.metrics import MetricsWriter, param_sha256, peak_rss_bytes
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, Plugin, enabled_plugins, plugin_class
@@ -47,7 +48,8 @@ class Engine:
         of each step are then reduced in the background (``_record_deferred``)."""
         self._deferred: tuple | None = None
         self.layout: LayoutPlugin = plugin_class(layout_name(config.zero.stage))()  # type: ignore[assignment]
-        self.plugins: list[Plugin] = [self.layout, *(cls() for cls in enabled_plugins(config))]
+        self.data = DataSlot()  # the attached dtrain.data loader's position, saved with the state
+        self.plugins: list[Plugin] = [self.layout, *(cls() for cls in enabled_plugins(config)), self.data]
         for plugin in self.plugins:
             plugin.setup(self)
         self.layout.wrap_model(self.model, optimizer)
@@ -92,6 +94,11 @@ class Engine:
                             "resumed_from_step": self.step, "source": source or "start (nothing saved)",
                             "recovery_s": since(now), "noticed_s": since(noticed_at),
                             "restore_s": now - started})
+
+    def attach(self, loader: Any) -> Any:
+        """Attach a ``dtrain.data`` loader: its position joins checkpoints and snapshots (and is
+        restored now if this engine resumed)."""
+        return self.data.attach(loader)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Any) -> torch.Tensor:
