@@ -135,7 +135,7 @@ class FlatLayout(LayoutPlugin):
             return
         src = self.comm.group_ranks(self.level)[0]
         mean = self._buffers_mode == "mean"
-        for dtype in {b.dtype for b in self._step_buffers}:
+        for dtype in dict.fromkeys(b.dtype for b in self._step_buffers):  # same order on every rank
             same = [b for b in self._step_buffers if b.dtype == dtype]
             flat = torch.cat([b.detach().reshape(-1) for b in same])
             if mean and dtype.is_floating_point:
