@@ -55,7 +55,9 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     config = GPT2Config(vocab_size=256, n_positions=args.seq_len, n_embd=64, n_layer=2, n_head=4,
                         resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # the default loss, named (transformers warns when it is left unset)
+    return model
 
 
 def build_data(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, Any]:
