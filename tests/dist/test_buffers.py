@@ -18,7 +18,6 @@ average) moves them by > 1e-3, which the test also checks the workload can tell 
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
