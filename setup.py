@@ -20,7 +20,8 @@ setup(
         "crc32c>=2.4",  # hardware CRC-32C: snapshot checksums every step
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ray==2.60.0"],
+        "test": ["pytest", "pytest-timeout", "ray==2.60.0", "transformers>=4.40"],
+        "hf": ["transformers>=4.40"],  # examples/hf_causal_lm.py; never with a torchvision built for another torch
         "ray": ["ray==2.60.0"],
         "plot": ["matplotlib"],
         "peers": ["deepspeed==0.19.8", "matplotlib"],

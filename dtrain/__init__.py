@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # torch-heavy modules load on first use: helper processes imp
     from dtrain.runtime import Runtime
 
 __version__ = "0.1.0"
-__all__ = ["wrap", "Config", "ConfigError", "consolidate", "init", "Engine", "__version__"]
+__all__ = ["wrap", "Config", "ConfigError", "consolidate", "init", "Engine", "data", "__version__"]
 
 
 def init(config: Config | Mapping[str, Any] | str | os.PathLike | None = None) -> Runtime:
@@ -51,7 +51,15 @@ def wrap(model: nn.Module, optimizer: OptimizerFactory,
          overrides: list[str] | None = None, total_steps: int | None = None) -> Engine:
     """Wrap ``model`` for training under the plugins that ``config`` selects.
 
-    ``optimizer`` is a factory ``params -> torch.optim.Optimizer``; ``scheduler`` an optional
+    ``optimizer`` is a factory ``params -> torch.optim.Optimizer`` over the trainable parameters;
+    a factory whose first parameter is called ``named`` (or ``named_params``/``named_parameters``)
+    gets ``(name, parameter)`` pairs instead, so param groups need no closure over the model::
+
+        lambda named: torch.optim.AdamW([
+            {"params": [p for n, p in named if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0}], lr=3e-4)
+
+    ``scheduler`` an optional
     factory ``optimizer -> LR scheduler`` stepped once per ``train_step``. Launcher settings
     (``dtrain launch --set/--config/--metrics``) are applied on top of ``config``.
     """
@@ -92,4 +100,8 @@ def __getattr__(name: str) -> Any:
         from dtrain.engine import Engine
 
         return Engine
+    if name == "data":
+        import dtrain.data
+
+        return dtrain.data
     raise AttributeError(f"module 'dtrain' has no attribute {name!r}")

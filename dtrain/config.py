@@ -75,6 +75,9 @@ class ZeroConfig:
     """Stage 3: all-gather the next unit's parameters while the current one computes."""
     unit_classes: list[str] = field(default_factory=list)
     """Stage 3: class names whose instances become gather units; empty = every ModuleList item."""
+    sync_buffers: Literal["rank0", "mean", "none"] = "rank0"
+    """Buffers (BatchNorm running stats) after each optimizer step: rank 0's on every rank (what DDP
+    users expect), the mean of floating-point buffers, or each rank its own (checkpoints keep rank 0's)."""
 
     def validate(self) -> None:
         _require(self.stage in (0, 1, 2, 3), "zero.stage", self.stage, "0 (ddp), 1, 2 or 3")

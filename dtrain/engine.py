@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from dtrain.config import Config
+from dtrain.data import DataSlot
 from dtrain.faults import FaultInjector, last_fault
 from dtrain.loss import LossFn, StepLoss, is_hf_causal_lm, model_loss, takes_num_items_in_batch
 from dtrain.metrics import MetricsWriter, param_sha256, peak_rss_bytes
@@ -57,7 +58,8 @@ class Engine:
         for cls in chosen:
             if issubclass(cls, StepStrategy):
                 cls.check_config(config)
-        self.plugins: list[Plugin] = [self.layout, *(cls() for cls in chosen)]
+        self.data = DataSlot()  # the attached dtrain.data loader's position, saved with the state
+        self.plugins: list[Plugin] = [self.layout, *(cls() for cls in chosen), self.data]
         self.strategy: StepStrategy = next((p for p in self.plugins if isinstance(p, StepStrategy)),
                                            None) or FirstOrderStep()
         """The step slot's occupant, or the default first-order strategy (not in ``plugins``)."""
@@ -127,6 +129,11 @@ class Engine:
                             "resumed_from_step": self.step, "source": source or "start (nothing saved)",
                             "recovery_s": since(now), "noticed_s": since(noticed_at),
                             "restore_s": now - started})
+
+    def attach(self, loader: Any) -> Any:
+        """Attach a ``dtrain.data`` loader: its position joins checkpoints and snapshots (and is
+        restored now if this engine resumed)."""
+        return self.data.attach(loader)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Any) -> torch.Tensor:

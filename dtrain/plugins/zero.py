@@ -29,21 +29,36 @@ accumulated by autograd before the post-accumulate hook fires, so reduction happ
 
 The optimizer runs on views of the fp32 shard, one view per optimizer param group present in the
 shard, so param groups (e.g. no weight decay on biases) survive flattening. ZeRO needs an
-element-wise optimizer (Adam, AdamW, SGD, ...); shape-aware optimizers need ``ddp``.
+element-wise optimizer (Adam, AdamW, SGD, ...); shape-aware optimizers need ``ddp``. The
+optimizer factory gets the trainable parameters, or ``(name, parameter)`` pairs when its first
+parameter is called ``named``, ``named_params`` or ``named_parameters`` (:func:`call_factory`).
+
+Buffers (BatchNorm running statistics) start as rank 0's and, after every optimizer step, follow
+``zero.sync_buffers`` over the layout's data-parallel group: ``"rank0"`` (default, what DDP users
+expect) broadcasts rank 0's persistent buffers, so between steps every rank holds rank 0's (DDP
+broadcasts before each forward instead: the values at every forward of the next step are the same,
+and eval steps and checkpoints see identical buffers on every rank); ``"mean"`` all-reduces the
+floating-point ones to their mean and broadcasts the others (``num_batches_tracked``) from rank 0;
+``"none"`` leaves each rank its own (a checkpoint then keeps rank 0's). Non-persistent buffers
+(masks, rotary tables) are derived, not trained, and are left alone. ``nn.SyncBatchNorm`` on a
+non-CUDA device (torch's refuses CPU input) runs :mod:`dtrain.sync_batchnorm` over the same group.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from dtrain.checkpoint import _persistent_buffers
 from dtrain.comm import Handle
 from dtrain.partition import (FlatUnit, Piece, Shard, UnitSpec, bucket_units, module_units, param_group_index,
                               trainable_params)
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, register
+from dtrain.sync_batchnorm import use_comm_sync_batchnorm
 
 MAX_INFLIGHT = 2
 
@@ -76,7 +91,7 @@ class FlatLayout(LayoutPlugin):
         named = trainable_params(model)
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
-        probe = factory([p for _, p in named])
+        probe = call_factory(factory, named)
         groups = param_group_index(probe)
         missing = [n for n, p in named if id(p) not in groups]
         if missing:
@@ -90,6 +105,10 @@ class FlatLayout(LayoutPlugin):
             self.units = bucket_units(model, groups, int(zcfg.bucket_mb * 2**20), pad_to)
         self.unit_of = {id(s.param): u for u in self.units for s in u.slots}
         self._sync_buffers(model)
+        self._buffers_mode = zcfg.sync_buffers
+        self._step_buffers = [b for _, b in _persistent_buffers(model)]
+        if self.device.type != "cuda":
+            use_comm_sync_batchnorm(model, self.comm, self.level)
         for unit in self.units:
             self._lay_out(unit)
         self.optimizer = probe if not self.shard_optim else self._shard_optimizer(probe)
@@ -111,6 +130,24 @@ class FlatLayout(LayoutPlugin):
         for p in model.parameters():
             if not p.requires_grad:
                 self.comm.broadcast(p.data, src)
+
+    def _sync_step_buffers(self) -> None:
+        """``zero.sync_buffers`` after an optimizer step (see the module docstring)."""
+        if self._buffers_mode == "none" or self.parts == 1 or not self._step_buffers:
+            return
+        src = self.comm.group_ranks(self.level)[0]
+        mean = self._buffers_mode == "mean"
+        for dtype in dict.fromkeys(b.dtype for b in self._step_buffers):  # same order on every rank
+            same = [b for b in self._step_buffers if b.dtype == dtype]
+            flat = torch.cat([b.detach().reshape(-1) for b in same])
+            if mean and dtype.is_floating_point:
+                self.comm.all_reduce(flat, self.level)
+                flat.div_(self.parts)
+            else:
+                self.comm.broadcast(flat, src, self.level)
+            with torch.no_grad():
+                for b, part in zip(same, flat.split([b.numel() for b in same])):
+                    b.copy_(part.view_as(b))
 
     def _lay_out(self, unit: FlatUnit) -> None:
         full = unit.flatten_params(self.device)
@@ -250,6 +287,7 @@ class FlatLayout(LayoutPlugin):
             handles = [self.comm.all_gather(u.full, u.shard, self.level, async_op=True) for u in self.units]
             for h in handles:
                 h.wait()
+        self._sync_step_buffers()
 
     def zero_grad(self) -> None:
         if not self.allocate_grads:
@@ -397,6 +435,20 @@ class Zero2Plugin(FlatLayout):
 class Zero3Plugin(FlatLayout):
     name = "zero3"
     shard_optim = shard_grads = shard_params = True
+
+
+NAMED_FACTORY_ARGS = ("named", "named_params", "named_parameters")
+
+
+def call_factory(factory: OptimizerFactory | Callable[[list[tuple[str, torch.Tensor]]], torch.optim.Optimizer],
+                 named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    """Build the optimizer: ``factory(named)`` with ``(name, parameter)`` pairs when the factory's
+    first parameter is called one of :data:`NAMED_FACTORY_ARGS`, else ``factory(parameters)``."""
+    try:
+        first = next(iter(inspect.signature(factory).parameters), None)
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        first = None
+    return factory(list(named) if first in NAMED_FACTORY_ARGS else [p for _, p in named])
 
 
 def layout_name(stage: int) -> str:

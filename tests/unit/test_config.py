@@ -25,7 +25,7 @@ def test_toml_json_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("data,match", [
-    ({"zero": {"stag": 3}}, r"unknown key 'zero.stag' in zero; allowed keys: bucket_mb, prefetch, stage, unit_classes"),
+    ({"zero": {"stag": 3}}, r"unknown key 'zero.stag' in zero; allowed keys: bucket_mb, prefetch, stage, sync_buffers, unit_classes"),
     ({"zeroo": {}}, r"unknown key 'zeroo' in config"),
     ({"zero": {"stage": "3"}}, r"zero.stage must be int, got str"),
     ({"zero": {"stage": 4}}, r"zero.stage = 4 is not allowed; expected 0 \(ddp\), 1, 2 or 3"),
@@ -36,6 +36,7 @@ def test_toml_json_and_overrides(tmp_path):
     ({"comm": {"timeout_s": 0}}, r"comm.timeout_s"),
     ({"checkpoint": {"every": 5}}, r"checkpoint.dir = None is not allowed; expected a directory path"),
     ({"zero": 3}, r"zero must be a table"),
+    ({"zero": {"sync_buffers": "avg"}}, r"zero.sync_buffers = 'avg' is not allowed; choose one of \['rank0', 'mean', 'none'\]"),
 ])
 def test_bad_configs_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
