@@ -32,8 +32,8 @@ from dtrain.errors import USAGE_EXIT_STATUS, is_usage_error, usage_line
 
 __all__ = ["run_script", "parse_rank_event", "RANK_EVENT_PREFIX", "MODULE"]
 
-RANK_EVENT_PREFIX = "\x1edtrain-rank-event "
-"""Starts a rank-event line (ASCII record separator first: no script prints it by accident)."""
+RANK_EVENT_PREFIX = "@dtrain-rank-event "
+"""Starts a rank-event line."""
 MODULE = "dtrain.launch.bootstrap"
 """``python -m MODULE script.py args...`` runs a rank in a fresh interpreter."""
 

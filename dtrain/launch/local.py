@@ -58,7 +58,7 @@ from dtrain.launch.ray_agent import RankExit
 __all__ = [
     "LaunchSpec", "run_local", "format_failures", "dtrain_env", "contract_env", "process_defaults",
     "restart_env", "describe_failure", "RankLogFollowers", "exit_status", "signals_raise", "first_failure",
-    "usage_report",
+    "usage_report", "with_reported",
 ]
 
 _ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run",
@@ -467,7 +467,7 @@ def _describe_exit(exitcode: int) -> str:
 
 
 def _traceback_tail(text: str, max_lines: int) -> str:
-    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip() and bootstrap.parse_rank_event(ln) is None]
     starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
     if starts:
         lines = lines[starts[-1] :]
@@ -508,6 +508,21 @@ def first_failure(failures: dict[int, Any], events: Mapping[int, Mapping[str, An
         return (teardown, failed_at(rank, failure, events), rank)
 
     return min(failures, key=key)
+
+
+def with_reported(failures: dict[int, Any], events: Mapping[int, Mapping[str, Any]] | None = None) -> dict[int, Any]:
+    """``failures`` plus the ranks whose rank event reports a failure but that were still exiting
+    (atexit handlers, teardown) when the launcher stopped the group: a rank that raised first may
+    leave after the peer that only saw the knock-on error. Such a rank counts with the status it
+    reported, not the SIGTERM that ended it."""
+    out = dict(failures)
+    for rank, event in (events or {}).items():
+        status, when = event.get("status"), event.get("failed_at")
+        if not isinstance(status, int) or not status or not isinstance(when, (int, float)):
+            continue
+        if rank not in out or out[rank].exitcode == -int(signal.SIGTERM):
+            out[rank] = RankExit(rank, status, float(when))
+    return out
 
 
 def usage_report(failures: dict[int, Any], events: Mapping[int, Mapping[str, Any]] | None = None) -> str | None:
@@ -648,6 +663,7 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
                     if failures is None:
                         break
                     logs.stop_following()  # every rank event read
+                    failures = with_reported(failures, logs.followers.events)
                     usage = usage_report(failures, logs.followers.events)
                     if usage is not None:  # a restart would fail the same way
                         print(usage, file=err, flush=True)

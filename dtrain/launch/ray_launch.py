@@ -40,7 +40,7 @@ from dtrain.errors import USAGE_EXIT_STATUS
 from dtrain.launch import bootstrap
 from dtrain.launch.local import (
     LaunchSpec, RankLogFollowers, contract_env, describe_failure, exit_status, first_failure,
-    format_failures, process_defaults, restart_env, signals_raise, usage_report,
+    format_failures, process_defaults, restart_env, signals_raise, usage_report, with_reported,
 )
 from dtrain.launch.ray_agent import NodeAgent, RankExit
 from dtrain.snapshot.client import SPAWN_VAR
@@ -408,6 +408,7 @@ class _Job:
             self.lost.extend(node.describe() for node in lost_nodes)
             return _Failure(cause, when, report, exit_status(failed) if failed else 1, lost_nodes)
         events = self.followers.events
+        failed = with_reported(failed, events)
         rank = first_failure(failed, events)
         cause = describe_failure(rank, failed[rank].exitcode)
         usage = usage_report(failed, events)
