@@ -26,7 +26,7 @@ def test_usage_error_is_one_line_and_not_restarted(tmp_path: Path) -> None:
         print("attempt", os.environ["TORCHELASTIC_RESTART_COUNT"], flush=True)
         raise dtrain.UsageError("--widgets 3 must divide over 2 ranks")
     """))
-    proc = _dtrain("--nproc", "2", "--max-restarts", "2", "--start-method", "spawn", str(script), "--nproc", "2")
+    proc = _dtrain("--nproc", "2", "--max-restarts", "2", str(script), "--nproc", "2")  # fork server
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert out.count("--widgets 3 must divide over 2 ranks") == 1, out
@@ -51,7 +51,7 @@ def test_first_failing_rank_is_named_not_the_knock_on_one(tmp_path: Path) -> Non
         time.sleep(60)
     """))
     # Rank 0 exits first, with the louder error; torch's own report names only rank 0.
-    proc = _dtrain("--nproc", "2", str(script))
+    proc = _dtrain("--nproc", "2", "--start-method", "spawn", str(script))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "[rank 0] RuntimeError: " in proc.stderr and "Connection closed by peer" in proc.stderr
     [head] = [ln for ln in proc.stderr.splitlines() if ln.startswith("dtrain: job failed")]
