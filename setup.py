@@ -20,10 +20,11 @@ setup(
         "crc32c>=2.4",  # hardware CRC-32C: snapshot checksums every step
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ray==2.60.0", "transformers>=4.40"],
+        "test": ["pytest", "pytest-timeout", "ray==2.60.0", "transformers>=4.40", "tensorboard", "matplotlib"],
         "hf": ["transformers>=4.40"],  # examples/hf_causal_lm.py; never with a torchvision built for another torch
         "ray": ["ray==2.60.0"],
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],  # metrics.tensorboard = "dir"
         "peers": ["deepspeed==0.19.8", "matplotlib"],
     },
     entry_points={"console_scripts": ["dtrain=dtrain.launch.cli:main"]},

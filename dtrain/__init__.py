@@ -1,4 +1,4 @@
-"""dtrain public API: wrap, Config, consolidate, init.
+"""dtrain public API: wrap, Config, consolidate, init; UsageError and ConfigError (dtrain/errors.py).
 
     engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4),
                          config={"zero": {"stage": 3}})
@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from dtrain.config import Config, ConfigError
+from dtrain.errors import UsageError
 
 if TYPE_CHECKING:  # torch-heavy modules load on first use: helper processes import only what they need
     import torch.nn as nn
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # torch-heavy modules load on first use: helper processes imp
     from dtrain.runtime import Runtime
 
 __version__ = "0.1.0"
-__all__ = ["wrap", "Config", "ConfigError", "consolidate", "init", "Engine", "data", "__version__"]
+__all__ = ["wrap", "Config", "ConfigError", "UsageError", "consolidate", "init", "Engine", "data", "__version__"]
 
 
 def init(config: Config | Mapping[str, Any] | str | os.PathLike | None = None) -> Runtime:

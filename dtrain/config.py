@@ -120,6 +120,13 @@ class MetricsConfig:
     """JSONL file rank 0 writes one line per step to (contract: docs/metrics.md)."""
     progress: bool = False
     """Draw a progress bar on rank 0 (the launcher turns it on)."""
+    tensorboard: str | None = None
+    """Directory rank 0 also writes the per-step scalars to for TensorBoard (``pip install
+    'dtrain[tensorboard]'``); None = off."""
+
+    def validate(self) -> None:
+        _require(self.tensorboard is None or bool(self.tensorboard.strip()), "metrics.tensorboard",
+                 self.tensorboard, "a directory path, or omit it to write no TensorBoard events")
 
 
 @dataclass(kw_only=True)

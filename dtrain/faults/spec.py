@@ -18,7 +18,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["Fault", "FaultSpecError", "parse", "parse_all", "expand_chaos", "KINDS"]
+__all__ = ["Fault", "FaultSpecError", "parse", "parse_all", "expand_chaos", "KINDS", "SYNTAX"]
 
 KINDS: dict[str, tuple[set[str], set[str]]] = {  # kind -> (required keys, optional keys)
     "kill": ({"rank", "step"}, set()),
@@ -28,6 +28,15 @@ KINDS: dict[str, tuple[set[str], set[str]]] = {  # kind -> (required keys, optio
     "corrupt": ({"rank", "step"}, set()),
     "net": ({"bw"}, {"latency", "burst"}),
     "chaos": ({"faults", "seed"}, {"kinds"}),
+}
+SYNTAX: dict[str, str] = {  # kind -> its spec with placeholders (``dtrain launch --help``)
+    "kill": "kill:rank=R,step=S",
+    "node-loss": "node-loss:node=N,step=S",
+    "slow": "slow:rank=R,ms=M[,step=S]",
+    "hang": "hang:rank=R,step=S",
+    "corrupt": "corrupt:rank=R,step=S",
+    "net": "net:bw=RATE[,latency=T][,burst=B]",
+    "chaos": "chaos:faults=F,seed=X[,kinds=K1+K2]",
 }
 _INT_KEYS = {"rank", "step", "node", "ms", "faults", "seed"}
 _SPEC = re.compile(r"^\s*([a-z][a-z-]*)\s*(?::(.*))?$")

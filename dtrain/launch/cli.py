@@ -9,7 +9,10 @@ Sub-commands:
 * ``dtrain plot runs/x.jsonl [...] -o x.png`` draws metrics files (:mod:`dtrain.plot`);
 * ``dtrain --version``.
 
-Bad input is reported as ``error: ...`` on stderr with exit status 2.
+Bad input is reported as ``error: ...`` on stderr with exit status 2; a bad config (``--config``
+file and every ``--set``, dtrain.launch.preflight) as ``dtrain: config error: ...``, also with exit
+status 2, before any rank starts. Launcher options go before the script; everything after the
+script path belongs to the script.
 """
 
 from __future__ import annotations
@@ -18,17 +21,33 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from typing import NoReturn
 
-from dtrain.faults.spec import KINDS as FAULT_KINDS, FaultSpecError, check_fits, parse_all as parse_faults
+from dtrain.config import ConfigError
+from dtrain.errors import USAGE_EXIT_STATUS, UsageError, usage_line
+from dtrain.faults.spec import (
+    KINDS as FAULT_KINDS, SYNTAX as FAULT_SYNTAX, FaultSpecError, check_fits, parse_all as parse_faults,
+)
 
-__all__ = ["main", "build_parser", "INJECT_KINDS"]
+__all__ = ["main", "build_parser", "INJECT_KINDS", "UsageError"]
 
 INJECT_KINDS: tuple[str, ...] = tuple(FAULT_KINDS)
 
-
-class UsageError(Exception):
-    """Bad command-line input; the message says what is wrong and how to fix it."""
+_MAIN_COMMAND = "dtrain launch --nproc 2 --set zero.stage=3 --metrics runs/gpt.jsonl examples/train_gpt.py"
+_EXAMPLES = f"""examples:
+  {_MAIN_COMMAND}
+  dtrain launch --nproc 2 --config run.toml train.py --epochs 3     # --epochs 3 goes to train.py
+  dtrain launch --nodes 2 --nproc 2 --max-restarts 2 --inject kill:rank=1,step=20 train.py
+  dtrain launch --ray --nodes 2 --nproc 2 train.py                  # a private 2-node Ray cluster
+  dtrain plan seqpar --help"""
+_LAUNCH_ORDER = ("Launcher options go before SCRIPT; everything after SCRIPT is passed to the script "
+                 "untouched (in `dtrain launch --nproc 2 train.py --nproc 7` the script gets `--nproc 7`).")
+_LAUNCHER_ONLY = ("--nproc", "--nodes", "--max-restarts", "--timeout-s", "--inject", "--net", "--no-progress",
+                  "--start-method", "--ray", "--address", "--min-nodes", "--node-wait-s")
+"""Launcher options a training script hardly takes itself: after the script they earn a hint."""
+_INJECT_KINDS_HELP = "fault kinds (--inject KIND:KEY=VALUE,...; step: the step after which it fires):\n" + "\n".join(
+    f"  {FAULT_SYNTAX[kind]}" for kind in INJECT_KINDS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,19 +67,25 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for ``dtrain``."""
-    parser = _Parser(prog="dtrain", description="dtrain: distributed training toolkit")
+    parser = _Parser(prog="dtrain", description="dtrain: distributed training toolkit",
+                     epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dtrain {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="{launch,plan,plot}", parser_class=_Parser)
 
     launch = sub.add_parser(
         "launch",
         help="run a training script on M simulated nodes x N ranks on this machine",
-        description="Run SCRIPT on NODES x NPROC local ranks (torch elastic agent, c10d on 127.0.0.1). "
-        "Everything after the script path is passed to the script untouched.",
+        description=textwrap.fill(
+            "Run SCRIPT on NODES x NPROC local ranks (torch elastic agent, c10d on 127.0.0.1), or with --ray "
+            "on NODES Ray nodes. The config (--config, every --set) is checked before any rank starts. "
+            + _LAUNCH_ORDER),
+        epilog=_EXAMPLES.replace("\n  dtrain plan seqpar --help", "") + "\n\n" + _INJECT_KINDS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     launch.add_argument("--nproc", type=int, default=1, help="ranks per node (default 1)")
     launch.add_argument("--nodes", type=int, default=1, help="simulated nodes (default 1)")
-    launch.add_argument("--metrics", metavar="PATH", help="metrics output path (DTRAIN_METRICS)")
+    launch.add_argument("--metrics", metavar="PATH", help="metrics JSONL file rank 0 writes (DTRAIN_METRICS); "
+                        "a new run replaces it, restarts of the run append")
     launch.add_argument(
         "--set",
         dest="overrides",
@@ -75,13 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--max-restarts", type=int, default=0, metavar="K", help="restart the whole group up to K times"
     )
-    launch.add_argument("--timeout-s", type=float, metavar="T", help="job timeout in seconds (DTRAIN_TIMEOUT_S)")
+    launch.add_argument("--timeout-s", type=float, metavar="T",
+                        help="collective timeout in seconds: a collective that does not finish in T s fails "
+                        "its rank (sets comm.timeout_s, default 300; DTRAIN_TIMEOUT_S); not a job time limit")
     launch.add_argument(
         "--inject",
         action="append",
         default=[],
         metavar="SPEC",
-        help="fault-injection spec, repeatable; kind is one of " + ",".join(INJECT_KINDS),
+        help="inject a fault, repeatable: KIND:KEY=VALUE,... (the kinds are listed below)",
     )
     launch.add_argument(
         "--net",
@@ -106,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--cpus-per-rank", type=float, default=1.0, metavar="C", help="Ray CPUs per rank (default 1)")
     ray.add_argument("--gpus-per-rank", type=float, default=0.0, metavar="G", help="Ray GPUs per rank (default 0)")
     ray.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local cluster, 127.0.0.1)")
-    launch.add_argument("script", help="training script (.py)")
-    launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    launch.add_argument("script", help="training script (.py); launcher options go before it")
+    launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script (all of "
+                        "them: a launcher option after the script goes to the script)")
 
     sub.add_parser("plan", help="plan a parallel layout (see `dtrain plan --help`)", add_help=False)
 
@@ -216,8 +244,29 @@ def _runtime_env(value: str | None) -> dict | None:
     return env
 
 
+def _misplaced_launcher_options(script_args: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in script_args if a.split("=", 1)[0] in _LAUNCHER_ONLY]
+
+
 def _launch(ns: argparse.Namespace) -> int:
     _validate_launch(ns)
+    from dtrain.launch.preflight import check_config_up_front, metrics_destination
+
+    config = check_config_up_front(ns.config, list(ns.overrides), ns.metrics)  # before any rank or torch
+    metrics = metrics_destination(config, ns.metrics)
+    if metrics is not None:
+        print(f"dtrain: metrics -> {metrics} (one JSON line per step; a new run replaces the file, "
+              "restarts append)", file=sys.stderr, flush=True)
+    status = _run_launch(ns)
+    misplaced = _misplaced_launcher_options(ns.script_args)
+    if status != 0 and misplaced:
+        print(f"dtrain: hint: {' '.join(misplaced)} came after the script, so the script got "
+              f"{'it' if len(misplaced) == 1 else 'them'}; launcher options go before the script: "
+              f"dtrain launch {misplaced[0]} ... {ns.script} [script args]", file=sys.stderr, flush=True)
+    return status
+
+
+def _run_launch(ns: argparse.Namespace) -> int:
     if ns.ray and ns.address is None:
         # The job's own Ray goes into a private loopback-only network namespace. Without root that
         # takes a user namespace, which only a single-threaded process may create: do it before
@@ -294,10 +343,13 @@ def main(argv: list[str] | None = None) -> int:
             return _plot(ns)
         parser.print_help(sys.stderr)
         return 2
+    except ConfigError as exc:
+        print(usage_line(exc), file=sys.stderr)
+        return USAGE_EXIT_STATUS
     except UsageError as exc:
         for line in str(exc).splitlines():  # one line per problem
             print(f"error: {line}", file=sys.stderr)
-        return 2
+        return USAGE_EXIT_STATUS
 
 
 if __name__ == "__main__":

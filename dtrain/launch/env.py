@@ -11,7 +11,7 @@ torchrun variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE
 ``DTRAIN_OVERRIDES``  JSON list of ``"a.b=v"`` config overrides
 ``DTRAIN_CONFIG``     config file path (optional)
 ``DTRAIN_PROGRESS``   ``"1"`` when rank 0 should draw a progress bar
-``DTRAIN_TIMEOUT_S``  per-job timeout in seconds (optional)
+``DTRAIN_TIMEOUT_S``  collective timeout in seconds, overrides ``comm.timeout_s`` (optional)
 ``DTRAIN_INJECT``     JSON list of fault-injection specs (optional)
 
 On a restart (``TORCHELASTIC_RESTART_COUNT`` > 0) the launchers also set:

@@ -11,7 +11,9 @@ On top of that it:
   carriage-return progress bars (tqdm) are redrawn in place on a terminal,
 * fills in the dtrain environment contract (see :mod:`dtrain.launch.env`) and
   regroups ``LOCAL_RANK``/``LOCAL_WORLD_SIZE``/``GROUP_RANK`` per simulated node,
-* turns a failed run into one concise report (rank, exit code/signal, traceback tail),
+* turns a failed run into one concise report: the rank that failed first (by the time its rank
+  event reports, dtrain/launch/bootstrap.py; else the last moment it was seen alive), its exit
+  code/signal and traceback tail; a usage error (exit status 2) is one line, never restarted,
 * stops every rank on SIGINT/SIGTERM and returns 130/143.
 
 All M*N ranks run under one agent; the nodes are simulated through the
@@ -35,7 +37,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -48,15 +50,19 @@ from torch.distributed.elastic.rendezvous import RendezvousHandler, RendezvousPa
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
-from dtrain.launch import zygote
+from dtrain.errors import USAGE_EXIT_STATUS
+from dtrain.launch import bootstrap, zygote
 from dtrain.launch.env import FAILURE_TIME_VAR, RESTART_CAUSE_VAR, process_defaults
+from dtrain.launch.ray_agent import RankExit
 
 __all__ = [
     "LaunchSpec", "run_local", "format_failures", "dtrain_env", "contract_env", "process_defaults",
     "restart_env", "describe_failure", "RankLogFollowers", "exit_status", "signals_raise", "first_failure",
+    "usage_report", "with_reported",
 ]
 
-_ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run")
+_ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run",
+                    "torch.multiprocessing.spawn")  # "Terminating process ... via signal SIGTERM"
 _BAR_LOG_INTERVAL_S = 30.0  # progress-bar refreshes become a log line at most this often off a tty
 _POLL_S = 0.05
 
@@ -202,12 +208,14 @@ def _last_segment(data: bytes) -> str:
 class _FileFollower(threading.Thread):
     """Follows one rank's log file and copies it, prefixed, to a console stream."""
 
-    def __init__(self, path: str, prefix: str, stream: TextIO, console: _Console) -> None:
+    def __init__(self, path: str, prefix: str, stream: TextIO, console: _Console,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__(name=f"dtrain-tail-{os.path.basename(path)}", daemon=True)
         self.path = path
         self.prefix = prefix
         self.stream = stream
         self.console = console
+        self.on_event = on_event  # rank-event lines (dtrain.launch.bootstrap) go here, not to the console
         self.finished = threading.Event()
         self._buf = b""
 
@@ -216,6 +224,10 @@ class _FileFollower(threading.Thread):
         while (end := buf.find(b"\n")) >= 0:
             line, buf = buf[:end], buf[end + 1 :]
             text = _last_segment(line) if b"\r" in line else line.decode("utf-8", errors="replace")
+            event = bootstrap.parse_rank_event(text) if self.on_event is not None else None
+            if event is not None:
+                self.on_event(event)
+                continue
             self.console.line(self, self.stream, self.prefix + text.rstrip("\r"))
         if b"\r" in buf:  # a progress bar redrawn in place: keep only the current state
             buf = buf[buf.rfind(b"\r") :]
@@ -256,12 +268,20 @@ class RankLogFollowers:
         self._console = _Console()
         self._followers: list[_FileFollower] = []
         self.stderr_paths: dict[int, str] = {}  # global rank -> stderr log of the latest attempt
+        self.events: dict[int, dict[str, Any]] = {}
+        """Global rank -> the rank event (dtrain.launch.bootstrap) of the latest attempt; complete
+        once :meth:`stop_following` has returned."""
 
     def follow(self, rank: int, stdout_path: str | None, stderr_path: str | None) -> None:
         prefix = f"[rank {rank}] "
-        for path, stream in ((stdout_path, self.stdout), (stderr_path, self.stderr)):
+        self.events.pop(rank, None)
+
+        def record(event: dict[str, Any]) -> None:
+            self.events[rank] = event
+
+        for path, stream, on_event in ((stdout_path, self.stdout, None), (stderr_path, self.stderr, record)):
             if path and path != os.devnull:
-                follower = _FileFollower(path, prefix, stream, self._console)
+                follower = _FileFollower(path, prefix, stream, self._console, on_event)
                 follower.start()
                 self._followers.append(follower)
         if stderr_path:
@@ -351,6 +371,22 @@ class _SimulatedNodesAgent(LocalElasticAgent):
         self._dtrain_nproc = nproc
         self._dtrain_nodes = nodes
         self._dtrain_env = extra_env
+        self.exits: dict[int, RankExit] = {}
+        """Every rank that had exited non-zero when the agent saw the group fail (torch reports one)."""
+        self._alive_at = time.time()  # when the last healthy poll began: every rank was alive then
+
+    def _monitor_workers(self, worker_group: Any) -> Any:
+        polled = time.time()
+        result = super()._monitor_workers(worker_group)
+        if result.is_failed():
+            codes = _exit_codes(self._pcontext)
+            now = time.time()
+            self.exits = {worker_group.workers[i].global_rank: RankExit(worker_group.workers[i].global_rank, code,
+                                                                        now, alive_at=self._alive_at)
+                          for i, code in codes.items() if code}
+        else:
+            self._alive_at = polled
+        return result
 
     # Hook called by LocalElasticAgent._start_workers for each worker's env (torch 2.13).
     def _set_local_rank_env(self, worker_env: dict[str, str | None], local_rank: int, spec: WorkerSpec) -> None:
@@ -367,6 +403,20 @@ class _SimulatedNodesAgent(LocalElasticAgent):
         worker_env.update(self._dtrain_env)  # includes the launcher's attempt count and restart cause
         for key, value in os.environ.items():  # as a subprocess would inherit it (a forked rank
             worker_env.setdefault(key, value)  # otherwise sees the fork server's older copy)
+
+
+def _exit_codes(pcontext: Any) -> dict[int, int | None]:
+    """Local rank -> exit code (None: running) of every worker of torch's process context.
+
+    torch's own failure report holds only the lowest local rank that had died (fork server
+    start), which need not be the one that died first. Private torch 2.13 attributes, so an
+    unknown context yields nothing and the caller keeps torch's report.
+    """
+    mp_context = getattr(pcontext, "_pc", None)
+    if mp_context is not None:
+        return {i: p.exitcode for i, p in enumerate(mp_context.processes)}
+    handlers = getattr(pcontext, "subprocess_handlers", None) or {}
+    return {i: h.proc.poll() for i, h in handlers.items()}
 
 
 def _quiet_elastic_logging() -> None:
@@ -417,7 +467,7 @@ def _describe_exit(exitcode: int) -> str:
 
 
 def _traceback_tail(text: str, max_lines: int) -> str:
-    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.rstrip() for ln in text.splitlines() if ln.strip() and bootstrap.parse_rank_event(ln) is None]
     starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
     if starts:
         lines = lines[starts[-1] :]
@@ -433,19 +483,64 @@ def _file_tail(path: str | None, limit: int = 64_000) -> str:
         return fh.read().decode("utf-8", errors="replace")
 
 
-def first_failure(failures: dict[int, Any]) -> int:
-    """The rank that most likely caused the failure.
+def failed_at(rank: int, failure: Any, events: Mapping[int, Mapping[str, Any]] | None = None) -> float:
+    """When ``rank`` failed: the time its rank event reports (dtrain.launch.bootstrap), else the
+    last moment it was seen alive (``alive_at``: the earliest it can have died, e.g. of a
+    signal), else the time its exit was noticed."""
+    event = (events or {}).get(rank) or {}
+    if isinstance(event.get("failed_at"), (int, float)):
+        return float(event["failed_at"])
+    alive_at = getattr(failure, "alive_at", None)
+    return float(alive_at if alive_at is not None else getattr(failure, "timestamp", 0) or 0)
 
-    Ranks torn down by the agent die of SIGTERM after the culprit, so real
-    errors (non-SIGTERM) come first, then the earliest timestamp, then the rank.
+
+def first_failure(failures: dict[int, Any], events: Mapping[int, Mapping[str, Any]] | None = None) -> int:
+    """The rank that failed first, so the one that caused the failure.
+
+    Ranks torn down by the launcher die of SIGTERM after the culprit, so real errors
+    (non-SIGTERM) come first, then the earliest :func:`failed_at` (a peer that only saw the
+    knock-on gloo error fails after the culprit, however loud its traceback), then the rank.
     """
 
-    def key(rank: int) -> tuple[bool, int, int]:
+    def key(rank: int) -> tuple[bool, float, int]:
         failure = failures[rank]
         teardown = failure.exitcode == -int(signal.SIGTERM)
-        return (teardown, int(getattr(failure, "timestamp", 0) or 0), rank)
+        return (teardown, failed_at(rank, failure, events), rank)
 
     return min(failures, key=key)
+
+
+def with_reported(failures: dict[int, Any], events: Mapping[int, Mapping[str, Any]] | None = None) -> dict[int, Any]:
+    """``failures`` plus the ranks whose rank event reports a failure but that were still exiting
+    (atexit handlers, teardown) when the launcher stopped the group: a rank that raised first may
+    leave after the peer that only saw the knock-on error. Such a rank counts with the status it
+    reported, not the SIGTERM that ended it."""
+    out = dict(failures)
+    for rank, event in (events or {}).items():
+        status, when = event.get("status"), event.get("failed_at")
+        if not isinstance(status, int) or not status or not isinstance(when, (int, float)):
+            continue
+        if rank not in out or out[rank].exitcode == -int(signal.SIGTERM):
+            out[rank] = RankExit(rank, status, float(when))
+    return out
+
+
+def usage_report(failures: dict[int, Any], events: Mapping[int, Mapping[str, Any]] | None = None) -> str | None:
+    """The one-line report of a job whose ranks failed on a usage error, or None.
+
+    A rank exiting with :data:`dtrain.errors.USAGE_EXIT_STATUS` (``dtrain.UsageError``,
+    ``dtrain.ConfigError``, or the script's own argparse) failed on input only the user can fix:
+    the launcher prints the first such rank's line once and restarts nothing.
+    """
+    usage = {r: f for r, f in failures.items() if f.exitcode == USAGE_EXIT_STATUS}
+    if not usage:
+        return None
+    first = first_failure(usage, events)
+    line = ((events or {}).get(first) or {}).get("line")
+    if isinstance(line, str) and line:
+        return line
+    return (f"dtrain: rank {first} exited with status {USAGE_EXIT_STATUS} (a usage error, e.g. from the "
+            "script's own argument parsing: see its output above)")
 
 
 def _error_file_traceback(failure: Any) -> str:
@@ -460,15 +555,17 @@ def _error_file_traceback(failure: Any) -> str:
     return ""
 
 
-def format_failures(failures: dict[int, Any], stderr_paths: dict[int, str] | None = None, max_lines: int = 3) -> str:
+def format_failures(failures: dict[int, Any], stderr_paths: dict[int, str] | None = None, max_lines: int = 3,
+                    events: Mapping[int, Mapping[str, Any]] | None = None) -> str:
     """One concise report: failed ranks with exit code/signal, then the first failure's traceback tail.
 
-    ``failures`` maps global rank -> ``ProcessFailure`` (``exitcode``, ``timestamp``,
-    ``error_file_data``); ``stderr_paths`` maps global rank -> its stderr log.
+    ``failures`` maps global rank -> a ``RankExit`` or torch's ``ProcessFailure`` (``exitcode``,
+    ``timestamp``, optional ``alive_at`` and ``error_file_data``); ``stderr_paths`` maps global
+    rank -> its stderr log; ``events`` global rank -> its rank event.
     """
     if not failures:
         return "dtrain: job failed (no per-rank failure information)"
-    first = first_failure(failures)
+    first = first_failure(failures, events)
     head = f"dtrain: job failed: rank {first} {_describe_exit(failures[first].exitcode)}"
     others = [f"rank {r} {_describe_exit(failures[r].exitcode)}" for r in sorted(failures) if r != first]
     if others:
@@ -493,8 +590,9 @@ def exit_status(failures: dict[int, Any]) -> int:
 
 
 def _run_attempt(spec: LaunchSpec, logs: "_PrefixedLogsSpecs", host: str, args: tuple[str, ...],
-                 env: dict[str, str], rdzv_id: str, start_method: str) -> Any:
-    """One attempt of the job on a fresh elastic agent (torch restarts nothing itself)."""
+                 env: dict[str, str], rdzv_id: str, start_method: str) -> dict[int, Any] | None:
+    """One attempt of the job on a fresh elastic agent (torch restarts nothing itself): None when
+    every rank succeeded, else global rank -> how it failed (``RankExit`` or torch's report)."""
     worker_spec = WorkerSpec(
         role="dtrain",
         local_world_size=spec.world_size,
@@ -515,7 +613,10 @@ def _run_attempt(spec: LaunchSpec, logs: "_PrefixedLogsSpecs", host: str, args: 
         extra_env=env,
     )
     _quiet_elastic_logging()
-    return agent.run()
+    result = agent.run()
+    if not result.is_failed():
+        return None
+    return dict(agent.exits or result.failures)
 
 
 def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -529,10 +630,13 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
     log_dir = tempfile.mkdtemp(prefix="dtrain-launch-")
     logs = _PrefixedLogsSpecs(log_dir, out, err)
     hosts = None
-    host, args, extra_env = "127.0.0.1", (spec.script, *spec.script_args), dtrain_env(spec)
+    host, extra_env = "127.0.0.1", dtrain_env(spec)
     start_method = "spawn" if spec.net else spec.start_method
     if start_method not in ("forkserver", "spawn"):
         raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {spec.start_method!r}")
+    # forkserver: zygote.run_script(script, ...); spawn: python -m dtrain.launch.bootstrap script ...
+    args = (spec.script, *spec.script_args) if start_method == "forkserver" else \
+        ("-m", bootstrap.MODULE, spec.script, *spec.script_args)
     if start_method == "forkserver":
         zygote.start(process_defaults(None))  # at once unless the CLI started it already
     try:
@@ -543,22 +647,29 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
             hosts = netns.create_hosts(spec.nodes, net["rate"], burst=net.get("burst"),
                                        latency=net.get("latency", "50ms"), prefix="dtrain-l")
             host = hosts.bridge_addr
-            args = (netns.EXEC_WRAPPER, "--by-rank", *args)
+            args = (netns.EXEC_WRAPPER, "--by-rank", *args)  # netns_exec runs "-m module" too
             extra_env.update(DTRAIN_NETNS_PREFIX=hosts.prefix, GLOO_SOCKET_IFNAME=netns.IFNAME)
         run_id = f"dtrain-{uuid.uuid4().hex[:12]}"
         extra_env["DTRAIN_RUN_ID"] = run_id  # stable across attempts: snapshot processes, fault markers
         failure: tuple[str, float] | None = None
+        failures: dict[int, Any] | None = None
         with signals_raise():
             try:
                 # Our own restart loop: each attempt gets a fresh agent and rendezvous, so nothing
                 # of a failed attempt (store keys, sockets, half-dead ranks) leaks into the next.
                 for attempt in range(spec.max_restarts + 1):
                     attempt_env = dict(extra_env, **restart_env(attempt, spec.max_restarts, *(failure or ())))
-                    result = _run_attempt(spec, logs, host, args, attempt_env, f"{run_id}-{attempt}", start_method)
-                    if not result.is_failed():
+                    failures = _run_attempt(spec, logs, host, args, attempt_env, f"{run_id}-{attempt}", start_method)
+                    if failures is None:
                         break
-                    rank = first_failure(result.failures)
-                    failure = (describe_failure(rank, result.failures[rank].exitcode), time.time())
+                    logs.stop_following()  # every rank event read
+                    failures = with_reported(failures, logs.followers.events)
+                    usage = usage_report(failures, logs.followers.events)
+                    if usage is not None:  # a restart would fail the same way
+                        print(usage, file=err, flush=True)
+                        return USAGE_EXIT_STATUS
+                    rank = first_failure(failures, logs.followers.events)
+                    failure = (describe_failure(rank, failures[rank].exitcode), time.time())
                     if attempt < spec.max_restarts:
                         print(f"dtrain: {failure[0]}; restarting all ranks (attempt {attempt + 1} of "
                               f"{spec.max_restarts})", file=err, flush=True)
@@ -572,9 +683,8 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
                 print("dtrain: interrupted, stopped all ranks", file=err, flush=True)
                 return 128 + int(signal.SIGINT)
         logs.stop_following()
-        if result.is_failed():
-            failures = dict(result.failures)
-            print(format_failures(failures, logs.stderr_paths), file=err, flush=True)
+        if failures is not None:
+            print(format_failures(failures, logs.stderr_paths, events=logs.followers.events), file=err, flush=True)
             return exit_status(failures)
         return 0
     finally:

@@ -36,6 +36,9 @@ class RankExit:
     rank: int
     exitcode: int
     timestamp: float
+    """When the exit was noticed (unix time)."""
+    alive_at: float | None = None
+    """The last moment the rank was seen running: the earliest it can have died."""
 
 
 @dataclass
@@ -113,6 +116,7 @@ class NodeAgent:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.pipes: dict[int, tuple[_Pipe, _Pipe]] = {}
         self.exits: dict[int, RankExit] = {}
+        self.alive_at: dict[int, float] = {}  # rank -> start of the last poll that saw it running
         self.request_dir: Path | None = None  # where this node's ranks ask for a snapshot process
 
     def info(self) -> dict[str, object]:
@@ -127,7 +131,7 @@ class NodeAgent:
     def start(self, argv: list[str], rank_envs: dict[int, dict[str, str]]) -> list[int]:
         """Start one process per entry of ``rank_envs`` (global rank -> its extra environment)."""
         self.stop()
-        self.exits = {}
+        self.exits, self.alive_at = {}, {}
         run_id = next(iter(rank_envs.values()), {}).get("DTRAIN_RUN_ID")
         if run_id is not None:  # only looked at, never created here: a job without snapshots leaves nothing
             from dtrain.snapshot.client import node_dir, run_dir  # torch-free
@@ -135,10 +139,12 @@ class NodeAgent:
             self.request_dir = node_dir(run_dir(run_id, create=False), self.node_index, create=False)
         for rank, extra in sorted(rank_envs.items()):
             env = {k: v for k, v in {**os.environ, **extra}.items() if k not in _NOT_FOR_RANKS}
+            started = time.time()
             proc = subprocess.Popen([sys.executable, *argv], env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     preexec_fn=_die_with_parent, close_fds=True)
             self.procs[rank] = proc
+            self.alive_at[rank] = started
             pipes = (_Pipe(proc.stdout, f"rank{rank}-out"), _Pipe(proc.stderr, f"rank{rank}-err"))
             for pipe in pipes:
                 pipe.start()
@@ -149,12 +155,15 @@ class NodeAgent:
         """Drain new output; report ranks that exited (each exit is reported on every poll)."""
         result = PollResult()
         for rank, proc in self.procs.items():
+            polled = time.time()
             code = proc.poll()
-            if code is not None and rank not in self.exits:
+            if code is None:
+                self.alive_at[rank] = polled
+            elif rank not in self.exits:
                 out, err = self.pipes[rank]
                 out.join(1.0)  # the process is gone: collect the last bytes it wrote
                 err.join(1.0)
-                self.exits[rank] = RankExit(rank, code, time.time())
+                self.exits[rank] = RankExit(rank, code, time.time(), self.alive_at.get(rank))
             out, err = self.pipes[rank]
             result.stdout[rank] = out.drain()
             result.stderr[rank] = err.drain()

@@ -16,7 +16,10 @@ Owns the driver side of a Ray job:
   survived, a new placement otherwise) up to ``max_restarts`` times, with
   ``TORCHELASTIC_RESTART_COUNT``, ``DTRAIN_RESTART_CAUSE`` and ``DTRAIN_FAILURE_TIME`` set. A
   lost node without replacement: continue at once on the nodes left when ``min_nodes`` allows,
-  otherwise wait ``node_wait_s`` for enough nodes and fail naming the lost node.
+  otherwise wait ``node_wait_s`` for enough nodes and fail naming the lost node. A rank that
+  failed on a usage error (exit status 2, dtrain.errors) ends the job at once with its one line.
+  Ranks run through the rank bootstrap (dtrain/launch/bootstrap.py), whose rank events name the
+  rank that failed first (rank clocks: the nodes' clocks, assumed in sync to well under a second).
 """
 from __future__ import annotations
 
@@ -33,9 +36,11 @@ from typing import Any, TextIO
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
+from dtrain.errors import USAGE_EXIT_STATUS
+from dtrain.launch import bootstrap
 from dtrain.launch.local import (
     LaunchSpec, RankLogFollowers, contract_env, describe_failure, exit_status, first_failure,
-    format_failures, process_defaults, restart_env, signals_raise,
+    format_failures, process_defaults, restart_env, signals_raise, usage_report, with_reported,
 )
 from dtrain.launch.ray_agent import NodeAgent, RankExit
 from dtrain.snapshot.client import SPAWN_VAR
@@ -100,6 +105,8 @@ class _Failure:
     report: str
     status: int
     lost: list[_Node] = field(default_factory=list)
+    usage: bool = False
+    """A usage error (exit status 2): ``report`` is its one line; restarting cannot help."""
 
 
 def _fmt_res(res: dict[str, float]) -> str:
@@ -274,15 +281,16 @@ class _Job:
                 files[rank] = (open(paths[0], "wb"), open(paths[1], "wb"))
                 self.followers.follow(rank, *paths)
         try:
-            argv = self._script_argv()
+            argv = ["-m", bootstrap.MODULE, *self._script_argv()]
             ray.get([node.agent.start.remote(argv, envs[node.index]) for node in nodes], timeout=60)
-            return self._watch(nodes, files)
+            outcome = self._watch(nodes, files)
         finally:
             self._stop_ranks(nodes, files)
             for out, err in files.values():
                 out.close()
                 err.close()
-            self.followers.stop_following()
+            self.followers.stop_following()  # every rank event read
+        return None if outcome is None else self._failure(*outcome)
 
     @staticmethod
     def _write(files: dict[int, tuple[Any, Any]], result: Any) -> None:
@@ -305,7 +313,10 @@ class _Job:
             except Exception:  # a lost node: nothing left to collect
                 pass
 
-    def _watch(self, nodes: list[_Node], files: dict[int, tuple[Any, Any]]) -> _Failure | None:
+    def _watch(self, nodes: list[_Node], files: dict[int, tuple[Any, Any]]
+               ) -> tuple[list[_Node], dict[int, RankExit], dict[int, float]] | None:
+        """Poll until every rank succeeded (None) or the attempt failed: (lost nodes, failed
+        ranks, node -> time lost), the arguments of :meth:`_failure`."""
         import ray
 
         world = len(files)
@@ -352,7 +363,7 @@ class _Job:
                 continue
             heard_from_all = all(answered_at[i] >= failed_at for i in by_index if i not in lost)
             if lost or heard_from_all or time.monotonic() - failed_at > self.spec.failure_grace_s:
-                return self._failure([by_index[i] for i in sorted(lost)], failed, lost)
+                return [by_index[i] for i in sorted(lost)], failed, lost
             time.sleep(max(0.0, self.spec.poll_interval_s - (time.monotonic() - now)))
 
     def _start_snapshot_host(self, node: _Node, argv: list[str]) -> None:
@@ -396,9 +407,14 @@ class _Job:
                 for node in lost_nodes)
             self.lost.extend(node.describe() for node in lost_nodes)
             return _Failure(cause, when, report, exit_status(failed) if failed else 1, lost_nodes)
-        rank = first_failure(failed)
+        events = self.followers.events
+        failed = with_reported(failed, events)
+        rank = first_failure(failed, events)
         cause = describe_failure(rank, failed[rank].exitcode)
-        report = format_failures(failed, self.followers.stderr_paths)
+        usage = usage_report(failed, events)
+        if usage is not None:
+            return _Failure(cause, failed[rank].timestamp, usage, USAGE_EXIT_STATUS, usage=True)
+        report = format_failures(failed, self.followers.stderr_paths, events=events)
         return _Failure(cause, failed[rank].timestamp, report, exit_status(failed))
 
     # ------------------------------------------------------------------ the restart loop
@@ -414,6 +430,9 @@ class _Job:
                 failure = self.attempt(placement, attempt, restart)
                 if failure is None:
                     return 0
+                if failure.usage:  # a restart would fail the same way
+                    self.say(failure.report)
+                    return failure.status
                 if attempt >= job.max_restarts:
                     self.say(failure.report)
                     self.say(f"dtrain: {failure.cause}; no restarts left (--max-restarts {job.max_restarts})")

@@ -20,10 +20,10 @@ import atexit
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import runpy
 import sys
-import traceback
 from collections.abc import Mapping
+
+from dtrain.launch import bootstrap
 
 __all__ = ["PRELOAD", "start", "run_script"]
 
@@ -46,22 +46,15 @@ def start(env_defaults: Mapping[str, str]) -> None:
 
 
 def run_script(script: str, *args: str) -> None:
-    """Run ``script`` as ``__main__`` with ``args``, as ``python script args...`` would.
+    """Run ``script`` as ``__main__`` with ``args`` through the rank bootstrap
+    (:func:`dtrain.launch.bootstrap.run_script`: one rank event line on failure, a usage error as
+    one line and exit status 2).
 
-    The traceback of an uncaught exception goes to the rank's stderr before it propagates (the
-    elastic agent records it for the failure report), and ``atexit`` handlers run at the end,
-    because a forked process leaves through ``os._exit``.
+    ``atexit`` handlers run at the end, because a forked process leaves through ``os._exit``.
     """
-    sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
     _threads_from_env()
     try:
-        runpy.run_path(script, run_name="__main__")
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException:
-        traceback.print_exc()
-        raise
+        bootstrap.run_script(script, *args)
     finally:
         atexit._run_exitfuncs()
         sys.stdout.flush()

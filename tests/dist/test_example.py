@@ -42,7 +42,8 @@ def _launch(tmp_path, name, launcher, extra=()):
 def test_metrics_contract_determinism_and_torchrun(tmp_path):
     lines, proc = _launch(tmp_path, "a", "dtrain", ["--set", "zero.stage=3"])
     assert "[rank 0]" in proc.stdout + proc.stderr
-    steps, summary = lines[:-1], lines[-1]
+    header, steps, summary = lines[0], lines[1:-1], lines[-1]
+    assert header["event"] == "run" and header["run_id"].startswith("dtrain-") and header["world_size"] == 2
     assert [r["step"] for r in steps] == list(range(1, 7))
     for r in steps:
         assert {"step", "loss", "step_time_s", "tokens_per_s", "peak_rss_bytes", "state_bytes",
@@ -64,5 +65,5 @@ def test_preempted_run_resumes_bit_exact(tmp_path):
     assert first[-2]["step"] == 4
     resumed, proc = _launch(tmp_path, "resumed", "dtrain", ckpt)
     assert "resumed at step 4 from checkpoint" in proc.stdout + proc.stderr
-    assert [r["step"] for r in resumed[:-1]] == [5, 6]
+    assert [r["step"] for r in resumed[1:-1]] == [5, 6]
     assert resumed[-1]["param_sha256"] == straight[-1]["param_sha256"]

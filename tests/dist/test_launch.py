@@ -68,7 +68,7 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
     config = _write(tmp, "cfg.json", "{}")
     proc = _dtrain(
         "launch", "--nodes", "2", "--nproc", "2",
-        "--set", "train.lr=0.5", "--set", "model.layers=2",
+        "--set", "zero.stage=2", "--set", "train.grad_accum=2",  # checked up front: real keys
         "--metrics", str(tmp / "metrics.jsonl"), "--config", str(config),
         "--timeout-s", "60", "--inject", "slow:rank=1,ms=2",
         str(script), "--lr", "3", "--nproc", "7",
@@ -109,7 +109,7 @@ def test_env_contract(four_ranks: tuple[subprocess.CompletedProcess[str], Path])
         assert env["DTRAIN_NODES"] == "2" and env["DTRAIN_NPROC"] == "2"
         assert env["DTRAIN_METRICS"] == str(tmp / "metrics.jsonl")
         assert env["DTRAIN_CONFIG"] == str(tmp / "cfg.json")
-        assert json.loads(env["DTRAIN_OVERRIDES"]) == ["train.lr=0.5", "model.layers=2"]
+        assert json.loads(env["DTRAIN_OVERRIDES"]) == ["zero.stage=2", "train.grad_accum=2"]
         assert json.loads(env["DTRAIN_INJECT"]) == ["slow:rank=1,ms=2"]
         assert env["DTRAIN_PROGRESS"] == "1" and float(env["DTRAIN_TIMEOUT_S"]) == 60.0
         assert env["TORCHELASTIC_RESTART_COUNT"] == "0"

@@ -206,6 +206,19 @@ def test_failing_rank_reports_its_traceback(cluster: RayCluster, tmp_path: Path)
     assert re.search(r"\[rank 1\] .*in explode", got.stderr), got.stderr
 
 
+def test_usage_error_is_one_line_and_not_restarted(cluster: RayCluster, tmp_path: Path) -> None:
+    script = tmp_path / "usage.py"
+    script.write_text("import os, dtrain\nprint('attempt', os.environ['TORCHELASTIC_RESTART_COUNT'], flush=True)\n"
+                      "raise dtrain.UsageError('--widgets 3 must divide over 2 ranks')\n")
+    got = cluster.dtrain("launch", "--ray", "--address", cluster.address, "--nodes", "2", "--no-progress",
+                         "--max-restarts", "2", str(script))
+    out = got.stdout + got.stderr
+    assert got.returncode == 2, out
+    assert out.count("--widgets 3 must divide over 2 ranks") == 1 and "Traceback" not in out, out
+    assert "dtrain: error: --widgets 3 must divide over 2 ranks" in got.stderr.splitlines(), out
+    assert "attempt 1" not in out and "restarting" not in out, out
+
+
 def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen[str], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

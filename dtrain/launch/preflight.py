@@ -1,0 +1,48 @@
+"""What ``dtrain launch`` checks before it starts a rank: the run's config and where metrics go.
+
+A config mistake (unknown key, wrong type, impossible value, unreadable ``--config`` file) is a
+:class:`dtrain.ConfigError` here, reported by the CLI as one line with exit status 2 before any
+rank or fork server exists. Torch-free, so that takes a fraction of a second. Settings a script
+adds itself (``dtrain.wrap(config=..., overrides=...)``) are checked by its ranks, which report a
+ConfigError once per job (dtrain/launch/bootstrap.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from dtrain.config import Config, ConfigError
+
+__all__ = ["check_config_up_front", "metrics_destination"]
+
+
+def check_config_up_front(source: str | None, overrides: list[str], metrics: str | None = None) -> Config:
+    """The run's validated Config from ``--config`` and every ``--set``; raises ConfigError.
+
+    ``metrics`` is ``--metrics``: it must be a file path whose directory can be created. The
+    config is loaded by exactly one call, :meth:`dtrain.config.Config.load`.
+    """
+    config = Config.load(source, overrides)
+    path = metrics_destination(config, metrics)
+    if path is not None:
+        _check_writable_file(path, "metrics.path" if config.metrics.path else "--metrics")
+    if config.metrics.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(f"metrics.tensorboard = {config.metrics.tensorboard!r} needs TensorBoard: "
+                          "pip install 'dtrain[tensorboard]' (or drop metrics.tensorboard)")
+    return config
+
+
+def metrics_destination(config: Config, metrics: str | None) -> str | None:
+    """The metrics file rank 0 will write: ``metrics.path`` wins over ``--metrics`` (as in the engine)."""
+    path = config.metrics.path or metrics
+    return os.path.abspath(path) if path else None
+
+
+def _check_writable_file(path: str, name: str) -> None:
+    if os.path.isdir(path):
+        raise ConfigError(f"{name} {path!r} is a directory; pass a file path such as runs/train.jsonl")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):  # the writer creates the missing directories
+        parent = os.path.dirname(parent)
+    if parent and (not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ConfigError(f"{name} {path!r} cannot be written: {parent!r} is not a writable directory")
