@@ -491,14 +491,19 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader", verified: 
         random.setstate(_tuples(info["python"]))
         np.random.set_state(tuple(_np_state(info["numpy"])))
         _load_plugin_states(engine, info.get("plugins", {}), part)
+    else:  # another world size: only state that is the same on every rank carries over (rank 0's)
+        _load_plugin_states(engine, reader.rank_info(0).get("plugins", {}), reader.part(0), only_global=True)
     layout.comm.barrier()
 
 
-def _load_plugin_states(engine: "Engine", saved: dict[str, dict[str, Any]], part: Any) -> None:
-    """Hand each plugin its per-rank state back (same world size only: the state is per rank)."""
+def _load_plugin_states(engine: "Engine", saved: dict[str, dict[str, Any]], part: Any,
+                        only_global: bool = False) -> None:
+    """Hand each plugin its state back: all of it at the same world size (it is per rank), only
+    that of plugins whose state is global (``Plugin.global_state``, e.g. the data position) at
+    another."""
     keys = list(part.keys())
     for plugin in engine.plugins:
-        if plugin is engine.layout:
+        if plugin is engine.layout or (only_global and not plugin.global_state):
             continue
         prefix = f"plugin.{plugin.name}."
         state = dict(saved.get(plugin.name, {}))

@@ -59,6 +59,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dtrain.errors import UsageError
+
 from dtrain.plugins.base import Plugin
 
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ STATE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------ the loader
-def loader(dataset: Dataset, batch_size: int, *, engine: "Engine | None" = None, shuffle: bool = True,
+def loader(dataset: Dataset, batch_size: int | None = None, *, engine: "Engine | None" = None, shuffle: bool = True,
            seed: int | None = None, drop_last: bool = True, collate_fn: Callable | None = None,
            num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
            **dataloader_kwargs: Any) -> "DistributedLoader":
@@ -85,15 +87,23 @@ def loader(dataset: Dataset, batch_size: int, *, engine: "Engine | None" = None,
     (restored at once if the engine resumed). Without it, ``rank``/``world_size`` default to the
     initialised process group (else 0/1) and ``seed`` to 0. Other keyword arguments
     (``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ...) go to ``DataLoader``.
+    ``batch_size`` defaults to ``train.micro_batch_size x train.grad_accum`` of the engine's config
+    (what ``--deepspeed-config``'s ``train_micro_batch_size_per_gpu`` sets).
     """
     if engine is not None:
         rank = engine.runtime.rank if rank is None else rank
         world_size = engine.runtime.world_size if world_size is None else world_size
         seed = engine.config.train.seed if seed is None else seed
         accum = engine.config.train.grad_accum
-        if batch_size % accum:
-            raise ValueError(f"dtrain.data.loader: batch_size={batch_size} (per rank) does not split into "
+        micro = engine.config.train.micro_batch_size
+        if batch_size is None and micro is not None:
+            batch_size = micro * accum
+        if batch_size is not None and batch_size % accum:
+            raise UsageError(f"dtrain.data.loader: batch_size={batch_size} (per rank) does not split into "
                              f"train.grad_accum={accum} micro-batches; use a multiple of {accum}")
+    if batch_size is None:
+        raise UsageError("dtrain.data.loader needs a batch_size (samples per rank per step), or an engine "
+                         "whose config sets train.micro_batch_size")
     if rank is None or world_size is None:
         import torch.distributed as dist
 
@@ -115,22 +125,22 @@ class DistributedLoader:
                  seed: int = 0, drop_last: bool = True, collate_fn: Callable | None = None,
                  num_workers: int = 0, **dataloader_kwargs: Any) -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise TypeError(f"dtrain.data.loader needs a map-style dataset (__len__ and __getitem__), "
+            raise UsageError(f"dtrain.data.loader needs a map-style dataset (__len__ and __getitem__), "
                             f"got {type(dataset).__name__}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"dtrain.data.loader: batch_size={batch_size!r} must be an integer >= 1 (per rank)")
+            raise UsageError(f"dtrain.data.loader: batch_size={batch_size!r} must be an integer >= 1 (per rank)")
         if not 0 <= rank < world_size:
-            raise ValueError(f"dtrain.data.loader: rank {rank} is not in a world of {world_size}")
+            raise UsageError(f"dtrain.data.loader: rank {rank} is not in a world of {world_size}")
         for key in ("sampler", "batch_sampler", "shuffle", "batch_size", "drop_last", "generator"):
             if key in dataloader_kwargs:
-                raise TypeError(f"dtrain.data.loader sets {key!r} itself; remove it")
+                raise UsageError(f"dtrain.data.loader sets {key!r} itself; remove it")
         self.dataset, self.batch_size = dataset, batch_size
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.collate_fn, self.num_workers, self.dataloader_kwargs = collate_fn, num_workers, dataloader_kwargs
         self.num_samples = len(dataset)  # type: ignore[arg-type]
         if self.num_samples < self.global_batch_size and drop_last:
-            raise ValueError(f"dtrain.data.loader: the dataset has {self.num_samples} samples, fewer than one "
+            raise UsageError(f"dtrain.data.loader: the dataset has {self.num_samples} samples, fewer than one "
                              f"global batch ({batch_size} per rank x {world_size} ranks); use a smaller "
                              f"batch_size or drop_last=False")
         self._epoch, self._offset = 0, 0
@@ -175,11 +185,11 @@ class DistributedLoader:
         """Continue from a saved position (any world size; see the module docstring)."""
         state = {k: (v.item() if torch.is_tensor(v) else v) for k, v in state.items()}
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"dtrain.data.loader: saved position has format version {state.get('version')!r}, "
+            raise UsageError(f"dtrain.data.loader: saved position has format version {state.get('version')!r}, "
                              f"this dtrain reads {STATE_VERSION}")
         for key, mine in (("num_samples", self.num_samples), ("seed", self.seed), ("shuffle", self.shuffle)):
             if state[key] != mine:
-                raise ValueError(f"dtrain.data.loader: the saved position is for {key}={state[key]!r}, this loader "
+                raise UsageError(f"dtrain.data.loader: the saved position is for {key}={state[key]!r}, this loader "
                                  f"has {key}={mine!r}; resume with the same dataset, seed and shuffle")
         self._epoch, self._offset = int(state["epoch"]), int(state["offset"])
 
@@ -248,7 +258,7 @@ class DataSlot(Plugin):
 
     def attach(self, loader: DistributedLoader) -> DistributedLoader:
         if self.loader is not None and self.loader is not loader:
-            raise ValueError("this engine already has a dtrain.data loader attached; attach one loader per engine")
+            raise UsageError("this engine already has a dtrain.data loader attached; attach one loader per engine")
         self.loader = loader
         if self._pending is not None:
             loader.load_state_dict(self._pending)
@@ -276,7 +286,7 @@ class DataSlot(Plugin):
 def _as_ids(doc: Sequence[int] | torch.Tensor) -> torch.Tensor:
     ids = doc if torch.is_tensor(doc) else torch.tensor(list(doc), dtype=torch.long)
     if ids.dim() != 1:
-        raise ValueError(f"a document must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+        raise UsageError(f"a document must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
     return ids.long()
 
 
@@ -289,11 +299,11 @@ class TokenDataset(Dataset):
 
     def __init__(self, documents: Sequence[Sequence[int] | torch.Tensor], max_length: int | None = None) -> None:
         if max_length is not None and max_length < 1:
-            raise ValueError(f"TokenDataset: max_length={max_length} must be >= 1")
+            raise UsageError(f"TokenDataset: max_length={max_length} must be >= 1")
         self.documents = [_as_ids(d)[:max_length] if max_length else _as_ids(d) for d in documents]
         empty = next((i for i, d in enumerate(self.documents) if d.numel() == 0), None)
         if empty is not None:
-            raise ValueError(f"TokenDataset: document {empty} is empty; drop empty documents first")
+            raise UsageError(f"TokenDataset: document {empty} is empty; drop empty documents first")
         self.lengths = [int(d.numel()) for d in self.documents]
 
     def __len__(self) -> int:
@@ -324,7 +334,7 @@ def pad_collate(pad_id: int = 0, multiple_of: int = 1, max_length: int | None = 
     ``seq_lens`` (each row's token count). ``shift_labels``: see the module docstring.
     """
     if multiple_of < 1:
-        raise ValueError(f"pad_collate: multiple_of={multiple_of} must be >= 1")
+        raise UsageError(f"pad_collate: multiple_of={multiple_of} must be >= 1")
 
     def collate(items: list[Any]) -> dict[str, torch.Tensor]:
         docs = [_as_ids(it["input_ids"] if isinstance(it, dict) else it) for it in items]
@@ -365,7 +375,7 @@ class PackedDataset(Dataset):
     def __init__(self, documents: "TokenDataset | Sequence[Sequence[int] | torch.Tensor]", seq_len: int,
                  pad_id: int = 0, shift_labels: bool = False) -> None:
         if seq_len < 2:
-            raise ValueError(f"PackedDataset: seq_len={seq_len} must be >= 2")
+            raise UsageError(f"PackedDataset: seq_len={seq_len} must be >= 2")
         docs = documents.documents if isinstance(documents, TokenDataset) else [_as_ids(d) for d in documents]
         pieces = [d[a:a + seq_len] for d in docs for a in range(0, d.numel(), seq_len)]
         self.seq_len, self.pad_id, self.shift_labels = seq_len, pad_id, shift_labels

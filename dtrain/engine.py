@@ -73,7 +73,8 @@ class Engine:
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         metrics_path = config.metrics.path or runtime.env.metrics_path
         self.metrics = MetricsWriter(metrics_path, runtime.rank,
-                                     config.metrics.progress or runtime.env.progress, total_steps)
+                                     config.metrics.progress or runtime.env.progress, total_steps,
+                                     config=config, world_size=runtime.world_size)
         self.total_steps = total_steps
         self.restarts = runtime.env.restart_count
         self._totals = {"tokens": 0.0, "time_s": 0.0}
@@ -283,7 +284,7 @@ class Engine:
 
     def _wants_metrics(self) -> bool:
         # Every rank must take the same branch: the decision may not depend on rank-0-only state.
-        return bool(self.config.metrics.path or self.runtime.env.metrics_path
+        return bool(self.config.metrics.path or self.runtime.env.metrics_path or self.config.metrics.tensorboard
                     or self.config.metrics.progress or self.runtime.env.progress)
 
     def full_parameters(self) -> dict[str, torch.Tensor]:

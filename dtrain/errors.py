@@ -16,7 +16,7 @@ USAGE_EXIT_STATUS = 2
 what argparse exits with, so a script's own argument errors are not restarted either."""
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input that only the user can fix (arguments, sizes that do not fit the world size...).
 
     The message is the whole report: say what is wrong and how to fix it, in one line.

@@ -1,7 +1,7 @@
 """The metrics stream: per-step JSONL on rank 0, memory probes, the progress bar, TensorBoard.
 
 The first line of a run is its header, ``{"event": "run", "run_id", "config", "git_rev",
-"world_size", "started"}``. Then one line per step (DESIGN.md): ``step, loss, step_time_s,
+"world_size", "started"}``. Then one line per step (docs/metrics.md): ``step, loss, step_time_s,
 tokens_per_s, peak_rss_bytes`` (max over ranks), ``state_bytes {params, grads, optim}`` (max over
 ranks), ``comm_bytes {level: bytes}`` (sent by the busiest rank this step), ``restarts`` and
 ``plugins``, with ``{"event": "restart" | "fault", ...}`` lines in between. The last line is a

@@ -252,7 +252,8 @@ def _launch(ns: argparse.Namespace) -> int:
     _validate_launch(ns)
     from dtrain.launch.preflight import check_config_up_front, metrics_destination
 
-    config = check_config_up_front(ns.config, list(ns.overrides), ns.metrics)  # before any rank or torch
+    config = check_config_up_front(ns.config, list(ns.overrides), ns.metrics,  # before any rank or torch
+                                   nodes=ns.nodes, nproc=ns.nproc)
     metrics = metrics_destination(config, ns.metrics)
     if metrics is not None:
         print(f"dtrain: metrics -> {metrics} (one JSON line per step; a new run replaces the file, "

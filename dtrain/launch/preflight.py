@@ -16,13 +16,21 @@ from dtrain.config import Config, ConfigError
 __all__ = ["check_config_up_front", "metrics_destination"]
 
 
-def check_config_up_front(source: str | None, overrides: list[str], metrics: str | None = None) -> Config:
+def check_config_up_front(source: str | None, overrides: list[str], metrics: str | None = None,
+                          nodes: int | None = None, nproc: int | None = None) -> Config:
     """The run's validated Config from ``--config`` and every ``--set``; raises ConfigError.
 
     ``metrics`` is ``--metrics``: it must be a file path whose directory can be created. The
-    config is loaded by exactly one call, :meth:`dtrain.config.Config.load`.
+    config is loaded by exactly one call, :meth:`dtrain.config.Config.load`. A section no plugin
+    registered in this process may belong to a plugin the script defines: it is checked by the
+    ranks (unless its name is a near miss of a known section, an error here). With ``nodes`` and
+    ``nproc`` the declared ``topology.levels`` are checked against that world.
     """
-    config = Config.load(source, overrides)
+    config = Config.load(source, overrides, defer_unknown_sections=True)
+    if nodes is not None and nproc is not None:
+        from dtrain.topology import Shape
+
+        Shape.of(nodes * nproc, 0, config.topology.nodes or nodes, config.topology.levels)
     path = metrics_destination(config, metrics)
     if path is not None:
         _check_writable_file(path, "metrics.path" if config.metrics.path else "--metrics")

@@ -85,6 +85,9 @@ class Plugin:
 
     name: ClassVar[str] = "base"
     slot: ClassVar[str] = "none"
+    global_state: ClassVar[bool] = False
+    """``state_dict`` is the same on every rank and independent of the world size, so a checkpoint
+    hands it back at another world size too (otherwise only at the same one)."""
 
     @classmethod
     def enabled(cls, config: Any) -> bool:

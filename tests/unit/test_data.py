@@ -11,6 +11,7 @@ import torch
 from dtrain.data import (IGNORE_INDEX, DataSlot, DistributedLoader, PackedDataset, TokenDataset, pad_collate,
                          packed_collate)
 from dtrain.plugins.zero import call_factory
+from dtrain.errors import UsageError
 
 
 class Indices(torch.utils.data.Dataset):
@@ -112,7 +113,7 @@ def test_a_position_for_another_dataset_or_seed_is_refused():
         make(10, 2, 1, 0, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         make(3, 2, 2, 0)
-    with pytest.raises(TypeError, match="sampler"):
+    with pytest.raises(UsageError, match="sampler"):
         make(10, 2, 1, 0, sampler=None)
 
 
