@@ -35,6 +35,10 @@ from dtrain.runtime import Runtime
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
+_TIERS = ("device", "host", "nvme")
+_KINDS = ("params", "grads", "optim")
+
+
 class Engine:
     """A wrapped model: ``train_step``, ``eval_step``, ``save``/``load``, metrics."""
 
@@ -257,8 +261,9 @@ class Engine:
         levels = [name for name, _ in self.comm.topology.shape.levels]
         sent = [self.comm.bytes_sent.get(lvl, 0) - self._comm_seen.get(lvl, 0) for lvl in levels]
         self._comm_seen = dict(self.comm.bytes_sent)
-        sb = self.state_bytes()
-        return [peak_rss_bytes(), sb["params"], sb["grads"], sb["optim"], step_time, *sent]
+        tiers = self.layout.state_bytes_by_tier()
+        held = [tiers.get(tier, {}).get(kind, 0) for tier in _TIERS for kind in _KINDS]
+        return [peak_rss_bytes(), step_time, *held, *sent]
 
     def _plugin_metrics(self) -> dict[str, Any]:
         return {k: v for p in self.plugins for k, v in p.metrics().items()}
@@ -266,15 +271,18 @@ class Engine:
     def _write_record(self, step: int, loss_sum: float, tokens: float, maxes: list[float],
                       grad_norm: float | None, plugins: dict[str, Any]) -> None:
         levels = [name for name, _ in self.comm.topology.shape.levels]
-        step_time = maxes[4]
+        step_time = maxes[1]
+        held = iter(int(v) for v in maxes[2:2 + len(_TIERS) * len(_KINDS)])
+        by_tier = {tier: {kind: next(held) for kind in _KINDS} for tier in _TIERS}
         self._totals["tokens"] += tokens
         self._totals["time_s"] += step_time
         record = {
             "step": step, "loss": loss_sum / self.runtime.world_size, "step_time_s": step_time,
             "tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
             "peak_rss_bytes": int(maxes[0]),
-            "state_bytes": {"params": int(maxes[1]), "grads": int(maxes[2]), "optim": int(maxes[3])},
-            "comm_bytes": {lvl: int(v) for lvl, v in zip(levels, maxes[5:])},
+            "state_bytes": {kind: sum(by_tier[t][kind] for t in _TIERS) for kind in _KINDS},
+            "state_bytes_tier": {t: kinds for t, kinds in by_tier.items() if any(kinds.values())},
+            "comm_bytes": {lvl: int(v) for lvl, v in zip(levels, maxes[2 + len(_TIERS) * len(_KINDS):])},
             "restarts": self.restarts,
             "plugins": plugins,
         }
