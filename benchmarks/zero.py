@@ -12,6 +12,13 @@ rank holds, and the losses. Usage::
 
     python benchmarks/zero.py                       # full run (world 2, fp32+bf16, all)
     python benchmarks/zero.py --quick --frameworks fsdp2,deepspeed-zero3   # smoke test
+    python benchmarks/zero.py --frameworks dtrain-ddp,dtrain-zero3 --baseline main~3   # A/B vs older code
+
+``--baseline REV`` also runs every chosen dtrain framework from a checkout of the git revision REV
+(a temporary worktree on ``PYTHONPATH`` of that framework's ranks, named ``<framework>@base``),
+interleaved with the current code in the same rounds, and reports each current / baseline step
+time ratio (median of the per-round ratios) against a 5 % budget: the check that a change to the
+engine left ddp/ZeRO speed alone.
 
 State accounting (the ZeRO paper's convention): ``params`` = working model weights the rank
 holds (fp32, or bf16 where the framework keeps a bf16 model copy), ``grads`` = gradient
@@ -60,7 +67,9 @@ TARGETS = {
     "zero1_vs_ddp_step_time": {"op": "<=", "value": 1.10},
     "zero2_vs_ddp_step_time": {"op": "<=", "value": 1.10},
     "zero3_state_vs_ideal": {"op": "abs(x-1)<=", "value": 0.05},
+    "vs_baseline_step_time": {"op": "<=", "value": 1.05},
 }
+BASELINE = "@base"
 
 
 # =========================================================================== worker side
@@ -270,7 +279,7 @@ class DeepSpeedRunner:
 
 
 def build_runner(name: str, model: Any, spec: dict[str, Any]) -> Runner:
-    kind, stage = FRAMEWORKS[name]
+    kind, stage = FRAMEWORKS[name.removesuffix(BASELINE)]
     precision, lr = spec["precision"], spec["lr"]
     if kind == "dtrain":
         assert stage is not None
@@ -364,6 +373,8 @@ def run_one(run: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if run.framework.endswith(BASELINE):  # the baseline's dtrain shadows the installed one
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.baseline_tree, env.get("PYTHONPATH")) if p)
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     load_before = os.getloadavg()[0]
     outcome = bu.run_rank_group(argv, args.world, timeout_s=args.timeout, env=env)
@@ -479,6 +490,12 @@ def aggregate(runs: list[dict[str, Any]], frameworks: list[str], precisions: lis
         }
         ratios[prec] = {k: {"value": v, "target": TARGETS[k], "met": _check_target(k, v)}
                         for k, v in r.items()}
+        for fw in frameworks:
+            if fw + BASELINE in frameworks:
+                v = _paired_ratio(runs, fw, fw + BASELINE, prec)
+                ratios[prec][f"{fw}_vs_baseline_step_time"] = {
+                    "value": v, "target": TARGETS["vs_baseline_step_time"],
+                    "met": _check_target("vs_baseline_step_time", v)}
         finals = {fw: e["final_loss"] for fw, e in results[prec].items() if e["status"] == "ok"}
         if finals:
             mid = bu.median_or_none(finals.values())
@@ -489,6 +506,14 @@ def aggregate(runs: list[dict[str, Any]], frameworks: list[str], precisions: lis
                 "per_framework": finals,
             }
     return results, ratios
+
+
+def _paired_ratio(runs: list[dict[str, Any]], fw: str, base: str, prec: str) -> float | None:
+    """Median over rounds of fw's step time / base's step time in the same round."""
+    times = {(r["framework"], r["round"]): r["step_time_s"] for r in runs
+             if r.get("ok") and r["precision"] == prec and r["framework"] in (fw, base)}
+    rounds = sorted({rnd for _, rnd in times})
+    return bu.median_or_none(bu.safe_ratio(times.get((fw, rnd)), times.get((base, rnd))) for rnd in rounds)
 
 
 def write_png(path: Path, results: dict[str, Any], frameworks: list[str],
@@ -592,6 +617,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="per-run timeout in seconds (default 420; quick: 180)")
     ap.add_argument("--markdown", action="store_true",
                     help="print markdown tables from <out>/zero.json and exit (no runs)")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also run the chosen dtrain frameworks from git revision REV, interleaved, "
+                         "and report current/baseline step-time ratios")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     q = args.quick
@@ -615,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     frameworks = DEFAULT_FRAMEWORKS if args.frameworks == "all" else [
         f.strip() for f in args.frameworks.split(",") if f.strip()]
     unknown = [f for f in frameworks if f not in FRAMEWORKS]
+    args.baseline_tree = None
+    if args.baseline and not unknown:
+        args.baseline_tree = _baseline_tree(args.baseline)
+        frameworks += [fw + BASELINE for fw in frameworks if FRAMEWORKS[fw][0] == "dtrain"]
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     bad_prec = [p for p in precisions if p not in PRECISIONS]
     if unknown or bad_prec:
@@ -649,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": bu.machine_info(extra_modules=("deepspeed", "numpy")),
         "config": {k: getattr(args, k) for k in ("world", "steps", "warmup", "repeats", "batch",
                                                  "seq", "preset", "lr", "seed", "timeout",
-                                                 "quick")}
+                                                 "quick", "baseline")}
         | {"frameworks": frameworks, "precisions": precisions, "backend": "gloo",
            "threads_per_rank": 1, "optimizer": "torch.optim.AdamW"},
         "theory": {
@@ -672,6 +704,19 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(results, ratios, precisions, frameworks)
     print(f"wrote {out / 'zero.json'} and {out / 'zero.png'}")
     return 0
+
+
+def _baseline_tree(rev: str) -> str:
+    """A detached worktree of ``rev`` in a temporary directory (removed at exit)."""
+    import atexit
+    import subprocess
+
+    tree = tempfile.mkdtemp(prefix="zero_baseline_")
+    subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", "-f", tree, rev],
+                   check=True, capture_output=True)
+    atexit.register(subprocess.run, ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", tree],
+                    capture_output=True)
+    return tree
 
 
 def print_summary(results: dict[str, Any], ratios: dict[str, Any], precisions: list[str],

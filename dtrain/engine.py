@@ -179,9 +179,19 @@ class Engine:
             micro = plugin.before_forward(micro)
         extra = losses.model_kwargs(index)
         with self._autocast():
-            output = self.model(**micro, **extra) if isinstance(micro, dict) else self.model(micro)
+            output = self._forward(micro, extra)
             loss, n = model_loss(output, micro, self.loss_fn)
         return losses.objective(index, loss, n)
+
+    def _forward(self, batch: Any, extra: dict[str, Any] | None = None) -> Any:
+        """How a batch reaches the model: a dict as keyword arguments; with a ``loss_fn``, a tuple
+        or list ``(inputs..., target)`` as its inputs (the target is for ``loss_fn(output,
+        batch)``); anything else as the one argument."""
+        if isinstance(batch, dict):
+            return self.model(**batch, **(extra or {}))
+        if self.loss_fn is not None and isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return self.model(*batch[:-1])
+        return self.model(batch)
 
     def before_update(self) -> None:
         """Plugins' ``before_update``: a strategy calls it before it first changes the trained
@@ -194,8 +204,7 @@ class Engine:
         """Forward only; returns the loss averaged over ranks."""
         self.model.eval()
         with self._autocast():
-            loss, n = model_loss(self.model(**batch) if isinstance(batch, dict) else self.model(batch), batch,
-                                 self.loss_fn)
+            loss, n = model_loss(self._forward(batch), batch, self.loss_fn)
         if n is not None:
             loss = loss / n.clamp(min=1)
         total = loss.detach().double().reshape(1)
