@@ -44,6 +44,7 @@ from dtrain.launch.local import (
 )
 from dtrain.launch.ray_agent import NodeAgent, RankExit
 from dtrain.snapshot.client import SPAWN_VAR
+from dtrain.snapshot.secret import SECRET_VAR, new_secret
 from dtrain.launch.ray_cluster import RayUnavailable, ray_session
 
 __all__ = ["RaySpec", "run_ray", "PASSTHROUGH_VARS"]
@@ -120,6 +121,7 @@ class _Job:
         self.extra_defaults: dict[str, str] = {}  # per-rank defaults the user's environment may override
         self.run_id = f"dtrain-{uuid.uuid4().hex[:12]}"  # stable across attempts (snapshot processes)
         self.snapshot_hosts: dict[str, Any] = {}  # Ray node id -> its SnapshotHost actor (whole job)
+        self.secret = new_secret()  # the job's secret, to the ranks in their environment (SECURITY.md)
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -247,6 +249,7 @@ class _Job:
         n, m = job.nproc, len(nodes)
         base = contract_env(dataclasses.replace(job, nodes=m))
         base["DTRAIN_RUN_ID"] = self.run_id
+        base[SECRET_VAR] = self.secret
         base[SPAWN_VAR] = "request"  # snapshot processes are Ray actors started here (dtrain.snapshot.ray_host)
         base.update(restart_env(attempt, job.max_restarts, *(restart or (None, None))))
         chosen = {k: os.environ[k] for k in PASSTHROUGH_VARS if k in os.environ}
