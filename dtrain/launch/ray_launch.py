@@ -67,6 +67,8 @@ class RaySpec:
     gpus_per_rank: float = 0.0
     dashboard: bool = False
     isolate: bool = True
+    insecure: bool = False
+    """Use ``address`` even when the cluster does not enforce Ray's token authentication."""
     poll_interval_s: float = 0.1
     failure_grace_s: float = 3.0
     """After a rank fails, how long to wait for every node to answer before naming a node lost."""
@@ -471,7 +473,8 @@ def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None =
         with signals_raise():
             try:
                 with ray_session(spec.address, spec.job.nodes, spec.bundle, dashboard=spec.dashboard,
-                                 isolate=spec.isolate, runtime_env=spec.runtime_env, warn=warn) as session:
+                                 isolate=spec.isolate, runtime_env=spec.runtime_env, warn=warn,
+                                 insecure=spec.insecure) as session:
                     job = _Job(spec, followers, log_dir, err)
                     if spec.dashboard and session.local:
                         where = (f" inside this job's network namespace (e.g. nsenter --net=/proc/{os.getpid()}"
