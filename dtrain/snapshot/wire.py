@@ -219,6 +219,7 @@ def request(conn: Connection, header: dict[str, Any], payload: Payload | None = 
     return answer, data
 
 
-def connect(address: Any, key: bytes) -> Connection:
-    family = "AF_UNIX" if isinstance(address, str) else "AF_INET"
-    return Client(tuple(address) if family == "AF_INET" else address, family=family, authkey=key)
+def connect(address: str, key: bytes) -> Connection:
+    """A rank's connection to its node's snapshot process (Unix socket ``address``, node ``key``);
+    snapshot processes reach each other with :func:`connect_peer`."""
+    return Client(address, family="AF_UNIX", authkey=key)
