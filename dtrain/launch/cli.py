@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "NODES different Ray nodes (placement group, STRICT_SPREAD)")
     ray.add_argument("--ray", action="store_true", help="launch on Ray (without --address: a private "
                      "NODES-node Ray cluster on this machine, loopback only, for this job)")
-    ray.add_argument("--address", metavar="HOST:PORT|auto", help="existing Ray cluster (its GCS address)")
+    ray.add_argument("--address", metavar="HOST:PORT|auto", help="existing Ray cluster (its GCS address); it "
+                     "must enforce Ray token authentication (RAY_AUTH_MODE=token) unless --insecure")
+    ray.add_argument("--insecure", action="store_true", help="use --address even if that cluster does not "
+                     "require token authentication (see SECURITY.md)")
     ray.add_argument("--min-nodes", type=int, metavar="M", help="after losing nodes, continue on as few as M "
                      "instead of waiting for replacements")
     ray.add_argument("--node-wait-s", type=float, default=60.0, metavar="T",
@@ -199,7 +202,7 @@ def _apply_deepspeed(ns: argparse.Namespace) -> None:
         print(f"dtrain: warning: {warning}", file=sys.stderr)
 
 
-_RAY_ONLY = ("address", "min_nodes", "runtime_env", "dashboard")
+_RAY_ONLY = ("address", "min_nodes", "runtime_env", "dashboard", "insecure")
 
 
 def _validate_ray(ns: argparse.Namespace) -> None:
@@ -219,6 +222,8 @@ def _validate_ray(ns: argparse.Namespace) -> None:
         raise UsageError("--cpus-per-rank must be > 0 and --gpus-per-rank >= 0")
     if ns.address is not None and not ns.address.strip():
         raise UsageError("--address is empty; pass HOST:PORT of the Ray head or auto")
+    if ns.insecure and ns.address is None:
+        raise UsageError("--insecure applies only with --address (the private cluster always uses token auth)")
     ns.runtime_env = _runtime_env(ns.runtime_env)
     import importlib.util
 
@@ -303,7 +308,7 @@ def _run_launch(ns: argparse.Namespace) -> int:
 
         return run_ray(RaySpec(job=spec, address=ns.address, min_nodes=ns.min_nodes, node_wait_s=ns.node_wait_s,
                                runtime_env=ns.runtime_env, cpus_per_rank=ns.cpus_per_rank,
-                               gpus_per_rank=ns.gpus_per_rank, dashboard=ns.dashboard))
+                               gpus_per_rank=ns.gpus_per_rank, dashboard=ns.dashboard, insecure=ns.insecure))
     return run_local(spec)
 
 

@@ -651,6 +651,8 @@ def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | N
             extra_env.update(DTRAIN_NETNS_PREFIX=hosts.prefix, GLOO_SOCKET_IFNAME=netns.IFNAME)
         run_id = f"dtrain-{uuid.uuid4().hex[:12]}"
         extra_env["DTRAIN_RUN_ID"] = run_id  # stable across attempts: snapshot processes, fault markers
+        from dtrain.snapshot.secret import SECRET_VAR, new_secret  # the job's secret (SECURITY.md)
+        extra_env[SECRET_VAR] = new_secret()
         failure: tuple[str, float] | None = None
         failures: dict[int, Any] | None = None
         with signals_raise():

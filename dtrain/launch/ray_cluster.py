@@ -2,7 +2,8 @@
 
 Owns the driver's Ray session for one job:
 
-* ``--address ADDR|auto``: check that the address answers, then ``ray.init`` against it;
+* ``--address ADDR|auto``: check that the address answers and that the cluster requires Ray's
+  token authentication (:func:`require_token_auth`; ``--insecure`` skips that), then ``ray.init``;
 * no address (the embedded default): a Ray cluster of M nodes on this machine for this job only.
   Ray's servers listen on every interface and rewrite 127.0.0.1 to the external address, so the
   launcher first moves itself into a private network namespace that has nothing but ``lo``
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["RaySession", "RayUnavailable", "ray_session", "isolate_loopback", "check_address",
-           "FAST_HEALTH_CHECKS"]
+           "require_token_auth", "token_auth_enforced", "FAST_HEALTH_CHECKS"]
 
 # GCS marks a node dead after ~3 missed 0.5 s checks instead of Ray's default ~15-30 s.
 FAST_HEALTH_CHECKS: dict[str, int] = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
@@ -104,6 +105,52 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
                              "is `ray start --head` running there, and is the port open?") from None
 
 
+def token_auth_enforced(gcs_address: str, timeout_s: float = 5.0) -> tuple[bool | None, str]:
+    """Whether the Ray cluster whose GCS listens at ``gcs_address`` enforces token authentication.
+
+    Ray's client cannot say (``RAY_AUTH_MODE`` is this process's own setting), so ask the GCS
+    itself: one harmless RPC (``GetClusterId``) without a token is refused with UNAUTHENTICATED
+    when auth is on and answered when it is off. (None, why) when neither happens, e.g. a
+    cluster with TLS.
+    """
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(gcs_address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return True, ""
+            return None, f"{exc.code().name}: {_one_line(exc.details() or '')}"
+    return False, ""
+
+
+def require_token_auth(address: str) -> None:
+    """Raise RayUnavailable unless the cluster at ``address`` (HOST:PORT or auto) enforces token auth."""
+    hint = "or pass --insecure to use it anyway (see SECURITY.md)"
+    if address.startswith("ray://"):
+        raise RayUnavailable(f"cannot check whether the Ray Client address {address} requires token "
+                             f"authentication; use the cluster's GCS address (HOST:PORT) {hint}")
+    gcs = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        gcs = canonicalize_bootstrap_address("auto")
+        if gcs is None:
+            raise RayUnavailable("--address auto: no running Ray cluster found (RAY_ADDRESS is unset and "
+                                 "this machine has no `ray start` cluster)")
+    enforced, why = token_auth_enforced(gcs)
+    if enforced is False:
+        raise RayUnavailable(f"the Ray cluster at {address} does not require token authentication: anyone "
+                             f"who can reach its ports can run code on it and read this job's secret; start "
+                             f"it with RAY_AUTH_MODE=token {hint}")
+    if enforced is None:
+        raise RayUnavailable(f"cannot tell whether the Ray cluster at {address} requires token "
+                             f"authentication ({why}); {hint}")
+
+
 def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -141,11 +188,12 @@ def _reload_auth_config() -> None:
 @contextlib.contextmanager
 def ray_session(address: str | None, nodes: int, node_resources: dict[str, float], *,
                 dashboard: bool = False, isolate: bool = True, runtime_env: dict[str, Any] | None = None,
-                warn: Any = None) -> Iterator[RaySession]:
+                warn: Any = None, insecure: bool = False) -> Iterator[RaySession]:
     """Connect the driver for one job; a private ``nodes``-node cluster when ``address`` is None.
 
     ``node_resources`` ({"CPU": .., "GPU": ..}) is what each local node offers. ``warn`` is
     called with a message when local isolation is impossible (Ray then listens beyond loopback).
+    ``insecure``: connect to ``address`` even when it does not enforce token authentication.
     """
     _quiet_ray_env()
     try:
@@ -157,6 +205,8 @@ def ray_session(address: str | None, nodes: int, node_resources: dict[str, float
         init_kw["runtime_env"] = runtime_env
     if address is not None:
         check_address(address)
+        if not insecure:
+            require_token_auth(address)
         try:
             with _stderr_to(os.devnull):
                 ray.init(address=address, **init_kw)

@@ -44,6 +44,7 @@ from dtrain.launch.local import (
 )
 from dtrain.launch.ray_agent import NodeAgent, RankExit
 from dtrain.snapshot.client import SPAWN_VAR
+from dtrain.snapshot.secret import SECRET_VAR, new_secret
 from dtrain.launch.ray_cluster import RayUnavailable, ray_session
 
 __all__ = ["RaySpec", "run_ray", "PASSTHROUGH_VARS"]
@@ -66,6 +67,8 @@ class RaySpec:
     gpus_per_rank: float = 0.0
     dashboard: bool = False
     isolate: bool = True
+    insecure: bool = False
+    """Use ``address`` even when the cluster does not enforce Ray's token authentication."""
     poll_interval_s: float = 0.1
     failure_grace_s: float = 3.0
     """After a rank fails, how long to wait for every node to answer before naming a node lost."""
@@ -120,6 +123,7 @@ class _Job:
         self.extra_defaults: dict[str, str] = {}  # per-rank defaults the user's environment may override
         self.run_id = f"dtrain-{uuid.uuid4().hex[:12]}"  # stable across attempts (snapshot processes)
         self.snapshot_hosts: dict[str, Any] = {}  # Ray node id -> its SnapshotHost actor (whole job)
+        self.secret = new_secret()  # the job's secret, to the ranks in their environment (SECURITY.md)
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -247,6 +251,7 @@ class _Job:
         n, m = job.nproc, len(nodes)
         base = contract_env(dataclasses.replace(job, nodes=m))
         base["DTRAIN_RUN_ID"] = self.run_id
+        base[SECRET_VAR] = self.secret
         base[SPAWN_VAR] = "request"  # snapshot processes are Ray actors started here (dtrain.snapshot.ray_host)
         base.update(restart_env(attempt, job.max_restarts, *(restart or (None, None))))
         chosen = {k: os.environ[k] for k in PASSTHROUGH_VARS if k in os.environ}
@@ -468,7 +473,8 @@ def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None =
         with signals_raise():
             try:
                 with ray_session(spec.address, spec.job.nodes, spec.bundle, dashboard=spec.dashboard,
-                                 isolate=spec.isolate, runtime_env=spec.runtime_env, warn=warn) as session:
+                                 isolate=spec.isolate, runtime_env=spec.runtime_env, warn=warn,
+                                 insecure=spec.insecure) as session:
                     job = _Job(spec, followers, log_dir, err)
                     if spec.dashboard and session.local:
                         where = (f" inside this job's network namespace (e.g. nsenter --net=/proc/{os.getpid()}"

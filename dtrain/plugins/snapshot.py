@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -40,6 +39,7 @@ from dtrain.snapshot.client import DaemonClient, node_dir, run_dir
 from dtrain.snapshot.coding import GroupLayout
 from dtrain.snapshot.daemon import SLOTS
 from dtrain.snapshot.recovery import choose_in_memory, persisted_steps
+from dtrain.snapshot.secret import SECRET_VAR, SecretError, job_secret, key_check
 from dtrain.snapshot.slots import SlotMaps
 
 _FINGERPRINT_IGNORES = {"snapshot", "metrics", "checkpoint"}
@@ -91,20 +91,27 @@ class SnapshotPlugin(Plugin):
         self.dir = node_dir(run_dir(self.cfg.run_id), self.node)
         self.client = DaemonClient(self.dir)
         host = self.cfg.host or _gloo_address()
-        error = ""
+        error, key, check = "", b"", None
         if self.is_node_leader:
             try:
                 self._check_capacity()
+                # the job secret comes from the launcher (or the node): it never crosses a collective
+                key = job_secret(self.dir.parent)
+                check = key_check(key, self.dir.parent.name)
                 self.client.ensure_started(self.node, self.nodes, self.k, self.m, host, self.cfg.persist_dir,
                                            self.cfg.persist_every, self.cfg.idle_s)
-            except (SnapshotError, RuntimeError, OSError) as exc:
+            except (SnapshotError, SecretError, RuntimeError, OSError) as exc:
                 error = f"node {self.node}: {exc}"
         _raise_any(comm.all_gather_json(error))
-        key = comm.all_gather_json(secrets.token_hex(32) if comm.rank == 0 else None)[0]
+        checks = {c for c in comm.all_gather_json(check) if c is not None}
+        if len(checks) > 1:
+            raise SnapshotError(f"the nodes hold different job secrets (each made its own: no {SECRET_VAR}); "
+                                f"set {SECRET_VAR} to the same random value on every node, or start the job "
+                                f"with `dtrain launch`")
         reply: dict[str, Any] = {}
         if self.is_node_leader:
             try:
-                reply = self.client.call("configure", epoch=engine.runtime.env.restart_count, job_key=key,
+                reply = self.client.call("configure", epoch=engine.runtime.env.restart_count, job_key=key.hex(),
                                          local_ranks=self.local_ranks, fingerprint=self.fingerprint)
             except Exception as exc:
                 error = f"node {self.node}: {exc}"

@@ -2,8 +2,12 @@
 
 One daemon runs per node, as its own OS process in its own session, so it outlives the training
 processes (a crashed rank restarts and finds its snapshot here). Ranks talk to it over a Unix
-socket in the node's run directory; daemons of different nodes talk over TCP. Both are
-authenticated (``multiprocessing.connection`` HMAC keys) and carry JSON headers plus raw bytes.
+socket in the node's run directory (``multiprocessing.connection``'s HMAC handshake with the node's
+key); daemons of different nodes over TCP, as :class:`dtrain.snapshot.wire.Channel`: a handshake
+under the job secret, then an HMAC-SHA256 tag on every message, bound to the run, the attempt
+(``epoch``), the step, the sending node and the stripe (SECURITY.md). The TCP listener accepts only
+the job's peer addresses (from ``peers``), runs each handshake in a thread of its own with a
+timeout, and every send to a peer and every connect has a timeout too.
 
 Per snapshot step ``s`` (see :mod:`dtrain.snapshot.coding` for the stripe layout):
 
@@ -38,6 +42,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -56,6 +61,9 @@ SLOTS = 3  # per rank: the newest committed step, one still being coded, the one
 SLOT_SLACK = 64 << 10  # bytes a slot grows beyond the blob that needed it
 NICE = 19  # where SCHED_IDLE is unavailable
 POOL_KEEP = 8  # spare receive buffers kept for the next steps
+HANDSHAKE_S = 10.0  # an accepted peer connection must prove the job secret within this
+PEER_TIMEOUT_S = 30.0  # connecting to a peer, and any read or write on it that makes no progress
+MAX_HANDSHAKES = 32  # accepted connections still in their handshake; more are closed at once
 
 
 @dataclass
@@ -92,10 +100,14 @@ class Daemon:
         self.epoch = -1
         self.job_key = b""
         self.peers: dict[int, tuple[str, int]] = {}
+        self.peer_ips: set[str] = set()  # addresses a peer connection may come from
         self.peer_conns: dict[int, Connection] = {}
         self.peer_locks: dict[int, threading.Lock] = {}
         self.fingerprint = ""
-        self.tcp: Listener | None = None
+        self.run = self.dir.parent.name  # the job's run key: every peer message names it
+        self.tcp: socket.socket | None = None
+        self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self.refused: set[str] = set()  # addresses already logged as refused
         self.work: "queue.Queue[tuple[str, int]]" = queue.Queue()
         self.persist_q: "queue.Queue[tuple[int, list[tuple[int, bytes]], Table]]" = queue.Queue()
         self.busy = 0  # queued worker tasks not yet done
@@ -136,16 +148,56 @@ class Daemon:
         while not self.stop.is_set():
             try:
                 conn = listener.accept()
-            except Exception:  # a bad key, or this listener was replaced and closed
-                if handler == self._peer_conn and listener is not self.tcp:
-                    return
+            except Exception:  # a bad key
                 continue
             threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    def _accept_peers(self, listener: socket.socket) -> None:
+        """Accept TCP connections of the job's peers only; each handshake runs in its own thread,
+        so a silent or slow connection holds up nobody else."""
+        while not self.stop.is_set():
+            try:
+                sock, (ip, port) = listener.accept()[:2]
+            except OSError:  # this listener was replaced and closed
+                if listener is not self.tcp:
+                    return
+                continue
+            with self.cv:
+                allowed = ip in self.peer_ips
+            if not allowed or not self.handshakes.acquire(blocking=False):
+                why = "not a peer of this job" if not allowed else f"{MAX_HANDSHAKES} handshakes pending"
+                self._log_refused(ip, f"refused a connection from {ip}:{port} ({why})")
+                sock.close()
+                continue
+            threading.Thread(target=self._handshake, args=(sock, f"peer at {ip}:{port}"), daemon=True).start()
+
+    def _handshake(self, sock: socket.socket, peer: str) -> None:
+        try:
+            with self.cv:
+                key = self.job_key
+            conn = wire.accept_peer(sock, key, peer, HANDSHAKE_S, PEER_TIMEOUT_S)
+        except wire.HandshakeError as exc:
+            self._log_refused(peer.rsplit(":", 1)[0], f"refused: {exc}")
+            return
+        finally:
+            self.handshakes.release()
+        self._peer_conn(conn)
+
+    def _log_refused(self, who: str, msg: str) -> None:
+        with self.cv:
+            first = who not in self.refused
+            self.refused.add(who)
+        if first:  # once per address: a scanner must not flood the log
+            self.log(msg)
 
     def _serve_conn(self, conn: Connection, dispatch, into=None) -> None:
         try:
             while True:
-                header, payload = wire.recv(conn, into)
+                try:
+                    header, payload = wire.recv(conn, into)
+                except wire.TagError as exc:  # nothing of it is used; the connection is not trusted
+                    self.log(f"{exc}; closing the connection")
+                    return
                 try:
                     reply, data = dispatch(header, payload)
                 except Exception as exc:  # answer with the error; the connection stays usable
@@ -192,14 +244,21 @@ class Daemon:
         with lock:
             conn = self.peer_conns.get(node)
             if conn is None:
-                conn = self.peer_conns[node] = wire.connect(address, key)
+                conn = self.peer_conns[node] = wire.connect_peer(
+                    address, key, f"node {node}'s snapshot process at {address[0]}:{address[1]}",
+                    PEER_TIMEOUT_S, source=self.host)
             try:
-                header = {**header, "epoch": epoch, "from": self.node}
+                header = {**header, "run": self.run, "epoch": epoch, "from": self.node}
                 if oneway:
                     wire.send(conn, {**header, "_oneway": True}, payload)
                     return {}, None
-                return wire.request(conn, header, payload, timeout_s)
-            except (EOFError, OSError, TimeoutError):
+                reply, data = wire.request(conn, header, payload, timeout_s)
+                bound = {f: header[f] for f in ("step", "stripe") if f in header} | {"node": node}
+                if "node" in reply and any(reply.get(f) != v for f, v in bound.items()):
+                    raise wire.TagError(f"{header['op']!r} reply from {conn.peer} is for "
+                                        f"{ {f: reply.get(f) for f in bound} }, not {bound}; refused")
+                return reply, data
+            except (EOFError, OSError, TimeoutError, wire.TagError):
                 self.peer_conns.pop(node, None)
                 conn.close()
                 raise
@@ -216,8 +275,10 @@ class Daemon:
         if op == "configure":
             return self._configure(h), None
         if op == "peers":
+            peers = {int(n): (a[0], int(a[1])) for n, a in h["peers"].items()}
+            ips = {socket.gethostbyname(a[0]) for a in peers.values()}
             with self.cv:
-                self.peers = {int(n): (a[0], int(a[1])) for n, a in h["peers"].items()}
+                self.peers, self.peer_ips = peers, ips
             return {}, None
         if op == "reserve":
             return {"path": self._reserve(h["rank"], h["nbytes"], h["timeout_s"])}, None
@@ -278,12 +339,12 @@ class Daemon:
                 conn.close()
             self.peer_conns.clear()
             if self.tcp is None or new_key != self.job_key:
-                old, self.tcp = self.tcp, Listener((self.host, 0), family="AF_INET", authkey=new_key)
+                old, self.tcp = self.tcp, socket.create_server((self.host, 0), backlog=64)
                 self.job_key = new_key
                 if old is not None:
                     old.close()
-                threading.Thread(target=self._accept, args=(self.tcp, self._peer_conn), daemon=True).start()
-            return {"port": self.tcp.address[1]}
+                threading.Thread(target=self._accept_peers, args=(self.tcp,), daemon=True).start()
+            return {"port": self.tcp.getsockname()[1]}
 
     def _reserve(self, rank: int, nbytes: int, timeout_s: float) -> str:
         """A slot file of at least ``nbytes`` for ``rank``'s next blob; waits for a commit while every
@@ -492,12 +553,17 @@ class Daemon:
 
     def _peer_op(self, h: dict[str, Any], payload: bytes | None) -> tuple[dict[str, Any], bytes | None]:
         op = h["op"]
+        if h.get("run") != self.run:
+            raise ValueError(f"message from node {h.get('from')} of run {h.get('run')!r}, not {self.run!r}")
         if h.get("epoch") != self.epoch:
             raise ValueError(f"message from attempt {h.get('epoch')} while this is attempt {self.epoch}")
         if op == "ping":
             return {}, None
         if op == "chunk":
-            self._receive_chunk(h["step"], h["stripe"], h["from"], payload or b"", h["table"])
+            stripe, sender = h["stripe"], h["from"]
+            if sender not in self.group.data_nodes(stripe) or self.node not in self.group.parity_nodes(stripe):
+                raise ValueError(f"node {sender} sent a chunk of stripe {stripe}, which it does not feed here")
+            self._receive_chunk(h["step"], stripe, sender, payload or b"", h["table"])
             return {}, None
         if op == "complete":
             with self.cv:
@@ -514,8 +580,12 @@ class Daemon:
             if par is None:
                 raise KeyError(f"node {self.node} holds no parity of step {h['step']} stripe {h['stripe']}")
             return {"lengths": {str(n): v for n, v in par.lengths.items()},
-                    "tables": {str(n): t for n, t in par.tables.items()}}, block
+                    "tables": {str(n): t for n, t in par.tables.items()}, **self._bound(h)}, block
         raise ValueError(f"unknown peer request {op!r}")
+
+    def _bound(self, h: dict[str, Any]) -> dict[str, Any]:
+        """What a reply carrying data is of (checked by the requester, under the message's tag)."""
+        return {"node": self.node, "step": h["step"], "stripe": h["stripe"]}
 
     def _get_chunk(self, step: int, stripe: int) -> tuple[dict[str, Any], bytes]:
         with self.cv:
@@ -527,7 +597,7 @@ class Daemon:
         c = self.group.data_stripes(self.node).index(stripe)
         with _NodeBlob(self.maps, files) as blob:
             a, b = chunk_bounds(blob.total, self.group.k, c)
-            return {"table": table}, blob.read(a, b)
+            return {"table": table, "node": self.node, "step": step, "stripe": stripe}, blob.read(a, b)
 
     # ------------------------------------------------------------------ rebuild
     def _rebuild(self, step: int) -> None:
