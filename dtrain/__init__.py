@@ -7,9 +7,8 @@
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from dtrain.config import Config, ConfigError
 from dtrain.errors import UsageError
@@ -29,8 +28,7 @@ def init(config: Config | Mapping[str, Any] | str | os.PathLike | None = None) -
     """Initialise the process group, topology and comm layer (idempotent)."""
     from dtrain.runtime import init as _init_runtime
 
-    with _config_errors_end_the_rank():
-        return _init_runtime(load_config(config))
+    return _init_runtime(load_config(config))
 
 
 def load_config(config: Config | Mapping[str, Any] | str | os.PathLike | None = None,
@@ -67,26 +65,10 @@ def wrap(model: nn.Module, optimizer: OptimizerFactory,
     from dtrain.engine import Engine
     from dtrain.runtime import init as _init_runtime
 
-    with _config_errors_end_the_rank():
-        cfg = load_config(config, overrides)
-        runtime = _init_runtime(cfg)
-        return Engine(model, optimizer, cfg, runtime, loss_fn=loss_fn, scheduler=scheduler,
-                      total_steps=total_steps)
-
-
-@contextlib.contextmanager
-def _config_errors_end_the_rank() -> Iterator[None]:
-    """In a launched multi-rank job a ConfigError ends the rank with one line on stderr (exit status
-    1), not one traceback per rank; a single process gets the ConfigError itself."""
-    try:
-        yield
-    except ConfigError as exc:
-        from dtrain.launch.env import read_launch_env
-
-        env = read_launch_env()
-        if env.world_size > 1:
-            raise SystemExit(f"dtrain: rank {env.rank}: {exc}") from None
-        raise
+    cfg = load_config(config, overrides)
+    runtime = _init_runtime(cfg)
+    return Engine(model, optimizer, cfg, runtime, loss_fn=loss_fn, scheduler=scheduler,
+                  total_steps=total_steps)
 
 
 def consolidate(directory: str | os.PathLike) -> dict[str, Any]:
