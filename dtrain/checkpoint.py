@@ -610,13 +610,14 @@ def _reconcile_optimizer(engine: "Engine", reader: "StateReader", restores_sched
     if not same_class:
         differences.append(f"optimizer {saved['class']} -> {mine} (its state starts fresh)")
     driven = _scheduler_keys(optimizer, reader.meta["scheduler"]) if restores_scheduler else set()
+    restored: list[tuple[dict[str, Any], str, Any]] = []
     for gi, (group, before) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
         for key, value in before.items():
             if key in driven:
                 if key == "initial_lr" and _jsonable(group.get(key)) != value:
                     differences.append(f"group {gi} initial_lr {value} -> {_jsonable(group.get(key))} (the "
                                        f"restored LR scheduler continues the saved schedule)")
-                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+                restored.append((group, key, tuple(value) if isinstance(group.get(key), tuple) else value))
             elif same_class and key in group and _jsonable(group[key]) != value:
                 differences.append(f"group {gi} {key} {value} -> {_jsonable(group[key])}")
     if differences:
@@ -628,6 +629,8 @@ def _reconcile_optimizer(engine: "Engine", reader: "StateReader", restores_sched
         if engine.comm.rank == 0:
             print(f"dtrain: {reader.where_saved} was saved with other optimizer settings ({shown}); "
                   f"following this run's optimizer", file=sys.stderr)
+    for group, key, value in restored:
+        group[key] = value
     return same_class
 
 
