@@ -171,3 +171,29 @@ def test_resume_after_failures_and_changed_hyperparameters(failed, capfd):
     assert len(lines) == 2, lines  # rank 0 only: the changed weight decay, the other class
     assert "group 0 weight_decay 0.1 -> 0.0" in lines[0] and "following this run's" in lines[0], lines[0]
     assert "optimizer AdamW -> SGD" in lines[1], lines[1]
+
+
+def _snapshot_disk_fails(root: str) -> dict:
+    from dtrain.plugins.snapshot import SnapshotError
+
+    config = {"snapshot": {"enabled": True, "persist_every": 1, "persist_dir": str(Path(root) / "file" / "sub")},
+              "metrics": {"path": str(Path(root) / "metrics.jsonl")}, "comm": {"timeout_s": TIMEOUT_S}}
+    engine = dtrain.wrap(make_model(), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), config=config)
+    _steps(engine, 0, 3)
+    try:
+        engine.close()
+    except SnapshotError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+def test_snapshot_disk_tier_failure_reaches_the_rank(tmp_path, capfd):
+    (tmp_path / "file").write_text("a file where the disk tier's directory should be")
+    results = run_world(_snapshot_disk_fails, 2, str(tmp_path), timeout_s=180)
+    assert results[0]["error"] and "does not hold this run's final state" in results[0]["error"], results
+    assert results[1]["error"] is None  # rank 1 is not its node's leader: one report per node
+    lines = [__import__("json").loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in lines if r.get("event") == "snapshot_persist_error"]
+    assert events and events[0]["node"] == 0 and "persisting step" in events[0]["error"], events
+    err = capfd.readouterr().err
+    assert "dtrain: snapshot disk tier: node 0: persisting step" in err
