@@ -14,6 +14,12 @@ Format (a directory; nothing is ever unpickled):
   param group, LR-scheduler state, tied-parameter aliases, and the size and CRC-32C of every
   other file. A directory without it is incomplete.
 
+A save is written into ``<dir>.tmp-<id>`` (every file and the directory fsynced) and renamed
+into place once complete; an existing checkpoint at ``dir`` stays loadable until then, and a
+failure on any rank is an error on every rank (:func:`save`, docs/layouts.md "Durability").
+Loading follows this run's optimizer hyperparameters except those a restored LR scheduler drives
+(:func:`_reconcile_optimizer`).
+
 A file that is missing, truncated or fails its CRC-32C is a :class:`CheckpointError` naming the
 file and the check. :func:`verify` checks a whole checkpoint collectively (each rank a share of
 the files), which is how automatic resume (``Engine._resume``) falls back to the previous
