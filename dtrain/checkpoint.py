@@ -302,7 +302,7 @@ def save(engine: "Engine", directory: str | os.PathLike) -> None:
             files["extra.safetensors"] = _atomic_save(extra or {"_empty": torch.zeros(0)}, tmp / "extra.safetensors")
         _fsync_dir(tmp)
     except Exception as exc:  # noqa: BLE001 - every rank must hear of it, whatever it was
-        error = f"rank {rank}: {type(exc).__name__}: {exc}"
+        error = f"rank {rank}: {type(exc).__name__}: {exc} (writing into {tmp})"
     reports = comm.all_gather_json({"files": files, "error": error})
     failed = [r["error"] for r in reports if r["error"]]
     outcome = None
