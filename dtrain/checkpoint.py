@@ -14,6 +14,12 @@ Format (a directory; nothing is ever unpickled):
   param group, LR-scheduler state, tied-parameter aliases, and the size and CRC-32C of every
   other file. A directory without it is incomplete.
 
+A save is written into ``<dir>.tmp-<id>`` (every file and the directory fsynced) and renamed
+into place once complete; an existing checkpoint at ``dir`` stays loadable until then, and a
+failure on any rank is an error on every rank (:func:`save`, docs/layouts.md "Durability").
+Loading follows this run's optimizer hyperparameters except those a restored LR scheduler drives
+(:func:`_reconcile_optimizer`).
+
 A file that is missing, truncated or fails its CRC-32C is a :class:`CheckpointError` naming the
 file and the check. :func:`verify` checks a whole checkpoint collectively (each rank a share of
 the files), which is how automatic resume (``Engine._resume``) falls back to the previous
@@ -32,9 +38,14 @@ stage. Optimizer state must be element-wise (Adam, AdamW, SGD momentum, ...) or 
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
+import re
+import secrets
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,25 +259,105 @@ def _check_scalar_state(groups: list[dict[str, Any]], where: str, format_: str =
 
 
 # ------------------------------------------------------------------------------------ save
+CHECKPOINT_FILE = re.compile(r"(rank\d+\.(safetensors|json)|extra\.safetensors|meta\.json)(\.tmp)?")
+"""Names a checkpoint directory may hold; ``save`` replaces only a directory of nothing else."""
+
+
 def save(engine: "Engine", directory: str | os.PathLike) -> None:
+    """Write a checkpoint of ``engine`` to ``directory`` (collective), durably and atomically.
+
+    Every rank writes and fsyncs its files into ``<directory>.tmp-<id>`` (``id`` picked by rank 0
+    and sent with the first collective); rank 0 writes ``meta.json`` there once every rank
+    succeeded, fsyncs it and the directory, and renames the directory into place. An existing
+    checkpoint at ``directory`` is first renamed to ``<directory>.old-<id>`` and deleted only
+    after the new one is in place, so a crash at any moment leaves a complete checkpoint at
+    ``directory``, ``<directory>.old-<id>`` or ``<directory>.tmp-<id>`` (automatic resume looks at
+    all three: :func:`dtrain.engine.checkpoints_newest_first`). A failure on any rank (a full disk)
+    removes the temporary directory and raises :class:`CheckpointError` on every rank at the next
+    collective of the save, naming the rank and its error; the previous checkpoint is untouched.
+    """
     comm = engine.comm
     rank = comm.rank
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and (path / "meta.json").exists():
-        (path / "meta.json").unlink()  # the directory is incomplete until the new meta lands
-    comm.barrier()
-    state = capture(engine, with_extra=rank == 0)
-    files = {f"rank{rank}.safetensors": _atomic_save({k: f.tensor() for k, f in state.tensors.items()},
-                                                     path / f"rank{rank}.safetensors"),
-             f"rank{rank}.json": _atomic_json(state.info, path / f"rank{rank}.json")}
+    setup = None
     if rank == 0:
-        extra = {k: v.cpu().contiguous() for k, v in state.extra.items()}
-        files["extra.safetensors"] = _atomic_save(extra or {"_empty": torch.zeros(0)}, path / "extra.safetensors")
-    written = {name: check for each in comm.all_gather_json(files) for name, check in each.items()}
+        try:
+            setup = {"id": f"{os.getpid():x}{secrets.token_hex(3)}", "error": _replaceable(path)}
+        except OSError as exc:
+            setup = {"id": "", "error": f"{path}: {exc}"}
+    setup = comm.all_gather_json(setup)[0]
+    if setup["error"]:
+        raise CheckpointError(setup["error"])
+    tmp = path.with_name(f"{path.name}.tmp-{setup['id']}")
+    files: dict[str, dict[str, int]] = {}
+    error = None
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        state = capture(engine, with_extra=rank == 0)
+        tensors = {k: f.tensor() for k, f in state.tensors.items()}
+        files[f"rank{rank}.safetensors"] = _atomic_save(tensors, tmp / f"rank{rank}.safetensors")
+        files[f"rank{rank}.json"] = _atomic_json(state.info, tmp / f"rank{rank}.json")
+        if rank == 0:
+            extra = {k: v.cpu().contiguous() for k, v in state.extra.items()}
+            files["extra.safetensors"] = _atomic_save(extra or {"_empty": torch.zeros(0)}, tmp / "extra.safetensors")
+        _fsync_dir(tmp)
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of it, whatever it was
+        error = f"rank {rank}: {type(exc).__name__}: {exc} (writing into {tmp})"
+    reports = comm.all_gather_json({"files": files, "error": error})
+    failed = [r["error"] for r in reports if r["error"]]
+    outcome = None
     if rank == 0:
-        _atomic_json({**state.meta, "files": written}, path / "meta.json")
-    comm.barrier()
+        if not failed:
+            try:
+                written = {name: check for r in reports for name, check in r["files"].items()}
+                _atomic_json({**state.meta, "files": written}, tmp / "meta.json")
+                _fsync_dir(tmp)
+                _move_into_place(tmp, path, setup["id"])
+            except Exception as exc:  # noqa: BLE001
+                outcome = f"rank 0: {type(exc).__name__}: {exc}"
+        if failed or outcome:
+            shutil.rmtree(tmp, ignore_errors=True)
+    outcome = comm.all_gather_json(outcome)[0]
+    if failed or outcome:
+        old = " the previous checkpoint there is unchanged;" if (path / "meta.json").is_file() else ""
+        raise CheckpointError(f"saving checkpoint {path} failed on {'; '.join(failed or [outcome])};{old} "
+                              f"the partial files were removed")
+
+
+def _replaceable(path: Path) -> str | None:
+    """Why ``save`` may not put a checkpoint at ``path`` (None: it may): anything there besides a
+    checkpoint's files (or an earlier save's leftovers) would be deleted with the old checkpoint."""
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"cannot save a checkpoint to {path}: it exists and is not a directory"
+    foreign = sorted(p.name for p in path.iterdir() if not CHECKPOINT_FILE.fullmatch(p.name))
+    if foreign:
+        return (f"cannot save a checkpoint to {path}: it holds files that are not a dtrain checkpoint's "
+                f"({', '.join(foreign[:3])}); save into a new or empty directory")
+    return None
+
+
+def _move_into_place(tmp: Path, path: Path, save_id: str) -> None:
+    """Rename the complete ``tmp`` to ``path``; an existing checkpoint there goes aside first and
+    is deleted last, and earlier saves' leftovers of ``path`` with it."""
+    aside = path.with_name(f"{path.name}.old-{save_id}")
+    if path.exists():
+        os.rename(path, aside)
+        _fsync_dir(path.parent)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    for stale in (*path.parent.glob(f"{glob.escape(path.name)}.old-*"),
+                  *path.parent.glob(f"{glob.escape(path.name)}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ read
@@ -446,9 +537,13 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader", verified: 
     reader = source if isinstance(source, StateReader) else CheckpointReader(source, verified=verified)
     layout, meta = engine.layout, reader.meta
     _check_model(reader, engine)
-    keys = reader.optim_keys()
+    restores_scheduler = engine.scheduler is not None and meta["scheduler"] is not None
+    same_class = _reconcile_optimizer(engine, reader, restores_scheduler)
+    keys = reader.optim_keys() if same_class else []
     scalars = meta["optimizer"]["scalar_state"]
-    if len(scalars) != len(layout.optimizer.param_groups):
+    if not same_class:
+        scalars = [{} for _ in layout.optimizer.param_groups]
+    elif len(scalars) != len(layout.optimizer.param_groups):
         raise CheckpointError(f"{reader.where_saved} has {len(scalars)} optimizer param groups, "
                               f"the optimizer has {len(layout.optimizer.param_groups)}")
     _check_scalar_state(scalars, reader.where_saved, meta["format"])
@@ -468,8 +563,6 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader", verified: 
                                if piece is not None else torch.zeros(0, device=tensor.device))
                 for key, sc in scalars[gi].items():
                     st[key] = torch.tensor(sc["value"], dtype=getattr(torch, sc["dtype"])) if sc["tensor"] else sc["value"]
-        for g, saved in zip(layout.optimizer.param_groups, meta["optimizer"]["param_groups"]):
-            g.update({k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items()})
         extra = reader.extra()
         buffers = dict(_persistent_buffers(engine.model))
         params = dict(engine.model.named_parameters())
@@ -494,6 +587,57 @@ def load(engine: "Engine", source: "str | os.PathLike | StateReader", verified: 
     else:  # another world size: only state that is the same on every rank carries over (rank 0's)
         _load_plugin_states(engine, reader.rank_info(0).get("plugins", {}), reader.part(0), only_global=True)
     layout.comm.barrier()
+
+
+def _scheduler_keys(optimizer: torch.optim.Optimizer, saved_scheduler: dict[str, Any]) -> set[str]:
+    """Param-group keys an LR scheduler drives: ``lr``, the keys schedulers add (``initial_lr``,
+    OneCycleLR's ``max_lr``/``min_lr``/``base_momentum``/``max_momentum``: not the optimizer's
+    own hyperparameters), and ``momentum``/``betas`` under a ``cycle_momentum`` schedule."""
+    group_keys = {k for g in optimizer.param_groups for k in g if k != "params"}
+    driven = {"lr"} | (group_keys - set(optimizer.defaults))
+    if saved_scheduler.get("cycle_momentum"):
+        driven |= {"momentum", "betas"}
+    return driven
+
+
+def _reconcile_optimizer(engine: "Engine", reader: "StateReader", restores_scheduler: bool) -> bool:
+    """Decide the param groups' hyperparameters of a resumed run; True when the saved optimizer
+    state fits this optimizer (same class).
+
+    This run's optimizer factory wins (a changed ``weight_decay`` takes effect), except for what a
+    restored LR scheduler drives (:func:`_scheduler_keys`), which must continue the saved schedule
+    and so comes from the checkpoint. Another optimizer class starts with fresh optimizer state.
+    Any difference is one line on rank 0, or with ``checkpoint.strict`` a :class:`CheckpointError`
+    (on every rank: they all see the same difference)."""
+    optimizer, saved = engine.layout.optimizer, reader.meta["optimizer"]
+    mine = type(optimizer).__name__
+    differences = []
+    same_class = saved["class"] == mine
+    if not same_class:
+        differences.append(f"optimizer {saved['class']} -> {mine} (its state starts fresh)")
+    driven = _scheduler_keys(optimizer, reader.meta["scheduler"]) if restores_scheduler else set()
+    restored: list[tuple[dict[str, Any], str, Any]] = []
+    for gi, (group, before) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
+        for key, value in before.items():
+            if key in driven:
+                if key == "initial_lr" and _jsonable(group.get(key)) != value:
+                    differences.append(f"group {gi} initial_lr {value} -> {_jsonable(group.get(key))} (the "
+                                       f"restored LR scheduler continues the saved schedule)")
+                restored.append((group, key, tuple(value) if isinstance(group.get(key), tuple) else value))
+            elif same_class and key in group and _jsonable(group[key]) != value:
+                differences.append(f"group {gi} {key} {value} -> {_jsonable(group[key])}")
+    if differences:
+        shown = ", ".join(differences[:6]) + (f" and {len(differences) - 6} more" if len(differences) > 6 else "")
+        if engine.config.checkpoint.strict:
+            raise CheckpointError(f"{reader.where_saved} was saved with other optimizer settings ({shown}); "
+                                  f"checkpoint.strict = true refuses to resume from it: restore the saved "
+                                  f"settings or set checkpoint.strict = false to follow this run's")
+        if engine.comm.rank == 0:
+            print(f"dtrain: {reader.where_saved} was saved with other optimizer settings ({shown}); "
+                  f"following this run's optimizer", file=sys.stderr)
+    for group, key, value in restored:
+        group[key] = value
+    return same_class
 
 
 def _load_plugin_states(engine: "Engine", saved: dict[str, dict[str, Any]], part: Any,
@@ -599,10 +743,17 @@ def _atomic_json(obj: Any, path: Path) -> dict[str, int]:
 
 
 def _atomic_write(data: bytes, path: Path) -> dict[str, int]:
-    """Write ``data`` to ``path`` via a rename; its size and CRC-32C, for ``meta.json``."""
+    """Write ``data`` to ``path`` durably (fsynced, via a rename); its size and CRC-32C, for ``meta.json``."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return {"bytes": len(data), "crc32c": checksum(data)}
 
 

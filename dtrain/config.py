@@ -134,6 +134,10 @@ class CheckpointConfig:
     dir: str | None = None
     every: int = 0
     """Save to ``dir`` every this many steps; 0 disables periodic checkpoints."""
+    strict: bool = False
+    """Refuse (``CheckpointError``) to load a checkpoint saved with other optimizer
+    hyperparameters or another optimizer class; by default the run follows its own optimizer
+    factory and says what differs in one line (docs/layouts.md)."""
 
     def validate(self) -> None:
         _require(self.every >= 0, "checkpoint.every", self.every, "an integer >= 0")

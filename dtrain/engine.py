@@ -11,8 +11,11 @@ where parameters, gradients and optimizer state live; dtrain/loss.py owns loss n
 """
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -336,8 +339,11 @@ class Engine:
         if self.runtime.rank == 0:
             import shutil
 
-            for old in _complete_checkpoints(root)[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
+            for old in _complete_checkpoints(root)[:-2]:  # with what a crashed save of it left
+                base = old.name.split(".", 1)[0]
+                pattern = glob.escape(base)
+                for leftover in (root / base, *root.glob(pattern + ".tmp-*"), *root.glob(pattern + ".old-*")):
+                    shutil.rmtree(leftover, ignore_errors=True)
 
     def save(self, directory: str) -> None:
         from dtrain.checkpoint import save
@@ -372,16 +378,43 @@ def seed_rngs(seed: int, rank: int) -> None:
     np.random.seed(value % 2**32)
 
 
+_STEP_DIR = re.compile(r"step-\d+")
+
+
 def _complete_checkpoints(root: Path) -> list[Path]:
-    return sorted(d for d in root.glob("step-*") if (d / "meta.json").is_file())
+    """``root``'s complete ``step-N`` checkpoints, oldest first (see :func:`_complete_at`)."""
+    names = {d.name.split(".", 1)[0] for d in root.glob("step-*")}
+    found = (_complete_at(root / name) for name in names if _STEP_DIR.fullmatch(name))
+    return sorted((d for d in found if d is not None), key=lambda d: d.name.split(".", 1)[0])
+
+
+def _complete_at(path: Path) -> Path | None:
+    """The complete checkpoint saved as ``path``: ``path`` itself, else what a save interrupted by a
+    crash left next to it (docs/layouts.md): the old checkpoint moved aside (``<path>.old-<id>``)
+    or the new one not yet renamed (``<path>.tmp-<id>``, complete once its ``meta.json`` exists),
+    the higher step first."""
+    if (path / "meta.json").is_file():
+        return path
+    left = [d for pattern in (".tmp-*", ".old-*") for d in path.parent.glob(glob.escape(path.name) + pattern)
+            if (d / "meta.json").is_file()]
+    return max(left, key=_saved_step, default=None)
+
+
+def _saved_step(path: Path) -> int:
+    try:
+        return int(json.loads((path / "meta.json").read_bytes()).get("step", -1))
+    except (OSError, ValueError, AttributeError):
+        return -1
 
 
 def checkpoints_newest_first(directory: str) -> list[Path]:
-    """The checkpoints to resume from, best first: ``directory`` itself if complete, else its
-    complete ``step-N`` (written by ``checkpoint.every``), newest first."""
+    """The checkpoints to resume from, best first: ``directory`` itself if complete (or what an
+    interrupted save of it left), else its complete ``step-N`` (written by ``checkpoint.every``),
+    newest first."""
     root = Path(directory)
-    if (root / "meta.json").is_file():
-        return [root]
+    here = _complete_at(root)
+    if here is not None:
+        return [here]
     return _complete_checkpoints(root)[::-1]
 
 

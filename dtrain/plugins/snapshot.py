@@ -82,6 +82,8 @@ class SnapshotPlugin(Plugin):
         self.write_cpu_s = 0.0  # CPU time of the newest background write
         self._waited = 0.0
         self._slots = SlotMaps(writable=True)
+        self._persist_seen = {"failed": 0, "skipped": 0}  # the disk tier's counts already reported
+        self._persist_events: list[dict[str, Any]] = []  # to write from the training thread
 
     # ------------------------------------------------------------------ start-up
     def _start(self) -> None:
@@ -239,6 +241,7 @@ class SnapshotPlugin(Plugin):
     # ------------------------------------------------------------------ every step
     def after_step(self, step: int) -> None:
         start = time.perf_counter()
+        self._report_persist()
         if step % self.cfg.every == 0:
             self.flush()
             volatile = capture_volatile(self.engine, with_extra=True)
@@ -278,6 +281,7 @@ class SnapshotPlugin(Plugin):
             blobs.write(slot, state, plan)
         reply = self.client.call("written", rank=self.comm.rank, step=step, path=path, nbytes=plan.nbytes)
         self._next_slot = reply.get("next")
+        self._note_persist(reply.get("persist"))
         self.blob_bytes = plan.nbytes
         self.last_step = step
         self.write_cpu_s = time.thread_time() - cpu
@@ -289,8 +293,37 @@ class SnapshotPlugin(Plugin):
 
     def wait_committed(self, step: int, timeout_s: float = 60.0) -> bool:
         self.flush()
-        return bool(self.client.call("wait_commit", _wait=timeout_s + 10, step=step,
-                                     timeout_s=timeout_s)["committed"])
+        reply = self.client.call("wait_commit", _wait=timeout_s + 10, step=step, timeout_s=timeout_s)
+        self._note_persist(reply.get("persist"))
+        return bool(reply["committed"])
+
+    # ------------------------------------------------------------------ disk tier reports
+    def _note_persist(self, report: dict[str, Any] | None) -> None:
+        """Turn the node's disk-tier counts (a snapshot process reply) into events, once per node
+        (its leader's); any thread."""
+        if not report or not self.is_node_leader or not self.cfg.persist_every:
+            return
+        if report["failed"] > self._persist_seen["failed"]:
+            self._persist_events.append({"event": "snapshot_persist_error", "node": self.node,
+                                         "step": report["error_step"], "failed": report["failed"],
+                                         "error": report["error"]})
+        if report["skipped"] > self._persist_seen["skipped"]:
+            self._persist_events.append({"event": "snapshot_persist_skipped", "node": self.node,
+                                         "skipped": report["skipped"]})
+        self._persist_seen = {"failed": report["failed"], "skipped": report["skipped"]}
+
+    def _report_persist(self) -> None:
+        """Write the noted events to the metrics stream (appended, as any rank may be a node's
+        leader) and each error as one line on stderr."""
+        path = self.engine.config.metrics.path or self.engine.runtime.env.metrics_path
+        while self._persist_events:
+            event = {**self._persist_events.pop(0), "time": time.time()}
+            if event["event"] == "snapshot_persist_error":
+                print(f"dtrain: snapshot disk tier: {event['error']} (failure {event['failed']} of this run)",
+                      file=sys.stderr, flush=True)
+            if path:
+                with open(path, "a") as f:
+                    f.write(json.dumps(event) + "\n")
 
     def teardown(self) -> None:
         """The run finished: the node's snapshot process is no longer needed."""
@@ -304,12 +337,17 @@ class SnapshotPlugin(Plugin):
         if self.last_step > 0:  # the final state reaches memory (and the disk tier) before we stop
             self.wait_committed(self.last_step)
         self.comm.barrier()
+        final: dict[str, Any] = {}
         if self.is_node_leader:
             try:
-                self.client.call("shutdown", _wait=60.0)
+                final = self.client.call("shutdown", _wait=60.0).get("persist") or {}
             except Exception:
                 pass
         self.client.close()
+        self._note_persist(final)
+        self._report_persist()
+        if self.is_node_leader and self.cfg.persist_every and final.get("error_step", -1) > final.get("newest", -1):
+            raise SnapshotError(f"the snapshot disk tier does not hold this run's final state: {final['error']}")
 
 
 def _fingerprint(engine: Any) -> str:

@@ -25,6 +25,10 @@ Per snapshot step ``s`` (see :mod:`dtrain.snapshot.coding` for the stripe layout
    messages, and a parity holder is complete only once it has).
    Older steps are dropped then, and every ``persist_every``-th committed step is written to
    disk by a background thread (temporary file, fsync, atomic rename, checksums in a JSON index).
+   At most one step waits for the disk while another is written: a newer committed step replaces
+   a waiting one (counted as skipped), so the disk tier always gets the newest step and a slow
+   disk never holds more than two copies. Failed and skipped persists are counted and reach the
+   ranks in the replies to ``written``, ``wait_commit`` and ``shutdown`` (``persist``).
 
 The daemon keeps its mappings of the slot files and its receive buffers from step to step, and
 runs under ``SCHED_IDLE`` (:func:`lower_priority`): on a node whose cores training keeps busy,
@@ -109,7 +113,9 @@ class Daemon:
         self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self.refused: set[str] = set()  # addresses already logged as refused
         self.work: "queue.Queue[tuple[str, int]]" = queue.Queue()
-        self.persist_q: "queue.Queue[tuple[int, list[tuple[int, bytes]], Table]]" = queue.Queue()
+        self.persist_q: "queue.Queue[tuple[int, list[tuple[int, bytes]], Table]]" = queue.Queue(maxsize=1)
+        self.persist_lock = threading.Lock()  # one committing thread at a time replaces the waiting step
+        self.persist_report: dict[str, Any] = {"failed": 0, "skipped": 0, "error": "", "error_step": -1, "newest": -1}
         self.busy = 0  # queued worker tasks not yet done
         self.clients = 0
         self.last_client = time.monotonic()
@@ -293,7 +299,7 @@ class Daemon:
                 self._queue("encode", h["step"])
             if following is not None:
                 self._size_slot(following, h["nbytes"])
-            return {"next": following}, None
+            return {"next": following, "persist": dict(self.persist_report)}, None
         if op == "status":
             self._drain(h.get("timeout_s", 30.0))
             return self._status(), None
@@ -312,7 +318,8 @@ class Daemon:
             self._keep(h["step"])
             return {}, None
         if op == "wait_commit":
-            return {"committed": self._wait_commit(h["step"], h["timeout_s"])}, None
+            return {"committed": self._wait_commit(h["step"], h["timeout_s"]),
+                    "persist": dict(self.persist_report)}, None
         if op == "usage":
             with self.cv:
                 data = sum(nb for st in self.steps.values() for _, nb in st.blobs.values())
@@ -322,7 +329,7 @@ class Daemon:
             deadline = time.monotonic() + 60.0
             while self.persist_q.unfinished_tasks and time.monotonic() < deadline:
                 time.sleep(0.05)
-            return {}, None
+            return {"persist": dict(self.persist_report)}, None
         raise ValueError(f"unknown request {op!r}")
 
     def _configure(self, h: dict[str, Any]) -> dict[str, Any]:
@@ -542,7 +549,18 @@ class Daemon:
             table = st.table
             self.cv.notify_all()
         if persist:
-            self.persist_q.put((step, copies, table))
+            with self.persist_lock:
+                try:
+                    self.persist_q.put_nowait((step, copies, table))
+                except queue.Full:  # the waiting step is older: this one takes its place
+                    try:
+                        older = self.persist_q.get_nowait()[0]
+                        self.persist_q.task_done()
+                        self.persist_report["skipped"] += 1
+                        self.log(f"disk tier busy: step {older} not persisted, step {step} replaces it")
+                    except queue.Empty:  # the disk thread took it meanwhile
+                        pass
+                    self.persist_q.put_nowait((step, copies, table))
 
     # ------------------------------------------------------------------ peer requests
     def _peer_conn(self, conn: Connection) -> None:
@@ -658,8 +676,12 @@ class Daemon:
             step, copies, table = self.persist_q.get()
             try:
                 self._persist(step, copies, table)
-            except Exception:
+            except Exception as exc:
+                self.persist_report.update(error=f"node {self.node}: persisting step {step} to {self.persist_dir} "
+                                           f"failed: {exc}", error_step=step, failed=self.persist_report["failed"] + 1)
                 self.log(f"persisting step {step} failed: {traceback.format_exc()}")
+                for tmp in (self.persist_dir or Path(".")).glob(f"step-{step:09d}/*.tmp"):
+                    tmp.unlink(missing_ok=True)
             finally:
                 self.persist_q.task_done()
 
@@ -672,6 +694,7 @@ class Daemon:
         index = {"step": step, "node": self.node, "table": table, "fingerprint": self.fingerprint}
         _atomic_write(target / f"node{self.node}.json", json.dumps(index).encode())
         self.persisted = (self.persisted + [step])[-2:]
+        self.persist_report["newest"] = step
         mine = sorted(d for d in self.persist_dir.glob("step-*") if (d / f"node{self.node}.json").exists())
         for old in mine[:-2]:  # keep this node's two newest persisted steps
             (old / f"node{self.node}.json").unlink(missing_ok=True)
