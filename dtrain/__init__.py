@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import os
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
@@ -81,6 +82,9 @@ def _config_errors_end_the_rank() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
+        bootstrap = sys.modules.get("dtrain.launch.bootstrap")
+        if bootstrap is not None and getattr(bootstrap, "ACTIVE", False):
+            raise  # dtrain launch's rank entry reports it: one line per job, no restart
         from dtrain.launch.env import read_launch_env
 
         env = read_launch_env()

@@ -257,7 +257,11 @@ def _launch(ns: argparse.Namespace) -> int:
     from dtrain.launch.preflight import check_config_up_front, metrics_destination
 
     config = check_config_up_front(ns.config, list(ns.overrides), ns.metrics,  # before any rank or torch
-                                   nodes=ns.nodes, nproc=ns.nproc)
+                                   nodes=ns.nodes, nproc=ns.nproc, local=not (ns.ray and ns.address))
+    if not ns.ray:
+        from dtrain.snapshot.client import check_base_dir
+
+        check_base_dir()  # the shared-memory directory of run state is ours (lstat), before anything starts
     metrics = metrics_destination(config, ns.metrics)
     if metrics is not None:
         print(f"dtrain: metrics -> {metrics} (one JSON line per step; a new run replaces the file, "

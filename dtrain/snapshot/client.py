@@ -39,7 +39,7 @@ from dtrain import runstate
 from dtrain.snapshot import wire
 
 __all__ = ["run_dir", "node_dir", "DaemonClient", "daemon_pid", "remove_run", "stop_daemon", "SPAWN_VAR",
-           "claim_run", "SnapshotProcessDied"]
+           "claim_run", "check_base_dir", "SnapshotProcessDied"]
 
 OWNER_FILE = "owner.json"
 """In a run directory: the launcher that owns it (dtrain.runstate owner record)."""
@@ -73,6 +73,12 @@ def run_dir(run_id: str | None = None, create: bool = True) -> Path:
 
 def _base_dir() -> Path:
     return Path(os.environ.get("DTRAIN_SHM_DIR", "/dev/shm")) / f"dtrain-{os.getuid()}"
+
+
+def check_base_dir() -> Path:
+    """This user's directory of run directories, created or checked (dtrain.runstate.private_dir);
+    the launcher calls it before anything starts, so an unsafe one is one line up front."""
+    return runstate.private_dir(_base_dir())
 
 
 def claim_run(run_id: str) -> Path:
