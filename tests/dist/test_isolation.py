@@ -51,16 +51,25 @@ def _pair(tmp_path: Path, launcher: list[str], sets: list[str]) -> list[int]:
     return [p.pid for p, _ in jobs]
 
 
-def test_two_snapshot_jobs_at_once(tmp_path: Path) -> None:
-    _pair(tmp_path, ["--nodes", "2", "--nproc", "1"], ["zero.stage=3", "snapshot.enabled=true"])
+SNAPSHOT_SETS = ["zero.stage=3", "snapshot.enabled=true"]
 
 
-def test_two_net_jobs_at_once(tmp_path: Path) -> None:
+def test_two_net_snapshot_jobs_at_once(tmp_path: Path) -> None:
+    """Both kinds of isolation in one pair: each job has its own namespaces and bridge, and its own
+    snapshot run directory and snapshot processes (which talk over the namespaces' links)."""
     from dtrain import netns, runstate
 
     reason = netns.unavailable_reason()
     if reason:
-        pytest.skip(f"network namespaces unavailable: {reason}")
-    pids = _pair(tmp_path, ["--nodes", "2", "--nproc", "1", "--net", "bw=1gbit"], ["zero.stage=2"])
+        pytest.skip(f"network namespaces unavailable: {reason} (test_two_snapshot_jobs_at_once runs instead)")
+    pids = _pair(tmp_path, ["--nodes", "2", "--nproc", "1", "--net", "bw=1gbit"], SNAPSHOT_SETS)
     records = [runstate.read_record(p) for p in runstate.state_root().glob("netns-*.json")]
     assert not [r for r in records if r and r.get("pid") in pids], records  # each removed its own
+
+
+def test_two_snapshot_jobs_at_once(tmp_path: Path) -> None:
+    from dtrain import netns
+
+    if netns.unavailable_reason() is None:
+        pytest.skip("covered by test_two_net_snapshot_jobs_at_once, whose jobs also take snapshots")
+    _pair(tmp_path, ["--nodes", "2", "--nproc", "1"], SNAPSHOT_SETS)
