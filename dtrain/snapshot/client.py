@@ -278,7 +278,7 @@ class DaemonClient:
         if self.conn is None:
             self.connect()
         try:
-            if not select.select([], [self.conn.fileno()], [], SEND_TIMEOUT_S)[1]:
+            if not _writable(self.conn.fileno(), SEND_TIMEOUT_S):
                 raise TimeoutError(f"could not send {op!r} to the snapshot process on node {self.node} "
                                    f"within {SEND_TIMEOUT_S:g} s")
             reply, _ = wire.request(self.conn, {"op": op, **fields}, timeout_s=_wait)
@@ -322,6 +322,13 @@ class DaemonClient:
             except OSError:
                 pass
             self.conn = None
+
+
+def _writable(fd: int, timeout_s: float) -> bool:
+    """Whether ``fd`` can take a write within ``timeout_s`` (poll: no FD_SETSIZE limit, unlike select)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 def _signal_name(number: int) -> str:
