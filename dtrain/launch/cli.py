@@ -312,7 +312,7 @@ def _run_launch(ns: argparse.Namespace) -> int:
         return run_ray(RaySpec(job=spec, address=ns.address, min_nodes=ns.min_nodes, node_wait_s=ns.node_wait_s,
                                runtime_env=ns.runtime_env, cpus_per_rank=ns.cpus_per_rank,
                                gpus_per_rank=ns.gpus_per_rank, dashboard=ns.dashboard))
-    return run_local(spec)
+    return run_local(spec, exit_on_signal=True)
 
 
 def _plan(args: list[str]) -> int:

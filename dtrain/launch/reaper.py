@@ -11,7 +11,10 @@ alive. :class:`Reaper` therefore runs a watchdog thread from the first signal on
 * after ``grace_s`` (or at a second signal) it SIGKILLs those groups and every descendant;
 * if the launcher has still not returned ``exit_after_s`` after the signal, it runs the last
   clean-up it was given (network namespaces, the run directory) and ends the process with
-  ``os._exit(128 + signal)``.
+  ``os._exit(128 + signal)``;
+* :meth:`Reaper.exit_if_signalled` lets the launcher end the same way once its own clean-up is
+  done: the interpreter's finalisation (torch's stores and process groups) takes seconds on a busy
+  machine and has nothing left to do.
 
 The snapshot processes of the job are in their own sessions and are stopped by the launcher's
 clean-up (dtrain.snapshot.client.remove_run), or killed here when they are still descendants.
@@ -44,8 +47,10 @@ def descendants() -> dict[int, int]:
     return out
 
 
-def kill_tree(known: dict[int, int] | None = None, sig: int = signal.SIGKILL) -> None:
-    """Send ``sig`` to every descendant and to each process group led by one (never our own)."""
+def kill_tree(known: dict[int, int] | None = None, sig: int = signal.SIGKILL, everything: bool = False) -> None:
+    """Send ``sig`` to every process group led by a descendant (a rank and what it started) and to
+    its members among the descendants. Descendants in this process's own group (the fork server,
+    multiprocessing's resource tracker) are left to exit with it, unless ``everything``."""
     own_group = os.getpgrp()
     procs = {**(known or {}), **descendants()}
     for pgid in set(procs.values()):
@@ -54,17 +59,18 @@ def kill_tree(known: dict[int, int] | None = None, sig: int = signal.SIGKILL) ->
                 os.killpg(pgid, sig)
             except OSError:
                 pass
-    for pid in procs:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
+    for pid, pgid in procs.items():
+        if pgid != own_group or everything:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
 
 
 class Reaper:
     """Watchdog that bounds how long a stop signal takes (see the module docstring)."""
 
-    def __init__(self, grace_s: float = 3.0, exit_after_s: float = 8.0,
+    def __init__(self, grace_s: float = 2.0, exit_after_s: float = 6.0,
                  last_cleanup: Callable[[], None] | None = None) -> None:
         self.grace_s = grace_s
         self.exit_after_s = exit_after_s
@@ -93,6 +99,19 @@ class Reaper:
         if self.signal is not None:
             kill_tree(self._known)
 
+    def exit_if_signalled(self, status: int) -> None:
+        """After a stop signal and a finished clean-up: flush the std streams and ``os._exit``."""
+        if self.signal is None:
+            return
+        import sys
+
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+
     def _watch(self) -> None:
         start = time.monotonic()
         self._now.wait(self.grace_s)
@@ -101,7 +120,7 @@ class Reaper:
         kill_tree(self._known)
         if self._done.wait(max(0.0, self.exit_after_s - (time.monotonic() - start))):
             return
-        kill_tree(self._known)
+        kill_tree(self._known, everything=True)
         try:
             if self.last_cleanup is not None:
                 self.last_cleanup()
