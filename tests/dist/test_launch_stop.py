@@ -1,8 +1,8 @@
 """SIGTERM to `dtrain launch` ends the launcher and every rank (and what the ranks started) within
 10 s, whatever the ranks do: rank 0 ignores SIGTERM, rank 1 is blocked in a collective that rank 0
-never joins, and each rank has a child process. Both start methods (fork server, spawn) and, as
-root, a ``--net`` job (2 namespaces, spawned ranks: the set-up where a launcher once outlived its
-ranks by minutes) run side by side in one test. The PIDs checked are the ones the ranks printed;
+never joins, and each rank has a child process. Both start methods run side by side in one test:
+forked ranks, and spawned ones, as root in a ``--net`` job (2 namespaces: the set-up where a
+launcher once outlived its ranks by minutes), else plain. The PIDs checked are the ones the ranks printed;
 the ``--net`` job's namespaces must be gone too (its owner record, dtrain.netns)."""
 from __future__ import annotations
 
@@ -56,9 +56,11 @@ def test_sigterm_stops_launcher_and_every_rank(tmp_path: Path) -> None:
     from dtrain import netns, runstate
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    variants = {method: ["--nproc", "2", "--start-method", method] for method in ("forkserver", "spawn")}
-    if netns.unavailable_reason() is None:
+    variants = {"forkserver": ["--nproc", "2", "--start-method", "forkserver"]}
+    if netns.unavailable_reason() is None:  # spawned ranks in namespaces
         variants["net"] = ["--nodes", "2", "--nproc", "1", "--net", "bw=1gbit"]
+    else:
+        variants["spawn"] = ["--nproc", "2", "--start-method", "spawn"]
     launchers = {
         name: subprocess.Popen([sys.executable, "-m", "dtrain.launch.cli", "launch", "--no-progress", *args,
                                 str(script)],
@@ -85,7 +87,8 @@ def test_sigterm_stops_launcher_and_every_rank(tmp_path: Path) -> None:
         alive = {m: [p for p in found if start_time(p) is not None] for m, found in pids.items()}
         assert alive == {name: [] for name in variants}, (alive, took)
         records = [runstate.read_record(p) for p in runstate.state_root().glob("netns-*.json")]
-        assert not [r for r in records if r and r.get("pid") == launchers.get("net", launchers["spawn"]).pid]
+        spawned = launchers.get("net") or launchers["spawn"]
+        assert not [r for r in records if r and r.get("pid") == spawned.pid], records
         for method, proc in launchers.items():
             err = proc.stderr.read()
             assert proc.returncode == 128 + signal.SIGTERM, (method, err)
