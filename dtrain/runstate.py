@@ -39,9 +39,9 @@ def private_dir(path: Path | str, parents: bool = True) -> Path:
     ``lstat`` (a directory, not a symlink, owned by this user; group/other bits are removed from
     our own directory). Raises :class:`UnsafePathError` naming the problem otherwise."""
     path = Path(path)
-    if parents and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        if parents and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass

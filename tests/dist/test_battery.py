@@ -43,7 +43,7 @@ def _files(tmp: Path) -> dict[str, str]:
     (tmp / "a_file").write_text("")
     (tmp / "shm").mkdir()
     (tmp / "shm" / f"dtrain-{os.getuid()}").symlink_to(tmp)
-    return {"{S}": str(tmp / "ok.py"), "shm": str(tmp / "shm")}
+    return {"{S}": str(tmp / "ok.py"), "{shm}": str(tmp / "shm")}
 
 
 LAUNCHER_CASES: dict[str, tuple[list[str], str]] = {
@@ -92,7 +92,9 @@ LAUNCHER_CASES: dict[str, tuple[list[str], str]] = {
     "unknown command": (["frob"], "invalid choice: 'frob'"),
     "bad start method": (["launch", "--start-method", "fork", "{S}"], "invalid choice: 'fork'"),
     "plot a missing file": (["plot", "missing.jsonl", "-o", "x.png"], "'missing.jsonl' does not exist"),
-    "shared directory is a symlink": (["launch", "--set", "SHM_SYMLINK", "{S}"], "is a symlink"),
+    "shared directory is a symlink": (["ENV:DTRAIN_SHM_DIR={shm}", "launch", "{S}"], "is a symlink"),
+    "shared directory cannot be made": (["ENV:DTRAIN_SHM_DIR=/proc/nope", "launch", "{S}"],
+                                        "cannot create /proc/nope/dtrain-"),
 }
 
 
@@ -110,10 +112,10 @@ def test_launcher_level_battery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         err = io.StringIO()
         start = time.monotonic()
         with contextlib.redirect_stderr(err), monkeypatch.context() as env:
-            if "SHM_SYMLINK" in argv:  # DTRAIN_SHM_DIR/dtrain-<uid> is a planted symlink
-                env.setenv("DTRAIN_SHM_DIR", subst["shm"])
-                argv = [a for a in argv if a not in ("--set", "SHM_SYMLINK")]
-            status = main([subst.get(a, a) for a in argv])
+            for item in [a for a in argv if a.startswith("ENV:")]:  # environment of the case
+                key, _, value = item[4:].partition("=")
+                env.setenv(key, subst.get(value, value))
+            status = main([subst.get(a, a) for a in argv if not a.startswith("ENV:")])
         took = time.monotonic() - start
         lines = _one_line(err.getvalue())
         if status == 0 or took > LIMIT_S or len(lines) != 1 or expect not in lines[0] or "Traceback" in err.getvalue():
