@@ -11,7 +11,13 @@ Owns the lifecycle of everything it creates, and nothing else:
   namespace's own loopback path, so only inter-node traffic is shaped.
 
 Everything is deleted by :meth:`Hosts.teardown`, which also runs from ``atexit`` and on SIGTERM,
-and on any failure half-way through :func:`create_hosts`. No traffic leaves the bridge: the
+and on any failure half-way through :func:`create_hosts`. Names are per run (``dtrain launch``
+uses :func:`run_prefix` of its run id), and each instance leaves an owner record
+``netns-{prefix}.json`` (dtrain.runstate: creator PID and start time, what it created) in the
+user's 0700 state directory, next to the lock that serialises subnet choice. A later
+:func:`create_hosts` deletes what a record lists only when its owner has died (a run killed by
+SIGKILL); the namespaces of a live job are never touched, and a name already claimed by a live
+owner is an error. No traffic leaves the bridge: the
 namespaces have no default route and the bridge is not connected to any other interface.
 
 Rank processes enter their node's namespace with :mod:`dtrain.launch.netns_exec` before they
@@ -21,6 +27,7 @@ node 0 and ``GLOO_SOCKET_IFNAME=eth0``.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -28,13 +35,17 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from dtrain import runstate
 
 SUBNET_BASE = "10.231"
 EXEC_WRAPPER = str(Path(__file__).parent / "launch" / "netns_exec.py")  # run by path: no torch import
 IFNAME = "eth0"
 _LIVE: list["Hosts"] = []
+_CMD_TIMEOUT_S = 20.0
 
 
 class NetnsError(RuntimeError):
@@ -79,8 +90,18 @@ def default_burst(rate: str) -> str:
     return f"{max(32 * 1024, parse_rate_bits(rate) // 8 // 125)}b"
 
 
+def run_prefix(run_id: str) -> str:
+    """The interface/namespace prefix of a launch: ``dt`` + 6 hex digits of its run id, short
+    enough for Linux's 15-character interface names (``{prefix}-v{k}p``)."""
+    digest = re.sub(r"[^0-9a-f]", "", run_id.lower())[-6:] or "0"
+    return f"dt{digest}"
+
+
 def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), capture_output=True, text=True)
+    try:
+        proc = subprocess.run(list(args), capture_output=True, text=True, timeout=_CMD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise NetnsError(f"`{' '.join(args)}` did not finish within {_CMD_TIMEOUT_S:g} s") from None
     if check and proc.returncode:
         raise NetnsError(f"`{' '.join(args)}` failed: {proc.stderr.strip() or proc.returncode}")
     return proc
@@ -121,6 +142,8 @@ class Hosts:
             _run("ip", "netns", "del", name, check=False)
         if self.bridge:
             _run("ip", "link", "del", self.bridge, check=False)
+        with contextlib.suppress(OSError, NetnsError):
+            _record_path(self.prefix).unlink(missing_ok=True)
         if self in _LIVE:
             _LIVE.remove(self)
 
@@ -145,13 +168,10 @@ def create_hosts(nodes: int, rate: str = "100mbit", *, burst: str | None = None,
     _LIVE.append(hosts)
     try:
         hosts.bridge = f"{prefix}-br"
-        _clear_stale(prefix, nodes)
-        _run("ip", "link", "add", hosts.bridge, "type", "bridge")
-        with open("/run/lock/dtrain-netns.lock" if os.path.isdir("/run/lock") else "/tmp/dtrain-netns.lock",
-                  "w") as lock:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)  # choose-and-claim a subnet atomically across processes
+        with _locked():  # sweep, claim the names, choose-and-claim a subnet: atomic across processes
+            _clear_stale(prefix, nodes)
+            runstate.write_owner(_record_path(prefix), runstate.owner_record(prefix=prefix, nodes=nodes))
+            _run("ip", "link", "add", hosts.bridge, "type", "bridge")
             hosts.subnet = _free_subnet()
             _run("ip", "addr", "add", f"{hosts.bridge_addr}/24", "dev", hosts.bridge)
         _run("ip", "link", "set", hosts.bridge, "up")
@@ -187,12 +207,46 @@ def _free_subnet() -> str:
     raise NetnsError(f"every {SUBNET_BASE}.X.0/24 subnet is in use; remove stale bridges (ip link del ...)")
 
 
-def _clear_stale(prefix: str, nodes: int) -> None:
-    """Remove leftovers of a previous instance with the same prefix (a run killed by SIGKILL)."""
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """The harness lock, a file in the user's 0700 state directory (dtrain.runstate.state_root)."""
+    import fcntl
+
+    fd = os.open(runstate.state_root() / "netns.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _record_path(prefix: str) -> Path:
+    return runstate.state_root() / f"netns-{prefix}.json"
+
+
+def _delete_instance(prefix: str, nodes: int) -> None:
     for k in range(nodes):
         _run("ip", "link", "del", f"{prefix}-v{k}", check=False)
         _run("ip", "netns", "del", f"{prefix}-n{k}", check=False)
     _run("ip", "link", "del", f"{prefix}-br", check=False)
+
+
+def _clear_stale(prefix: str, nodes: int) -> None:
+    """Delete the instances whose owner died (their records say what they created), then make sure
+    ``prefix`` is free: a live owner's name is an error, an unrecorded leftover of it is removed."""
+    for path in runstate.state_root().glob("netns-*.json"):
+        record = runstate.read_record(path)
+        if record is None or runstate.owner_alive(record):
+            continue
+        stale, count = record.get("prefix"), record.get("nodes")
+        if isinstance(stale, str) and isinstance(count, int):
+            _delete_instance(stale, count)
+        path.unlink(missing_ok=True)
+    record = runstate.read_record(_record_path(prefix))
+    if record is not None:
+        raise NetnsError(f"the network namespaces {prefix}-* belong to a running job (pid {record.get('pid')}); "
+                         "use another prefix")
+    _delete_instance(prefix, nodes)  # unrecorded leftovers of this very name (older dtrain versions)
 
 
 def leftovers(prefix: str = "dtrain") -> list[str]:

@@ -21,9 +21,9 @@ __all__ = ["FaultInjector", "last_fault"]
 
 
 def _markers(run: Path) -> Path:
-    path = run / "faults"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    from dtrain.runstate import private_dir
+
+    return private_dir(run / "faults", parents=False)
 
 
 def last_fault(run: Path) -> dict[str, Any] | None:

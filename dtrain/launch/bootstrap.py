@@ -10,8 +10,9 @@ and use them to
 
 * name the rank that failed first by the time it failed, not by when the launcher noticed (a
   peer that only saw the knock-on gloo error fails later);
-* report a :func:`dtrain.errors.is_usage_error` (``dtrain.UsageError``, ``dtrain.ConfigError``)
-  once per job: such a rank prints no traceback (unless ``DTRAIN_DEBUG=1``), exits with
+* report a :func:`dtrain.errors.is_usage_error` (``dtrain.UsageError``, ``dtrain.ConfigError``),
+  or a ``dtrain.checkpoint.CheckpointError`` (a missing or damaged checkpoint: a restart would
+  meet the same files), once per job: such a rank prints no traceback (unless ``DTRAIN_DEBUG=1``), exits with
   :data:`dtrain.errors.USAGE_EXIT_STATUS` and its ``line`` is the launcher's whole report; the
   group is not restarted.
 
@@ -32,6 +33,8 @@ from dtrain.errors import USAGE_EXIT_STATUS, is_usage_error, usage_line
 
 __all__ = ["run_script", "parse_rank_event", "RANK_EVENT_PREFIX", "MODULE"]
 
+ACTIVE = False
+"""True in a rank that :func:`run_script` runs: its input errors are reported here, as one line."""
 RANK_EVENT_PREFIX = "@dtrain-rank-event "
 """Starts a rank-event line."""
 MODULE = "dtrain.launch.bootstrap"
@@ -66,9 +69,21 @@ def parse_rank_event(line: str) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+def _input_error_line(exc: BaseException) -> str | None:
+    """The one line of an error only the user can fix (usage, config, a bad checkpoint), or None."""
+    if is_usage_error(exc):
+        return usage_line(exc)
+    checkpoint = sys.modules.get("dtrain.checkpoint")
+    if checkpoint is not None and isinstance(exc, getattr(checkpoint, "CheckpointError", ())):
+        return f"dtrain: checkpoint error: {' '.join(str(exc).split())}"
+    return None
+
+
 def run_script(script: str, *args: str) -> None:
     """Run ``script`` as ``__main__`` with ``args``, as ``python script args...`` would; a failure
     ends in ``SystemExit`` with its status after the rank event is written."""
+    global ACTIVE
+    ACTIVE = True
     sys.argv = [script, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     try:
@@ -81,10 +96,11 @@ def run_script(script: str, *args: str) -> None:
         raise
     except BaseException as exc:
         failed_at = time.time()
-        if is_usage_error(exc):
+        line = _input_error_line(exc)
+        if line is not None:
             if _debug():
                 traceback.print_exc()
-            _report(failed_at, USAGE_EXIT_STATUS, usage_line(exc))
+            _report(failed_at, USAGE_EXIT_STATUS, line)
             raise SystemExit(USAGE_EXIT_STATUS) from None
         traceback.print_exc()
         _report(failed_at, 1)

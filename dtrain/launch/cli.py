@@ -43,7 +43,7 @@ _EXAMPLES = f"""examples:
   dtrain plan seqpar --help"""
 _LAUNCH_ORDER = ("Launcher options go before SCRIPT; everything after SCRIPT is passed to the script "
                  "untouched (in `dtrain launch --nproc 2 train.py --nproc 7` the script gets `--nproc 7`).")
-_LAUNCHER_ONLY = ("--nproc", "--nodes", "--max-restarts", "--timeout-s", "--inject", "--net", "--no-progress",
+_LAUNCHER_ONLY = ("--nproc", "--nodes", "--max-restarts", "--collective-timeout-s", "--inject", "--net", "--no-progress",
                   "--start-method", "--ray", "--address", "--min-nodes", "--node-wait-s")
 """Launcher options a training script hardly takes itself: after the script they earn a hint."""
 _INJECT_KINDS_HELP = "fault kinds (--inject KIND:KEY=VALUE,...; step: the step after which it fires):\n" + "\n".join(
@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--max-restarts", type=int, default=0, metavar="K", help="restart the whole group up to K times"
     )
-    launch.add_argument("--timeout-s", type=float, metavar="T",
-                        help="collective timeout in seconds: a collective that does not finish in T s fails "
-                        "its rank (sets comm.timeout_s, default 300; DTRAIN_TIMEOUT_S); not a job time limit")
+    launch.add_argument("--collective-timeout-s", type=float, metavar="T",
+                        help="a collective that does not finish in T s fails its rank (sets comm.timeout_s, "
+                        "default 300; DTRAIN_TIMEOUT_S); not a job time limit")
+    launch.add_argument("--timeout-s", dest="old_timeout_s", help=argparse.SUPPRESS)  # renamed: refused with a hint
     launch.add_argument(
         "--inject",
         action="append",
@@ -156,8 +157,11 @@ def _validate_launch(ns: argparse.Namespace) -> None:
         raise UsageError(f"--nodes must be >= 1, got {ns.nodes}")
     if ns.max_restarts < 0:
         raise UsageError(f"--max-restarts must be >= 0, got {ns.max_restarts}")
-    if ns.timeout_s is not None and not ns.timeout_s > 0:
-        raise UsageError(f"--timeout-s must be a positive number of seconds, got {ns.timeout_s}")
+    if ns.old_timeout_s is not None:
+        raise UsageError(f"--timeout-s was renamed: use --collective-timeout-s {ns.old_timeout_s} (it sets the "
+                         "collective timeout, comm.timeout_s, not a time limit for the job)")
+    if ns.collective_timeout_s is not None and not ns.collective_timeout_s > 0:
+        raise UsageError(f"--collective-timeout-s must be a positive number of seconds, got {ns.collective_timeout_s}")
     if not os.path.isfile(ns.script):
         raise UsageError(f"script not found: {ns.script!r}; pass the path of an existing .py file")
     if ns.config is not None and not os.path.isfile(ns.config):
@@ -258,7 +262,11 @@ def _launch(ns: argparse.Namespace) -> int:
     from dtrain.launch.preflight import check_config_up_front, metrics_destination
 
     config = check_config_up_front(ns.config, list(ns.overrides), ns.metrics,  # before any rank or torch
-                                   nodes=ns.nodes, nproc=ns.nproc)
+                                   nodes=ns.nodes, nproc=ns.nproc, local=not (ns.ray and ns.address))
+    if not ns.ray:
+        from dtrain.snapshot.client import check_base_dir
+
+        check_base_dir()  # the shared-memory directory of run state is ours (lstat), before anything starts
     metrics = metrics_destination(config, ns.metrics)
     if metrics is not None:
         print(f"dtrain: metrics -> {metrics} (one JSON line per step; a new run replaces the file, "
@@ -297,7 +305,7 @@ def _run_launch(ns: argparse.Namespace) -> int:
         overrides=list(ns.overrides),
         config=os.path.abspath(ns.config) if ns.config else None,
         max_restarts=ns.max_restarts,
-        timeout_s=ns.timeout_s,
+        collective_timeout_s=ns.collective_timeout_s,
         inject=list(ns.inject),
         progress=not ns.no_progress,
         net=ns.net,
@@ -309,7 +317,7 @@ def _run_launch(ns: argparse.Namespace) -> int:
         return run_ray(RaySpec(job=spec, address=ns.address, min_nodes=ns.min_nodes, node_wait_s=ns.node_wait_s,
                                runtime_env=ns.runtime_env, cpus_per_rank=ns.cpus_per_rank,
                                gpus_per_rank=ns.gpus_per_rank, dashboard=ns.dashboard, insecure=ns.insecure))
-    return run_local(spec)
+    return run_local(spec, exit_on_signal=True)
 
 
 def _plan(args: list[str]) -> int:

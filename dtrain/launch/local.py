@@ -54,17 +54,19 @@ from dtrain.errors import USAGE_EXIT_STATUS
 from dtrain.launch import bootstrap, zygote
 from dtrain.launch.env import FAILURE_TIME_VAR, RESTART_CAUSE_VAR, process_defaults
 from dtrain.launch.ray_agent import RankExit
+from dtrain.launch.reaper import Reaper
 
 __all__ = [
     "LaunchSpec", "run_local", "format_failures", "dtrain_env", "contract_env", "process_defaults",
     "restart_env", "describe_failure", "RankLogFollowers", "exit_status", "signals_raise", "first_failure",
-    "usage_report", "with_reported",
+    "usage_report", "with_reported", "new_run_id",
 ]
 
 _ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.distributed.run",
                     "torch.multiprocessing.spawn")  # "Terminating process ... via signal SIGTERM"
 _BAR_LOG_INTERVAL_S = 30.0  # progress-bar refreshes become a log line at most this often off a tty
 _POLL_S = 0.05
+_TORCH_SIGNALS_VAR = "TORCHELASTIC_SIGNALS_TO_HANDLE"
 
 
 @dataclass
@@ -79,7 +81,8 @@ class LaunchSpec:
     overrides: list[str] = field(default_factory=list)
     config: str | None = None
     max_restarts: int = 0
-    timeout_s: float | None = None
+    collective_timeout_s: float | None = None
+    """``--collective-timeout-s``: comm.timeout_s of every rank (DTRAIN_TIMEOUT_S); not a job time limit."""
     inject: list[str] = field(default_factory=list)
     progress: bool = True
     shutdown_timeout_s: int = 5
@@ -108,8 +111,8 @@ def contract_env(spec: LaunchSpec) -> dict[str, str]:
         env["DTRAIN_METRICS"] = spec.metrics
     if spec.config is not None:
         env["DTRAIN_CONFIG"] = spec.config
-    if spec.timeout_s is not None:
-        env["DTRAIN_TIMEOUT_S"] = repr(float(spec.timeout_s))
+    if spec.collective_timeout_s is not None:
+        env["DTRAIN_TIMEOUT_S"] = repr(float(spec.collective_timeout_s))
     if spec.inject:
         env["DTRAIN_INJECT"] = json.dumps(list(spec.inject))
     return env
@@ -434,17 +437,26 @@ def _quiet_elastic_logging() -> None:
 
 
 @contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
-    """Turn SIGINT/SIGTERM into SignalException until the agent installs its own handlers."""
+def signals_raise(reaper: "Reaper | None" = None) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into SignalException until the block ends.
+
+    With a ``reaper`` (dtrain.launch.reaper) the first signal also arms its watchdog, and a later
+    one makes it kill every rank at once instead of raising again in the middle of the clean-up.
+    torch's elastic agent is kept from replacing these handlers (TORCHELASTIC_SIGNALS_TO_HANDLE).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: Any) -> None:
+        if reaper is not None and not reaper.on_signal(signum):
+            return
         raise SignalException(f"received {signal.Signals(signum).name}", sigval=signal.Signals(signum))
 
-    sigs = (signal.SIGINT, signal.SIGTERM)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.getsignal(s) for s in sigs}
+    previous_env = os.environ.get(_TORCH_SIGNALS_VAR)
+    os.environ[_TORCH_SIGNALS_VAR] = "SIGQUIT"  # the agent's PContext.start installs handlers for these
     for s in sigs:
         signal.signal(s, handler)
     try:
@@ -452,6 +464,10 @@ def signals_raise() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if previous_env is None:
+            os.environ.pop(_TORCH_SIGNALS_VAR, None)
+        else:
+            os.environ[_TORCH_SIGNALS_VAR] = previous_env
 
 
 # --------------------------------------------------------------------------- failures
@@ -619,82 +635,106 @@ def _run_attempt(spec: LaunchSpec, logs: "_PrefixedLogsSpecs", host: str, args: 
     return dict(agent.exits or result.failures)
 
 
-def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def new_run_id() -> str:
+    """A launch's run id: names its network namespaces, snapshot run directory and records."""
+    return f"dtrain-{uuid.uuid4().hex[:12]}"
+
+
+def run_local(spec: LaunchSpec, stdout: TextIO | None = None, stderr: TextIO | None = None,
+              exit_on_signal: bool = False) -> int:
     """Run the job described by ``spec``; return the launcher's exit status.
 
     0 when every rank succeeds; the first failing rank's exit code (or 128+signal)
-    otherwise; 130/143 when the launcher is stopped by SIGINT/SIGTERM.
+    otherwise; 130/143 when the launcher is stopped by SIGINT/SIGTERM (every rank and its
+    children are gone within about 2 s of the signal; the launcher exits by 6 s: dtrain.launch.reaper).
+    With ``exit_on_signal`` (the CLI) a stopped launcher ends with ``os._exit`` once its clean-up
+    is done, instead of returning.
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
-    log_dir = tempfile.mkdtemp(prefix="dtrain-launch-")
-    logs = _PrefixedLogsSpecs(log_dir, out, err)
-    hosts = None
-    host, extra_env = "127.0.0.1", dtrain_env(spec)
     start_method = "spawn" if spec.net else spec.start_method
     if start_method not in ("forkserver", "spawn"):
         raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {spec.start_method!r}")
+    run_id = new_run_id()
+    log_dir = tempfile.mkdtemp(prefix="dtrain-launch-")
+    logs = _PrefixedLogsSpecs(log_dir, out, err)
+    hosts: Any = None
+    host, extra_env = "127.0.0.1", dtrain_env(spec)
+    extra_env["DTRAIN_RUN_ID"] = run_id  # stable across attempts: snapshot processes, fault markers
+    from dtrain.snapshot.secret import SECRET_VAR, new_secret  # the job's secret (SECURITY.md)
+
+    extra_env[SECRET_VAR] = new_secret()
+
+    def cleanup() -> None:
+        from dtrain.snapshot.client import remove_run
+
+        remove_run(run_id)
+        if hosts is not None:
+            hosts.teardown()
+
+    reaper = Reaper(last_cleanup=cleanup)
     # forkserver: zygote.run_script(script, ...); spawn: python -m dtrain.launch.bootstrap script ...
     args = (spec.script, *spec.script_args) if start_method == "forkserver" else \
         ("-m", bootstrap.MODULE, spec.script, *spec.script_args)
-    if start_method == "forkserver":
-        zygote.start(process_defaults(None))  # at once unless the CLI started it already
-    try:
-        if spec.net:  # every node in its own namespace, inter-node links shaped (dtrain.netns)
-            from dtrain import netns
+    with signals_raise(reaper):
+        try:
+            from dtrain.snapshot.client import claim_run
 
-            net = netns.parse_net_spec(spec.net)
-            hosts = netns.create_hosts(spec.nodes, net["rate"], burst=net.get("burst"),
-                                       latency=net.get("latency", "50ms"), prefix="dtrain-l")
-            host = hosts.bridge_addr
-            args = (netns.EXEC_WRAPPER, "--by-rank", *args)  # netns_exec runs "-m module" too
-            extra_env.update(DTRAIN_NETNS_PREFIX=hosts.prefix, GLOO_SOCKET_IFNAME=netns.IFNAME)
-        run_id = f"dtrain-{uuid.uuid4().hex[:12]}"
-        extra_env["DTRAIN_RUN_ID"] = run_id  # stable across attempts: snapshot processes, fault markers
-        from dtrain.snapshot.secret import SECRET_VAR, new_secret  # the job's secret (SECURITY.md)
-        extra_env[SECRET_VAR] = new_secret()
-        failure: tuple[str, float] | None = None
-        failures: dict[int, Any] | None = None
-        with signals_raise():
-            try:
-                # Our own restart loop: each attempt gets a fresh agent and rendezvous, so nothing
-                # of a failed attempt (store keys, sockets, half-dead ranks) leaks into the next.
-                for attempt in range(spec.max_restarts + 1):
-                    attempt_env = dict(extra_env, **restart_env(attempt, spec.max_restarts, *(failure or ())))
-                    failures = _run_attempt(spec, logs, host, args, attempt_env, f"{run_id}-{attempt}", start_method)
-                    if failures is None:
-                        break
-                    logs.stop_following()  # every rank event read
-                    failures = with_reported(failures, logs.followers.events)
-                    usage = usage_report(failures, logs.followers.events)
-                    if usage is not None:  # a restart would fail the same way
-                        print(usage, file=err, flush=True)
-                        return USAGE_EXIT_STATUS
-                    rank = first_failure(failures, logs.followers.events)
-                    failure = (describe_failure(rank, failures[rank].exitcode), time.time())
-                    if attempt < spec.max_restarts:
-                        print(f"dtrain: {failure[0]}; restarting all ranks (attempt {attempt + 1} of "
-                              f"{spec.max_restarts})", file=err, flush=True)
-            except SignalException as exc:
-                logs.stop_following()
-                sig = signal.Signals(int(exc.sigval))
-                print(f"dtrain: received {sig.name}, stopped all ranks", file=err, flush=True)
-                return 128 + int(sig)
-            except KeyboardInterrupt:
-                logs.stop_following()
-                print("dtrain: interrupted, stopped all ranks", file=err, flush=True)
-                return 128 + int(signal.SIGINT)
-        logs.stop_following()
-        if failures is not None:
-            print(format_failures(failures, logs.stderr_paths, events=logs.followers.events), file=err, flush=True)
-            return exit_status(failures)
-        return 0
-    finally:
-        logs.stop_following()
-        shutil.rmtree(log_dir, ignore_errors=True)
-        if "DTRAIN_RUN_ID" in extra_env:
-            from dtrain.snapshot.client import remove_run
+            claim_run(run_id)  # clears runs of launchers that died, records this one as the owner
+            if start_method == "forkserver":
+                zygote.start(process_defaults(None))  # at once unless the CLI started it already
+            if spec.net:  # every node in its own namespace, inter-node links shaped (dtrain.netns)
+                from dtrain import netns
 
-            remove_run(extra_env["DTRAIN_RUN_ID"])
-        if hosts is not None:
-            hosts.teardown()
+                net = netns.parse_net_spec(spec.net)
+                hosts = netns.create_hosts(spec.nodes, net["rate"], burst=net.get("burst"),
+                                           latency=net.get("latency", "50ms"), prefix=netns.run_prefix(run_id))
+                host = hosts.bridge_addr
+                args = (netns.EXEC_WRAPPER, "--by-rank", *args)  # netns_exec runs "-m module" too
+                extra_env.update(DTRAIN_NETNS_PREFIX=hosts.prefix, GLOO_SOCKET_IFNAME=netns.IFNAME)
+            return _run_attempts(spec, logs, host, args, extra_env, run_id, start_method, err)
+        except SignalException as exc:
+            logs.stop_following()
+            sig = signal.Signals(int(exc.sigval))
+            print(f"dtrain: received {sig.name}, stopped all ranks", file=err, flush=True)
+            return 128 + int(sig)
+        except KeyboardInterrupt:
+            logs.stop_following()
+            print("dtrain: interrupted, stopped all ranks", file=err, flush=True)
+            return 128 + int(signal.SIGINT)
+        finally:
+            logs.stop_following()
+            shutil.rmtree(log_dir, ignore_errors=True)
+            cleanup()
+            reaper.done()
+            if exit_on_signal:
+                reaper.exit_if_signalled(128 + int(reaper.signal or 0))
+
+
+def _run_attempts(spec: LaunchSpec, logs: "_PrefixedLogsSpecs", host: str, args: tuple[str, ...],
+                  extra_env: dict[str, str], run_id: str, start_method: str, err: TextIO) -> int:
+    """The attempts of one job (a fresh agent and rendezvous each, so nothing of a failed attempt,
+    store keys, sockets or half-dead ranks, leaks into the next); returns the exit status."""
+    failure: tuple[str, float] | None = None
+    failures: dict[int, Any] | None = None
+    for attempt in range(spec.max_restarts + 1):
+        attempt_env = dict(extra_env, **restart_env(attempt, spec.max_restarts, *(failure or ())))
+        failures = _run_attempt(spec, logs, host, args, attempt_env, f"{run_id}-{attempt}", start_method)
+        if failures is None:
+            break
+        logs.stop_following()  # every rank event read
+        failures = with_reported(failures, logs.followers.events)
+        usage = usage_report(failures, logs.followers.events)
+        if usage is not None:  # a restart would fail the same way
+            print(usage, file=err, flush=True)
+            return USAGE_EXIT_STATUS
+        rank = first_failure(failures, logs.followers.events)
+        failure = (describe_failure(rank, failures[rank].exitcode), time.time())
+        if attempt < spec.max_restarts:
+            print(f"dtrain: {failure[0]}; restarting all ranks (attempt {attempt + 1} of "
+                  f"{spec.max_restarts})", file=err, flush=True)
+    logs.stop_following()
+    if failures is not None:
+        print(format_failures(failures, logs.stderr_paths, events=logs.followers.events), file=err, flush=True)
+        return exit_status(failures)
+    return 0

@@ -17,6 +17,7 @@ the elastic agent in each child before the script runs.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -53,6 +54,8 @@ def run_script(script: str, *args: str) -> None:
     ``atexit`` handlers run at the end, because a forked process leaves through ``os._exit``.
     """
     _threads_from_env()
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)  # its own process group: the launcher can stop it with all its children
     try:
         bootstrap.run_script(script, *args)
     finally:

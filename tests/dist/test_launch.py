@@ -70,7 +70,7 @@ def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Com
         "launch", "--nodes", "2", "--nproc", "2",
         "--set", "zero.stage=2", "--set", "train.grad_accum=2",  # checked up front: real keys
         "--metrics", str(tmp / "metrics.jsonl"), "--config", str(config),
-        "--timeout-s", "60", "--inject", "slow:rank=1,ms=2",
+        "--collective-timeout-s", "60", "--inject", "slow:rank=1,ms=2",
         str(script), "--lr", "3", "--nproc", "7",
     )  # fmt: skip
     return proc, tmp

@@ -53,7 +53,8 @@ def test_first_failing_rank_is_named_not_the_knock_on_one(tmp_path: Path) -> Non
     # Rank 0 exits first, with the louder error; torch's own report names only rank 0.
     proc = _dtrain("--nproc", "2", "--start-method", "spawn", str(script))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "[rank 0] RuntimeError: " in proc.stderr and "Connection closed by peer" in proc.stderr
+    assert "[rank 0] RuntimeError: " in proc.stderr  # gloo says "closed" or "reset", as timing has it
+    assert "Connection closed by peer" in proc.stderr or "Connection reset by peer" in proc.stderr
     [head] = [ln for ln in proc.stderr.splitlines() if ln.startswith("dtrain: job failed")]
     assert head.startswith("dtrain: job failed: rank 1 exited with code 1"), proc.stderr
     tail = proc.stderr.split(head, 1)[1]

@@ -112,7 +112,7 @@ def test_launcher_env_round_trips_through_reader() -> None:
         metrics="/m",
         overrides=["a.b=1"],
         config="/c",
-        timeout_s=30,
+        collective_timeout_s=30,
         inject=["slow:rank=0"],
         progress=False,
     )

@@ -167,7 +167,8 @@ def test_help_shows_examples_timeout_and_inject_kinds() -> None:
     assert "examples:" in main_help and "dtrain launch --nproc 2 --set zero.stage=3 --metrics" in main_help
     launch = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("launch"))
     text = " ".join(launch.format_help().split())
-    assert "collective timeout in seconds" in text and "comm.timeout_s" in text and "job timeout" not in text
+    assert "--collective-timeout-s T" in text and "comm.timeout_s" in text and "--timeout-s" not in text
+    assert "not a job time limit" in text
     assert "Launcher options go before SCRIPT" in text and "examples:" in text
     for kind, syntax in SYNTAX.items():
         assert syntax in text, kind
