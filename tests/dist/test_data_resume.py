@@ -63,6 +63,8 @@ def test_killed_run_resumes_with_the_same_batches(tmp_path, fault_free, saved):
     steps, lines = _launch(tmp_path / "run", "--max-restarts", "1", "--inject", f"kill:rank=1,step={KILL_AFTER}",
                            *sets)
     restart = next(r for r in lines if r.get("event") == "restart")
-    assert saved in restart["source"] and 3 <= restart["resumed_from_step"] < KILL_AFTER, restart
+    # the kill fires after step KILL_AFTER: its snapshot may already be committed (resume from it) or
+    # still in flight (an earlier one); a checkpoint resumes from the last multiple of checkpoint.every
+    assert saved in restart["source"] and 3 <= restart["resumed_from_step"] <= KILL_AFTER, restart
     assert steps == fault_free[0]
     assert lines[-1]["param_sha256"] == fault_free[1]
