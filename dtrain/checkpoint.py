@@ -347,9 +347,15 @@ def _move_into_place(tmp: Path, path: Path, save_id: str) -> None:
         _fsync_dir(path.parent)
     os.rename(tmp, path)
     _fsync_dir(path.parent)
-    for stale in (*path.parent.glob(f"{glob.escape(path.name)}.old-*"),
-                  *path.parent.glob(f"{glob.escape(path.name)}.tmp-*")):
+    for stale in save_leftovers(path):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_leftovers(path: Path) -> list[Path]:
+    """What interrupted saves of ``path`` left beside it: the new checkpoint not yet renamed
+    (``<path>.tmp-<id>``) and the old one moved aside (``<path>.old-<id>``)."""
+    name = glob.escape(path.name)
+    return [*path.parent.glob(f"{name}.tmp-*"), *path.parent.glob(f"{name}.old-*")]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,7 +11,6 @@ where parameters, gradients and optimizer state live; dtrain/loss.py owns loss n
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import random
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from dtrain.checkpoint import save_leftovers
 from dtrain.config import Config
 from dtrain.data import DataSlot
 from dtrain.faults import FaultInjector, last_fault
@@ -340,9 +340,8 @@ class Engine:
             import shutil
 
             for old in _complete_checkpoints(root)[:-2]:  # with what a crashed save of it left
-                base = old.name.split(".", 1)[0]
-                pattern = glob.escape(base)
-                for leftover in (root / base, *root.glob(pattern + ".tmp-*"), *root.glob(pattern + ".old-*")):
+                base = root / old.name.split(".", 1)[0]
+                for leftover in (base, *save_leftovers(base)):
                     shutil.rmtree(leftover, ignore_errors=True)
 
     def save(self, directory: str) -> None:
@@ -395,8 +394,7 @@ def _complete_at(path: Path) -> Path | None:
     the higher step first."""
     if (path / "meta.json").is_file():
         return path
-    left = [d for pattern in (".tmp-*", ".old-*") for d in path.parent.glob(glob.escape(path.name) + pattern)
-            if (d / "meta.json").is_file()]
+    left = [d for d in save_leftovers(path) if (d / "meta.json").is_file()]
     return max(left, key=_saved_step, default=None)
 
 
