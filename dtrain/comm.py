@@ -24,8 +24,9 @@ import torch.distributed as dist
 
 from dtrain.topology import Topology
 
-Level = Union[str, int]
-"""A level name, or the size of an aligned block of ranks (a power of two)."""
+Level = Union[str, int, tuple]
+"""A level name, the size of an aligned block of ranks (a power of two), or the ranks of one
+aligned block as a tuple (:meth:`Topology.range_group`: only that block's group is created)."""
 
 
 class CollectiveError(RuntimeError):
@@ -75,6 +76,11 @@ class Comm:
 
     def group_ranks(self, level: Level, peers: bool = False) -> list[int]:
         shape = self.topology.shape
+        if isinstance(level, tuple):
+            if peers or self.rank not in level:
+                raise ValueError(f"rank {self.rank} cannot use the rank block {level} (peers=False, a block "
+                                 f"holding this rank)")
+            return list(level)
         if isinstance(level, int):
             if peers:
                 raise ValueError("peers=True needs a level name, not an aligned block size")
@@ -173,15 +179,20 @@ class Comm:
     def _issue(self, op: str, level: Level, peers: bool, nbytes: int, async_op: bool, launch) -> Handle:
         ranks = self.group_ranks(level, peers)
         # Aligned-block groups are created (collectively) before the sequence number is taken.
-        group = self.topology.block_group(level) if isinstance(level, int) and len(ranks) > 1 else None
-        label = f"block{level}" if isinstance(level, int) else level + (" peers" if peers else "")
+        group = None
+        if isinstance(level, int) and len(ranks) > 1:
+            group = self.topology.block_group(level)
+        elif isinstance(level, tuple) and len(ranks) > 1:
+            group = self.topology.range_group(level)
+        label = (f"block{level}" if isinstance(level, int) else f"ranks{level[0]}-{level[-1]}"
+                 if isinstance(level, tuple) else level + (" peers" if peers else ""))
         with self._lock:
             self._seq += 1
             handle = Handle(None, self, op, self._seq, label, ranks)
             if len(ranks) > 1:
                 self.bytes_sent[self.topology.shape.level_of_ranks(ranks)] += nbytes
         if len(ranks) > 1:
-            if not isinstance(level, int):
+            if isinstance(level, str):
                 group = self.topology.peer_group(level) if peers else self.topology.group(level)
             try:
                 handle.work = launch(group)

@@ -149,7 +149,10 @@ class Engine:
         strategy; returns the step's loss (``train.loss_norm``: the mean over the data-parallel group)."""
         self.model.train()
         start = time.perf_counter()
-        outcome = self.strategy.run(_split(batch, self.config.train.grad_accum))
+        parts = self.config.train.grad_accum
+        split = next((s for s in (p.split_batch(batch, parts) for p in self.plugins) if s is not None), None)
+        micro_batches, tokens = split if split is not None else (_split(batch, parts), None)
+        outcome = self.strategy.run(micro_batches)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
@@ -160,7 +163,8 @@ class Engine:
         every = self.config.checkpoint.every
         if every and self.step % every == 0:
             self._periodic_checkpoint()
-        return self._record(outcome.loss, _count_tokens(batch), time.perf_counter() - start, outcome.grad_norm)
+        tokens = _count_tokens(batch) if tokens is None else tokens
+        return self._record(outcome.loss, tokens, time.perf_counter() - start, outcome.grad_norm)
 
     # ------------------------------------------- what step strategies call
     def step_loss(self, micro_batches: list[Any]) -> StepLoss:

@@ -240,6 +240,27 @@ class Topology:
     def peer_group(self, level: str) -> "dist.ProcessGroup | None":
         return self._groups.get(("peer", level))
 
+    def range_group(self, ranks: "tuple[int, ...] | list[int]") -> "dist.ProcessGroup | None":
+        """The group of one aligned block ``ranks`` (``[k*s, (k+1)*s)``, ``s`` a power of two
+        dividing the world), created on first request and cached by its ranks.
+
+        Unlike :meth:`block_group` only this block's group is created, so a runtime that regroups
+        ranks per step (sequence parallelism, dtrain/seqpar) creates exactly the groups it uses.
+        Creating one is a collective: every rank requests the same blocks in the same order, from
+        the training thread. None when the block is this rank alone or the process is not
+        distributed; the whole world is ``WORLD``.
+        """
+        ranks = list(ranks)
+        size = len(ranks)
+        self.shape.check_block_size(size)
+        if ranks != list(range(ranks[0], ranks[0] + size)) or ranks[0] % size:
+            raise TopologyError(f"ranks {ranks} are not an aligned block: expected [k*{size}, (k+1)*{size}) "
+                                f"for some k")
+        if not self._distributed:
+            return None
+        with self._lock:
+            return self._new_group(ranks)
+
     def block_group(self, size: int | str) -> "dist.ProcessGroup | None":
         """This rank's group of the aligned block of ``size`` ranks (or of the level named ``size``).
 

@@ -1,8 +1,10 @@
 """A compact decoder-only transformer (GPT) for the example, the tests and the benchmarks.
 
 The token embedding and the LM head share one weight (tied), so every layout in dtrain is
-exercised with a tied parameter. ``forward(input_ids, labels=None)`` returns the mean
-cross-entropy loss when labels are given, else the logits.
+exercised with a tied parameter. ``forward(input_ids, labels=None, position_ids=None)`` returns the mean
+cross-entropy loss when labels are given, else the logits. Under sequence parallelism
+(:mod:`dtrain.seqpar`) the attention runs :func:`dtrain.seqpar.attention` on packed sequences
+whose ``position_ids`` restart per sequence; otherwise the path is plain causal attention.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dtrain.seqpar import ulysses as seqpar
 
 
 @dataclass(kw_only=True)
@@ -50,9 +54,12 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        if seqpar.current() is not None:  # sequence parallelism: x is this rank's slice of a packed group
+            y = seqpar.attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
@@ -94,11 +101,15 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         t = input_ids.shape[1]
-        if t > self.cfg.block_size:
-            raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
-        x = self.tok_emb(input_ids) + self.pos_emb(self.pos_ids[:t])
+        if position_ids is None:
+            if t > self.cfg.block_size:
+                raise ValueError(f"sequence length {t} exceeds block_size {self.cfg.block_size}")
+            x = self.tok_emb(input_ids) + self.pos_emb(self.pos_ids[:t])
+        else:  # packed sequences (dtrain.seqpar): positions restart per sequence
+            x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))

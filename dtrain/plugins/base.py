@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 _REGISTRY: dict[str, type["Plugin"]] = {}
-BUILTIN_PLUGIN_MODULES = ("dtrain.plugins.zero", "dtrain.plugins.co2", "dtrain.plugins.snapshot")
+BUILTIN_PLUGIN_MODULES = ("dtrain.plugins.zero", "dtrain.plugins.co2", "dtrain.plugins.snapshot", "dtrain.seqpar.plugin")
 
 
 def register(cls: type["Plugin"]) -> type["Plugin"]:
@@ -97,6 +97,13 @@ class Plugin:
 
     def setup(self, engine: "Engine") -> None:
         self.engine = engine
+
+    def split_batch(self, batch: Any, parts: int) -> "tuple[list[Any], int] | None":
+        """Turn ``train_step``'s batch into this rank's micro-batches and the number of real tokens
+        they hold (the metrics' token count), or None to leave it to the engine (split along dim 0
+        into ``parts``). The first plugin that returns something wins (seqpar: the plan's
+        micro-batches)."""
+        return None
 
     def before_forward(self, batch: Any) -> Any:
         return batch
