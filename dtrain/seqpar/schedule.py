@@ -142,3 +142,41 @@ def decode(buf: torch.Tensor, world_size: int) -> Schedule:
             pos += 3 + n
         mbs.append(groups)
     return Schedule(mbs, world_size=world_size)
+
+
+def static_schedule(lengths: Sequence[int], world: int, degree: int, max_tokens_per_rank: int | None,
+                    seq_time: Any) -> Schedule:
+    """Static Ulysses of ``degree``: ``world / degree`` groups of ``degree`` ranks in every micro-batch;
+    sequences, longest first, go to the group with the least modeled load (``seq_time(s, degree)``)
+    that still has room for them (``degree * max_tokens_per_rank`` tokens); a new micro-batch
+    opens when none has. The baseline of benchmarks/seqpar.py; raises SeqParError when a sequence
+    does not fit a group of ``degree``."""
+    room = None if max_tokens_per_rank is None else degree * max_tokens_per_rank
+    n_groups = world // degree
+    mbs: list[list[list[int]]] = []
+    loads: list[list[float]] = []
+    tokens: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        s = lengths[i]
+        if room is not None and s > room:
+            raise SeqParError(f"static degree {degree}: sequence {i} has {s} tokens, more than a group of {degree} "
+                              f"holds ({room})")
+        spot = None
+        for m in range(len(mbs)):
+            fits = [g for g in range(n_groups) if room is None or tokens[m][g] + s <= room]
+            if fits:
+                spot = (m, min(fits, key=lambda g: (loads[m][g], g)))
+                break
+        if spot is None:
+            mbs.append([[] for _ in range(n_groups)])
+            loads.append([0.0] * n_groups)
+            tokens.append([0] * n_groups)
+            spot = (len(mbs) - 1, 0)
+        m, g = spot
+        mbs[m][g].append(i)
+        loads[m][g] += seq_time(s, degree)
+        tokens[m][g] += s
+    groups = [[Group(tuple(range(g * degree, (g + 1) * degree)), tuple(seqs)) for g, seqs in enumerate(mb) if seqs]
+              for mb in mbs]
+    times = [[loads[m][g] for g, seqs in enumerate(mb) if seqs] for m, mb in enumerate(mbs)]
+    return Schedule(groups, times, world_size=world)

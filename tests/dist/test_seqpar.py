@@ -92,6 +92,55 @@ def _attention_fp64(comm) -> float:
     return worst
 
 
+def _hf_gpt2(comm) -> float | None:
+    """Tiny HF GPT-2 in fp64 with its attention routed to dtrain.seqpar.attention, one group of 4:
+    logits of each rank's slice and the group-summed parameter gradients against the unsplit
+    model run sequence by sequence. None when transformers is missing."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    from dtrain.seqpar import SeqParContext, activate
+    from dtrain.seqpar.hf import use_seqpar_attention
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0,
+                     resid_pdrop=0.0, embd_pdrop=0.0)
+    ref = GPT2LMHeadModel(cfg).double().eval()
+    model = use_seqpar_attention(copy.deepcopy(ref))
+    seqs = _sequences(7, 3, 3, 20)
+    weights = [torch.randn(s.numel(), 64, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+               for i, s in enumerate(seqs)]
+    ref_logits = []
+    for s, w in zip(seqs, weights):
+        out = ref(input_ids=s[None]).logits[0]
+        (out * w).sum().backward()
+        ref_logits.append(out.detach())
+    packed, pos = torch.cat(seqs), torch.cat([torch.arange(s.numel()) for s in seqs])
+    bounds = [0]
+    for s in seqs:
+        bounds.append(bounds[-1] + s.numel())
+    pad = (-bounds[-1]) % WORLD
+    if pad:
+        packed, pos = torch.cat((packed, torch.zeros(pad, dtype=torch.long))), torch.cat((pos, torch.arange(pad)))
+        bounds.append(bounds[-1] + pad)
+    w_all = torch.cat(weights + [torch.zeros(pad, 64, dtype=torch.float64)])
+    width = bounds[-1] // WORLD
+    lo = comm.rank * width
+    activate(SeqParContext(comm, tuple(range(WORLD)), tuple(bounds)))
+    out = model(input_ids=packed[None, lo:lo + width], position_ids=pos[None, lo:lo + width]).logits[0]
+    (out * w_all[lo:lo + width]).sum().backward()
+    activate(None)
+    real = sum(s.numel() for s in seqs)
+    ref_all = torch.cat(ref_logits)[lo:min(lo + width, real)]
+    worst = (out.detach()[:ref_all.shape[0]] - ref_all).abs().max().item() if ref_all.numel() else 0.0
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        g = p.grad.clone()
+        comm.all_reduce(g)
+        worst = max(worst, (g - q.grad).abs().max().item())
+    return worst
+
+
 def _errors(seqs) -> tuple[list[str], list[int], list[tuple[int, ...]]]:
     """A model with 2 heads and 8 tokens per rank: the refused batches, then the group sizes the
     planner uses for a batch that fits (capped at 2 by the heads)."""
@@ -145,6 +194,7 @@ def _worker() -> dict:
         engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), config=config)
         if stage == 0:
             out["attention_fp64"] = _attention_fp64(engine.comm)
+            out["hf_gpt2_fp64"] = _hf_gpt2(engine.comm)
         diffs = []
         for plan in plans:
             engine.train_step(SeqBatch(seqs, plan=plan))
@@ -197,6 +247,8 @@ def test_seqpar_world4():
     results = run_world(_worker, WORLD, timeout_s=300)
     r = results[0]
     assert r["attention_fp64"] < 1e-12, r["attention_fp64"]
+    for other in results:  # None: transformers is not installed
+        assert other["hf_gpt2_fp64"] is None or other["hf_gpt2_fp64"] < 1e-10, other["hf_gpt2_fp64"]
     for stage in (0, 3):
         assert max(r[f"diffs_stage{stage}"]) < 2e-6, (stage, r[f"diffs_stage{stage}"])
     assert sorted(set(r["created"])) == r["multi_used"] and len(r["created"]) == len(r["multi_used"]), r
