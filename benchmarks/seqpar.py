@@ -125,7 +125,8 @@ def main() -> int:
     from _bench_util import machine_info, run_rank_group, write_json
 
     results = {"machine": machine_info(), "args": vars(args), "mixes": {}}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     for mix in args.mixes.split(","):
         argv = [sys.executable, __file__, "--worker", "--mix", mix, "--steps", str(args.steps), "--batch",
                 str(args.batch), "--max-len", str(args.max_len), "--max-tokens", str(args.max_tokens),
