@@ -6,12 +6,20 @@ in ``AttentionInterface``; :func:`use_seqpar_attention` registers ``"dtrain_seqp
 switches the model to it. The function ignores HF's attention mask (attention is causal within
 each packed sequence, which is what the mask would say) and falls back to plain causal attention
 when no seqpar context is active.
+
+HF causal LMs shift their labels inside ``forward``; under seqpar the labels arrive already
+shifted (and a rank holds a slice, so a shift inside it would lose the token across the slice
+border). :class:`SeqParCausalLM` wraps such a model: it routes the attention, calls the model
+without labels and returns the mean cross-entropy of the logits against the labels as given, so
+the engine counts valid tokens as ``labels != -100`` (dtrain/loss.py rule 1).
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from dtrain.seqpar.ulysses import attention
 
@@ -39,3 +47,20 @@ def use_seqpar_attention(model: Any) -> Any:
     else:
         model.config._attn_implementation = NAME
     return model
+
+
+class SeqParCausalLM(nn.Module):
+    """A transformers causal LM for the seqpar plugin: ``forward(input_ids, labels, position_ids)``
+    returns the mean cross-entropy over ``labels != -100`` (labels not shifted again)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = use_seqpar_attention(model)
+        self.config = model.config  # the plugin reads layers, width, heads and positions here
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids, position_ids=position_ids).logits
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
