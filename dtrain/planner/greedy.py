@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from dtrain.planner.cost import CostModel, power_of_two_sizes
+from dtrain.planner.cost import CostModel
 
 TARGET_FACTORS = (1.0, 1.03, 1.08, 1.15, 1.25, 1.4, 1.6, 2.0, 3.0, 5.0)
 
@@ -50,7 +50,7 @@ class Schedule:
 
 def item_times(lengths: list[int], cost: CostModel) -> dict[int, list[float]]:
     """``times[d][i]`` = modeled time of item ``i`` on ``d`` devices, for every candidate ``d``."""
-    return {d: cost.seq_times(lengths, d).tolist() for d in power_of_two_sizes(cost.cluster.num_devices)}
+    return {d: cost.seq_times(lengths, d).tolist() for d in cost.group_sizes}
 
 
 def lpt_fill(
@@ -123,7 +123,7 @@ def _dedicated_layout(
     times: dict[int, list[float]],
 ) -> tuple[list[int], dict[int, int]] | None:
     n = cost.cluster.num_devices
-    sizes_all = power_of_two_sizes(n)
+    sizes_all = cost.group_sizes
     sizes: list[int] = []
     preset: dict[int, int] = {}
     used = 0
@@ -158,14 +158,14 @@ def greedy_schedule(lengths: list[int], degrees: list[int], cost: CostModel) -> 
 
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     times = item_times(lengths, cost)
-    for d in power_of_two_sizes(n):
+    for d in cost.group_sizes:
         if d >= need:
             consider(lpt_fill([d] * (n // d), lengths, degrees, cost, order, None, times))
     lower = sum(cost.work(s, d) for s, d in zip(lengths, degrees)) / n
     lower = max(lower, max(min(t[i] for t in times.values()) for i in range(len(lengths))))
     seen: set[tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = set()
     for small in (1, 2):
-        if small > n:
+        if small not in cost.group_sizes:
             continue
         for factor in TARGET_FACTORS:
             layout = _dedicated_layout(lower * factor, lengths, degrees, cost, small, times)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dtrain.planner.cost import CostModel, power_of_two_sizes
+from dtrain.planner.cost import CostModel
 from dtrain.planner.errors import PlannerError
 from dtrain.planner.greedy import lpt_fill
 from dtrain.planner.plan import StepPlan
@@ -141,7 +141,7 @@ def compare(lengths: list[int], cost: CostModel, options: PlannerOptions | None 
     plan = plan_step(lengths, cost, options)
     statics = [
         static_sp(lengths, cost, d, options.memory_fill)
-        for d in power_of_two_sizes(cost.cluster.num_devices)
+        for d in cost.group_sizes
     ]
     return Comparison(plan, statics)
 

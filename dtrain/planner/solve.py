@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 
 from dtrain.planner.aggregate import aggregate_lower_bound
 from dtrain.planner.bucketing import bucket_lengths
-from dtrain.planner.cost import CostModel, power_of_two_sizes
+from dtrain.planner.cost import CostModel
 from dtrain.planner.errors import PlannerError
 from dtrain.planner.greedy import Schedule, greedy_schedule, lpt_fill
 from dtrain.planner.milp import MilpResult, solve_milp
@@ -194,7 +194,7 @@ def _run_milp(
         part_len, options.max_buckets, lambda s: cost.alpha1 * s * s + cost.alpha2 * s
     )
     n_dev = cost.cluster.num_devices
-    columns = len(buckets) * sum(min(n_dev // d, len(part_len)) for d in power_of_two_sizes(n_dev))
+    columns = len(buckets) * sum(min(n_dev // d, len(part_len)) for d in cost.group_sizes)
     if columns > MILP_MAX_COLUMNS and best is not None:
         return info, best  # too large to build and solve in the budget; keep the heuristics
     rep = [0] * len(part_len)
