@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from dtrain.planner.cost import CostModel
 
 TARGET_FACTORS = (1.0, 1.03, 1.08, 1.15, 1.25, 1.4, 1.6, 2.0, 3.0, 5.0)
+QUICK_FACTORS = (1.0, 1.15, 1.4, 2.0, 3.0)
 
 
 @dataclass
@@ -143,8 +144,13 @@ def _dedicated_layout(
     return sizes, preset
 
 
-def greedy_schedule(lengths: list[int], degrees: list[int], cost: CostModel) -> Schedule | None:
-    """Best schedule over the layouts in the module docstring; None if none is feasible."""
+def greedy_schedule(
+    lengths: list[int], degrees: list[int], cost: CostModel, factors: tuple[float, ...] = TARGET_FACTORS,
+) -> Schedule | None:
+    """Best schedule over the layouts in the module docstring; None if none is feasible.
+
+    ``factors``: the dedicated layouts' targets (multiples of the ideal bound); the planner
+    ranks candidate micro-batch splits with :data:`QUICK_FACTORS`."""
     n = cost.cluster.num_devices
     if not lengths:
         return Schedule([], [], [], [])
@@ -167,7 +173,7 @@ def greedy_schedule(lengths: list[int], degrees: list[int], cost: CostModel) -> 
     for small in (1, 2):
         if small not in cost.group_sizes:
             continue
-        for factor in TARGET_FACTORS:
+        for factor in factors:
             layout = _dedicated_layout(lower * factor, lengths, degrees, cost, small, times)
             if layout is None:
                 continue

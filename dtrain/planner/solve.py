@@ -47,14 +47,16 @@ from dtrain.planner.aggregate import aggregate_lower_bound
 from dtrain.planner.bucketing import bucket_lengths
 from dtrain.planner.cost import CostModel
 from dtrain.planner.errors import PlannerError
-from dtrain.planner.greedy import Schedule, greedy_schedule, lpt_fill
+from dtrain.planner.greedy import QUICK_FACTORS, Schedule, greedy_schedule, lpt_fill
 from dtrain.planner.milp import MilpResult, solve_milp
 from dtrain.planner.plan import GroupPlan, MicroBatch, StepPlan, place_groups
+from dtrain.planner.split import BatchTimes, giant_first_splits
 
 
 MILP_MAX_COLUMNS = 12000  # slot-MILP size (about buckets x slots) above which it is skipped
 MIN_BUDGET_S = 0.03  # below this, a micro-batch keeps its greedy schedule (time limit spent)
-MICRO_BATCH_SHARE = 0.75  # of the time limit, for all micro-batches (the rest: K choice, placement)
+MICRO_BATCH_SHARE = 0.75  # of the time limit, by the end of the micro-batches (the rest: placement)
+SPLIT_SHARE = 0.4  # of the time limit, by which the split search stops trying candidates
 BOUND_BUCKETS = 24  # DP buckets of the aggregated bound (plus the exact longest sequences)
 BOUND_EXACT_TOP = 32  # longest sequences that keep their own class in the aggregated bound
 BOUND_SHARE = 0.6  # share of a micro-batch's budget for the aggregated bound before the MILP
@@ -142,8 +144,10 @@ def _schedule_micro_batch(
     n_dev = cost.cluster.num_devices
     part_len = [lengths[i] for i in part]
     part_deg = [degrees[i] for i in part]
-    if fallback is None:
-        fallback = greedy_schedule(part_len, part_deg, cost)
+    if fallback is None or budget_s >= MIN_BUDGET_S:  # a given fallback may be a quick greedy
+        full = greedy_schedule(part_len, part_deg, cost)
+        if fallback is None or (full is not None and full.makespan < fallback.makespan - 1e-12):
+            fallback = full
     best, info = fallback, MicroBatch(groups=[], time_s=0.0, solver="greedy")
     lower = cost.comm_aware_lower_bound(part_len, part_deg)
     if options.solver != "greedy" and (budget_s >= MIN_BUDGET_S or best is None):
@@ -255,31 +259,49 @@ def _run_milp(
     return info, best
 
 
-def _choose_micro_batch_count(
-    lengths: list[int], degrees: list[int], cost: CostModel, k_min: int, options: PlannerOptions
-) -> tuple[int, dict[tuple[int, ...], Schedule]]:
-    """Pick ``k_min`` or ``k_min + 1`` micro-batches, whichever the greedy schedules faster.
+def _choose_split(
+    lengths: list[int], degrees: list[int], cost: CostModel, k_min: int, options: PlannerOptions,
+    deadline: float,
+) -> tuple[list[list[int]], dict[tuple[int, ...], Schedule]]:
+    """The micro-batch split the greedy schedules fastest among the candidates below.
 
-    More micro-batches leave more memory slack and separate long sequences, but each long
-    sequence must then finish within a shorter micro-batch (a larger, more communication-bound
-    group). The greedy is cheap enough to try both; the MILP then refines the chosen split.
+    Candidates, in this order: the balanced split into ``k_min`` and ``k_min + 1`` parts
+    (more parts leave more memory slack but shorten every micro-batch), then the giant-first
+    splits of :mod:`dtrain.planner.split`, tried while ``deadline`` (a ``perf_counter``
+    time) has not passed (the first one always). Returns the split and the greedy schedules
+    computed (keyed by part; quick ones, :data:`QUICK_FACTORS`) for reuse as warm starts.
     """
     cache: dict[tuple[int, ...], Schedule] = {}
+
+    def total(parts: list[list[int]]) -> float:
+        out = 0.0
+        for part in parts:
+            key = tuple(part)
+            if key not in cache:
+                sched = greedy_schedule(
+                    [lengths[i] for i in part], [degrees[i] for i in part], cost, QUICK_FACTORS
+                )
+                if sched is None:
+                    return math.inf
+                cache[key] = sched
+            out += cache[key].makespan
+        return out
+
+    best = split_micro_batches(lengths, degrees, cost, k_min, options.memory_fill)
     if k_min >= len(lengths):
-        return k_min, cache
-    best_k, best_t = k_min, math.inf
-    for k in (k_min, k_min + 1):
-        total = 0.0
-        for part in split_micro_batches(lengths, degrees, cost, k, options.memory_fill):
-            sched = greedy_schedule([lengths[i] for i in part], [degrees[i] for i in part], cost)
-            if sched is None:
-                total = math.inf
-                break
-            cache[tuple(part)] = sched
-            total += sched.makespan
-        if total < best_t - 1e-12:
-            best_k, best_t = k, total
-    return best_k, cache
+        return best, cache
+    best_t = total(best)
+    nxt = split_micro_batches(lengths, degrees, cost, k_min + 1, options.memory_fill)
+    if total(nxt) < best_t - 1e-12:
+        best, best_t = nxt, total(nxt)
+    bt = BatchTimes(lengths, degrees, cost)
+    for n, cand in enumerate(giant_first_splits(lengths, degrees, cost, bt, options.memory_fill)):
+        if n > 0 and time.perf_counter() > deadline:
+            break
+        t = total(cand)
+        if t < best_t - 1e-12:
+            best, best_t = cand, t
+    return best, cache
 
 
 def plan_step(
@@ -292,9 +314,15 @@ def plan_step(
     lengths = [int(s) for s in lengths]
     n_dev = cost.cluster.num_devices
     k = max(1, math.ceil(sum(lengths) / (n_dev * cost.tokens_per_device * options.memory_fill)))
-    k, greedy_cache = _choose_micro_batch_count(lengths, degrees, cost, k, options)
+    split, greedy_cache = _choose_split(
+        lengths, degrees, cost, k, options, t0 + SPLIT_SHARE * options.time_limit_s
+    )
     while True:
-        parts = split_micro_batches(lengths, degrees, cost, k, options.memory_fill)
+        parts = split if split is not None else split_micro_batches(
+            lengths, degrees, cost, k, options.memory_fill
+        )
+        k = max(k, len(parts))
+        split = None  # if a part cannot be scheduled, fall back to balanced splits, k + 1, ...
         scheduled = []
         for p, part in enumerate(parts):
             left = MICRO_BATCH_SHARE * options.time_limit_s - (time.perf_counter() - t0)
