@@ -26,7 +26,9 @@ for two gathered layers; activations are proportional to the tokens a device hol
     per-device memory of a group = M_states + a_tok * sum(s) / d  <=  M_dev - reserve
 
 The smallest power-of-two ``d`` with ``a_tok * s / d <= M_avail`` is the sequence's minimum
-SP size. Assumptions: homogeneous devices, no GQA (k, v as wide as q), gradient reduction and
+SP size. Group sizes are the powers of two ``<= N`` that divide the head count ``H``
+(:attr:`CostModel.group_sizes`; Ulysses gives each device ``H / d`` whole heads), so a
+sequence longer than ``max_group_size * tokens_per_device`` cannot be planned. Assumptions: homogeneous devices, no GQA (k, v as wide as q), gradient reduction and
 optimizer step not modelled (identical for every plan of the same batch).
 """
 from __future__ import annotations

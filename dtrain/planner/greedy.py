@@ -23,6 +23,10 @@ from dtrain.planner.cost import CostModel
 
 TARGET_FACTORS = (1.0, 1.03, 1.08, 1.15, 1.25, 1.4, 1.6, 2.0, 3.0, 5.0)
 QUICK_FACTORS = (1.0, 1.15, 1.4, 2.0, 3.0)
+# Sizes of the groups the dedicated layouts fill the free devices with; 4 and 8 matter when
+# several long sequences share a micro-batch (mixed in-node groups beside their groups).
+SMALL_SIZES = (1, 2, 4, 8)
+QUICK_SMALL_SIZES = (1, 8)
 
 
 @dataclass
@@ -110,12 +114,15 @@ def lpt_fill(
         finish, g = best
         d = sizes[g]
         heap = heaps[d]
-        heap.remove((loads[g], g))
-        heapq.heapify(heap)
+        if heap[0] == (loads[g], g):  # the usual case: the least-loaded group of its size
+            heapq.heapreplace(heap, (finish, g))
+        else:  # it was chosen after fuller groups were skipped for memory
+            heap.remove((loads[g], g))
+            heapq.heapify(heap)
+            heapq.heappush(heap, (finish, g))
         loads[g] = finish
         tokens[g] += s
         members[g].append(i)
-        heapq.heappush(heap, (finish, g))
     return Schedule(list(sizes), members, loads, tokens)
 
 
@@ -146,11 +153,13 @@ def _dedicated_layout(
 
 def greedy_schedule(
     lengths: list[int], degrees: list[int], cost: CostModel, factors: tuple[float, ...] = TARGET_FACTORS,
+    small_sizes: tuple[int, ...] = SMALL_SIZES,
 ) -> Schedule | None:
     """Best schedule over the layouts in the module docstring; None if none is feasible.
 
-    ``factors``: the dedicated layouts' targets (multiples of the ideal bound); the planner
-    ranks candidate micro-batch splits with :data:`QUICK_FACTORS`."""
+    ``factors``: the dedicated layouts' targets (multiples of the ideal bound);
+    ``small_sizes``: the sizes they fill the free devices with. The planner ranks candidate
+    micro-batch splits with the cheaper :data:`QUICK_FACTORS` and :data:`QUICK_SMALL_SIZES`."""
     n = cost.cluster.num_devices
     if not lengths:
         return Schedule([], [], [], [])
@@ -170,7 +179,7 @@ def greedy_schedule(
     lower = sum(cost.work(s, d) for s, d in zip(lengths, degrees)) / n
     lower = max(lower, max(min(t[i] for t in times.values()) for i in range(len(lengths))))
     seen: set[tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = set()
-    for small in (1, 2):
+    for small in small_sizes:
         if small not in cost.group_sizes:
             continue
         for factor in factors:

@@ -24,7 +24,7 @@ from dtrain.planner.greedy import lpt_fill
 from dtrain.planner.plan import StepPlan
 from dtrain.planner.solve import PlannerOptions, plan_step, split_micro_batches
 
-DISTRIBUTIONS = ("lognormal", "longtail-mix", "uniform")
+DISTRIBUTIONS = ("lognormal", "longtail-mix", "uniform", "chat-doc-giant")
 
 
 def sample_lengths(dist: str, batch: int, seed: int = 0) -> list[int]:
@@ -34,7 +34,10 @@ def sample_lengths(dist: str, batch: int, seed: int = 0) -> list[int]:
     * ``longtail-mix``: lognormal (median 2048, sigma 1.0, clipped to [64, 32768]) with each
       sequence replaced, with probability 1%, by a log-uniform length in [65536, 262144]
       (at least one such sequence per batch);
-    * ``uniform``: uniform integers in [256, 16384].
+    * ``uniform``: uniform integers in [256, 16384];
+    * ``chat-doc-giant``: each sequence, independently, a chat turn (70%: lognormal, median
+      700, sigma 0.5, clipped to [32, 4096]), a document (27%: lognormal, median 8192, sigma
+      0.4, clipped to [2048, 32768]) or a giant (3%: log-uniform in [65536, 262144]).
     """
     if batch <= 0:
         raise PlannerError(f"--batch must be positive, got {batch}")
@@ -49,6 +52,12 @@ def sample_lengths(dist: str, batch: int, seed: int = 0) -> list[int]:
         x[long] = np.exp(rng.uniform(math.log(65536), math.log(262144), int(long.sum())))
     elif dist == "uniform":
         x = rng.integers(256, 16385, batch)
+    elif dist == "chat-doc-giant":
+        kind = rng.choice(3, size=batch, p=[0.70, 0.27, 0.03])
+        chat = rng.lognormal(math.log(700), 0.5, batch).clip(32, 4096)
+        doc = rng.lognormal(math.log(8192), 0.4, batch).clip(2048, 32768)
+        giant = np.exp(rng.uniform(math.log(65536), math.log(262144), batch))
+        x = np.where(kind == 0, chat, np.where(kind == 1, doc, giant))
     else:
         raise PlannerError(f"unknown distribution {dist!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     return [int(v) for v in x]

@@ -2,13 +2,17 @@
 
 Pipeline for a batch of lengths on ``N`` devices:
 
-1. Validate the batch and derive each sequence's minimum SP size (:class:`CostModel`).
-2. Split into ``K`` micro-batches when one pass cannot hold every token: ``K`` is
-   ``K0 = ceil(tokens / (N * tokens_per_device * fill))`` or ``K0 + 1``, whichever the greedy
-   schedules faster; sequences, largest compute work first, go to the micro-batch with the
-   least work that still has token room. If a micro-batch cannot be scheduled, ``K`` grows
-   by one.
-3. Per micro-batch (budget: its share of ``0.75 * time_limit_s``):
+1. Validate the batch and derive each sequence's minimum SP size (:class:`CostModel`); group
+   sizes are :attr:`CostModel.group_sizes`, the powers of two that divide the head count.
+2. Split into micro-batches (:func:`_choose_split`): ``K0 = ceil(tokens / (N *
+   tokens_per_device * fill))`` balanced parts (sequences, largest compute work first, go
+   to the part with the least work that still has token room), ``K0 + 1`` balanced parts,
+   and the giant-first splits of :mod:`dtrain.planner.split` (the longest sequences
+   together in long micro-batches on small groups, the short ones in the devices they leave
+   free); a quick greedy ranks them and the fastest is kept (``docs/flexsp-planner.md``
+   says why the balanced split loses on long-tail mixes). If a micro-batch cannot be
+   scheduled, the planner falls back to balanced splits with ``K`` growing by one.
+3. Per micro-batch (budget: its share of what is left of ``0.75 * time_limit_s``):
 
    a. greedy schedule on the true lengths (:mod:`greedy`): the incumbent;
    b. aggregated lower bound on the true lengths by bisection (:mod:`aggregate`; the 32
@@ -47,16 +51,17 @@ from dtrain.planner.aggregate import aggregate_lower_bound
 from dtrain.planner.bucketing import bucket_lengths
 from dtrain.planner.cost import CostModel
 from dtrain.planner.errors import PlannerError
-from dtrain.planner.greedy import QUICK_FACTORS, Schedule, greedy_schedule, lpt_fill
+from dtrain.planner.greedy import QUICK_FACTORS, QUICK_SMALL_SIZES, Schedule, greedy_schedule, lpt_fill
 from dtrain.planner.milp import MilpResult, solve_milp
 from dtrain.planner.plan import GroupPlan, MicroBatch, StepPlan, place_groups
 from dtrain.planner.split import BatchTimes, giant_first_splits
 
 
 MILP_MAX_COLUMNS = 12000  # slot-MILP size (about buckets x slots) above which it is skipped
+FULL_GREEDY_BUDGET_S = 0.1  # budget below which a micro-batch keeps the split search's quick greedy
 MIN_BUDGET_S = 0.03  # below this, a micro-batch keeps its greedy schedule (time limit spent)
 MICRO_BATCH_SHARE = 0.75  # of the time limit, by the end of the micro-batches (the rest: placement)
-SPLIT_SHARE = 0.4  # of the time limit, by which the split search stops trying candidates
+SPLIT_SHARE = 0.5  # of the time limit, by which the split search stops trying candidates
 BOUND_BUCKETS = 24  # DP buckets of the aggregated bound (plus the exact longest sequences)
 BOUND_EXACT_TOP = 32  # longest sequences that keep their own class in the aggregated bound
 BOUND_SHARE = 0.6  # share of a micro-batch's budget for the aggregated bound before the MILP
@@ -73,6 +78,7 @@ class PlannerOptions:
     gap_rel: float = 0.01  # MILP relative gap at which the solver stops
     solver: str = "highs"  # "highs", "cbc" or "greedy" (no MILP)
     memory_fill: float = 0.95  # target fraction of memory when choosing K micro-batches
+    giant_splits: bool = True  # also try the giant-first splits of dtrain.planner.split
 
     def __post_init__(self) -> None:
         if self.solver not in ("highs", "cbc", "greedy"):
@@ -144,7 +150,7 @@ def _schedule_micro_batch(
     n_dev = cost.cluster.num_devices
     part_len = [lengths[i] for i in part]
     part_deg = [degrees[i] for i in part]
-    if fallback is None or budget_s >= MIN_BUDGET_S:  # a given fallback may be a quick greedy
+    if fallback is None or budget_s >= FULL_GREEDY_BUDGET_S:  # the fallback may be a quick greedy
         full = greedy_schedule(part_len, part_deg, cost)
         if fallback is None or (full is not None and full.makespan < fallback.makespan - 1e-12):
             fallback = full
@@ -265,11 +271,13 @@ def _choose_split(
 ) -> tuple[list[list[int]], dict[tuple[int, ...], Schedule]]:
     """The micro-batch split the greedy schedules fastest among the candidates below.
 
-    Candidates, in this order: the balanced split into ``k_min`` and ``k_min + 1`` parts
-    (more parts leave more memory slack but shorten every micro-batch), then the giant-first
-    splits of :mod:`dtrain.planner.split`, tried while ``deadline`` (a ``perf_counter``
-    time) has not passed (the first one always). Returns the split and the greedy schedules
-    computed (keyed by part; quick ones, :data:`QUICK_FACTORS`) for reuse as warm starts.
+    Candidates, in this order: the balanced split into ``k_min`` parts, into fewer parts
+    when only the ``memory_fill`` margin asked for ``k_min``, the first giant-first split of
+    :mod:`dtrain.planner.split`, the balanced split into ``k_min + 1`` parts (more memory
+    slack, shorter micro-batches), the other giant-first splits. After the first three,
+    candidates are tried only while ``deadline`` (a ``perf_counter`` time) has not passed.
+    Returns the split and the greedy schedules computed (keyed by part; quick ones, with
+    :data:`QUICK_FACTORS`) for reuse as warm starts.
     """
     cache: dict[tuple[int, ...], Schedule] = {}
 
@@ -279,7 +287,8 @@ def _choose_split(
             key = tuple(part)
             if key not in cache:
                 sched = greedy_schedule(
-                    [lengths[i] for i in part], [degrees[i] for i in part], cost, QUICK_FACTORS
+                    [lengths[i] for i in part], [degrees[i] for i in part], cost, QUICK_FACTORS,
+                    QUICK_SMALL_SIZES,
                 )
                 if sched is None:
                     return math.inf
@@ -291,12 +300,21 @@ def _choose_split(
     if k_min >= len(lengths):
         return best, cache
     best_t = total(best)
-    nxt = split_micro_batches(lengths, degrees, cost, k_min + 1, options.memory_fill)
-    if total(nxt) < best_t - 1e-12:
-        best, best_t = nxt, total(nxt)
-    bt = BatchTimes(lengths, degrees, cost)
-    for n, cand in enumerate(giant_first_splits(lengths, degrees, cost, bt, options.memory_fill)):
-        if n > 0 and time.perf_counter() > deadline:
+    candidates: list[list[list[int]]] = []
+    tight = math.ceil(sum(lengths) / (cost.cluster.num_devices * cost.tokens_per_device))
+    if tight < k_min:  # the memory_fill margin alone asked for another micro-batch
+        candidates.append(split_micro_batches(lengths, degrees, cost, tight, 1.0))
+    if options.giant_splits:
+        bt = BatchTimes(lengths, degrees, cost)
+        giant = giant_first_splits(lengths, degrees, cost, bt, options.memory_fill)
+        candidates += giant[:1]
+        giant = giant[1:]
+    else:
+        giant = []
+    candidates.append(split_micro_batches(lengths, degrees, cost, k_min + 1, options.memory_fill))
+    candidates += giant
+    for n, cand in enumerate(candidates):
+        if n > 1 and time.perf_counter() > deadline:
             break
         t = total(cand)
         if t < best_t - 1e-12:

@@ -92,6 +92,7 @@ def giant_first_splits(
     sizes = bt.sizes
     out: list[list[list[int]]] = []
     seen: set[tuple[tuple[int, ...], ...]] = set()
+    layouts: list[tuple[list[list[int]], list[float], list[float], list[float]]] = []
     for first_scale, scale in OPENER_SCALES:
         if True:
             parts: list[list[int]] = []
@@ -128,12 +129,14 @@ def giant_first_splits(
                 taus.append(tau)
                 giant_work.append(work)
                 tokens.append(toks)
-            for extra in (0, 1):
-                cand = _fill(parts, taus, giant_work, tokens, rest, lengths, bt, room, extra)
-                key = tuple(tuple(sorted(p)) for p in cand)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(cand)
+            layouts.append((parts, taus, giant_work, tokens))
+    for extra in (0, 1):  # variants with one more micro-batch for the short sequences last
+        for parts, taus, giant_work, tokens in layouts:
+            cand = _fill(parts, taus, giant_work, tokens, rest, lengths, bt, room, extra)
+            key = tuple(tuple(sorted(p)) for p in cand)
+            if key not in seen:
+                seen.add(key)
+                out.append(cand)
     return out
 
 
