@@ -130,6 +130,7 @@ class Comparison:
             "comm_lower_bound_s": self.plan.comm_lower_bound_s,
             "ratio_to_comm_lower_bound": self.plan.step_time_s / self.plan.comm_lower_bound_s,
             "solve_time_s": self.plan.solve_time_s,
+            "solve_cpu_s": self.plan.solve_cpu_s,
             "mip_gap": self.plan.mip_gap,
             "plan_gap": self.plan.plan_gap,
             "plan_lower_bound_s": sum(m.lower_bound_s or 0.0 for m in self.plan.micro_batches),

@@ -328,6 +328,7 @@ def plan_step(
     """Plan one batch; raises :class:`PlannerError` for unplannable input."""
     options = options or PlannerOptions()
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     degrees = cost.check_batch(lengths)
     lengths = [int(s) for s in lengths]
     n_dev = cost.cluster.num_devices
@@ -395,4 +396,5 @@ def plan_step(
         solve_time_s=time.perf_counter() - t0,
         memory_limit_bytes=(c.memory_GiB - c.reserve_GiB) * 1024**3,
         options=asdict(options),
+        solve_cpu_s=time.process_time() - cpu0,
     )
