@@ -70,9 +70,11 @@ def main() -> int:
     if args.only_giant:
         giant = giant_split_rows(seeds, args, cost)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out_path = RESULTS / "flexsp_giant.json"
+        suffix = "" if args.time_limit == 1.0 else f"_{args.time_limit:g}s"
+        out_path = RESULTS / f"flexsp_giant{suffix}.json"
         out_path.write_text(json.dumps({
-            "command": "python benchmarks/flexsp.py --only-giant" + (" --quick" if args.quick else ""),
+            "command": "python benchmarks/flexsp.py --only-giant" + (" --quick" if args.quick else "")
+                       + (f" --time-limit {args.time_limit:g}" if suffix else ""),
             "machine": f"{platform.machine()} {platform.system()}, {platform.python_version()}, "
                        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end "
                        "(shared with other jobs); modeled times (no GPU used)",

@@ -27,6 +27,8 @@ QUICK_FACTORS = (1.0, 1.15, 1.4, 2.0, 3.0)
 # several long sequences share a micro-batch (mixed in-node groups beside their groups).
 SMALL_SIZES = (1, 2, 4, 8)
 QUICK_SMALL_SIZES = (1, 8)
+QUICK_UNIFORM_SIZES = 2
+QUICK = {"factors": QUICK_FACTORS, "small_sizes": QUICK_SMALL_SIZES, "uniform_sizes": QUICK_UNIFORM_SIZES}
 
 
 @dataclass
@@ -153,13 +155,14 @@ def _dedicated_layout(
 
 def greedy_schedule(
     lengths: list[int], degrees: list[int], cost: CostModel, factors: tuple[float, ...] = TARGET_FACTORS,
-    small_sizes: tuple[int, ...] = SMALL_SIZES,
+    small_sizes: tuple[int, ...] = SMALL_SIZES, uniform_sizes: int | None = None,
 ) -> Schedule | None:
     """Best schedule over the layouts in the module docstring; None if none is feasible.
 
     ``factors``: the dedicated layouts' targets (multiples of the ideal bound);
-    ``small_sizes``: the sizes they fill the free devices with. The planner ranks candidate
-    micro-batch splits with the cheaper :data:`QUICK_FACTORS` and :data:`QUICK_SMALL_SIZES`."""
+    ``small_sizes``: the sizes they fill the free devices with; ``uniform_sizes``: how many
+    uniform layouts to try, smallest feasible size first (None: all). The planner ranks
+    candidate micro-batch splits with the cheaper :data:`QUICK` settings."""
     n = cost.cluster.num_devices
     if not lengths:
         return Schedule([], [], [], [])
@@ -173,9 +176,8 @@ def greedy_schedule(
 
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     times = item_times(lengths, cost)
-    for d in cost.group_sizes:
-        if d >= need:
-            consider(lpt_fill([d] * (n // d), lengths, degrees, cost, order, None, times))
+    for d in [d for d in cost.group_sizes if d >= need][:uniform_sizes]:
+        consider(lpt_fill([d] * (n // d), lengths, degrees, cost, order, None, times))
     lower = sum(cost.work(s, d) for s, d in zip(lengths, degrees)) / n
     lower = max(lower, max(min(t[i] for t in times.values()) for i in range(len(lengths))))
     seen: set[tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = set()

@@ -38,8 +38,10 @@ Pipeline for a batch of lengths on ``N`` devices:
 4. Place groups on aligned contiguous ranks and verify memory (a violation is a bug and
    raises).
 
-Plans are deterministic for the same input as long as the MILP and the bound's probes stop on
-their own rather than on a time limit (what a time-out leaves depends on machine speed).
+Plans are deterministic for the same input as long as the split search tries every candidate
+and the MILP and the bound's probes stop on their own rather than on a time limit (what a
+time-out leaves depends on machine speed; ``solver="greedy"`` with a generous limit is
+deterministic). A runtime should plan on one rank and broadcast the plan.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ from dtrain.planner.aggregate import aggregate_lower_bound
 from dtrain.planner.bucketing import bucket_lengths
 from dtrain.planner.cost import CostModel
 from dtrain.planner.errors import PlannerError
-from dtrain.planner.greedy import QUICK_FACTORS, QUICK_SMALL_SIZES, Schedule, greedy_schedule, lpt_fill
+from dtrain.planner.greedy import QUICK, Schedule, greedy_schedule, lpt_fill
 from dtrain.planner.milp import MilpResult, solve_milp
 from dtrain.planner.plan import GroupPlan, MicroBatch, StepPlan, place_groups
 from dtrain.planner.split import BatchTimes, giant_first_splits
@@ -277,7 +279,7 @@ def _choose_split(
     slack, shorter micro-batches), the other giant-first splits. After the first three,
     candidates are tried only while ``deadline`` (a ``perf_counter`` time) has not passed.
     Returns the split and the greedy schedules computed (keyed by part; quick ones, with
-    :data:`QUICK_FACTORS`) for reuse as warm starts.
+    :data:`dtrain.planner.greedy.QUICK`) for reuse as warm starts.
     """
     cache: dict[tuple[int, ...], Schedule] = {}
 
@@ -286,10 +288,7 @@ def _choose_split(
         for part in parts:
             key = tuple(part)
             if key not in cache:
-                sched = greedy_schedule(
-                    [lengths[i] for i in part], [degrees[i] for i in part], cost, QUICK_FACTORS,
-                    QUICK_SMALL_SIZES,
-                )
+                sched = greedy_schedule([lengths[i] for i in part], [degrees[i] for i in part], cost, **QUICK)
                 if sched is None:
                     return math.inf
                 cache[key] = sched
