@@ -1,7 +1,8 @@
 """Planner quality on long-tail mixes (giant-first micro-batch splits), head-count-aware group
 sizes, and the bound they are measured against.
 
-* The comm-aware bound is checked against brute force over every plan (every split into
+* The comm-aware bound and the step-level bound (:mod:`dtrain.planner.stepbound`) are checked
+  against brute force over every plan (every split into
   micro-batches, every grouping, every allowed size) on tiny instances where memory forces
   several micro-batches and the head count caps the group size.
 * The plan / comm-aware-bound ratio on a generated ``chat-doc-giant`` batch (512 sequences,
@@ -17,6 +18,7 @@ import pytest
 
 from dtrain.planner import ClusterSpec, CostModel, PlannerError, PlannerOptions, parse_model, plan_step
 from dtrain.planner.simulate import compare, sample_lengths
+from dtrain.planner.stepbound import step_lower_bound
 
 
 def set_partitions(items: list[int]):
@@ -76,7 +78,7 @@ def tiny_cost(heads: int) -> CostModel:
 
 def test_bound_below_brute_force_optimum_with_micro_batches_and_head_cap() -> None:
     rng = random.Random(7)
-    checked = 0
+    checked = tighter = 0
     for heads in (8, 2):
         cost = tiny_cost(heads)
         assert cost.group_sizes == ([1, 2, 4, 8] if heads == 8 else [1, 2])
@@ -88,12 +90,17 @@ def test_bound_below_brute_force_optimum_with_micro_batches_and_head_cap() -> No
             degrees = cost.check_batch(lengths)
             bound = cost.comm_aware_lower_bound(lengths, degrees)
             assert bound <= optimum * (1 + 1e-9)
+            step = step_lower_bound(lengths, cost, time_limit_s=5.0)
+            assert step.status == "optimal" and step.bound >= bound
+            assert step.bound <= optimum * (1 + 1e-9), (lengths, step, optimum)
+            tighter += step.bound > bound * (1 + 1e-6)
             plan = plan_step(lengths, cost, PlannerOptions(time_limit_s=2.0))
             assert plan.step_time_s >= optimum * (1 - 1e-9)  # no plan beats the optimum
             assert plan.comm_lower_bound_s == pytest.approx(bound)
             assert all(g.size in cost.group_sizes for m in plan.micro_batches for g in m.groups)
             checked += 1
     assert checked == 10
+    assert tighter >= 1  # the step bound is above the comm-aware bound somewhere, else the test is moot
 
 
 def test_chat_doc_giant_plan_within_ratio_of_comm_bound() -> None:
