@@ -92,14 +92,22 @@ def lpt_fill(
     if order is None:
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     placed = set(preset or {})
-    for i in order:
-        if i in placed:
-            continue
+    todo = [i for i in order if i not in placed]
+    # Items longest first (the usual order): a group without room for an item is parked (by
+    # free room) until an item short enough for it comes, instead of being popped and pushed
+    # back for every item; same choices, far fewer heap operations when memory is tight.
+    monotone = all(lengths[a] >= lengths[b] for a, b in zip(todo, todo[1:]))
+    parked: dict[int, list[tuple[float, int]]] = {d: [] for d in heaps}
+    for i in todo:
         s = lengths[i]
         best: tuple[float, int] | None = None
         for d, heap in heaps.items():
             if d < degrees[i]:
                 continue
+            park = parked[d]
+            while park and tokens[park[0][1]] + s <= budget_tokens[park[0][1]] * (1 + 1e-12):
+                g = heapq.heappop(park)[1]
+                heapq.heappush(heap, (loads[g], g))
             skipped = []
             while heap:
                 load, g = heap[0]
@@ -108,7 +116,11 @@ def lpt_fill(
                     if best is None or cand < best:
                         best = cand
                     break
-                skipped.append(heapq.heappop(heap))
+                entry = heapq.heappop(heap)
+                if monotone:
+                    heapq.heappush(park, (tokens[g] - budget_tokens[g], g))
+                else:
+                    skipped.append(entry)
             for entry in skipped:
                 heapq.heappush(heap, entry)
         if best is None:

@@ -10,7 +10,10 @@ Pipeline for a batch of lengths on ``N`` devices:
    and the giant-first splits of :mod:`dtrain.planner.split` (the longest sequences
    together in long micro-batches on small groups, the short ones in the devices they leave
    free); a quick greedy ranks them and the fastest is kept (``docs/flexsp-planner.md``
-   says why the balanced split loses on long-tail mixes). If a micro-batch cannot be
+   says why the balanced split loses on long-tail mixes), then a local search moves and
+   swaps the long sequences between its micro-batches (at most ``move_budget`` quick-greedy
+   evaluations, a count rather than a time, so the split is the same on every rank
+   whatever the load). If a micro-batch cannot be
    scheduled, the planner falls back to balanced splits with ``K`` growing by one.
 3. Per micro-batch (budget: its share of what is left of ``0.75 * time_limit_s``):
 
@@ -38,8 +41,8 @@ Pipeline for a batch of lengths on ``N`` devices:
 4. Place groups on aligned contiguous ranks and verify memory (a violation is a bug and
    raises).
 
-Plans are deterministic for the same input as long as the split search tries every candidate
-and the MILP and the bound's probes stop on their own rather than on a time limit (what a
+The split is deterministic for the same input (a fixed count of candidates and moves); the
+plan is as long as the MILP and the bound's probes stop on their own rather than on a time limit (what a
 time-out leaves depends on machine speed; ``solver="greedy"`` with a generous limit is
 deterministic). A runtime should plan on one rank and broadcast the plan.
 """
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from dtrain.planner.aggregate import aggregate_lower_bound
@@ -63,12 +67,12 @@ MILP_MAX_COLUMNS = 12000  # slot-MILP size (about buckets x slots) above which i
 FULL_GREEDY_BUDGET_S = 0.1  # budget below which a micro-batch keeps the split search's quick greedy
 MIN_BUDGET_S = 0.03  # below this, a micro-batch keeps its greedy schedule (time limit spent)
 MICRO_BATCH_SHARE = 0.75  # of the time limit, by the end of the micro-batches (the rest: placement)
-SPLIT_SHARE = 0.5  # of the time limit, by which the split search stops trying candidates
 BOUND_BUCKETS = 24  # DP buckets of the aggregated bound (plus the exact longest sequences)
 BOUND_EXACT_TOP = 32  # longest sequences that keep their own class in the aggregated bound
 BOUND_SHARE = 0.6  # share of a micro-batch's budget for the aggregated bound before the MILP
 MILP_END = 0.9  # the MILP must stop by this share of the budget; the rest re-probes the bound
 LAYOUTS_TRIED = 3  # feasible aggregated layouts filled by LPT on the real lengths
+MOVE_CANDIDATES = 24  # longest sequences the split's local search may move
 
 
 @dataclass(frozen=True)
@@ -81,13 +85,16 @@ class PlannerOptions:
     solver: str = "highs"  # "highs", "cbc" or "greedy" (no MILP)
     memory_fill: float = 0.95  # target fraction of memory when choosing K micro-batches
     giant_splits: bool = True  # also try the giant-first splits of dtrain.planner.split
+    move_budget: int = 64  # local-search evaluations on the chosen split (0: none; a count, not a time)
 
     def __post_init__(self) -> None:
         if self.solver not in ("highs", "cbc", "greedy"):
             raise PlannerError(f"unknown solver {self.solver!r}; use highs, cbc or greedy")
-        if self.max_buckets < 1 or self.time_limit_s <= 0 or not 0 < self.memory_fill <= 1:
+        if (self.max_buckets < 1 or self.time_limit_s <= 0 or not 0 < self.memory_fill <= 1
+                or self.move_budget < 0):
             raise PlannerError(
-                "planner options need max_buckets >= 1, time_limit_s > 0, 0 < memory_fill <= 1"
+                "planner options need max_buckets >= 1, time_limit_s > 0, 0 < memory_fill <= 1, "
+                "move_budget >= 0"
             )
 
 
@@ -269,15 +276,15 @@ def _run_milp(
 
 def _choose_split(
     lengths: list[int], degrees: list[int], cost: CostModel, k_min: int, options: PlannerOptions,
-    deadline: float,
 ) -> tuple[list[list[int]], dict[tuple[int, ...], Schedule]]:
     """The micro-batch split the greedy schedules fastest among the candidates below.
 
     Candidates, in this order: the balanced split into ``k_min`` parts, into fewer parts
     when only the ``memory_fill`` margin asked for ``k_min``, the first giant-first split of
     :mod:`dtrain.planner.split`, the balanced split into ``k_min + 1`` parts (more memory
-    slack, shorter micro-batches), the other giant-first splits. After the first three,
-    candidates are tried only while ``deadline`` (a ``perf_counter`` time) has not passed.
+    slack, shorter micro-batches), the other giant-first splits; then
+    :func:`_move_long_sequences` improves the best one. Every step counts evaluations, not
+    time, so the split does not depend on the machine's load.
     Returns the split and the greedy schedules computed (keyed by part; quick ones, with
     :data:`dtrain.planner.greedy.QUICK`) for reuse as warm starts.
     """
@@ -312,13 +319,66 @@ def _choose_split(
         giant = []
     candidates.append(split_micro_batches(lengths, degrees, cost, k_min + 1, options.memory_fill))
     candidates += giant
-    for n, cand in enumerate(candidates):
-        if n > 1 and time.perf_counter() > deadline:
-            break
+    for cand in candidates:  # all of them (a fixed count): every rank gets the same split
         t = total(cand)
         if t < best_t - 1e-12:
             best, best_t = cand, t
+    if options.move_budget > 0 and best_t < math.inf:
+        best = _move_long_sequences(best, lengths, degrees, cost, options, total)
     return best, cache
+
+
+def _move_long_sequences(
+    parts: list[list[int]], lengths: list[int], degrees: list[int], cost: CostModel,
+    options: PlannerOptions, total: Callable[[list[list[int]]], float],
+) -> list[list[int]]:
+    """First-improvement local search on the split: move one long sequence (one that needs
+    more than one device) to another micro-batch with memory for it, kept when the quick
+    greedy makes the two micro-batches faster. At most ``options.move_budget`` evaluations
+    (a count, not a time, so every rank computes the same plan)."""
+    room = cost.cluster.num_devices * cost.tokens_per_device * options.memory_fill
+    parts = [list(p) for p in parts]
+    key = lambda i: (-lengths[i], i)  # noqa: E731
+    times = [total([p]) for p in parts]
+    tokens = [sum(lengths[i] for i in p) for p in parts]
+    where = {i: k for k, p in enumerate(parts) for i in p}
+    movers = sorted((i for i in where if degrees[i] > 1), key=key)[:MOVE_CANDIDATES]
+    evals, improved = 0, True
+    while improved and evals < options.move_budget:
+        improved = False
+        for swaps in (False, True):  # all single moves first: they are cheaper per gain
+            for i in movers:
+                src = where[i]
+                for dst in sorted(range(len(parts)), key=lambda k: (times[k], k)):
+                    if dst == src:
+                        continue
+                    partners = [j for j in movers if where[j] == dst] if swaps else [None]
+                    for j in partners:
+                        delta = lengths[i] - (lengths[j] if j is not None else 0)
+                        if tokens[dst] + delta > room or tokens[src] - delta > room:
+                            continue
+                        if evals >= options.move_budget:
+                            return [p for p in parts if p]
+                        evals += 1
+                        new_src = sorted([k for k in parts[src] if k != i] + ([j] if j is not None else []), key=key)
+                        new_dst = sorted([k for k in parts[dst] if k != j] + [i], key=key)
+                        t_src = total([new_src]) if new_src else 0.0
+                        t_dst = total([new_dst])
+                        if t_src + t_dst < times[src] + times[dst] - 1e-9:
+                            parts[src], parts[dst] = new_src, new_dst
+                            times[src], times[dst] = t_src, t_dst
+                            tokens[src] -= delta
+                            tokens[dst] += delta
+                            where[i] = dst
+                            if j is not None:
+                                where[j] = src
+                            improved = True
+                            break
+                    if where[i] != src:
+                        break
+            if improved:
+                break  # back to single moves
+    return [p for p in parts if p]
 
 
 def plan_step(
@@ -332,9 +392,7 @@ def plan_step(
     lengths = [int(s) for s in lengths]
     n_dev = cost.cluster.num_devices
     k = max(1, math.ceil(sum(lengths) / (n_dev * cost.tokens_per_device * options.memory_fill)))
-    split, greedy_cache = _choose_split(
-        lengths, degrees, cost, k, options, t0 + SPLIT_SHARE * options.time_limit_s
-    )
+    split, greedy_cache = _choose_split(lengths, degrees, cost, k, options)
     while True:
         parts = split if split is not None else split_micro_batches(
             lengths, degrees, cost, k, options.memory_fill
