@@ -8,9 +8,11 @@ lower bound, ratios, planning time and MILP gap, plus medians; then sweeps clust
 
     python benchmarks/flexsp.py [--seeds 5] [--batch 512] [--quick] [--only-giant]
 
-The ``chat-doc-giant`` section (8 seeds; 3 with --quick) plans each batch twice, interleaved:
-with the balanced micro-batch split only (the planner before docs/flexsp-planner.md) and with
-the giant-first splits, and reports plan / comm-aware bound for both.
+The ``chat-doc-giant`` section (8 seeds; 3 with --quick) plans each batch three times,
+interleaved: with the balanced micro-batch split only (the first planner of
+docs/flexsp-planner.md), with the giant-first splits but no move search (``move_budget=0``,
+the second), and with the default options; it reports plan / comm-aware bound for each, and
+plan / step bound (``dtrain.planner.stepbound.step_lower_bound``, 5 s limit).
 
 Columns: /LB = step / ideal (compute-only) bound; /cLB = step / comm-aware bound; /pLB = step /
 the plan's own bound (sum over micro-batches of max(comm-aware, aggregated) on the real
@@ -33,17 +35,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dtrain.planner import CostModel, PlannerOptions, compare, load_cluster, parse_model, sample_lengths  # noqa: E402
+from dtrain.planner.stepbound import step_lower_bound  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 GIANT_TARGET = 1.15  # issue 16 item 6: plan within 1.15x of the comm-aware bound
+STEP_BOUND_LIMIT_S = 5.0  # HiGHS limit of the step bound (a reporting bound, not part of planning)
 TARGETS = {"speedup_vs_best_static": 1.5, "ratio_to_lower_bound": 1.10, "solve_time_s": 1.0, "plan_gap": 0.02}
 
 
 def run_batch(
     dist: str, seed: int, batch: int, cost: CostModel, time_limit: float, giant_splits: bool = True,
+    move_budget: int | None = None,
 ) -> dict[str, object]:
     lengths = sample_lengths(dist, batch, seed)
-    row = compare(lengths, cost, PlannerOptions(time_limit_s=time_limit, giant_splits=giant_splits)).to_dict()
+    extra = {} if move_budget is None else {"move_budget": move_budget}
+    options = PlannerOptions(time_limit_s=time_limit, giant_splits=giant_splits, **extra)
+    row = compare(lengths, cost, options).to_dict()
     row.update(dist=dist, seed=seed, devices=cost.cluster.num_devices, batch=batch,
                tokens=sum(lengths), max_len=max(lengths))
     return row
@@ -166,37 +173,51 @@ def giant_split_rows(seeds: range, args: argparse.Namespace, cost: CostModel) ->
     each against the comm-aware bound; plan / bound ratio per seed, median and max."""
     seeds = range(max(len(seeds), 8) if not args.quick else 3)
     print(f"\nchat-doc-giant, 64 GPUs, 7b: plan / comm-aware bound (target <= {GIANT_TARGET}), "
-          "balanced split only vs with giant-first splits")
-    print(f"{'seed':>4} {'giants':>6} {'cLB s':>7} {'balanced s':>10} {'ratio':>6} {'solve':>6} "
-          f"{'giant-first s':>13} {'ratio':>6} {'solve':>6} {'cpu':>5} {'static s':>8} {'K':>2}")
+          "balanced split only, giant-first without moves, default (with moves); stepLB = step_lower_bound")
+    print(f"{'seed':>4} {'giants':>6} {'cLB s':>7} {'stepLB s':>8} {'balanced s':>10} {'ratio':>6} "
+          f"{'no-moves s':>10} {'ratio':>6} {'cpu':>5} {'default s':>9} {'ratio':>6} {'/stepLB':>7} "
+          f"{'solve':>6} {'cpu':>5} {'static s':>8} {'K':>2}")
     rows = []
     for seed in seeds:
-        before = run_batch("chat-doc-giant", seed, args.batch, cost, args.time_limit, giant_splits=False)
+        before = run_batch("chat-doc-giant", seed, args.batch, cost, args.time_limit, giant_splits=False,
+                           move_budget=0)
+        middle = run_batch("chat-doc-giant", seed, args.batch, cost, args.time_limit, move_budget=0)
         after = run_batch("chat-doc-giant", seed, args.batch, cost, args.time_limit)
         lengths = sample_lengths("chat-doc-giant", args.batch, seed)
+        sb = step_lower_bound(lengths, cost, upper=after["flexsp_step_s"], time_limit_s=STEP_BOUND_LIMIT_S)
         r = {
             "seed": seed, "giants": sum(s >= 65536 for s in lengths),
             "comm_lower_bound_s": after["comm_lower_bound_s"],
+            "step_lower_bound_s": sb.bound, "step_bound_relaxation_s": sb.relaxation,
+            "step_bound_status": sb.status, "step_bound_time_s": sb.time_s,
             "balanced_step_s": before["flexsp_step_s"], "balanced_ratio": before["ratio_to_comm_lower_bound"],
             "balanced_solve_s": before["solve_time_s"], "balanced_solve_cpu_s": before["solve_cpu_s"],
+            "no_moves_step_s": middle["flexsp_step_s"], "no_moves_ratio": middle["ratio_to_comm_lower_bound"],
+            "no_moves_solve_s": middle["solve_time_s"], "no_moves_solve_cpu_s": middle["solve_cpu_s"],
             "solve_cpu_s": after["solve_cpu_s"],
             "step_s": after["flexsp_step_s"], "ratio": after["ratio_to_comm_lower_bound"],
+            "ratio_to_step_bound": after["flexsp_step_s"] / sb.bound,
             "solve_s": after["solve_time_s"], "plan_lower_bound_s": after["plan_lower_bound_s"],
             "best_static_step_s": after["best_static_step_s"], "micro_batches": after["micro_batches"],
         }
         rows.append(r)
-        print(f"{seed:>4} {r['giants']:>6} {r['comm_lower_bound_s']:7.2f} {r['balanced_step_s']:10.2f} "
-              f"{r['balanced_ratio']:6.3f} {r['balanced_solve_s']:6.2f} {r['step_s']:13.2f} {r['ratio']:6.3f} "
-              f"{r['solve_s']:6.2f} {r['solve_cpu_s']:5.2f} {r['best_static_step_s']:8.2f} {r['micro_batches']:>2}")
+        print(f"{seed:>4} {r['giants']:>6} {r['comm_lower_bound_s']:7.2f} {r['step_lower_bound_s']:8.2f} "
+              f"{r['balanced_step_s']:10.2f} {r['balanced_ratio']:6.3f} {r['no_moves_step_s']:10.2f} "
+              f"{r['no_moves_ratio']:6.3f} {r['no_moves_solve_cpu_s']:5.2f} {r['step_s']:9.2f} {r['ratio']:6.3f} "
+              f"{r['ratio_to_step_bound']:7.3f} {r['solve_s']:6.2f} {r['solve_cpu_s']:5.2f} "
+              f"{r['best_static_step_s']:8.2f} {r['micro_batches']:>2}", flush=True)
     summary = {
         key: {"median": statistics.median(float(r[key]) for r in rows), "max": max(float(r[key]) for r in rows)}
-        for key in ("balanced_ratio", "ratio", "balanced_solve_s", "solve_s", "balanced_solve_cpu_s", "solve_cpu_s")
+        for key in ("balanced_ratio", "no_moves_ratio", "ratio", "ratio_to_step_bound", "balanced_solve_s",
+                    "no_moves_solve_s", "solve_s", "balanced_solve_cpu_s", "no_moves_solve_cpu_s", "solve_cpu_s")
     }
     summary["speedup_vs_best_static_median"] = statistics.median(
         float(r["best_static_step_s"]) / float(r["step_s"]) for r in rows)
     print(f"  plan / comm-aware bound: balanced split median {summary['balanced_ratio']['median']:.3f} "
-          f"(max {summary['balanced_ratio']['max']:.3f}), with giant-first splits median "
-          f"{summary['ratio']['median']:.3f} (max {summary['ratio']['max']:.3f}); solve median "
+          f"(max {summary['balanced_ratio']['max']:.3f}), giant-first without moves median "
+          f"{summary['no_moves_ratio']['median']:.3f} (max {summary['no_moves_ratio']['max']:.3f}), default median "
+          f"{summary['ratio']['median']:.3f} (max {summary['ratio']['max']:.3f}; / step bound median "
+          f"{summary['ratio_to_step_bound']['median']:.3f}); solve median "
           f"{summary['solve_s']['median']:.2f} s (max {summary['solve_s']['max']:.2f}), CPU "
           f"{summary['solve_cpu_s']['median']:.2f} s (max {summary['solve_cpu_s']['max']:.2f})")
     return {"rows": rows, "summary": summary, "target_ratio": GIANT_TARGET}

@@ -105,8 +105,9 @@ def test_bound_below_brute_force_optimum_with_micro_batches_and_head_cap() -> No
 
 def test_chat_doc_giant_plan_within_ratio_of_comm_bound() -> None:
     cost = CostModel(parse_model("7b"), ClusterSpec())  # 64 A100-80GB in 8 nodes
-    # seed: (ratio limit, measured ratio with the giant-first splits, with the balanced split only)
-    for seed, (limit, _now, _before) in {2: (1.15, 1.100, 1.368), 1: (1.26, 1.244, 1.374)}.items():
+    # seed: (ratio limit, measured ratio with giant-first splits and the move search, with the
+    # balanced split only); without the move search the ratios were 1.100 and 1.244.
+    for seed, (limit, _now, _before) in {2: (1.10, 1.067, 1.368), 1: (1.23, 1.217, 1.374)}.items():
         lengths = sample_lengths("chat-doc-giant", 512, seed=seed)
         options = PlannerOptions(solver="greedy", time_limit_s=30.0)  # every candidate tried
         plan = plan_step(lengths, cost, options)
