@@ -7,7 +7,9 @@ sizes, and the bound they are measured against.
   several micro-batches and the head count caps the group size.
 * The plan / comm-aware-bound ratio on a generated ``chat-doc-giant`` batch (512 sequences,
   64 devices, 7b) is pinned for one seed with the greedy-only solver, which makes the plan
-  independent of machine speed (the split search is time-limited otherwise).
+  independent of machine speed (the per-micro-batch solve is time-limited otherwise).
+* The split (candidates and the move search) does not depend on the time limit: the same
+  micro-batches with 0.01 s and 30 s; the move search makes a pinned batch faster.
 """
 from __future__ import annotations
 
@@ -132,3 +134,18 @@ def test_group_sizes_divide_heads_and_too_long_is_one_line() -> None:
         plan_step(lengths[:3] + [4 * tpd + 4], cost)
     msg = str(err.value)
     assert "\n" not in msg and "sequence 3 of length" in msg and "4 devices" in msg and "12 heads" in msg
+
+
+def test_split_does_not_depend_on_the_time_limit() -> None:
+    # The split search counts candidates and moves instead of watching the clock, so a tiny
+    # and a generous limit give the same micro-batches (only the per-micro-batch solve differs).
+    cost = CostModel(parse_model("7b"), ClusterSpec())
+    lengths = sample_lengths("chat-doc-giant", 512, seed=3)
+    splits = []
+    for limit in (0.01, 30.0):
+        plan = plan_step(lengths, cost, PlannerOptions(solver="greedy", time_limit_s=limit))
+        splits.append(sorted(sorted(i for g in m.groups for i in g.sequences) for m in plan.micro_batches))
+    assert splits[0] == splits[1]
+    moved = plan_step(lengths, cost, PlannerOptions(solver="greedy", time_limit_s=30.0))
+    unmoved = plan_step(lengths, cost, PlannerOptions(solver="greedy", time_limit_s=30.0, move_budget=0))
+    assert moved.step_time_s < 0.99 * unmoved.step_time_s  # seed 3: 25.4 s against 26.1 s
