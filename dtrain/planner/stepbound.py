@@ -102,7 +102,9 @@ def step_lower_bound(
     """The bound of relaxation ``R`` (module docstring), never below the comm-aware bound.
 
     ``upper``: a known plan's step time (the grid spans up to it; default: four times the
-    comm-aware bound, the top level is unbounded either way, so any value keeps validity).
+    comm-aware bound; the top level is unbounded either way, so any value keeps validity).
+    ``time_limit_s``: HiGHS's limit (its dual bound is used when it stops early).
+    ``integral=False`` solves the LP relaxation instead (weaker, faster).
     """
     t0 = time.perf_counter()
     degrees = cost.check_batch(lengths)
@@ -140,20 +142,17 @@ def step_lower_bound(
         col_hi.append(math.inf)
         col_int.append(False)
         obj.append(1.0)
-    xs: list[tuple[int, int, int]] = []
-    x_cols: list[tuple[float, float, bool]] = []
+    xs: list[tuple[int, int, int]] = []  # (class, level, size) of the x columns, after n and theta
+    first_x = len(col_lo)
     for b in range(len(rep)):
         for lvl in range(n_lvl):
             for d in sizes:
                 if d >= rep_deg[b] and times[d][b] < tops[lvl]:
                     xs.append((b, lvl, d))
-                    x_cols.append((0.0, float(counts[b]), integer[b]))
-    first_x = len(col_lo)
-    for lo_, hi_, int_ in x_cols:
-        col_lo.append(lo_)
-        col_hi.append(hi_)
-        col_int.append(int_)
-        obj.append(0.0)
+                    col_lo.append(0.0)
+                    col_hi.append(float(counts[b]))
+                    col_int.append(integer[b])
+                    obj.append(0.0)
     rows_lo: list[float] = []
     rows_hi: list[float] = []
     starts: list[int] = []
