@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dtrain.planner.cost import CostModel, power_of_two_sizes
+from dtrain.planner.cost import CostModel
 from dtrain.planner.milp import silence_highs_banner
 
 try:  # highspy is an install requirement; keep the module importable without it.
@@ -189,7 +189,7 @@ def aggregate_lower_bound(
     lengths = np.asarray([min(c) for c in classes], dtype=np.float64)
     counts = np.asarray([len(c) for c in classes], dtype=np.int64)
     degrees = np.asarray([cost.min_degree(int(s)) or n_dev for s in lengths])
-    sizes = [d for d in power_of_two_sizes(n_dev) if d >= int(degrees.min())]
+    sizes = [d for d in cost.group_sizes if d >= int(degrees.min())]
     times = {d: cost.seq_times(lengths, d) for d in sizes}
     lo, hi = lower, upper
     # First probe just below the incumbent's target gap: if infeasible, one solve proves it.

@@ -26,7 +26,9 @@ for two gathered layers; activations are proportional to the tokens a device hol
     per-device memory of a group = M_states + a_tok * sum(s) / d  <=  M_dev - reserve
 
 The smallest power-of-two ``d`` with ``a_tok * s / d <= M_avail`` is the sequence's minimum
-SP size. Assumptions: homogeneous devices, no GQA (k, v as wide as q), gradient reduction and
+SP size. Group sizes are the powers of two ``<= N`` that divide the head count ``H``
+(:attr:`CostModel.group_sizes`; Ulysses gives each device ``H / d`` whole heads), so a
+sequence longer than ``max_group_size * tokens_per_device`` cannot be planned. Assumptions: homogeneous devices, no GQA (k, v as wide as q), gradient reduction and
 optimizer step not modelled (identical for every plan of the same batch).
 """
 from __future__ import annotations
@@ -104,6 +106,17 @@ class CostModel:
         """How many tokens of activations one device can hold."""
         return self.activation_budget / self.bytes_per_token
 
+    @cached_property
+    def group_sizes(self) -> list[int]:
+        """SP group sizes the planner may use: powers of two ``<= N`` that divide the model's
+        head count (Ulysses scatters whole heads over the group's devices)."""
+        return [d for d in power_of_two_sizes(self.cluster.num_devices) if self.model.heads % d == 0]
+
+    @property
+    def max_group_size(self) -> int:
+        """The largest size in :attr:`group_sizes`."""
+        return self.group_sizes[-1]
+
     # --------------------------------------------------------------------- times
     def compute_time(self, s: float, d: int) -> float:
         return (self.alpha1 * s * s + self.alpha2 * s) / d + self.beta1
@@ -149,7 +162,7 @@ class CostModel:
         return self.bytes_per_token * total_tokens <= d * self.activation_budget * (1 + 1e-12)
 
     def min_degree(self, s: int) -> int | None:
-        """Smallest power-of-two group size that holds ``s`` tokens, or None if none <= N does."""
+        """Smallest group size (of :attr:`group_sizes`) that holds ``s`` tokens, or None if none does."""
         budget = self.activation_budget
         if budget <= 0:
             return None
@@ -159,7 +172,7 @@ class CostModel:
             d //= 2
         while not self.fits(s, d):
             d *= 2
-        return d if d <= self.cluster.num_devices else None
+        return d if d <= self.max_group_size else None
 
     def check_batch(self, lengths: list[int]) -> list[int]:
         """Minimum SP size of every sequence; raises PlannerError naming unplannable input."""
@@ -181,17 +194,19 @@ class CostModel:
                 "available; use more devices or a smaller model"
             )
         degrees: list[int] = []
-        largest = int(self.cluster.num_devices * self.tokens_per_device)
+        cap = self.max_group_size
+        largest = int(cap * self.tokens_per_device)
         for i, s in enumerate(lengths):
             d = self.min_degree(s)
             if d is None:
+                why = (f"all {cap} devices" if cap == self.cluster.num_devices else
+                       f"the largest group, {cap} devices (sizes must divide the model's "
+                       f"{self.model.heads} heads and be powers of two <= {self.cluster.num_devices})")
                 raise PlannerError(
-                    f"sequence {i} of length {s} does not fit in memory even on all "
-                    f"{self.cluster.num_devices} devices (at most {largest} tokens with "
-                    f"{self.bytes_per_token / 1024**2:.2f} MiB of activations per token and "
-                    f"{self.activation_budget / GIB:.1f} GiB per device); use more devices, "
-                    "devices with more memory, activation checkpointing (lower "
-                    "activation_bytes_per_token_layer_hidden), or split the sequence"
+                    f"sequence {i} of length {s} does not fit in memory even on {why}: at most "
+                    f"{largest} tokens ({self.bytes_per_token / 1024**2:.2f} MiB of activations per "
+                    f"token, {self.activation_budget / GIB:.1f} GiB per device); split the sequence, "
+                    "use devices with more memory or activation checkpointing"
                 )
             degrees.append(d)
         return degrees
@@ -208,7 +223,7 @@ class CostModel:
         """
         n = self.cluster.num_devices
         s = np.asarray(lengths, dtype=np.float64)
-        sizes = [d for d in (1 << k for k in range(n.bit_length())) if d <= n]
+        sizes = self.group_sizes
         times = np.stack([self.seq_times(s, d) for d in sizes], axis=1)
         allowed = np.asarray(degrees)[:, None] <= np.asarray(sizes)[None, :]
         times = np.where(allowed, times, np.inf)

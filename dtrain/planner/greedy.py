@@ -19,9 +19,16 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from dtrain.planner.cost import CostModel, power_of_two_sizes
+from dtrain.planner.cost import CostModel
 
 TARGET_FACTORS = (1.0, 1.03, 1.08, 1.15, 1.25, 1.4, 1.6, 2.0, 3.0, 5.0)
+QUICK_FACTORS = (1.0, 1.15, 1.4, 2.0, 3.0)
+# Sizes of the groups the dedicated layouts fill the free devices with; 4 and 8 matter when
+# several long sequences share a micro-batch (mixed in-node groups beside their groups).
+SMALL_SIZES = (1, 2, 4, 8)
+QUICK_SMALL_SIZES = (1, 8)
+QUICK_UNIFORM_SIZES = 2
+QUICK = {"factors": QUICK_FACTORS, "small_sizes": QUICK_SMALL_SIZES, "uniform_sizes": QUICK_UNIFORM_SIZES}
 
 
 @dataclass
@@ -50,7 +57,7 @@ class Schedule:
 
 def item_times(lengths: list[int], cost: CostModel) -> dict[int, list[float]]:
     """``times[d][i]`` = modeled time of item ``i`` on ``d`` devices, for every candidate ``d``."""
-    return {d: cost.seq_times(lengths, d).tolist() for d in power_of_two_sizes(cost.cluster.num_devices)}
+    return {d: cost.seq_times(lengths, d).tolist() for d in cost.group_sizes}
 
 
 def lpt_fill(
@@ -85,14 +92,22 @@ def lpt_fill(
     if order is None:
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     placed = set(preset or {})
-    for i in order:
-        if i in placed:
-            continue
+    todo = [i for i in order if i not in placed]
+    # Items longest first (the usual order): a group without room for an item is parked (by
+    # free room) until an item short enough for it comes, instead of being popped and pushed
+    # back for every item; same choices, far fewer heap operations when memory is tight.
+    monotone = all(lengths[a] >= lengths[b] for a, b in zip(todo, todo[1:]))
+    parked: dict[int, list[tuple[float, int]]] = {d: [] for d in heaps}
+    for i in todo:
         s = lengths[i]
         best: tuple[float, int] | None = None
         for d, heap in heaps.items():
             if d < degrees[i]:
                 continue
+            park = parked[d]
+            while park and tokens[park[0][1]] + s <= budget_tokens[park[0][1]] * (1 + 1e-12):
+                g = heapq.heappop(park)[1]
+                heapq.heappush(heap, (loads[g], g))
             skipped = []
             while heap:
                 load, g = heap[0]
@@ -101,7 +116,11 @@ def lpt_fill(
                     if best is None or cand < best:
                         best = cand
                     break
-                skipped.append(heapq.heappop(heap))
+                entry = heapq.heappop(heap)
+                if monotone:
+                    heapq.heappush(park, (tokens[g] - budget_tokens[g], g))
+                else:
+                    skipped.append(entry)
             for entry in skipped:
                 heapq.heappush(heap, entry)
         if best is None:
@@ -109,12 +128,15 @@ def lpt_fill(
         finish, g = best
         d = sizes[g]
         heap = heaps[d]
-        heap.remove((loads[g], g))
-        heapq.heapify(heap)
+        if heap[0] == (loads[g], g):  # the usual case: the least-loaded group of its size
+            heapq.heapreplace(heap, (finish, g))
+        else:  # it was chosen after fuller groups were skipped for memory
+            heap.remove((loads[g], g))
+            heapq.heapify(heap)
+            heapq.heappush(heap, (finish, g))
         loads[g] = finish
         tokens[g] += s
         members[g].append(i)
-        heapq.heappush(heap, (finish, g))
     return Schedule(list(sizes), members, loads, tokens)
 
 
@@ -123,7 +145,7 @@ def _dedicated_layout(
     times: dict[int, list[float]],
 ) -> tuple[list[int], dict[int, int]] | None:
     n = cost.cluster.num_devices
-    sizes_all = power_of_two_sizes(n)
+    sizes_all = cost.group_sizes
     sizes: list[int] = []
     preset: dict[int, int] = {}
     used = 0
@@ -143,8 +165,16 @@ def _dedicated_layout(
     return sizes, preset
 
 
-def greedy_schedule(lengths: list[int], degrees: list[int], cost: CostModel) -> Schedule | None:
-    """Best schedule over the layouts in the module docstring; None if none is feasible."""
+def greedy_schedule(
+    lengths: list[int], degrees: list[int], cost: CostModel, factors: tuple[float, ...] = TARGET_FACTORS,
+    small_sizes: tuple[int, ...] = SMALL_SIZES, uniform_sizes: int | None = None,
+) -> Schedule | None:
+    """Best schedule over the layouts in the module docstring; None if none is feasible.
+
+    ``factors``: the dedicated layouts' targets (multiples of the ideal bound);
+    ``small_sizes``: the sizes they fill the free devices with; ``uniform_sizes``: how many
+    uniform layouts to try, smallest feasible size first (None: all). The planner ranks
+    candidate micro-batch splits with the cheaper :data:`QUICK` settings."""
     n = cost.cluster.num_devices
     if not lengths:
         return Schedule([], [], [], [])
@@ -158,16 +188,15 @@ def greedy_schedule(lengths: list[int], degrees: list[int], cost: CostModel) -> 
 
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     times = item_times(lengths, cost)
-    for d in power_of_two_sizes(n):
-        if d >= need:
-            consider(lpt_fill([d] * (n // d), lengths, degrees, cost, order, None, times))
+    for d in [d for d in cost.group_sizes if d >= need][:uniform_sizes]:
+        consider(lpt_fill([d] * (n // d), lengths, degrees, cost, order, None, times))
     lower = sum(cost.work(s, d) for s, d in zip(lengths, degrees)) / n
     lower = max(lower, max(min(t[i] for t in times.values()) for i in range(len(lengths))))
     seen: set[tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = set()
-    for small in (1, 2):
-        if small > n:
+    for small in small_sizes:
+        if small not in cost.group_sizes:
             continue
-        for factor in TARGET_FACTORS:
+        for factor in factors:
             layout = _dedicated_layout(lower * factor, lengths, degrees, cost, small, times)
             if layout is None:
                 continue

@@ -65,7 +65,7 @@ import numpy as np
 import pulp
 
 from dtrain.planner.bucketing import Bucket
-from dtrain.planner.cost import CostModel, power_of_two_sizes
+from dtrain.planner.cost import CostModel
 
 try:  # highspy is an install requirement; keep the module importable without it.
     import highspy
@@ -252,7 +252,7 @@ def solve_milp(
     lengths = [b.length for b in buckets]
     counts = [b.count for b in buckets]
     n_b = len(buckets)
-    sizes = [d for d in power_of_two_sizes(n_dev) if d >= min(bucket_degrees)]
+    sizes = [d for d in cost.group_sizes if d >= min(bucket_degrees)]
     tpd = cost.tokens_per_device
     t = {(b, d): cost.seq_time(lengths[b], d) for b in range(n_b) for d in sizes}
     cap = {d: math.floor(d * tpd) for d in sizes}

@@ -55,6 +55,7 @@ class StepPlan:
     solve_time_s: float  # wall time of planning (bucketing + greedy + MILP + assignment)
     memory_limit_bytes: float  # per-device memory available (device memory - reserve)
     options: dict[str, Any] = field(default_factory=dict)
+    solve_cpu_s: float = 0.0  # CPU time of planning (this process), less sensitive to machine load
 
     @property
     def mip_gap(self) -> float | None:

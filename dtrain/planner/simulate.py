@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dtrain.planner.cost import CostModel, power_of_two_sizes
+from dtrain.planner.cost import CostModel
 from dtrain.planner.errors import PlannerError
 from dtrain.planner.greedy import lpt_fill
 from dtrain.planner.plan import StepPlan
 from dtrain.planner.solve import PlannerOptions, plan_step, split_micro_batches
 
-DISTRIBUTIONS = ("lognormal", "longtail-mix", "uniform")
+DISTRIBUTIONS = ("lognormal", "longtail-mix", "uniform", "chat-doc-giant")
 
 
 def sample_lengths(dist: str, batch: int, seed: int = 0) -> list[int]:
@@ -34,7 +34,10 @@ def sample_lengths(dist: str, batch: int, seed: int = 0) -> list[int]:
     * ``longtail-mix``: lognormal (median 2048, sigma 1.0, clipped to [64, 32768]) with each
       sequence replaced, with probability 1%, by a log-uniform length in [65536, 262144]
       (at least one such sequence per batch);
-    * ``uniform``: uniform integers in [256, 16384].
+    * ``uniform``: uniform integers in [256, 16384];
+    * ``chat-doc-giant``: each sequence, independently, a chat turn (70%: lognormal, median
+      700, sigma 0.5, clipped to [32, 4096]), a document (27%: lognormal, median 8192, sigma
+      0.4, clipped to [2048, 32768]) or a giant (3%: log-uniform in [65536, 262144]).
     """
     if batch <= 0:
         raise PlannerError(f"--batch must be positive, got {batch}")
@@ -49,6 +52,12 @@ def sample_lengths(dist: str, batch: int, seed: int = 0) -> list[int]:
         x[long] = np.exp(rng.uniform(math.log(65536), math.log(262144), int(long.sum())))
     elif dist == "uniform":
         x = rng.integers(256, 16385, batch)
+    elif dist == "chat-doc-giant":
+        kind = rng.choice(3, size=batch, p=[0.70, 0.27, 0.03])
+        chat = rng.lognormal(math.log(700), 0.5, batch).clip(32, 4096)
+        doc = rng.lognormal(math.log(8192), 0.4, batch).clip(2048, 32768)
+        giant = np.exp(rng.uniform(math.log(65536), math.log(262144), batch))
+        x = np.where(kind == 0, chat, np.where(kind == 1, doc, giant))
     else:
         raise PlannerError(f"unknown distribution {dist!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     return [int(v) for v in x]
@@ -121,6 +130,7 @@ class Comparison:
             "comm_lower_bound_s": self.plan.comm_lower_bound_s,
             "ratio_to_comm_lower_bound": self.plan.step_time_s / self.plan.comm_lower_bound_s,
             "solve_time_s": self.plan.solve_time_s,
+            "solve_cpu_s": self.plan.solve_cpu_s,
             "mip_gap": self.plan.mip_gap,
             "plan_gap": self.plan.plan_gap,
             "plan_lower_bound_s": sum(m.lower_bound_s or 0.0 for m in self.plan.micro_batches),
@@ -141,7 +151,7 @@ def compare(lengths: list[int], cost: CostModel, options: PlannerOptions | None 
     plan = plan_step(lengths, cost, options)
     statics = [
         static_sp(lengths, cost, d, options.memory_fill)
-        for d in power_of_two_sizes(cost.cluster.num_devices)
+        for d in cost.group_sizes
     ]
     return Comparison(plan, statics)
 

@@ -2,13 +2,20 @@
 
 Pipeline for a batch of lengths on ``N`` devices:
 
-1. Validate the batch and derive each sequence's minimum SP size (:class:`CostModel`).
-2. Split into ``K`` micro-batches when one pass cannot hold every token: ``K`` is
-   ``K0 = ceil(tokens / (N * tokens_per_device * fill))`` or ``K0 + 1``, whichever the greedy
-   schedules faster; sequences, largest compute work first, go to the micro-batch with the
-   least work that still has token room. If a micro-batch cannot be scheduled, ``K`` grows
-   by one.
-3. Per micro-batch (budget: its share of ``0.75 * time_limit_s``):
+1. Validate the batch and derive each sequence's minimum SP size (:class:`CostModel`); group
+   sizes are :attr:`CostModel.group_sizes`, the powers of two that divide the head count.
+2. Split into micro-batches (:func:`_choose_split`): ``K0 = ceil(tokens / (N *
+   tokens_per_device * fill))`` balanced parts (sequences, largest compute work first, go
+   to the part with the least work that still has token room), ``K0 + 1`` balanced parts,
+   and the giant-first splits of :mod:`dtrain.planner.split` (the longest sequences
+   together in long micro-batches on small groups, the short ones in the devices they leave
+   free); a quick greedy ranks them and the fastest is kept (``docs/flexsp-planner.md``
+   says why the balanced split loses on long-tail mixes), then a local search moves and
+   swaps the long sequences between its micro-batches (at most ``move_budget`` quick-greedy
+   evaluations, a count rather than a time, so the split is the same on every rank
+   whatever the load). If a micro-batch cannot be
+   scheduled, the planner falls back to balanced splits with ``K`` growing by one.
+3. Per micro-batch (budget: its share of what is left of ``0.75 * time_limit_s``):
 
    a. greedy schedule on the true lengths (:mod:`greedy`): the incumbent;
    b. aggregated lower bound on the true lengths by bisection (:mod:`aggregate`; the 32
@@ -34,32 +41,39 @@ Pipeline for a batch of lengths on ``N`` devices:
 4. Place groups on aligned contiguous ranks and verify memory (a violation is a bug and
    raises).
 
-Plans are deterministic for the same input as long as the MILP and the bound's probes stop on
-their own rather than on a time limit (what a time-out leaves depends on machine speed).
+The split is deterministic for the same input (a fixed count of candidates and moves); the
+plan is as long as the MILP and the bound's probes stop on their own rather than on a time limit (what a
+time-out leaves depends on machine speed; ``solver="greedy"`` with a generous limit is
+deterministic). A runtime should plan on one rank and broadcast the plan.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from dtrain.planner.aggregate import aggregate_lower_bound
 from dtrain.planner.bucketing import bucket_lengths
-from dtrain.planner.cost import CostModel, power_of_two_sizes
+from dtrain.planner.cost import CostModel
 from dtrain.planner.errors import PlannerError
-from dtrain.planner.greedy import Schedule, greedy_schedule, lpt_fill
+from dtrain.planner.greedy import QUICK, Schedule, greedy_schedule, lpt_fill
 from dtrain.planner.milp import MilpResult, solve_milp
 from dtrain.planner.plan import GroupPlan, MicroBatch, StepPlan, place_groups
+from dtrain.planner.split import BatchTimes, giant_first_splits
 
 
 MILP_MAX_COLUMNS = 12000  # slot-MILP size (about buckets x slots) above which it is skipped
+FULL_GREEDY_BUDGET_S = 0.1  # budget below which a micro-batch keeps the split search's quick greedy
 MIN_BUDGET_S = 0.03  # below this, a micro-batch keeps its greedy schedule (time limit spent)
-MICRO_BATCH_SHARE = 0.75  # of the time limit, for all micro-batches (the rest: K choice, placement)
+MICRO_BATCH_SHARE = 0.75  # of the time limit, by the end of the micro-batches (the rest: placement)
 BOUND_BUCKETS = 24  # DP buckets of the aggregated bound (plus the exact longest sequences)
 BOUND_EXACT_TOP = 32  # longest sequences that keep their own class in the aggregated bound
 BOUND_SHARE = 0.6  # share of a micro-batch's budget for the aggregated bound before the MILP
 MILP_END = 0.9  # the MILP must stop by this share of the budget; the rest re-probes the bound
 LAYOUTS_TRIED = 3  # feasible aggregated layouts filled by LPT on the real lengths
+MOVE_CANDIDATES = 24  # longest sequences the split's local search may move
+MOVE_STARTS = 1  # best-ranked candidate splits the local search starts from (2, half the budget each: worse on 5 of 8 seeds)
 
 
 @dataclass(frozen=True)
@@ -71,13 +85,17 @@ class PlannerOptions:
     gap_rel: float = 0.01  # MILP relative gap at which the solver stops
     solver: str = "highs"  # "highs", "cbc" or "greedy" (no MILP)
     memory_fill: float = 0.95  # target fraction of memory when choosing K micro-batches
+    giant_splits: bool = True  # also try the giant-first splits of dtrain.planner.split
+    move_budget: int = 40  # local-search evaluations on the chosen split (0: none; a count, not a time)
 
     def __post_init__(self) -> None:
         if self.solver not in ("highs", "cbc", "greedy"):
             raise PlannerError(f"unknown solver {self.solver!r}; use highs, cbc or greedy")
-        if self.max_buckets < 1 or self.time_limit_s <= 0 or not 0 < self.memory_fill <= 1:
+        if (self.max_buckets < 1 or self.time_limit_s <= 0 or not 0 < self.memory_fill <= 1
+                or self.move_budget < 0):
             raise PlannerError(
-                "planner options need max_buckets >= 1, time_limit_s > 0, 0 < memory_fill <= 1"
+                "planner options need max_buckets >= 1, time_limit_s > 0, 0 < memory_fill <= 1, "
+                "move_budget >= 0"
             )
 
 
@@ -142,8 +160,10 @@ def _schedule_micro_batch(
     n_dev = cost.cluster.num_devices
     part_len = [lengths[i] for i in part]
     part_deg = [degrees[i] for i in part]
-    if fallback is None:
-        fallback = greedy_schedule(part_len, part_deg, cost)
+    if fallback is None or budget_s >= FULL_GREEDY_BUDGET_S:  # the fallback may be a quick greedy
+        full = greedy_schedule(part_len, part_deg, cost)
+        if fallback is None or (full is not None and full.makespan < fallback.makespan - 1e-12):
+            fallback = full
     best, info = fallback, MicroBatch(groups=[], time_s=0.0, solver="greedy")
     lower = cost.comm_aware_lower_bound(part_len, part_deg)
     if options.solver != "greedy" and (budget_s >= MIN_BUDGET_S or best is None):
@@ -194,7 +214,7 @@ def _run_milp(
         part_len, options.max_buckets, lambda s: cost.alpha1 * s * s + cost.alpha2 * s
     )
     n_dev = cost.cluster.num_devices
-    columns = len(buckets) * sum(min(n_dev // d, len(part_len)) for d in power_of_two_sizes(n_dev))
+    columns = len(buckets) * sum(min(n_dev // d, len(part_len)) for d in cost.group_sizes)
     if columns > MILP_MAX_COLUMNS and best is not None:
         return info, best  # too large to build and solve in the budget; keep the heuristics
     rep = [0] * len(part_len)
@@ -255,31 +275,119 @@ def _run_milp(
     return info, best
 
 
-def _choose_micro_batch_count(
-    lengths: list[int], degrees: list[int], cost: CostModel, k_min: int, options: PlannerOptions
-) -> tuple[int, dict[tuple[int, ...], Schedule]]:
-    """Pick ``k_min`` or ``k_min + 1`` micro-batches, whichever the greedy schedules faster.
+def _choose_split(
+    lengths: list[int], degrees: list[int], cost: CostModel, k_min: int, options: PlannerOptions,
+) -> tuple[list[list[int]], dict[tuple[int, ...], Schedule]]:
+    """The micro-batch split the greedy schedules fastest among the candidates below.
 
-    More micro-batches leave more memory slack and separate long sequences, but each long
-    sequence must then finish within a shorter micro-batch (a larger, more communication-bound
-    group). The greedy is cheap enough to try both; the MILP then refines the chosen split.
+    Candidates, in this order: the balanced split into ``k_min`` parts, into fewer parts
+    when only the ``memory_fill`` margin asked for ``k_min``, the first giant-first split of
+    :mod:`dtrain.planner.split`, the balanced split into ``k_min + 1`` parts (more memory
+    slack, shorter micro-batches), the other giant-first splits; then
+    :func:`_move_long_sequences` improves the best one. Every step counts evaluations, not
+    time, so the split does not depend on the machine's load.
+    Returns the split and the greedy schedules computed (keyed by part; quick ones, with
+    :data:`dtrain.planner.greedy.QUICK`) for reuse as warm starts.
     """
     cache: dict[tuple[int, ...], Schedule] = {}
+
+    def total(parts: list[list[int]]) -> float:
+        out = 0.0
+        for part in parts:
+            key = tuple(part)
+            if key not in cache:
+                sched = greedy_schedule([lengths[i] for i in part], [degrees[i] for i in part], cost, **QUICK)
+                if sched is None:
+                    return math.inf
+                cache[key] = sched
+            out += cache[key].makespan
+        return out
+
+    best = split_micro_batches(lengths, degrees, cost, k_min, options.memory_fill)
     if k_min >= len(lengths):
-        return k_min, cache
-    best_k, best_t = k_min, math.inf
-    for k in (k_min, k_min + 1):
-        total = 0.0
-        for part in split_micro_batches(lengths, degrees, cost, k, options.memory_fill):
-            sched = greedy_schedule([lengths[i] for i in part], [degrees[i] for i in part], cost)
-            if sched is None:
-                total = math.inf
-                break
-            cache[tuple(part)] = sched
-            total += sched.makespan
-        if total < best_t - 1e-12:
-            best_k, best_t = k, total
-    return best_k, cache
+        return best, cache
+    best_t = total(best)
+    candidates: list[list[list[int]]] = []
+    tight = math.ceil(sum(lengths) / (cost.cluster.num_devices * cost.tokens_per_device))
+    if tight < k_min:  # the memory_fill margin alone asked for another micro-batch
+        candidates.append(split_micro_batches(lengths, degrees, cost, tight, 1.0))
+    if options.giant_splits:
+        bt = BatchTimes(lengths, degrees, cost)
+        giant = giant_first_splits(lengths, degrees, cost, bt, options.memory_fill)
+        candidates += giant[:1]
+        giant = giant[1:]
+    else:
+        giant = []
+    candidates.append(split_micro_batches(lengths, degrees, cost, k_min + 1, options.memory_fill))
+    candidates += giant
+    ranked = [(best_t, 0, best)]
+    for n, cand in enumerate(candidates, 1):  # all of them (a fixed count): every rank gets the same split
+        ranked.append((total(cand), n, cand))
+    ranked.sort(key=lambda r: (r[0], r[1]))
+    best_t, _, best = ranked[0]
+    if options.move_budget > 0 and best_t < math.inf:
+        # The move search starts from the best MOVE_STARTS candidates (the budget shared).
+        starts = [r for r in ranked[:MOVE_STARTS] if r[0] < math.inf]
+        for _, _, cand in starts:
+            moved = _move_long_sequences(cand, lengths, degrees, cost, options.move_budget // len(starts),
+                                         options.memory_fill, total)
+            t = total(moved)
+            if t < best_t - 1e-12:
+                best, best_t = moved, t
+    return best, cache
+
+
+def _move_long_sequences(
+    parts: list[list[int]], lengths: list[int], degrees: list[int], cost: CostModel,
+    budget: int, fill: float, total: Callable[[list[list[int]]], float],
+) -> list[list[int]]:
+    """First-improvement local search on the split: move one long sequence (one that needs
+    more than one device) to another micro-batch with memory for it, kept when the quick
+    greedy makes the two micro-batches faster; then swaps of two of them. At most ``budget`` evaluations
+    (a count, not a time, so every rank computes the same plan)."""
+    room = cost.cluster.num_devices * cost.tokens_per_device * fill
+    parts = [list(p) for p in parts]
+    key = lambda i: (-lengths[i], i)  # noqa: E731
+    times = [total([p]) for p in parts]
+    tokens = [sum(lengths[i] for i in p) for p in parts]
+    where = {i: k for k, p in enumerate(parts) for i in p}
+    movers = sorted((i for i in where if degrees[i] > 1), key=key)[:MOVE_CANDIDATES]
+    evals, improved = 0, True
+    while improved and evals < budget:
+        improved = False
+        for swaps in (False, True):  # all single moves first: they are cheaper per gain
+            for i in movers:
+                src = where[i]
+                for dst in sorted(range(len(parts)), key=lambda k: (times[k], k)):
+                    if dst == src:
+                        continue
+                    partners = [j for j in movers if where[j] == dst] if swaps else [None]
+                    for j in partners:
+                        delta = lengths[i] - (lengths[j] if j is not None else 0)
+                        if tokens[dst] + delta > room or tokens[src] - delta > room:
+                            continue
+                        if evals >= budget:
+                            return [p for p in parts if p]
+                        evals += 1
+                        new_src = sorted([k for k in parts[src] if k != i] + ([j] if j is not None else []), key=key)
+                        new_dst = sorted([k for k in parts[dst] if k != j] + [i], key=key)
+                        t_src = total([new_src]) if new_src else 0.0
+                        t_dst = total([new_dst])
+                        if t_src + t_dst < times[src] + times[dst] - 1e-9:
+                            parts[src], parts[dst] = new_src, new_dst
+                            times[src], times[dst] = t_src, t_dst
+                            tokens[src] -= delta
+                            tokens[dst] += delta
+                            where[i] = dst
+                            if j is not None:
+                                where[j] = src
+                            improved = True
+                            break
+                    if where[i] != src:
+                        break
+            if improved:
+                break  # back to single moves
+    return [p for p in parts if p]
 
 
 def plan_step(
@@ -288,13 +396,18 @@ def plan_step(
     """Plan one batch; raises :class:`PlannerError` for unplannable input."""
     options = options or PlannerOptions()
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     degrees = cost.check_batch(lengths)
     lengths = [int(s) for s in lengths]
     n_dev = cost.cluster.num_devices
     k = max(1, math.ceil(sum(lengths) / (n_dev * cost.tokens_per_device * options.memory_fill)))
-    k, greedy_cache = _choose_micro_batch_count(lengths, degrees, cost, k, options)
+    split, greedy_cache = _choose_split(lengths, degrees, cost, k, options)
     while True:
-        parts = split_micro_batches(lengths, degrees, cost, k, options.memory_fill)
+        parts = split if split is not None else split_micro_batches(
+            lengths, degrees, cost, k, options.memory_fill
+        )
+        k = max(k, len(parts))
+        split = None  # if a part cannot be scheduled, fall back to balanced splits, k + 1, ...
         scheduled = []
         for p, part in enumerate(parts):
             left = MICRO_BATCH_SHARE * options.time_limit_s - (time.perf_counter() - t0)
@@ -349,4 +462,5 @@ def plan_step(
         solve_time_s=time.perf_counter() - t0,
         memory_limit_bytes=(c.memory_GiB - c.reserve_GiB) * 1024**3,
         options=asdict(options),
+        solve_cpu_s=time.process_time() - cpu0,
     )

@@ -78,7 +78,9 @@ def test_cost_equations() -> None:
 def test_min_degree_is_smallest_fitting_power_of_two() -> None:
     cost = CostModel(parse_model("7b"), ClusterSpec())
     tpd = cost.tokens_per_device
-    for s in (1, int(tpd) - 1, int(tpd) + 1, int(3 * tpd), int(8 * tpd), int(64 * tpd)):
+    for s in (1, int(tpd) - 1, int(tpd) + 1, int(3 * tpd), int(8 * tpd), int(32 * tpd)):
         d = cost.min_degree(s)
         assert cost.fits(s, d) and (d == 1 or not cost.fits(s, d // 2))
-    assert cost.min_degree(int(65 * tpd)) is None
+    # 64 devices would hold it, but a group of 64 cannot split the 7b's 32 heads.
+    assert cost.group_sizes == [1, 2, 4, 8, 16, 32]
+    assert cost.min_degree(int(33 * tpd)) is None
