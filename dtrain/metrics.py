@@ -5,7 +5,8 @@ The first line of a run is its header, ``{"event": "run", "run_id", "config", "g
 tokens_per_s, peak_rss_bytes`` (max over ranks), ``state_bytes {params, grads, optim}`` (max over
 ranks), ``comm_bytes {level: bytes}`` (sent by the busiest rank this step), ``restarts`` and
 ``plugins``, with ``{"event": "restart" | "fault", ...}`` lines in between. The last line is a
-summary with totals and ``param_sha256`` of the consolidated fp32 parameters. Readers pick the
+summary with totals (``comm_bytes_total``: per level, the most any rank sent; sum this, not the
+per-step maxima) and ``param_sha256`` of the consolidated fp32 parameters. Readers pick the
 step records by their ``step`` key.
 
 A new run replaces the file; a restart of the same run (``TORCHELASTIC_RESTART_COUNT`` > 0 and the
