@@ -31,7 +31,9 @@ network queueing, so it stays meaningful on a loaded machine.
 
 The timed variants run ``--repeats`` times per rate, interleaved in a rotated order so slow
 drifts of a shared machine spread over all of them; tokens/s figures are medians (min and max
-are kept). Throughput is tokens/s of wall-clock time on rank 0 over the steps after a warm-up;
+are kept). Throughput is tokens/s of wall-clock time on rank 0 over the steps after a warm-up, up to the
+end of the last outer sync for every variant (co2's, still in flight after its last step, is
+waited for and applied by ``CO2Plugin.flush``, as localsgd's is inside its last step);
 losses are the engine's global-batch mean per step (loss-vs-tokens curves), and they are the
 same bits in every repeat and at every rate (checked and recorded). Writes
 benchmarks/results/co2.json and co2.png.
@@ -100,7 +102,10 @@ def worker(args: argparse.Namespace) -> None:
             start = time.perf_counter()
         engine.train_step(batch_for(data, step, 0, args.batch, block, rank, world))
         times.append(time.perf_counter())
-    wall = time.perf_counter() - start
+    if co2 is not None:
+        co2.flush()  # co2's last outer sync is still in flight: time it, as localsgd's is timed
+    end = time.perf_counter()
+    wall = end - start
     plugin = co2.metrics() if co2 else {}
     summary = engine.close()
     if rank == 0:
@@ -113,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
             "outer_sync_total_s": plugin.get("outer_sync_total_s"),
             "outer_wait_total_s": plugin.get("outer_wait_total_s"),
             "outer_rounds": plugin.get("outer_rounds"),
-            "step_s": (times[-1] - times[args.warmup - 1]) / (args.steps - args.warmup),
+            "step_s": (end - times[args.warmup - 1]) / (args.steps - args.warmup),
             "step_times_s": [b - a for a, b in zip(times, times[1:])]}))
 
 
