@@ -86,18 +86,38 @@ def _check_resumed(lines, log, sha, source_has: str, min_step: int = 1):
     return events
 
 
-def test_killed_rank_resumes_from_local_snapshot(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "kill", 2, 2, inject=["kill:rank=1,step=5"], restarts=1)
-    assert rc == 0, log[-3000:]
-    events = _check_resumed(lines, log, fault_free[2, 2], "local snapshot", min_step=5 - LAG)
-    assert "SIGKILL" in events[0]["cause"] and "kill:rank=1,step=5" in events[0]["cause"]
-    assert [r["kind"] for r in lines if r.get("event") == "fault"] == ["kill"]
+# One run, one fault of each kind after the other (each fires once, at increasing steps, and each
+# causes one restart), instead of one launch per kind: the same checks per fault, three fewer
+# launches. Restart i belongs to fault i (the fault events are checked to be in this order).
+SEQUENCE = ["kill:rank=1,step=4", "node-loss:node=1,step=6", "corrupt:rank=2,step=8", "hang:rank=3,step=10"]
 
 
-def test_lost_node_is_rebuilt_from_parity(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "node", 2, 2, inject=["node-loss:node=1,step=5"], restarts=1)
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory, fault_free):
+    rc, lines, log = _launch(tmp_path_factory.mktemp("sequence"), "sequence", 2, 2, inject=SEQUENCE,
+                             restarts=len(SEQUENCE))
     assert rc == 0, log[-3000:]
-    _check_resumed(lines, log, fault_free[2, 2], "parity rebuild of node(s) [1]", min_step=5 - LAG)
+    assert _summary(lines)["param_sha256"] == fault_free[2, 2], log[-3000:]
+    assert _summary(lines)["steps"] == STEPS
+    events = _restarts(lines)
+    assert len(events) == len(SEQUENCE), events
+    assert [r["spec"] for r in lines if r.get("event") == "fault"] == SEQUENCE
+    return {"events": dict(zip(("kill", "node-loss", "corrupt", "hang"), events)), "log": log}
+
+
+def _check_event(event: dict, source_has: str, min_step: int) -> None:
+    assert source_has in event["source"], event
+    assert event["resumed_from_step"] >= min_step, event
+
+
+def test_killed_rank_resumes_from_local_snapshot(sequence):
+    event = sequence["events"]["kill"]
+    _check_event(event, "local snapshot", min_step=4 - LAG)
+    assert "SIGKILL" in event["cause"] and SEQUENCE[0] in event["cause"]
+
+
+def test_lost_node_is_rebuilt_from_parity(sequence):
+    _check_event(sequence["events"]["node-loss"], "parity rebuild of node(s) [1]", min_step=6 - LAG)
 
 
 def test_three_nodes_k2_m1_node_loss(tmp_path, fault_free):
@@ -108,18 +128,15 @@ def test_three_nodes_k2_m1_node_loss(tmp_path, fault_free):
     assert next(r for r in lines if "step" in r)["plugins"]["snapshot_memory_overhead"] == 1.5
 
 
-def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "corrupt", 2, 2, inject=["corrupt:rank=2,step=5"], restarts=1)
-    assert rc == 0, log[-3000:]
-    assert "failed its checksum; rebuilding from parity" in log
-    _check_resumed(lines, log, fault_free[2, 2], "parity rebuild of node(s) [1]", min_step=5)
+def test_corrupted_shard_is_detected_and_rebuilt(sequence):
+    assert "failed its checksum; rebuilding from parity" in sequence["log"]
+    _check_event(sequence["events"]["corrupt"], "parity rebuild of node(s) [1]", min_step=8)
 
 
-def test_hung_rank_times_out_and_restarts(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "hang", 2, 2, inject=["hang:rank=3,step=5"], restarts=1)
-    assert rc == 0, log[-3000:]
-    assert f"did not complete within {TIMEOUT_S} s" in log  # the peers' collective timeout names the operation
-    _check_resumed(lines, log, fault_free[2, 2], "local snapshot", min_step=5 - LAG)
+def test_hung_rank_times_out_and_restarts(sequence):
+    # the peers' collective timeout names the operation
+    assert f"did not complete within {TIMEOUT_S} s" in sequence["log"]
+    _check_event(sequence["events"]["hang"], "local snapshot", min_step=10 - LAG)
 
 
 @pytest.mark.slow
