@@ -1,5 +1,9 @@
 """The metrics stream: per-step JSONL on rank 0, memory probes, the progress bar, TensorBoard.
 
+Also the storage-based measure of state (``storage_bytes``, ``layout_storage_bytes``): what the
+benchmarks report for every framework and what the layouts' ``state_bytes`` formulas are tested
+against.
+
 The first line of a run is its header, ``{"event": "run", "run_id", "config", "git_rev",
 "world_size", "started"}``. Then one line per step (docs/metrics.md): ``step, loss, step_time_s,
 tokens_per_s, peak_rss_bytes`` (max over ranks), ``state_bytes {params, grads, optim}`` (max over

@@ -459,6 +459,7 @@ def signals_raise(reaper: "Reaper | None" = None) -> Iterator[Callable[[], None]
     previous = {s: signal.getsignal(s) for s in sigs}
     previous_env = os.environ.get(_TORCH_SIGNALS_VAR)
     os.environ[_TORCH_SIGNALS_VAR] = "SIGQUIT"  # the agent's PContext.start installs handlers for these
+
     def install() -> None:
         for s in sigs:
             signal.signal(s, handler)
