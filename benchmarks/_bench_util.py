@@ -109,47 +109,19 @@ def safe_ratio(num: float | None, den: float | None) -> float | None:
 
 
 def tensor_storage_bytes(tensors: Iterable[Any], seen: set[int] | None = None) -> int:
-    """Bytes held by ``tensors``, counting each underlying storage once.
+    """Bytes held by ``tensors``, each storage counted once: :func:`dtrain.metrics.storage_bytes`,
+    the one measurement used for every framework (dtrain's own state included) and by the test
+    that dtrain's formula agrees with it (tests/dist/test_state_bytes.py)."""
+    from dtrain.metrics import storage_bytes
 
-    Views into one flat buffer (common in sharded optimizers) are charged the whole buffer
-    once, which is what the process really holds. Empty tensors and None are ignored.
-    DTensors are charged their local shard. Pass one ``seen`` set to several calls to
-    charge a storage shared between categories (e.g. params aliasing master weights) once.
-    """
-    if seen is None:
-        seen = set()
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        to_local = getattr(t, "to_local", None)
-        if callable(to_local):
-            t = to_local()
-        if t.numel() == 0:
-            continue
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in seen or key == 0:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
-    return total
+    return storage_bytes(tensors, seen)
 
 
-def iter_tensors(obj: Any, _depth: int = 0) -> Iterable[Any]:
-    """Yield every tensor found in nested lists/tuples/dicts/sets (depth-limited)."""
-    import torch
+def iter_tensors(obj: Any) -> Iterable[Any]:
+    """Every tensor in nested dicts, lists, tuples and sets: :func:`dtrain.metrics.iter_tensors`."""
+    from dtrain.metrics import iter_tensors as iter_nested
 
-    if _depth > 6 or obj is None:
-        return
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from iter_tensors(v, _depth + 1)
-    elif isinstance(obj, (list, tuple, set)):
-        for v in obj:
-            yield from iter_tensors(v, _depth + 1)
+    return iter_nested(obj)
 
 
 # --------------------------------------------------------------------------- processes

@@ -31,7 +31,9 @@ network queueing, so it stays meaningful on a loaded machine.
 
 The timed variants run ``--repeats`` times per rate, interleaved in a rotated order so slow
 drifts of a shared machine spread over all of them; tokens/s figures are medians (min and max
-are kept). Throughput is tokens/s of wall-clock time on rank 0 over the steps after a warm-up;
+are kept). Throughput is tokens/s of wall-clock time on rank 0 over the steps after a warm-up, up to the
+end of the last outer sync for every variant (co2's, still in flight after its last step, is
+waited for and applied by ``CO2Plugin.flush``, as localsgd's is inside its last step);
 losses are the engine's global-batch mean per step (loss-vs-tokens curves), and they are the
 same bits in every repeat and at every rate (checked and recorded). Writes
 benchmarks/results/co2.json and co2.png.
@@ -100,20 +102,27 @@ def worker(args: argparse.Namespace) -> None:
             start = time.perf_counter()
         engine.train_step(batch_for(data, step, 0, args.batch, block, rank, world))
         times.append(time.perf_counter())
-    wall = time.perf_counter() - start
+    if co2 is not None:
+        co2.flush()  # co2's last outer sync is still in flight: time it, as localsgd's is timed
+    end = time.perf_counter()
+    wall = end - start
     plugin = co2.metrics() if co2 else {}
     summary = engine.close()
     if rank == 0:
         records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-        losses = [r["loss"] for r in records if "step" in r and "event" not in r]
+        steps = [r for r in records if "step" in r and "event" not in r and not r.get("summary")]
+        losses = [r["loss"] for r in steps]
+        # the per-step busiest-rank figures summed: an upper bound, for comparison with the total
+        step_sum = {lvl: sum(r["comm_bytes"].get(lvl, 0) for r in steps) for lvl in steps[0]["comm_bytes"]}
         tokens = (args.steps - args.warmup) * args.batch * block
         Path(args.out).write_text(json.dumps({
             "losses": losses, "tokens_per_step": args.batch * block, "wall_s": wall,
             "tokens_per_s": tokens / wall, "comm_bytes": summary.get("comm_bytes_total", {}),
+            "comm_bytes_step_sum": step_sum,
             "outer_sync_total_s": plugin.get("outer_sync_total_s"),
             "outer_wait_total_s": plugin.get("outer_wait_total_s"),
             "outer_rounds": plugin.get("outer_rounds"),
-            "step_s": (times[-1] - times[args.warmup - 1]) / (args.steps - args.warmup),
+            "step_s": (end - times[args.warmup - 1]) / (args.steps - args.warmup),
             "step_times_s": [b - a for a, b in zip(times, times[1:])]}))
 
 
@@ -231,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation-only", action="store_true",
                    help="only co2 and the ablations, once each at the first rate (loss at equal tokens)")
     p.add_argument("--timeout-s", type=float, default=600)
+    p.add_argument("--results", default="co2", help="stem of the results files under benchmarks/results")
+    p.add_argument("--no-ablations", action="store_true", help="only the timed variants")
     p.add_argument("--tmp", default="/tmp/dtrain-bench-co2")
     args = p.parse_args(argv)
     if args.worker:
@@ -261,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         return ablation(args, specs, results)
     for i, rate in enumerate(args.rates.split(",")):
         runs: dict[str, list[dict]] = {}
-        schedule = rotated_schedule(TIMED, args.repeats) + [(0, name) for name in (ABLATIONS if i == 0 else ())]
+        ablations = ABLATIONS if i == 0 and not args.no_ablations else ()
+        schedule = rotated_schedule(TIMED, args.repeats) + [(0, name) for name in ablations]
         with netns.create_hosts(2, rate, prefix="dtrain-b") as hosts:
             for rep, name in schedule:
                 port += 1
@@ -274,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         results["rates"][rate]["ratios"] = _ratios(results["rates"][rate]["runs"])
     results["losses_identical_across_rates"] = all(
         _same_losses([v["runs"][n]["losses"] for v in results["rates"].values()]) for n in TIMED)
-    write_json(RESULTS / "co2.json", results)
-    _plot(results, RESULTS / "co2.png")
+    write_json(RESULTS / f"{args.results}.json", results)
+    _plot(results, RESULTS / f"{args.results}.png")
     print(json.dumps({r: v["ratios"] for r, v in results["rates"].items()}, indent=2))
     return 0
 
@@ -324,6 +336,7 @@ def _summary(runs: list[dict], args: argparse.Namespace) -> dict:
     out["step_s_by_round_position"] = {str(k): statistics.median(v) for k, v in sorted(by_pos.items())}
     out.update(losses=runs[0]["losses"], losses_identical_across_repeats=_same_losses([r["losses"] for r in runs]),
                tokens_per_step=runs[0]["tokens_per_step"], comm_bytes=runs[0]["comm_bytes"],
+               comm_bytes_step_sum=runs[0].get("comm_bytes_step_sum"),
                outer_rounds=runs[0]["outer_rounds"], repeats=len(runs),
                tokens_per_s_all=[r["tokens_per_s"] for r in runs], loadavg_1m=[r["loadavg_1m"] for r in runs])
     return out

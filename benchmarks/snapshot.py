@@ -254,6 +254,7 @@ def run_variant(variant: str, rep: int, args: argparse.Namespace, work: Path) ->
            "steps_measured": len(steps),
            "block_s": median_or_none(p.get("snapshot_block_s") for p in plugins),
            "save_call_s": median_or_none(p.get("save_call_s") for p in plugins),
+           "prepare_s": median_or_none(p.get("prepare_s") for p in plugins),
            "step_time_s": median_or_none(r["step_time_s"] for r in steps),
            "tokens_per_s": median_or_none(r["tokens_per_s"] for r in steps),
            "snapshot_bytes": max((int(p.get("snapshot_bytes", 0)) for p in plugins), default=None),

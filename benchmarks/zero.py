@@ -23,13 +23,17 @@ engine left ddp/ZeRO speed alone.
 State accounting (the ZeRO paper's convention): ``params`` = working model weights the rank
 holds (fp32, or bf16 where the framework keeps a bf16 model copy), ``grads`` = gradient
 storage held after the last backward (communication buckets excluded), ``optim`` = optimizer
-state incl. a separate fp32 master copy if the framework keeps one. Storages are counted once.
+state incl. a separate fp32 master copy if the framework keeps one. Storages are counted once,
+with one helper for every framework, dtrain included (``dtrain.metrics.layout_storage_bytes``;
+dtrain's formula is kept as ``state_bytes_formula`` and tests/dist/test_state_bytes.py checks the
+two agree), and outside the step clock.
 The ideal per-rank figure is 16 bytes/param / world (fp32 weights + fp32 grads + two fp32
 AdamW moments, fully sharded).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -100,8 +104,28 @@ def make_batches(
     return out
 
 
+class Stopwatch:
+    """Times one step; ``paused()`` keeps state accounting (done on the last step) off the clock."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+        self._since = time.perf_counter()
+
+    def stop(self) -> float:
+        self.elapsed += time.perf_counter() - self._since
+        return self.elapsed
+
+    @contextlib.contextmanager
+    def paused(self) -> Any:
+        self.stop()
+        try:
+            yield
+        finally:
+            self._since = time.perf_counter()
+
+
 class Runner(Protocol):
-    def step(self, x: Any, y: Any, measure: bool) -> float: ...
+    def step(self, x: Any, y: Any, measure: bool, clock: Stopwatch) -> float: ...
 
     def state_bytes(self) -> dict[str, int]: ...
 
@@ -127,10 +151,19 @@ class DtrainRunner:
             config={"zero": {"stage": stage}, "train": {"precision": precision}},
         )
 
-    def step(self, x: Any, y: Any, measure: bool) -> float:
+    def step(self, x: Any, y: Any, measure: bool, clock: Stopwatch) -> float:
         return float(self.engine.train_step({"input_ids": x, "labels": y}))
 
     def state_bytes(self) -> dict[str, int]:
+        """Measured from storage exactly as for the peers (the layout keeps its gradient buffers
+        between steps, so this after the last step is what a step holds)."""
+        try:
+            from dtrain.metrics import layout_storage_bytes
+        except ImportError:  # a --baseline checkout older than the helper: its formula
+            return self.state_bytes_formula()
+        return layout_storage_bytes(self.engine.model, self.engine.layout)
+
+    def state_bytes_formula(self) -> dict[str, int]:
         sb = self.engine.state_bytes()
         return {k: int(sb.get(k, 0)) for k in ("params", "grads", "optim")}
 
@@ -143,7 +176,7 @@ class _TorchModuleRunner:
     autocast_bf16 = False  # FSDP2 casts through its MixedPrecisionPolicy instead
     _grad_bytes = 0
 
-    def step(self, x: Any, y: Any, measure: bool) -> float:
+    def step(self, x: Any, y: Any, measure: bool, clock: Stopwatch) -> float:
         import torch
 
         self.opt.zero_grad(set_to_none=True)
@@ -151,7 +184,8 @@ class _TorchModuleRunner:
             loss = self.model(input_ids=x, labels=y)
         loss.backward()
         if measure:
-            self._grad_bytes = bu.tensor_storage_bytes(p.grad for p in self.model.parameters())
+            with clock.paused():  # gradients exist only between backward and the next zero_grad
+                self._grad_bytes = bu.tensor_storage_bytes(p.grad for p in self.model.parameters())
         self.opt.step()
         return float(loss.detach())
 
@@ -253,19 +287,20 @@ class DeepSpeedRunner:
             out.extend(bu.iter_tensors(getattr(self.opt, name, None)))
         return out
 
-    def step(self, x: Any, y: Any, measure: bool) -> float:
+    def step(self, x: Any, y: Any, measure: bool, clock: Stopwatch) -> float:
         loss = self.engine(input_ids=x, labels=y)
         self.engine.backward(loss)
         if measure:
-            seen: set[int] = set()
-            # storages that are params / master weights are not grads
-            bu.tensor_storage_bytes(self._param_tensors(), seen)
-            masters = self._attr_tensors(_DS_MASTER_ATTRS)
-            bu.tensor_storage_bytes(masters, seen)
-            grads = [p.grad for p in self.engine.module.parameters()]
-            grads += [getattr(m, "grad", None) for m in masters]
-            grads += self._attr_tensors(_DS_GRAD_ATTRS)
-            self._grad_bytes = bu.tensor_storage_bytes(grads, seen)
+            with clock.paused():
+                seen: set[int] = set()
+                # storages that are params / master weights are not grads
+                bu.tensor_storage_bytes(self._param_tensors(), seen)
+                masters = self._attr_tensors(_DS_MASTER_ATTRS)
+                bu.tensor_storage_bytes(masters, seen)
+                grads = [p.grad for p in self.engine.module.parameters()]
+                grads += [getattr(m, "grad", None) for m in masters]
+                grads += self._attr_tensors(_DS_GRAD_ATTRS)
+                self._grad_bytes = bu.tensor_storage_bytes(grads, seen)
         self.engine.step()
         return float(loss.detach().float())
 
@@ -319,10 +354,11 @@ def worker_main(spec: dict[str, Any]) -> None:
     times: list[float] = []
     losses: list[float] = []
     for i, (x, y) in enumerate(batches):
-        t0 = time.perf_counter()
-        losses.append(runner.step(x, y, measure=(i == steps - 1)))
-        times.append(time.perf_counter() - t0)
+        clock = Stopwatch()
+        losses.append(runner.step(x, y, measure=(i == steps - 1), clock=clock))
+        times.append(clock.stop())
     state = runner.state_bytes()
+    formula = getattr(runner, "state_bytes_formula", None)
 
     import torch.distributed as dist
 
@@ -336,6 +372,7 @@ def worker_main(spec: dict[str, Any]) -> None:
         "step_times_s": times,
         "losses": losses,
         "state_bytes": state,
+        "state_bytes_formula": formula() if formula else None,
         "rss_before_wrap_bytes": rss_before_wrap,
         "peak_rss_bytes": bu.peak_rss_bytes(),
     }
@@ -423,6 +460,7 @@ def run_one(run: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
         rss_before_wrap_bytes=max(rr["rss_before_wrap_bytes"] or 0 for rr in rank_results),
         state_bytes=state_max,
         state_bytes_per_rank=states,
+        state_bytes_formula_per_rank=[rr.get("state_bytes_formula") for rr in rank_results],
     )
     return rec
 

@@ -306,6 +306,16 @@ class Engine:
             record["grad_norm"] = grad_norm
         self.metrics.write(record)
 
+    def _comm_bytes_total(self) -> dict[str, int]:
+        """Per level, the most bytes any rank sent in this attempt (collective). Summing the step
+        records' ``comm_bytes`` instead overcounts when the busiest rank differs between steps
+        (co2's deferred records): docs/metrics.md."""
+        levels = [name for name, _ in self.comm.topology.shape.levels]
+        mine = torch.tensor([float(self.comm.bytes_sent.get(lvl, 0)) for lvl in levels],
+                            dtype=torch.float64, device=self.device)  # read before this reduction counts
+        self.comm.all_reduce(mine, op=torch.distributed.ReduceOp.MAX)
+        return {lvl: int(v) for lvl, v in zip(levels, mine.tolist())}
+
     def _wants_metrics(self) -> bool:
         # Every rank must take the same branch: the decision may not depend on rank-0-only state.
         return bool(self.config.metrics.path or self.runtime.env.metrics_path or self.config.metrics.tensorboard
@@ -324,10 +334,11 @@ class Engine:
             return {}
         self._closed = True
         self._finish_deferred()
+        comm_total = self._comm_bytes_total()
         summary = {"summary": True, "steps": self.step, "tokens": int(self._totals["tokens"]),
                    "time_s": self._totals["time_s"], "restarts": self.restarts,
                    "param_sha256": self.param_sha256(),
-                   "comm_bytes_total": dict(self.comm.bytes_sent)}
+                   "comm_bytes_total": comm_total}
         self.metrics.write(summary)
         self.metrics.close()
         for plugin in self.plugins:

@@ -1,11 +1,16 @@
 """The metrics stream: per-step JSONL on rank 0, memory probes, the progress bar, TensorBoard.
 
+Also the storage-based measure of state (``storage_bytes``, ``layout_storage_bytes``): what the
+benchmarks report for every framework and what the layouts' ``state_bytes`` formulas are tested
+against.
+
 The first line of a run is its header, ``{"event": "run", "run_id", "config", "git_rev",
 "world_size", "started"}``. Then one line per step (docs/metrics.md): ``step, loss, step_time_s,
 tokens_per_s, peak_rss_bytes`` (max over ranks), ``state_bytes {params, grads, optim}`` (max over
 ranks), ``comm_bytes {level: bytes}`` (sent by the busiest rank this step), ``restarts`` and
 ``plugins``, with ``{"event": "restart" | "fault", ...}`` lines in between. The last line is a
-summary with totals and ``param_sha256`` of the consolidated fp32 parameters. Readers pick the
+summary with totals (``comm_bytes_total``: per level, the most any rank sent; sum this, not the
+per-step maxima) and ``param_sha256`` of the consolidated fp32 parameters. Readers pick the
 step records by their ``step`` key.
 
 A new run replaces the file; a restart of the same run (``TORCHELASTIC_RESTART_COUNT`` > 0 and the
@@ -24,7 +29,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -54,6 +59,65 @@ def param_sha256(params: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def storage_bytes(tensors: Iterable[Any], seen: set[int] | None = None) -> int:
+    """Bytes held by ``tensors``, each underlying (untyped) storage counted once.
+
+    A view into a flat buffer is charged the whole buffer once, which is what the process holds;
+    a freed storage (resized to 0) holds nothing. None, empty tensors and storages already in
+    ``seen`` are skipped; DTensors are charged their local shard. Pass one ``seen`` to several
+    calls so that a storage shared between kinds is charged to the first kind only.
+    """
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        to_local = getattr(t, "to_local", None)
+        if callable(to_local):
+            t = to_local()
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if t.numel() == 0 or key == 0 or key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total
+
+
+def iter_tensors(obj: Any, _depth: int = 0) -> Iterable[torch.Tensor]:
+    """Every tensor in nested dicts, lists, tuples and sets (depth-limited)."""
+    if _depth > 6 or obj is None:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from iter_tensors(v, _depth + 1)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from iter_tensors(v, _depth + 1)
+
+
+def layout_storage_bytes(model: torch.nn.Module, layout: Any) -> dict[str, int]:
+    """``state_bytes`` measured from storage, the way the benchmarks measure other frameworks.
+
+    ``params``: the model's parameters and the layout's ``param`` and ``master`` shards;
+    ``grads``: the parameters' ``.grad`` and the layout's ``grad`` shards; ``optim``: every tensor
+    in the optimizer's state. Each storage is counted once, under the first kind that reaches it.
+    ``LayoutPlugin.state_bytes`` computes the same figures from shapes (a formula); the two must
+    agree (tests/dist/test_state_bytes.py).
+    """
+    seen: set[int] = set()
+
+    def pieces(kind: str) -> list[torch.Tensor]:
+        return [piece.tensor for shard in layout.shards(kind) for piece in shard.pieces]
+
+    params = storage_bytes([*model.parameters(), *pieces("param"), *pieces("master")], seen)
+    grads = storage_bytes([*(p.grad for p in model.parameters()), *pieces("grad")], seen)
+    optim = storage_bytes(iter_tensors(dict(layout.optimizer.state)), seen)
+    return {"params": params, "grads": grads, "optim": optim}
 
 
 def run_id() -> str:

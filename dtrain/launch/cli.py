@@ -316,7 +316,8 @@ def _run_launch(ns: argparse.Namespace) -> int:
 
         return run_ray(RaySpec(job=spec, address=ns.address, min_nodes=ns.min_nodes, node_wait_s=ns.node_wait_s,
                                runtime_env=ns.runtime_env, cpus_per_rank=ns.cpus_per_rank,
-                               gpus_per_rank=ns.gpus_per_rank, dashboard=ns.dashboard, insecure=ns.insecure))
+                               gpus_per_rank=ns.gpus_per_rank, dashboard=ns.dashboard, insecure=ns.insecure),
+                       exit_on_signal=True)
     return run_local(spec, exit_on_signal=True)
 
 

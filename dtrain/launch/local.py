@@ -437,15 +437,17 @@ def _quiet_elastic_logging() -> None:
 
 
 @contextlib.contextmanager
-def signals_raise(reaper: "Reaper | None" = None) -> Iterator[None]:
+def signals_raise(reaper: "Reaper | None" = None) -> Iterator[Callable[[], None]]:
     """Turn SIGINT/SIGTERM into SignalException until the block ends.
 
     With a ``reaper`` (dtrain.launch.reaper) the first signal also arms its watchdog, and a later
     one makes it kill every rank at once instead of raising again in the middle of the clean-up.
     torch's elastic agent is kept from replacing these handlers (TORCHELASTIC_SIGNALS_TO_HANDLE).
+    The block gets a function that installs the handlers again, for after a library replaced them
+    (``ray.init`` installs a handler that aborts the driver on SIGTERM).
     """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
 
     def handler(signum: int, _frame: Any) -> None:
@@ -457,10 +459,14 @@ def signals_raise(reaper: "Reaper | None" = None) -> Iterator[None]:
     previous = {s: signal.getsignal(s) for s in sigs}
     previous_env = os.environ.get(_TORCH_SIGNALS_VAR)
     os.environ[_TORCH_SIGNALS_VAR] = "SIGQUIT"  # the agent's PContext.start installs handlers for these
-    for s in sigs:
-        signal.signal(s, handler)
+
+    def install() -> None:
+        for s in sigs:
+            signal.signal(s, handler)
+
+    install()
     try:
-        yield
+        yield install
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -43,9 +43,13 @@ from dtrain.launch.local import (
     format_failures, process_defaults, restart_env, signals_raise, usage_report, with_reported,
 )
 from dtrain.launch.ray_agent import NodeAgent, RankExit
+from dtrain.launch.reaper import Reaper
 from dtrain.snapshot.client import SPAWN_VAR
 from dtrain.snapshot.secret import SECRET_VAR, new_secret
 from dtrain.launch.ray_cluster import RayUnavailable, ray_session
+
+RAY_STOP_GRACE_S = 4.0  # the orderly stop kills actors and shuts the job's Ray down: slower than local ranks
+RAY_STOP_EXIT_S = 8.0  # within the 10 s a stop may take (docs: README "Stopping")
 
 __all__ = ["RaySpec", "run_ray", "PASSTHROUGH_VARS"]
 
@@ -454,8 +458,16 @@ class _Job:
                 self.release(placement, self.run_id)
 
 
-def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None = None,
+            exit_on_signal: bool = False) -> int:
     """Run ``spec`` on Ray; return the exit status (0, the failing rank's code, 1, or 128+signal).
+
+    A stop signal arms the same watchdog as the local launcher's (dtrain.launch.reaper): if the
+    orderly stop (killing the rank actors, shutting the job's Ray down) has not finished after
+    ``RAY_STOP_GRACE_S``, every descendant (the job's own Ray processes, hence its ranks) is killed,
+    and the launcher exits at ``RAY_STOP_EXIT_S`` whatever its clean-up is doing. On a cluster given
+    with ``--address`` the ranks are not descendants; Ray ends them when this driver exits. With
+    ``exit_on_signal`` (the CLI) a stopped launcher ends with ``os._exit`` once its clean-up is done.
 
     With ``spec.address`` None and ``spec.isolate`` True this moves the calling process into a
     private network namespace first (see :mod:`dtrain.launch.ray_cluster`); the CLI runs it in
@@ -469,12 +481,14 @@ def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None =
     def warn(text: str) -> None:
         print(text, file=err, flush=True)
 
+    reaper = Reaper(grace_s=RAY_STOP_GRACE_S, exit_after_s=RAY_STOP_EXIT_S)
     try:
-        with signals_raise():
+        with signals_raise(reaper) as reinstall_handlers:
             try:
                 with ray_session(spec.address, spec.job.nodes, spec.bundle, dashboard=spec.dashboard,
                                  isolate=spec.isolate, runtime_env=spec.runtime_env, warn=warn,
                                  insecure=spec.insecure) as session:
+                    reinstall_handlers()  # ray.init's SIGTERM handler aborts the driver without clean-up
                     job = _Job(spec, followers, log_dir, err)
                     if spec.dashboard and session.local:
                         where = (f" inside this job's network namespace (e.g. nsenter --net=/proc/{os.getpid()}"
@@ -496,3 +510,6 @@ def run_ray(spec: RaySpec, stdout: TextIO | None = None, stderr: TextIO | None =
     finally:
         followers.stop_following()
         shutil.rmtree(log_dir, ignore_errors=True)
+        reaper.done()
+        if exit_on_signal:
+            reaper.exit_if_signalled(128 + int(reaper.signal or 0))

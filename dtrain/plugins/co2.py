@@ -401,6 +401,13 @@ class CO2Plugin(FirstOrderStep):
         for h in handles:
             h.wait()
 
+    def flush(self) -> None:
+        """End of training: wait for the outer sync in flight, if any, and apply it, so the final
+        model includes the last average (as with ``overlap = false``). Benchmarks call it inside
+        their timed window so co2 and synchronous local SGD pay for the same syncs."""
+        if self._inflight is not None:
+            self._apply(self._finish(self._inflight))
+
     # --------------------------------------------------------------- reports
     def metrics(self) -> dict[str, float]:
         return {**self._step_metrics, **self._totals}

@@ -4,7 +4,7 @@
 
 Samples are token windows drawn from a generator seeded by their index; the model is the tiny GPT
 with dropout (so the RNG state matters too); ``dtrain.data.loader`` deals 3 samples per rank per
-step from 30 samples (5 steps per epoch, so 12 steps cross two epoch ends). After every step each
+step from 30 samples (5 steps per epoch, so 12 steps cross two epoch ends). Before every step each
 rank appends ``{"step", "ids", "position"}`` to ``DIR/rank{R}.jsonl``; a resumed attempt appends
 the steps it redoes again, and the last record of a step is the one that counts.
 """
@@ -54,10 +54,12 @@ def main() -> int:
     log = Path(args.out) / f"rank{engine.runtime.rank}.jsonl"
     while engine.step < args.steps:
         for batch in loader:
-            engine.train_step(batch)
+            # recorded before the step: a fault fires inside train_step, after the step's snapshot
+            # may have committed, and a resume from that snapshot does not redo the step
             with log.open("a") as f:
-                f.write(json.dumps({"step": engine.step, "ids": batch["index"].tolist(),
+                f.write(json.dumps({"step": engine.step + 1, "ids": batch["index"].tolist(),
                                     "position": list(loader.position)}) + "\n")
+            engine.train_step(batch)
             if engine.step >= args.steps:
                 break
     engine.close()

@@ -15,10 +15,13 @@
 * save in the middle of a round (an outer sync in flight) and resume: bit-exact;
 * the outer state is sharded 1/N across a node's ranks and inter-node bytes are counted.
 """
+import json
+
 import pytest
 import torch
 
 import dtrain
+from dtrain.metrics import is_step_record
 from tests.dist.harness import run_world
 from tests.dist.workloads import local_batch, make_model, optimizer_factory
 
@@ -80,9 +83,12 @@ CO2 = {"enabled": True, "local_steps": 2, "outer_momentum": 0.5, "outer_lr": 0.8
        "clip": 5e-3}
 
 
-def _async_vs_blocking(stage: int, steps: int):
+def _async_vs_blocking(stage: int, steps: int, metrics_path: str):
     cfg = {"zero": {"stage": stage}, "co2": CO2, "metrics": {"progress": False}}
-    engines = [dtrain.wrap(make_model(), optimizer=optimizer_factory, config=cfg) for _ in range(3)]
+    # engine a also writes metrics (deferred records): the same bits as b, which writes none
+    engines = [dtrain.wrap(make_model(), optimizer=optimizer_factory,
+                           config={**cfg, "metrics": {"progress": False, "path": path}} if path else cfg)
+               for path in (metrics_path, None, None)]
     for engine, chunk in zip(engines, (4096, 4096, 0)):  # 4 KiB: many chunks per shard; 0: one
         _co2(engine).chunk_bytes = chunk
     a, la = _train(cfg, steps, engine=engines[0])
@@ -91,14 +97,29 @@ def _async_vs_blocking(stage: int, steps: int):
     co2 = _co2(a)
     shard = sum(t.numel() for t in co2.outer_state()["x_outer"])
     full = sum(u.padded for u in a.layout.unit_specs())
-    return {"sha": (a.param_sha256(), b.param_sha256(), whole.param_sha256()), "losses": (la, lb),
+    sha_b, sha_whole = b.param_sha256(), whole.param_sha256()
+    # an uneven collective (only the source sends; 1 MB, more than rank 0's start-up broadcasts): the
+    # busiest rank of the run is rank 3, not rank 0
+    a.comm.broadcast(torch.zeros(250_000), src=3, level="global")
+    sent, co2_metrics = dict(a.comm.bytes_sent), co2.metrics()
+    summary = a.close()
+    return {"sha": (summary["param_sha256"], sha_b, sha_whole), "losses": (la, lb),
             "shard": shard, "full": full,
-            "global_bytes": a.comm.bytes_sent.get("global", 0), "metrics": co2.metrics(),
+            "global_bytes": sent.get("global", 0), "metrics": co2_metrics, "sent": sent, "summary": summary,
             "plain": _train({"zero": {"stage": stage}}, 1)[0].param_sha256()}
 
 
-def test_async_equals_blocking_reference_bit_exact():
-    results = run_world(_async_vs_blocking, 4, 1, 7, nodes=2)
+def test_async_equals_blocking_reference_bit_exact(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    results = run_world(_async_vs_blocking, 4, 1, 7, str(metrics), nodes=2)
+    # The summary's comm_bytes_total is, per level, the most any rank sent (docs/metrics.md)
+    busiest = {lvl: max(r["sent"].get(lvl, 0) for r in results) for lvl in ("node", "global")}
+    assert results[3]["sent"]["global"] > results[0]["sent"]["global"]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps, summary = [r for r in records if is_step_record(r)], records[-1]
+    assert summary["summary"] and summary["comm_bytes_total"] == busiest
+    assert all(r["summary"]["comm_bytes_total"] == busiest for r in results)
+    assert [r["step"] for r in steps] == list(range(1, 8))
     shas = set()
     for r in results:
         assert r["sha"][0] == r["sha"][1], "overlapped outer sync differs from the blocking reference"

@@ -2,11 +2,12 @@
 
 ``tests/dist/data_resume_run.py`` (tiny GPT with dropout, 30 samples, 3 per rank per step, so 5
 steps per epoch) runs 12 steps at world 2 under ``dtrain launch``: once without faults, then with
-rank 1 SIGKILLed after step 7 (epoch 1, position 12 of 30) and one restart, resuming from a
-snapshot and from a periodic checkpoint. Each step's sample indices per rank (the last record of
-a step counts: a resumed attempt redoes some steps) and the final ``param_sha256`` must equal the
-fault-free run's bit for bit; the restart event must show a resume from a saved step (not step 0),
-so the loader really continued from a restored position.
+rank 1 SIGKILLed after step 7 (epoch 1, position 12 of 30), resuming from a snapshot, and the
+node lost after step 10, resuming from a periodic checkpoint (two restarts, one launch). Each
+step's sample indices per rank (the last record of a step counts: a resumed attempt redoes some
+steps) and the final ``param_sha256`` must equal the fault-free run's bit for bit; each restart
+event must show a resume from a saved step (not step 0), so the loader really continued from a
+restored position.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import pytest
 pytestmark = pytest.mark.dist
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "tests" / "dist" / "data_resume_run.py")
-STEPS, KILL_AFTER = 12, 7
+STEPS, KILL_AFTER, LOSS_AFTER = 12, 7, 10
 
 
 def _launch(tmp: Path, *launcher_args: str) -> tuple[dict, list[dict]]:
@@ -56,15 +57,18 @@ def fault_free(tmp_path_factory):
     return steps, lines[-1]["param_sha256"]
 
 
-@pytest.mark.parametrize("saved", ["snapshot", "checkpoint"])
-def test_killed_run_resumes_with_the_same_batches(tmp_path, fault_free, saved):
-    sets = (["--set", "snapshot.enabled=true"] if saved == "snapshot" else
-            ["--set", f'checkpoint.dir="{tmp_path / "ckpt"}"', "--set", "checkpoint.every=3"])
-    steps, lines = _launch(tmp_path / "run", "--max-restarts", "1", "--inject", f"kill:rank=1,step={KILL_AFTER}",
-                           *sets)
-    restart = next(r for r in lines if r.get("event") == "restart")
+def test_killed_run_resumes_with_the_same_batches(tmp_path, fault_free):
+    # One run restores from both kinds of saved state: a kill after step KILL_AFTER resumes from a
+    # snapshot; a node loss after step LOSS_AFTER takes the only node's snapshot process with it, so
+    # that restart resumes from the periodic checkpoint (every 3 steps).
+    sets = ["--set", "snapshot.enabled=true", "--set", f'checkpoint.dir="{tmp_path / "ckpt"}"',
+            "--set", "checkpoint.every=3"]
+    steps, lines = _launch(tmp_path / "run", "--max-restarts", "2", "--inject", f"kill:rank=1,step={KILL_AFTER}",
+                           "--inject", f"node-loss:node=0,step={LOSS_AFTER}", *sets)
+    snapshot, checkpoint = [r for r in lines if r.get("event") == "restart"]
     # the kill fires after step KILL_AFTER: its snapshot may already be committed (resume from it) or
     # still in flight (an earlier one); a checkpoint resumes from the last multiple of checkpoint.every
-    assert saved in restart["source"] and 3 <= restart["resumed_from_step"] <= KILL_AFTER, restart
+    assert "snapshot" in snapshot["source"] and 3 <= snapshot["resumed_from_step"] <= KILL_AFTER, snapshot
+    assert "checkpoint" in checkpoint["source"] and checkpoint["resumed_from_step"] == 9, checkpoint
     assert steps == fault_free[0]
     assert lines[-1]["param_sha256"] == fault_free[1]

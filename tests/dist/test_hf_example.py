@@ -62,12 +62,21 @@ def test_hf_example_under_zero3_matches_single_process(tmp_path):
     metrics = tmp_path / "m.jsonl"
     cmd = [sys.executable, "-m", "dtrain.launch.cli", "launch", "--nproc", "2", "--no-progress",
            "--set", "zero.stage=3", "--metrics", str(metrics), str(EXAMPLE), *ARGS]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # The single-process reference is computed here while the launched ranks start and train.
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads a pipe while the reference runs
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            reference = _reference()
+            proc.wait(timeout=280)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, log.read_text()[-4000:]
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    reference = _reference()
     assert losses == pytest.approx(reference, rel=1e-4)
     assert reference[-1] < reference[0] - 0.5  # it trains
     assert records[-1]["summary"] and records[-2]["plugins"]["data_offset"] == 5 * 8

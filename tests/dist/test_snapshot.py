@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,9 +66,12 @@ def _restarts(lines: list[dict]) -> list[dict]:
 def fault_free(tmp_path_factory):
     """param_sha256 of the fault-free runs (2 nodes x 2 ranks and 3 nodes x 1 rank)."""
     tmp = tmp_path_factory.mktemp("fault-free")
-    out = {}
+    out = {"persist": tmp / "persist"}
     for nodes, nproc in [(2, 2), (3, 1)]:
-        rc, lines, log = _launch(tmp, f"ok{nodes}x{nproc}", nodes, nproc)
+        # the 2x2 run also persists (to disk every 2 steps): test_persisted_snapshot_of_another_world_is_refused
+        # points a job of another world at its directory
+        sets = ["snapshot.persist_every=2", f'snapshot.persist_dir="{out["persist"]}"'] if nodes == 2 else []
+        rc, lines, log = _launch(tmp, f"ok{nodes}x{nproc}", nodes, nproc, sets=sets)
         assert rc == 0, log[-3000:]
         steps = [r for r in lines if "step" in r and "event" not in r]
         assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
@@ -86,50 +90,78 @@ def _check_resumed(lines, log, sha, source_has: str, min_step: int = 1):
     return events
 
 
-def test_killed_rank_resumes_from_local_snapshot(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "kill", 2, 2, inject=["kill:rank=1,step=5"], restarts=1)
+# One run, one fault of each kind after the other (each fires once, at increasing steps, and each
+# causes one restart), instead of one launch per kind: the same checks per fault, three fewer
+# launches. Restart i belongs to fault i (the fault events are checked to be in this order).
+SEQUENCE = ["kill:rank=1,step=4", "node-loss:node=1,step=6", "corrupt:rank=2,step=8", "hang:rank=3,step=10"]
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory, fault_free):
+    rc, lines, log = _launch(tmp_path_factory.mktemp("sequence"), "sequence", 2, 2, inject=SEQUENCE,
+                             restarts=len(SEQUENCE))
     assert rc == 0, log[-3000:]
-    events = _check_resumed(lines, log, fault_free[2, 2], "local snapshot", min_step=5 - LAG)
-    assert "SIGKILL" in events[0]["cause"] and "kill:rank=1,step=5" in events[0]["cause"]
-    assert [r["kind"] for r in lines if r.get("event") == "fault"] == ["kill"]
+    assert _summary(lines)["param_sha256"] == fault_free[2, 2], log[-3000:]
+    assert _summary(lines)["steps"] == STEPS
+    events = _restarts(lines)
+    assert len(events) == len(SEQUENCE), events
+    assert [r["spec"] for r in lines if r.get("event") == "fault"] == SEQUENCE
+    return {"events": dict(zip(("kill", "node-loss", "corrupt", "hang"), events)), "log": log}
 
 
-def test_lost_node_is_rebuilt_from_parity(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "node", 2, 2, inject=["node-loss:node=1,step=5"], restarts=1)
+def _check_event(event: dict, source_has: str, min_step: int) -> None:
+    assert source_has in event["source"], event
+    assert event["resumed_from_step"] >= min_step, event
+
+
+def test_killed_rank_resumes_from_local_snapshot(sequence):
+    event = sequence["events"]["kill"]
+    _check_event(event, "local snapshot", min_step=4 - LAG)
+    assert "SIGKILL" in event["cause"] and SEQUENCE[0] in event["cause"]
+
+
+def test_lost_node_is_rebuilt_from_parity(sequence):
+    _check_event(sequence["events"]["node-loss"], "parity rebuild of node(s) [1]", min_step=6 - LAG)
+
+
+def test_corrupted_shard_is_detected_and_rebuilt(sequence):
+    assert "failed its checksum; rebuilding from parity" in sequence["log"]
+    _check_event(sequence["events"]["corrupt"], "parity rebuild of node(s) [1]", min_step=8)
+
+
+def test_hung_rank_times_out_and_restarts(sequence):
+    # the peers' collective timeout names the operation
+    assert f"did not complete within {TIMEOUT_S} s" in sequence["log"]
+    _check_event(sequence["events"]["hang"], "local snapshot", min_step=10 - LAG)
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory, fault_free):
+    """3 nodes x 1 rank, k = 2 + m = 1, persisted every 2 steps: first one lost node (rebuilt from
+    parity), then two nodes of the group lost at once (more than m: the disk tier). One launch."""
+    tmp = tmp_path_factory.mktemp("three-nodes")
+    rc, lines, log = _launch(tmp, "node3", 3, 1, restarts=2,
+                             inject=["node-loss:node=0,step=4", "node-loss:node=0,step=9", "node-loss:node=1,step=9"],
+                             sets=["snapshot.ec_data=2", "snapshot.ec_parity=1", "snapshot.persist_every=2",
+                                   f'snapshot.persist_dir="{tmp / "persist"}"'])
     assert rc == 0, log[-3000:]
-    _check_resumed(lines, log, fault_free[2, 2], "parity rebuild of node(s) [1]", min_step=5 - LAG)
+    assert _summary(lines)["param_sha256"] == fault_free[3, 1], log[-3000:]
+    assert _summary(lines)["steps"] == STEPS
+    events = _restarts(lines)
+    assert len(events) == 2, events
+    return lines, events
 
 
-def test_three_nodes_k2_m1_node_loss(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "node3", 3, 1, inject=["node-loss:node=0,step=6"], restarts=1,
-                             sets=["snapshot.ec_data=2", "snapshot.ec_parity=1"])
-    assert rc == 0, log[-3000:]
-    _check_resumed(lines, log, fault_free[3, 1], "parity rebuild of node(s) [0]", min_step=6 - LAG)
+def test_three_nodes_k2_m1_node_loss(three_nodes):
+    lines, events = three_nodes
+    _check_event(events[0], "parity rebuild of node(s) [0]", min_step=4 - LAG)
     assert next(r for r in lines if "step" in r)["plugins"]["snapshot_memory_overhead"] == 1.5
 
 
-def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "corrupt", 2, 2, inject=["corrupt:rank=2,step=5"], restarts=1)
-    assert rc == 0, log[-3000:]
-    assert "failed its checksum; rebuilding from parity" in log
-    _check_resumed(lines, log, fault_free[2, 2], "parity rebuild of node(s) [1]", min_step=5)
-
-
-def test_hung_rank_times_out_and_restarts(tmp_path, fault_free):
-    rc, lines, log = _launch(tmp_path, "hang", 2, 2, inject=["hang:rank=3,step=5"], restarts=1)
-    assert rc == 0, log[-3000:]
-    assert f"did not complete within {TIMEOUT_S} s" in log  # the peers' collective timeout names the operation
-    _check_resumed(lines, log, fault_free[2, 2], "local snapshot", min_step=5 - LAG)
-
-
-@pytest.mark.slow
-def test_two_lost_nodes_in_a_group_fall_back_to_disk(tmp_path, fault_free):
-    disk = tmp_path / "persist"
-    rc, lines, log = _launch(tmp_path, "disk", 3, 1, inject=["node-loss:node=0,step=7", "node-loss:node=1,step=7"],
-                             restarts=1, sets=["snapshot.persist_every=2", f'snapshot.persist_dir="{disk}"'])
-    assert rc == 0, log[-3000:]
-    events = _check_resumed(lines, log, fault_free[3, 1], "disk tier", min_step=4)
-    assert "in-memory" not in events[-1]["source"]
+def test_two_lost_nodes_in_a_group_fall_back_to_disk(three_nodes):
+    _, events = three_nodes
+    _check_event(events[1], "disk tier", min_step=6)  # persisted at 2, 4, 6, 8: at worst 8 is not yet on disk
+    assert "in-memory" not in events[1]["source"]
 
 
 @pytest.mark.slow
@@ -143,14 +175,11 @@ def test_chaos_five_faults_finishes_bit_exact(tmp_path, fault_free):
     assert _summary(lines)["param_sha256"] == fault_free[2, 2]
 
 
-def test_persisted_snapshot_of_another_world_is_refused(tmp_path):
-    disk = tmp_path / "persist"
-    sets = ["snapshot.persist_every=2", f'snapshot.persist_dir="{disk}"']
-    rc, _, log = _launch(tmp_path, "world4", 2, 2, sets=sets, steps=4)
-    assert rc == 0, log[-3000:]
+def test_persisted_snapshot_of_another_world_is_refused(tmp_path, fault_free):
+    sets = ["snapshot.persist_every=2", f'snapshot.persist_dir="{fault_free["persist"]}"']  # world 4's
     rc, lines, log = _launch(tmp_path, "world2", 2, 1, sets=sets, steps=4)
     assert rc != 0
-    assert "holds step 4 of a different run" in log
+    assert re.search(r"holds step \d+ of a different run", log), log[-3000:]
     assert not [r for r in lines if "step" in r]
 
 

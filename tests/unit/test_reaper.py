@@ -45,3 +45,20 @@ def test_hung_cleanup_still_exits_and_kills_the_rank_group(tmp_path: Path) -> No
     while (start_time(rank) or start_time(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert start_time(rank) is None and start_time(grandchild) is None
+
+
+def test_signal_handlers_reinstalled_after_a_library_replaces_them() -> None:
+    """ray.init installs a SIGTERM handler that aborts the driver (no clean-up, exit -6); the Ray
+    launcher installs dtrain's handlers again through the function signals_raise gives its block."""
+    import signal
+
+    from dtrain.launch.local import signals_raise
+
+    before = signal.getsignal(signal.SIGTERM)
+    with signals_raise() as reinstall:
+        ours = signal.getsignal(signal.SIGTERM)
+        assert callable(ours) and ours is not before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what a library's own handler does to ours
+        reinstall()
+        assert signal.getsignal(signal.SIGTERM) is ours
+    assert signal.getsignal(signal.SIGTERM) is before
