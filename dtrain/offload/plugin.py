@@ -151,6 +151,13 @@ class OffloadPlugin(FirstOrderStep):
             layout.place_optim_state(cfg.optim, self._tier_report)
         self.resident = resident
 
+    def restore(self) -> None:
+        """Start-up, once the layout exists and before any checkpoint is loaded: lay the tier out
+        now, so budget and disk errors come before step 1 and a load writes through into the tier."""
+        if self.store is None:
+            self._build()
+        return None
+
     def _on_reduced(self, unit: Any) -> None:
         if self.pipe is not None and self.pipe.active:
             self.pipe.submit(unit.index)

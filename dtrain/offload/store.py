@@ -31,6 +31,27 @@ from dtrain.partition import Piece, UnitSpec
 F32 = 4
 
 
+class TierState(dict):
+    """One optimizer parameter's state dict under the NVMe (or accelerator host) tier: outside a
+    step, assigning an element-wise state tensor (``dtrain.checkpoint.load`` does) writes it
+    through into its at-rest place, so a load holds one piece in memory at a time, not the whole
+    state."""
+
+    def __init__(self, initial: dict, unit: "UnitStore", piece: Piece) -> None:
+        super().__init__()
+        self.unit, self.piece = unit, piece
+        for k, v in initial.items():
+            self[k] = v
+
+    def __setitem__(self, key: str, value) -> None:
+        home = self.unit.at_rest.get((id(self.piece.tensor), key))
+        if (home is not None and not self.unit.stepping and torch.is_tensor(value) and value is not home
+                and value.numel() == home.numel()):
+            home.copy_(value.detach().reshape(home.shape))
+            value = home
+        super().__setitem__(key, value)
+
+
 @dataclass(eq=False)
 class UnitStore:
     """One unit's optimizer pieces on this rank and the home of their element-wise state."""
@@ -42,6 +63,8 @@ class UnitStore:
     keys: list[str]
     tier: str
     file: DirectFile | None = None
+    stepping: bool = False
+    """Between ``bring_in`` and ``settle``: the optimizer's state points at working tensors."""
     at_rest: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     """(id(piece tensor), key) -> the tensor the optimizer state holds between steps."""
 
@@ -89,7 +112,16 @@ class TierStore:
             assert directory is not None
             for u in self.units.values():
                 u.file = DirectFile(str(directory / f"u{u.spec.index}.state"), u.stride * len(keys))
+                n = u.stride * len(keys) // F32
+                mapped = torch.from_numpy(np.memmap(u.file.path, dtype=np.float32, mode="r+", shape=(n,)))
+                for piece in u.pieces:
+                    for key in keys:
+                        u.at_rest[(id(piece.tensor), key)] = u.views(mapped, piece, key)
             self.pool = [aligned_buffer(self.set_bytes) for _ in range(buffer_sets)]
+        if self.moves:
+            for u in self.units.values():
+                for piece in u.pieces:
+                    self.optimizer.state[piece.tensor] = TierState(self.optimizer.state.get(piece.tensor, {}), u, piece)
 
     def _device(self) -> torch.device:
         first = next(iter(self.units.values()), None)
@@ -117,6 +149,7 @@ class TierStore:
         """Point the optimizer's state of the unit's pieces at working tensors before its step."""
         if not self.moves:
             return
+        unit.stepping = True
         flat = buf.view(torch.float32) if buf is not None else None
         state = self.optimizer.state
         for piece in unit.pieces:
@@ -158,7 +191,9 @@ class TierStore:
                 if current.data_ptr() != home.data_ptr():
                     home.copy_(current.reshape(home.shape))
                 if self.tier == "host":
-                    st[key] = home
+                    dict.__setitem__(st, key, home)
+        if self.tier == "host":
+            unit.stepping = False
 
     def write(self, unit: UnitStore, buf: torch.Tensor) -> None:
         """Write the staging buffer set back to the unit's file (blocks)."""
@@ -166,16 +201,11 @@ class TierStore:
 
     def settle(self, unit: UnitStore) -> None:
         """The unit's file holds its state: the optimizer's state points at the file's map again."""
-        if not unit.at_rest:
-            n = unit.stride * len(self.keys) // F32
-            mapped = torch.from_numpy(np.memmap(unit.file.path, dtype=np.float32, mode="r+", shape=(n,)))
-            for piece in unit.pieces:
-                for key in self.keys:
-                    unit.at_rest[(id(piece.tensor), key)] = unit.views(mapped, piece, key)
         state = self.optimizer.state
         for piece in unit.pieces:
             for key in self.keys:
-                state[piece.tensor][key] = unit.at_rest[(id(piece.tensor), key)]
+                dict.__setitem__(state[piece.tensor], key, unit.at_rest[(id(piece.tensor), key)])
+        unit.stepping = False
 
     # ------------------------------------------------------------------ accounting
     def bytes_at_rest(self) -> int:
