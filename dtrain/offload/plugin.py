@@ -155,7 +155,11 @@ class OffloadPlugin(FirstOrderStep):
         """Start-up, once the layout exists and before any checkpoint is loaded: lay the tier out
         now, so budget and disk errors come before step 1 and a load writes through into the tier."""
         if self.store is None:
-            self._build()
+            try:
+                self._build()
+            except BaseException:
+                self.teardown()  # nothing of the tier may outlive a failed start
+                raise
         return None
 
     def _on_reduced(self, unit: Any) -> None:
