@@ -152,8 +152,11 @@ def _run(spec: dict, port: int) -> dict:
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=spec["timeout"])
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                              capture_output=True, text=True, timeout=spec["timeout"])
+    except subprocess.TimeoutExpired:
+        return {"variant": spec["variant"], "error": f"timed out after {spec['timeout']} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -165,6 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--deepspeed", action="store_true")
+    ap.add_argument("--variants", default=None, help=f"comma list out of {','.join(VARIANTS + DS_VARIANTS)}")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
@@ -173,6 +177,8 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--dir", default=None, help="offload directory (default: a temporary one under /tmp)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run (a hung run is reported, not waited for)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -184,6 +190,8 @@ def main() -> None:
     steps = args.steps or (3 if args.quick else 5)
     repeats = args.repeats or (1 if args.quick else 3)
     variants = VARIANTS + (DS_VARIANTS if args.deepspeed else ())
+    if args.variants:
+        variants = tuple(v for v in args.variants.split(",") if v)
     model = _model(preset)
     n = sum(p.numel() for p in model.parameters())
     del model
@@ -196,7 +204,7 @@ def main() -> None:
             order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: load drifts
             for v in order:
                 spec = {"variant": v, "preset": preset, "steps": steps, "batch": args.batch, "dir": tmp,
-                        "budget_gb": budget, "clip": args.clip, "timeout": 1800}
+                        "budget_gb": budget, "clip": args.clip, "timeout": args.timeout}
                 res = _run(spec, find_free_port())
                 runs[v].append(res)
                 print(json.dumps({k: res.get(k) for k in ("variant", "step_s", "peak_rss", "error",
@@ -213,7 +221,7 @@ def main() -> None:
                                if isinstance(ok[0][k], (int, float)) and k != "params"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "offload.json").write_text(json.dumps(report, indent=1))
+    (out / f"offload{args.tag}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["median"], indent=1))
 
 

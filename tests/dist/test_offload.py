@@ -3,7 +3,7 @@
 One world-2 run (real gloo) trains the tiny GPT for 10 steps with gradient accumulation 2 under
 ddp (small buckets, so several units) and ZeRO-3, each with and without global-norm clipping
 (clipping takes the deferred path, no clipping steps units inside backward), in memory and with
-``offload.optim`` = host and nvme. The promise is bit-identity, so the check is exact: equal
+``offload.optim`` = host and nvme; ZeRO-1 and ZeRO-2 once each (nvme, no clipping). The promise is bit-identity, so the check is exact: equal
 ``param_sha256`` and equal bytes of every element-wise optimizer state (read back through
 ``layout.shards("optim.<key>")``, i.e. from the NVMe tier's files). A tier that skipped a unit,
 stepped one twice, stepped before clipping or lost a write would change both.
@@ -91,6 +91,9 @@ def _world2(root: str) -> dict:
                     out["metrics", stage, clip, tier] = engine.plugins[1].metrics()
                     out["tiers", stage, clip, tier] = engine.layout.state_bytes_by_tier()
                 out[stage, clip, tier] = _result(engine)
+    for stage in (1, 2):  # ZeRO-1/2 keep a separate master shard; the tier steps it the same way
+        for tier in (None, "nvme"):
+            out[stage, None, tier] = _result(_train(_config(stage, tier, None, root), 0, STEPS))
     nvme3 = _config(3, "nvme", 1.0, root)
     failing = _train(nvme3, SAVE_AT, SAVE_AT, load=ckpt)
     store = failing.plugins[1].store
@@ -137,6 +140,8 @@ def test_offload_bit_identical_checkpoints_and_errors(tmp_path):
                     assert tiers[tier]["optim"] > 0 and tiers["device"]["params"] > 0, tiers
                 nvme = out["metrics", stage, clip, "nvme"]
                 assert nvme["offload_read_bytes"] > 0 and nvme["offload_write_bytes"] > 0, nvme
+        for stage in (1, 2):
+            assert out[stage, None, "nvme"] == out[stage, None, None], (rank, stage)
         assert "OSError" in out["failed"] and "resume from the last checkpoint" in out["failed"], out["failed"]
         assert out["recovered"] == out[3, 1.0, "nvme"], rank
         assert out["ddp_host_from_z3"] == out["ddp_mem_from_z3"], rank
