@@ -17,7 +17,7 @@ dtrain's own counters (``offload_read_bytes``/``offload_write_bytes``, ``optim_o
 whether O_DIRECT ran). Usage::
 
     python benchmarks/offload.py --quick          # small model, 1 round (smoke test)
-    python benchmarks/offload.py --deepspeed      # bench-sized GPT, 3 rounds, with DeepSpeed
+    python benchmarks/offload.py --deepspeed      # ~10M-parameter GPT ("mid"), 3 rounds, with DeepSpeed
 
 Results go to ``<out>/offload.json``. The machine's disk is a host-cached virtio disk: O_DIRECT
 bypasses this VM's page cache, not the host's, so NVMe figures are optimistic for a real SSD.
@@ -59,6 +59,8 @@ def _model(preset: str):
     from dtrain.models import GPT, GPTConfig
 
     torch.manual_seed(0)
+    if preset == "mid":  # ~10M parameters: the bench GPT cut to 4 layers of width 384 (a loaded 2-core machine)
+        return GPT(GPTConfig.preset("bench", block_size=64, n_layer=4, n_embd=384, n_head=6))
     return GPT(GPTConfig.preset(preset, block_size=64))
 
 
@@ -186,7 +188,7 @@ def main() -> None:
         return
     from benchmarks._bench_util import find_free_port, machine_info
 
-    preset = args.preset or ("small" if args.quick else "bench")
+    preset = args.preset or ("small" if args.quick else "mid")
     steps = args.steps or (3 if args.quick else 5)
     repeats = args.repeats or (1 if args.quick else 3)
     variants = VARIANTS + (DS_VARIANTS if args.deepspeed else ())
