@@ -64,13 +64,16 @@ class StepPipeline:
         self.active = False
         self.stats = {"optim_s": 0.0, "hidden_s": 0.0, "read_wait_s": 0.0, "join_wait_s": 0.0}
         self.intervals: list[tuple[float, float]] = []
+        self.profile: dict[int, tuple[float, float]] = {}
+        """The last step's per unit: (backward time left after it was reported reduced, optimizer seconds)."""
 
     # --------------------------------------------------------------- training thread
     def begin(self, step_now: bool) -> None:
         """Accept units for this step; ``step_now``: step each at once (else wait for :meth:`go`)."""
         self.active, self._abort = True, False
         self.intervals = []
-        self.submitted: set[int] = set()
+        self.submitted: dict[int, float] = {}  # unit index -> when it was reported reduced
+        self.unit_s: dict[int, float] = {}
         self._go.clear()
         if step_now:
             self._go.set()
@@ -80,7 +83,7 @@ class StepPipeline:
         unit = self.store.units.get(unit_index)
         if not self.active or unit is None or unit_index in self.submitted:
             return
-        self.submitted.add(unit_index)
+        self.submitted[unit_index] = time.perf_counter()
         read = self.reader.submit(self._read, unit) if self.store.tier == "nvme" else None
         self.futures.append(self.stepper.submit(self._step, unit, read))
 
@@ -109,6 +112,7 @@ class StepPipeline:
                                f"offload.dir is incomplete, resume from the last checkpoint") from exc
         if any(self.store.placeholders):
             step_subset(self.optimizer, self.store.placeholders)
+        self.profile = {i: (max(0.0, backward_end - t), self.unit_s.get(i, 0.0)) for i, t in self.submitted.items()}
         for a, b in self.intervals:
             self.stats["optim_s"] += b - a
             self.stats["hidden_s"] += max(0.0, min(b, backward_end) - a)
@@ -159,6 +163,7 @@ class StepPipeline:
             step_subset(self.optimizer, per_group)
             self.store.take_out(unit, buf)
             self.intervals.append((t0, time.perf_counter()))
+            self.unit_s[unit.spec.index] = self.intervals[-1][1] - t0
         except BaseException:
             if buf is not None:
                 self.free.put(buf)

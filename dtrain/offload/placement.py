@@ -88,7 +88,7 @@ def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes
 
     minimum = resident_bytes + (max((u.state_bytes for u in units), default=0) if "nvme" in tiers.values() else 0)
     if budget_bytes < minimum:
-        raise ValueError(f"a device budget of {budget_bytes / GB:.3f} GB is below the minimum {minimum / GB:.3f} GB "
+        raise ValueError(f"a device budget of {budget_bytes / GB:.4f} GB is below the minimum {minimum / GB:.4f} GB "
                          f"(parameters and gradients + one unit's optimizer state)")
     notes = []
     while pool(tiers) + resident_bytes > budget_bytes and pool_sets > 1:

@@ -35,6 +35,7 @@ from dtrain.errors import UsageError
 from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
 from dtrain.offload.pipeline import StepPipeline
+from dtrain.offload.placement import UnitProfile
 from dtrain.offload.store import F32, TierStore
 from dtrain.plugins.base import register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
@@ -202,6 +203,17 @@ class OffloadPlugin(FirstOrderStep):
             raise
         layout.publish()
         return StepOutcome(losses.local_loss(), grad_norm)
+
+    def unit_profiles(self) -> list[UnitProfile]:
+        """The last step as :func:`dtrain.offload.placement.choose_placement` takes it: per unit of
+        this rank, its optimizer state bytes, the backward time left after it was reported reduced
+        and its optimizer seconds (with ``offload.overlap`` and no clipping, else windows are 0)."""
+        assert self.store is not None and self.pipe is not None, "run a step first"
+        out = []
+        for index, unit in self.store.units.items():
+            window, optim = self.pipe.profile.get(index, (0.0, 0.0))
+            out.append(UnitProfile(unit.spec.name, unit.state_bytes, window, optim))
+        return out
 
     # --------------------------------------------------------------- reporting
     def _tier_report(self) -> dict[str, dict[str, int]]:

@@ -27,5 +27,5 @@ def test_budget_decides_what_stays_resident():
 
 def test_budget_below_one_unit_names_the_minimum():
     units = uniform_profiles([("a", 256 * MB)], backward_s=1.0, optim_s=0.1)
-    with pytest.raises(ValueError, match="minimum 0.750 GB"):
+    with pytest.raises(ValueError, match="minimum 0.7500 GB"):
         choose_placement(units, 600 * MB, 512 * MB, 1.0)
