@@ -152,6 +152,12 @@ class StepLoss:
         return ``(sum, n)``, and gradients are normalised after the last backward)."""
         return self.mode == "batch" or self.counts is not None
 
+    @property
+    def scales_after_backward(self) -> bool:
+        """Whether :meth:`finish` may return a factor other than 1 (``tokens`` with a ``loss_fn``
+        returning ``(sum, n)``): known once the first micro-batch's objective was taken."""
+        return self.mode == "tokens" and bool(self._deferred)
+
     def total(self) -> int:
         """N: valid tokens of the step over the data-parallel group (waits for the all-reduce)."""
         if self._total is None:

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 _REGISTRY: dict[str, type["Plugin"]] = {}
-BUILTIN_PLUGIN_MODULES = ("dtrain.plugins.zero", "dtrain.plugins.co2", "dtrain.plugins.snapshot", "dtrain.seqpar.plugin")
+BUILTIN_PLUGIN_MODULES = ("dtrain.plugins.zero", "dtrain.plugins.co2", "dtrain.plugins.snapshot", "dtrain.seqpar.plugin",
+                          "dtrain.offload.plugin")
 
 
 def register(cls: type["Plugin"]) -> type["Plugin"]:
@@ -182,10 +183,28 @@ class LayoutPlugin(Plugin):
 
     def state_bytes_by_tier(self) -> dict[str, dict[str, int]]:
         """Bytes this rank holds per tier (device / host / nvme) and kind (params, grads, optim)."""
+        if self._tier_report is not None:
+            return self._tier_report()
         out: dict[str, dict[str, int]] = {}
         for kind, n in self.state_bytes().items():
             out.setdefault("device", {})[kind] = n
         return out
+
+    # ------------------------------------------------------------ tier plugin hooks
+    _tier_report: "Callable[[], dict[str, dict[str, int]]] | None" = None
+    _optim_tier: str = "device"
+
+    def on_unit_reduced(self, callback: "Callable[[UnitSpec], None] | None") -> bool:
+        """Ask for ``callback(unit)`` on the training thread as soon as a unit's gradient of the
+        step's last micro-step is reduced (complete on this rank; ``None`` stops it), so a tier
+        plugin can step that unit while backward goes on (docs/offload.md). Returns False when the
+        layout cannot say (the caller then steps every unit after ``finish_backward``)."""
+        return False
+
+    def place_optim_state(self, tier: str, report: "Callable[[], dict[str, dict[str, int]]]") -> None:
+        """A tier plugin keeps the element-wise optimizer state on ``tier`` (``host``/``nvme``):
+        ``shards("optim.<key>")`` say so, and ``state_bytes_by_tier`` returns ``report()``."""
+        self._optim_tier, self._tier_report = tier, report
 
     # ------------------------------------------------------------- descriptors
     def unit_specs(self) -> "list[UnitSpec]":
@@ -227,7 +246,8 @@ class LayoutPlugin(Plugin):
         for spec in self.unit_specs():
             lo, hi = spec.shard_range(parts, index)
             out.append(Shard(spec, f"optim.{key}", level, parts, index, lo, hi,
-                             tuple(by_unit.get(spec.index, ())), primary=primary))
+                             tuple(by_unit.get(spec.index, ())), tier=self._optim_tier,  # type: ignore[arg-type]
+                             primary=primary))
         return out
 
     def full_parameters(self) -> dict[str, torch.Tensor]:

@@ -82,6 +82,8 @@ class FlatLayout(LayoutPlugin):
     shard_grads: ClassVar[bool] = False
     shard_params: ClassVar[bool] = False
     level: str = "global"  # the data-parallel group the states are sharded over
+    unit_reduced: Callable[[UnitSpec], None] | None = None  # on_unit_reduced's callback
+    last_micro: bool = True
 
     def wrap_model(self, model: nn.Module, factory: OptimizerFactory) -> None:
         engine = self.engine
@@ -201,6 +203,13 @@ class FlatLayout(LayoutPlugin):
     # ----------------------------------------------------- gradient reduction
     def start_micro_step(self, micro_step: int, last_micro_step: bool) -> None:
         self.reduce_now = self.shard_grads or last_micro_step
+        self.last_micro = last_micro_step
+
+    def on_unit_reduced(self, callback: Callable[[UnitSpec], None] | None) -> bool:
+        """Call ``callback(unit)`` when a unit's last-micro-step reduction completes (waiting for
+        reductions in order, at most ``MAX_INFLIGHT`` in flight, as stage 2/3 always do)."""
+        self.unit_reduced = callback
+        return True
 
     def _on_grad(self, p: torch.Tensor) -> None:
         unit = self.unit_of[id(p)]
@@ -230,7 +239,7 @@ class FlatLayout(LayoutPlugin):
             out = None
             handle = self.comm.all_reduce(buf, self.level, async_op=True)
         self.inflight.append((unit, handle, out))
-        if self.shard_grads:
+        if self.shard_grads or self.unit_reduced is not None:
             while len(self.inflight) > MAX_INFLIGHT:
                 self._complete(*self.inflight.pop(0))
 
@@ -238,6 +247,8 @@ class FlatLayout(LayoutPlugin):
         handle.wait()
         if out is not None:
             unit.grad_shard.add_(out)
+        if self.unit_reduced is not None and self.last_micro:
+            self.unit_reduced(unit.spec)
 
     def finish_backward(self) -> None:
         if self.reduce_now:

@@ -1,0 +1,231 @@
+"""Offload benchmark: dtrain's offload tier against its in-memory run and DeepSpeed's offload.
+
+Variants (each a fresh single-rank process, interleaved over ``--repeats`` rounds; medians):
+
+* ``tiny``: the in-memory run of a tiny GPT (the RSS floor of this script: interpreter, torch, data);
+* ``memory``: dtrain ZeRO-3 in memory (the speed limit);
+* ``host``: ``offload.optim = "host"`` (on a CPU device only the per-unit step inside backward);
+* ``nvme``: ``offload.optim = "nvme"`` under ``--budget-gb``, O_DIRECT state files in ``--dir``;
+* ``nvme-serial``: the same with ``offload.overlap = false`` (every unit stepped after backward,
+  ZeRO-Infinity's order);
+* ``ds-cpu``, ``ds-nvme``: DeepSpeed ZeRO-3 with ``offload_optimizer`` cpu / nvme
+  (``--deepspeed``; a variant that fails to start is reported with its error line).
+
+Per variant: step time (median of the measured steps, then median over rounds), peak RSS
+(VmHWM), bytes the process read from and wrote to storage (``/proc/self/io``) per step, and
+dtrain's own counters (``offload_read_bytes``/``offload_write_bytes``, ``optim_overlap``,
+whether O_DIRECT ran). Usage::
+
+    python benchmarks/offload.py --quick          # small model, 1 round (smoke test)
+    python benchmarks/offload.py --deepspeed      # ~10M-parameter GPT ("mid"), 3 rounds, with DeepSpeed
+
+Results go to ``<out>/offload.json``. The machine's disk is a host-cached virtio disk: O_DIRECT
+bypasses this VM's page cache, not the host's, so NVMe figures are optimistic for a real SSD.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial")
+DS_VARIANTS = ("ds-cpu", "ds-nvme")
+
+
+def _io_bytes() -> tuple[int, int]:
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["read_bytes"]), int(fields["write_bytes"])
+
+
+def _vmhwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _model(preset: str):
+    import torch
+
+    from dtrain.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    if preset == "mid":  # ~10M parameters: the bench GPT cut to 4 layers of width 384 (a loaded 2-core machine)
+        return GPT(GPTConfig.preset("bench", block_size=64, n_layer=4, n_embd=384, n_head=6))
+    return GPT(GPTConfig.preset(preset, block_size=64))
+
+
+def _batch(step: int, batch: int, vocab: int):
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(0, vocab, (batch, 65), generator=g)
+    return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    variant, steps = spec["variant"], spec["steps"]
+    model = _model("tiny" if variant == "tiny" else spec["preset"])
+    vocab = model.cfg.vocab_size if hasattr(model, "cfg") else 256
+    n_params = sum(p.numel() for p in model.parameters())
+    out: dict = {"variant": variant, "params": n_params}
+    if variant.startswith("ds-"):
+        step_fn, extra = _deepspeed(model, variant, spec)
+    else:
+        step_fn, extra = _dtrain(model, variant, spec)
+    times, io0 = [], None
+    for step in range(steps + 1):  # step 0 warms up (and, for the tiers, lays the state out)
+        if step == 1:
+            io0 = _io_bytes()
+        t = time.perf_counter()
+        step_fn(_batch(step, spec["batch"], vocab))
+        if step:
+            times.append(time.perf_counter() - t)
+    io1 = _io_bytes()
+    out.update(step_s=statistics.median(times), peak_rss=_vmhwm(),
+               disk_read_per_step=(io1[0] - io0[0]) / steps, disk_write_per_step=(io1[1] - io0[1]) / steps,
+               **extra())
+    return out
+
+
+def _dtrain(model, variant: str, spec: dict):
+    import dtrain
+
+    cfg: dict = {"zero": {"stage": 3}, "train": {"clip_grad_norm": spec["clip"]}}
+    if variant in ("host", "nvme", "nvme-serial"):
+        cfg["offload"] = {"enabled": True, "optim": "host" if variant == "host" else "nvme",
+                          "dir": spec["dir"], "overlap": variant != "nvme-serial",
+                          "memory_budget_gb": spec["budget_gb"] if variant != "host" else None}
+    engine = dtrain.wrap(model, optimizer=lambda ps: __import__("torch").optim.AdamW(ps, lr=1e-3), config=cfg)
+    sums: dict = {}
+
+    def step(batch):
+        engine.train_step(batch)
+        plugin = next((p for p in engine.plugins if p.name == "offload"), None)
+        if plugin is not None:
+            for k, v in plugin.metrics().items():
+                sums.setdefault(k, []).append(v)
+
+    def extra():
+        tiers = engine.layout.state_bytes_by_tier()
+        agg = {k: statistics.median(v[1:] or v) for k, v in sums.items()}
+        return {"state_bytes_by_tier": tiers, **agg}
+
+    return step, extra
+
+
+def _deepspeed(model, variant: str, spec: dict):
+    import deepspeed
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed.init_distributed(dist_backend="gloo")
+    device = "cpu" if variant == "ds-cpu" else "nvme"
+    offload = {"device": device, "pin_memory": False}
+    if device == "nvme":
+        offload["nvme_path"] = spec["dir"]
+    config = {"train_micro_batch_size_per_gpu": spec["batch"], "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "offload_optimizer": offload},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "gradient_clipping": spec["clip"] or 0.0, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+    def step(batch):
+        loss = engine(**batch)
+        engine.backward(loss)
+        engine.step()
+
+    return step, dict
+
+
+def _run(spec: dict, port: int) -> dict:
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                              capture_output=True, text=True, timeout=spec["timeout"])
+    except subprocess.TimeoutExpired:
+        return {"variant": spec["variant"], "error": f"timed out after {spec['timeout']} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"variant": spec["variant"], "error": tail[:300]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--deepspeed", action="store_true")
+    ap.add_argument("--variants", default=None, help=f"comma list out of {','.join(VARIANTS + DS_VARIANTS)}")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--budget-gb", type=float, default=None)
+    ap.add_argument("--clip", type=float, default=None)
+    ap.add_argument("--dir", default=None, help="offload directory (default: a temporary one under /tmp)")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run (a hung run is reported, not waited for)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    from benchmarks._bench_util import find_free_port, machine_info
+
+    preset = args.preset or ("small" if args.quick else "mid")
+    steps = args.steps or (3 if args.quick else 5)
+    repeats = args.repeats or (1 if args.quick else 3)
+    variants = VARIANTS + (DS_VARIANTS if args.deepspeed else ())
+    if args.variants:
+        variants = tuple(v for v in args.variants.split(",") if v)
+    model = _model(preset)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    # Resident under the tier: params + grads (4 + 4 bytes/param); the budget adds room for the staging
+    # pool, a third of the moments (8 bytes/param) unless given.
+    budget = args.budget_gb or (8 * n + 8 * n / 3) / 2**30
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(dir=args.dir or "/tmp", prefix="dtrain-offload-bench-") as tmp:
+        for r in range(repeats):
+            order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: load drifts
+            for v in order:
+                spec = {"variant": v, "preset": preset, "steps": steps, "batch": args.batch, "dir": tmp,
+                        "budget_gb": budget, "clip": args.clip, "timeout": args.timeout}
+                res = _run(spec, find_free_port())
+                runs[v].append(res)
+                print(json.dumps({k: res.get(k) for k in ("variant", "step_s", "peak_rss", "error",
+                                                          "optim_overlap", "offload_direct_io")}), flush=True)
+    report = {"preset": preset, "params": n, "budget_gb": budget, "moments_gb": 8 * n / 2**30,
+              "steps": steps, "repeats": repeats, "batch": args.batch, "machine": machine_info(("deepspeed",)),
+              "load_average": os.getloadavg(), "runs": runs, "median": {}}
+    for v, rs in runs.items():
+        ok = [x for x in rs if "error" not in x]
+        if not ok:
+            report["median"][v] = {"error": rs[-1].get("error")}
+            continue
+        report["median"][v] = {k: statistics.median(x[k] for x in ok) for k in ok[0]
+                               if isinstance(ok[0][k], (int, float)) and k != "params"}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"offload{args.tag}.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report["median"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The ``offload`` section (torch-free, so the launcher can check it before any rank starts).
+
+:class:`dtrain.offload.plugin.OffloadPlugin` declares it as its nested ``Config``; docs/offload.md
+says what each key does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dtrain.config import register_section, require
+
+TierName = Literal["device", "host", "nvme"]
+
+
+@dataclass(kw_only=True)
+class OffloadConfig:
+    """Where the optimizer state and the parameters rest, and the optimizer stepped inside backward."""
+
+    enabled: bool = False
+    optim: TierName = "host"
+    """Where the element-wise optimizer state (Adam's moments) rests between steps."""
+    params: TierName = "device"
+    """Where the parameters rest. Only "device" moves nothing; "host" is accepted on a CPU device
+    (the same memory); "nvme" is not implemented yet (a ConfigError)."""
+    dir: str | None = None
+    """Directory for the NVMe tier's state files (one sub-directory per run and rank)."""
+    memory_budget_gb: float | None = None
+    """Per-rank budget for resident training state (parameters, gradients, state kept in memory and
+    the NVMe staging buffers). None: no check, three staging buffer sets."""
+    io_threads: int = 2
+    """Threads issuing the NVMe tier's reads and writes (preadv/pwritev)."""
+    cpu_adam: bool = False
+    """Use DeepSpeed's DeepSpeedCPUAdam for Adam/AdamW (not implemented yet: a ConfigError)."""
+    overlap: bool = True
+    """Step each unit while backward continues; False steps every unit after backward (the order
+    ZeRO-Infinity uses), for comparison."""
+
+    def validate(self) -> None:
+        require(self.optim in ("device", "host", "nvme"), "offload.optim", self.optim, '"device", "host" or "nvme"')
+        require(self.params in ("device", "host"), "offload.params", self.params,
+                '"device" or "host" ("nvme" for parameters is not implemented yet)')
+        require(self.io_threads >= 1, "offload.io_threads", self.io_threads, "an integer >= 1")
+        require(self.memory_budget_gb is None or self.memory_budget_gb > 0, "offload.memory_budget_gb",
+                self.memory_budget_gb, "a positive number of GB, or omit it")
+        require(not (self.enabled and self.optim == "nvme" and not self.dir), "offload.dir", self.dir,
+                'a directory path when offload.optim = "nvme"')
+        require(not self.cpu_adam, "offload.cpu_adam", self.cpu_adam,
+                "false (DeepSpeedCPUAdam is not wired in yet; the user's optimizer steps the state)")
+
+
+register_section("offload", OffloadConfig)

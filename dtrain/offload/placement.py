@@ -1,0 +1,122 @@
+"""Choosing what goes where: a small cost model that places each unit's optimizer state resident
+(on the device), on host memory or on NVMe from a memory budget and a one-step profile.
+
+Pure functions, no torch: ``dtrain plan memory`` (and a user) can call :func:`choose_placement`
+with sizes from the layout's descriptors and timings from one profiled step.
+
+The model (after Fuyou/LoHan's swap choice, arXiv 2403.06504). A unit stepped inside backward has
+a *hiding window*: the backward time left after its gradient is reduced (units reduced first,
+the last layers, have the most). Keeping its state off the device costs transfer time: host
+copies at ``host_gbps``, NVMe reads and writes at ``nvme_read_gbps``/``nvme_write_gbps``. What
+is not hidden is *exposed* and adds to the step. Greedy rule:
+
+1. Every unit starts off the device: on host memory while ``host_budget`` lasts (units with the
+   shortest hiding window first), else on NVMe (then the staging pool, ``min(3, units on NVMe)`` times the largest NVMe
+   unit, is charged to the device budget).
+2. Units are brought back to the device in order of exposed seconds saved per byte, while the
+   device budget (``budget - resident``, resident = parameters + gradients) allows.
+
+The result says, per unit, the tier and its exposed seconds, and the predicted step time
+(compute + exposed transfer time). It is a model: it assumes transfers of different units do not
+contend and the optimizer keeps pace with backward (``optim_s`` per unit below its window).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class UnitProfile:
+    """One unit as this rank sees it, from the descriptors and one profiled step."""
+
+    name: str
+    state_bytes: int
+    """Element-wise optimizer state of this rank's part (e.g. Adam: 2 x 4 bytes per element)."""
+    window_s: float
+    """Backward time left after this unit's gradient is reduced (its hiding window)."""
+    optim_s: float = 0.0
+    """The optimizer's compute time for this unit."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    tiers: dict[str, str]
+    """Unit name -> "device" | "host" | "nvme"."""
+    exposed_s: dict[str, float]
+    device_bytes: int
+    """Resident state + optimizer state kept on the device + the NVMe staging pool."""
+    host_bytes: int
+    nvme_bytes: int
+    step_s: float
+    """Predicted step time: ``compute_s`` + every unit's exposed transfer time."""
+    notes: list[str] = field(default_factory=list)
+
+
+def transfer_s(state_bytes: int, tier: str, host_gbps: float, nvme_read_gbps: float, nvme_write_gbps: float) -> float:
+    """Seconds to bring a unit's state in and write it back from ``tier``."""
+    if tier == "device":
+        return 0.0
+    if tier == "host":
+        return 2 * state_bytes / (host_gbps * GB)
+    return state_bytes / (nvme_read_gbps * GB) + state_bytes / (nvme_write_gbps * GB)
+
+
+def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes: int, compute_s: float, *,
+                     host_budget_bytes: int = 0, host_gbps: float = 10.0, nvme_read_gbps: float = 2.0,
+                     nvme_write_gbps: float = 1.0, pool_sets: int = 3) -> Placement:
+    """Tier per unit under ``budget_bytes`` of device memory (see the module docstring).
+
+    Raises ValueError when even everything off the device does not fit: the message names the
+    minimum budget (resident state plus one NVMe staging buffer set)."""
+    def exposed(u: UnitProfile, tier: str) -> float:
+        return max(0.0, transfer_s(u.state_bytes, tier, host_gbps, nvme_read_gbps, nvme_write_gbps) + u.optim_s
+                   - u.window_s) if tier != "device" else max(0.0, u.optim_s - u.window_s)
+
+    tiers: dict[str, str] = {}
+    host_left = host_budget_bytes
+    for u in sorted(units, key=lambda u: u.window_s):  # least hiding window first: they gain most from host
+        if u.state_bytes <= host_left:
+            tiers[u.name], host_left = "host", host_left - u.state_bytes
+        else:
+            tiers[u.name] = "nvme"
+
+    def pool(t: dict[str, str]) -> int:
+        on_nvme = [u.state_bytes for u in units if t[u.name] == "nvme"]
+        return min(pool_sets, len(on_nvme)) * max(on_nvme, default=0)
+
+    minimum = resident_bytes + (max((u.state_bytes for u in units), default=0) if "nvme" in tiers.values() else 0)
+    if budget_bytes < minimum:
+        raise ValueError(f"a device budget of {budget_bytes / GB:.4f} GB is below the minimum {minimum / GB:.4f} GB "
+                         f"(parameters and gradients + one unit's optimizer state)")
+    notes = []
+    while pool(tiers) + resident_bytes > budget_bytes and pool_sets > 1:
+        pool_sets -= 1
+        notes.append(f"staging pool cut to {pool_sets} buffer set(s) to fit the budget")
+    device_used = resident_bytes
+    gains = sorted((u for u in units),
+                   key=lambda u: -(exposed(u, tiers[u.name]) - exposed(u, "device")) / max(u.state_bytes, 1))
+    for u in gains:
+        if exposed(u, tiers[u.name]) <= exposed(u, "device"):
+            continue
+        trial = dict(tiers, **{u.name: "device"})
+        if device_used + u.state_bytes + pool(trial) <= budget_bytes:
+            tiers = trial
+            device_used += u.state_bytes
+    exposed_s = {u.name: exposed(u, tiers[u.name]) for u in units}
+    by = lambda tier: sum(u.state_bytes for u in units if tiers[u.name] == tier)  # noqa: E731
+    return Placement(tiers, exposed_s, device_used + pool(tiers), by("host"), by("nvme"),
+                     compute_s + sum(exposed_s.values()), notes)
+
+
+def uniform_profiles(unit_bytes: list[tuple[str, int]], backward_s: float, optim_s: float) -> list[UnitProfile]:
+    """Profiles from a one-step measurement when per-unit timings are not recorded: units are
+    reduced in the given order (the order backward reports them), each window is the backward
+    time after it in proportion to the bytes still to come, and the optimizer time is split by size."""
+    total = sum(b for _, b in unit_bytes) or 1
+    out, done = [], 0
+    for name, b in unit_bytes:
+        done += b
+        out.append(UnitProfile(name, b, backward_s * (1 - done / total), optim_s * b / total))
+    return out

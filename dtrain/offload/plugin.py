@@ -1,0 +1,266 @@
+"""The ``offload`` plugin: optimizer state on host memory or NVMe, each unit stepped inside backward.
+
+It occupies the ``step`` slot (it changes *when* the optimizer runs: per unit, as soon as the
+layout reports the unit's gradient reduced, instead of once after backward) and composes with
+every layout that implements ``LayoutPlugin.on_unit_reduced`` (ddp, ZeRO 1/2/3): each rank
+offloads only its own shard, read through ``layout.optimizer_pieces()``.
+
+Step (docs/offload.md):
+
+    zero_grad -> per micro-batch: start_micro_step -> forward -> [last micro-batch:
+    before_update, pipeline.begin] -> backward (units reported reduced are read from the tier,
+    stepped and written back on worker threads) -> finish_backward -> after_backward hooks ->
+    [clipping or a late loss factor: scale_and_clip, then pipeline.go] -> pipeline.join -> publish
+
+Exactness: without clipping (and with a loss normalisation known up front) each unit is stepped
+as soon as it is reduced. Clipping needs the global norm before any update, so the steps are
+*deferred*: during backward the tier only reads each reduced unit's state into the staging pool;
+once backward ends the norm is taken exactly as the in-memory step takes it
+(``scale_and_clip``) and the steps run. Either way the arithmetic per element is the in-memory
+run's, so the result is bit-identical. With gradient accumulation only the last micro-step steps.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from dtrain.errors import UsageError
+from dtrain.offload.aio import ALIGN, aligned_buffer
+from dtrain.offload.config import OffloadConfig
+from dtrain.offload.pipeline import StepPipeline
+from dtrain.offload.placement import UnitProfile
+from dtrain.offload.store import F32, TierStore
+from dtrain.plugins.base import register
+from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
+
+GB = 2**30
+DEFAULT_BUFFER_SETS = 3  # read i+1, step i, write i-1
+
+
+def elementwise_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The element-wise state keys the optimizer creates (Adam: exp_avg, exp_avg_sq), found by
+    stepping a copy of its first param group on a 2-element probe parameter."""
+    probe = torch.zeros(2, requires_grad=True)
+    probe.grad = torch.zeros(2)
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    try:
+        copy = type(optimizer)([{**group, "params": [probe]}])
+        copy.step()
+    except Exception as exc:  # noqa: BLE001 - any failure means the tier cannot drive this optimizer
+        raise UsageError(f"offload: cannot step {type(optimizer).__name__} on a probe parameter ({exc}); "
+                         f"the offload tier needs an element-wise optimizer (Adam, AdamW, SGD, ...)") from exc
+    return sorted(k for k, v in copy.state[probe].items() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def check_offload_dir(directory: str, rank: int) -> Path:
+    """Make this rank's run directory under ``directory`` and prove it takes an aligned write;
+    a missing, read-only or full directory is one UsageError line."""
+    run_dir = Path(directory) / f"dtrain-offload-{os.getpid()}-{secrets.token_hex(3)}-rank{rank}"
+    probe = run_dir / "probe"
+    try:
+        run_dir.mkdir(parents=True)
+        flags = os.O_RDWR | os.O_CREAT
+        try:
+            fd = os.open(probe, flags | getattr(os, "O_DIRECT", 0), 0o600)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            fd = os.open(probe, flags, 0o600)
+        try:
+            os.pwrite(fd, memoryview(aligned_buffer(ALIGN).numpy()), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UsageError(f"offload.dir = {directory!r} cannot hold the optimizer state: {exc.strerror or exc} "
+                         f"({exc.filename or run_dir}); point offload.dir at a writable directory on a local "
+                         f"disk") from None
+    return run_dir
+
+
+@register
+class OffloadPlugin(FirstOrderStep):
+    """Optimizer state on host/NVMe, stepped per unit while backward continues (docs/offload.md)."""
+
+    name = "offload"
+    slot: ClassVar[str] = "step"
+    Config = OffloadConfig
+
+    def setup(self, engine: Any) -> None:
+        super().setup(engine)
+        self.cfg: OffloadConfig = engine.config.offload
+        if self.cfg.params == "host" and engine.device.type != "cpu":
+            raise UsageError('offload.params = "host" is not implemented on an accelerator yet; use "device"')
+        self.run_dir = check_offload_dir(self.cfg.dir, engine.comm.rank) if self.cfg.optim == "nvme" else None
+        self.store: TierStore | None = None
+        self.pipe: StepPipeline | None = None
+        self.callback = False
+        self._seen = {"read": 0, "write": 0, "optim_s": 0.0, "hidden_s": 0.0, "read_wait_s": 0.0,
+                      "join_wait_s": 0.0}
+        self._last: dict[str, float] = {}
+
+    # -------------------------------------------------------------- building
+    def _build(self) -> None:
+        """Lay the tier out over the layout's optimizer pieces (first step: the layout exists now)."""
+        layout, cfg = self.engine.layout, self.cfg
+        keys = elementwise_state_keys(layout.optimizer)
+        held = layout.state_bytes()
+        resident = held["params"] + held["grads"]
+        elements = sum(p.hi - p.lo for _, p in layout.optimizer_pieces())
+        optim_bytes = len(keys) * elements * F32
+        on_cpu = self.engine.device.type == "cpu"
+        self.buffer_sets = DEFAULT_BUFFER_SETS
+        if cfg.optim == "nvme":
+            set_bytes = _largest_unit_bytes(layout, keys)
+            minimum = resident + set_bytes
+            if cfg.memory_budget_gb is not None:
+                budget = int(cfg.memory_budget_gb * GB)
+                if budget < minimum:
+                    raise UsageError(
+                        f"offload.memory_budget_gb = {cfg.memory_budget_gb} is too small for rank "
+                        f"{self.engine.comm.rank}: it needs at least {minimum / GB:.4f} GB (parameters and "
+                        f"gradients {resident / GB:.4f} GB + one unit's optimizer state {set_bytes / GB:.4f} GB); "
+                        f"raise offload.memory_budget_gb, use more ranks or smaller units (zero.bucket_mb)")
+                self.buffer_sets = max(1, min(DEFAULT_BUFFER_SETS, (budget - resident) // max(set_bytes, 1)))
+            free = shutil.disk_usage(self.run_dir).free
+            need = sum(-(-(_unit_range_bytes(layout, s)) // ALIGN) * ALIGN for s in layout.unit_specs()) * len(keys)
+            if need > free:
+                raise UsageError(f"offload.dir = {cfg.dir!r} has {free / GB:.2f} GB free; rank "
+                                 f"{self.engine.comm.rank} needs {need / GB:.2f} GB for its optimizer state; "
+                                 f"free space or point offload.dir at a larger disk")
+        elif cfg.memory_budget_gb is not None:
+            in_memory = resident + (optim_bytes if cfg.optim == "device" or on_cpu else 0)
+            if int(cfg.memory_budget_gb * GB) < in_memory:
+                raise UsageError(
+                    f"offload.memory_budget_gb = {cfg.memory_budget_gb} is too small for rank "
+                    f"{self.engine.comm.rank} with offload.optim = {cfg.optim!r}: its state in memory is "
+                    f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
+        self.buffer_sets = max(1, min(self.buffer_sets, len(layout.unit_specs())))
+        self.store = TierStore(layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets)
+        self.pipe = StepPipeline(self.store)
+        self.callback = layout.on_unit_reduced(self._on_reduced)
+        if cfg.optim != "device":
+            layout.place_optim_state(cfg.optim, self._tier_report)
+        self.resident = resident
+
+    def restore(self) -> None:
+        """Start-up, once the layout exists and before any checkpoint is loaded: lay the tier out
+        now, so budget and disk errors come before step 1 and a load writes through into the tier."""
+        if self.store is None:
+            try:
+                self._build()
+            except BaseException:
+                self.teardown()  # nothing of the tier may outlive a failed start
+                raise
+        return None
+
+    def _on_reduced(self, unit: Any) -> None:
+        if self.pipe is not None and self.pipe.active:
+            self.pipe.submit(unit.index)
+
+    # ------------------------------------------------------------------ step
+    def run(self, micro_batches: list[Any]) -> StepOutcome:
+        if self.store is None:
+            self._build()
+        engine, layout, pipe = self.engine, self.engine.layout, self.pipe
+        clip = engine.config.train.clip_grad_norm
+        losses = engine.step_loss(micro_batches)
+        layout.zero_grad()
+        last = len(micro_batches) - 1
+        step_now = False
+        try:
+            for i, micro in enumerate(micro_batches):
+                layout.start_micro_step(i, i == last)
+                objective = engine.forward_objective(micro, i, losses)
+                if i == last and self.cfg.overlap:
+                    engine.before_update()
+                    step_now = clip is None and not losses.scales_after_backward
+                    pipe.begin(step_now)
+                objective.backward()
+                layout.finish_backward()
+                for plugin in engine.plugins:
+                    plugin.after_backward(i, i == last)
+            backward_end = time.perf_counter()
+            grad_norm = None
+            if not step_now:
+                grad_norm = scale_and_clip(layout, losses.finish(), clip)
+                if not self.cfg.overlap:
+                    engine.before_update()
+                    pipe.begin(True)
+                pipe.go()
+            pipe.join(backward_end)
+        except BaseException:
+            pipe.abort()
+            raise
+        layout.publish()
+        return StepOutcome(losses.local_loss(), grad_norm)
+
+    def unit_profiles(self) -> list[UnitProfile]:
+        """The last step as :func:`dtrain.offload.placement.choose_placement` takes it: per unit of
+        this rank, its optimizer state bytes, the backward time left after it was reported reduced
+        and its optimizer seconds (with ``offload.overlap`` and no clipping, else windows are 0)."""
+        assert self.store is not None and self.pipe is not None, "run a step first"
+        out = []
+        for index, unit in self.store.units.items():
+            window, optim = self.pipe.profile.get(index, (0.0, 0.0))
+            out.append(UnitProfile(unit.spec.name, unit.state_bytes, window, optim))
+        return out
+
+    # --------------------------------------------------------------- reporting
+    def _tier_report(self) -> dict[str, dict[str, int]]:
+        held = self.engine.layout.state_bytes()
+        store = self.store
+        device = {"params": held["params"], "grads": held["grads"], "optim": 0}
+        out = {"device": device}
+        if store.tier == "nvme":
+            device["optim"] = store.pool_bytes()
+            out["nvme"] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
+        else:
+            out["host"] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        if self.store is None:
+            return {}
+        stats, io = self.pipe.stats, self.store.io
+        now = {"read": io.read_bytes if io else 0, "write": io.write_bytes if io else 0, **stats}
+        d = {k: now[k] - self._seen[k] for k in self._seen}
+        self._seen = dict(now)
+        out = {"offload_read_bytes": float(d["read"]), "offload_write_bytes": float(d["write"]),
+               "optim_overlap": d["hidden_s"] / d["optim_s"] if d["optim_s"] > 0 else 0.0,
+               "offload_optim_s": d["optim_s"], "offload_io_wait_s": d["read_wait_s"] + d["join_wait_s"]}
+        if self.store.tier == "nvme":
+            out["offload_direct_io"] = float(self.store.direct[0])
+        return out
+
+    def on_failure(self, exc: BaseException) -> None:
+        if self.pipe is not None:
+            self.pipe.abort()
+
+    def teardown(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+        if self.store is not None:
+            self.store.close()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _unit_range_bytes(layout: Any, spec: Any) -> int:
+    _, parts, index = layout.placement("master")
+    lo, hi = spec.shard_range(parts, index)
+    return (hi - lo) * F32
+
+
+def _largest_unit_bytes(layout: Any, keys: list[str]) -> int:
+    """One staging buffer set: the largest unit's range on this rank, 4096-aligned per key."""
+    return max((-(-_unit_range_bytes(layout, s) // ALIGN) * ALIGN for s in layout.unit_specs()), default=0) * len(keys)

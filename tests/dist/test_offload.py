@@ -1,0 +1,155 @@
+"""The offload tier (docs/offload.md): optimizer state on host memory or NVMe, stepped per unit.
+
+One world-2 run (real gloo) trains the tiny GPT for 10 steps with gradient accumulation 2 under
+ddp (small buckets, so several units) and ZeRO-3, each with and without global-norm clipping
+(clipping takes the deferred path, no clipping steps units inside backward), in memory and with
+``offload.optim`` = host and nvme; ZeRO-1 and ZeRO-2 once each (nvme, no clipping). The promise is bit-identity, so the check is exact: equal
+``param_sha256`` and equal bytes of every element-wise optimizer state (read back through
+``layout.shards("optim.<key>")``, i.e. from the NVMe tier's files). A tier that skipped a unit,
+stepped one twice, stepped before clipping or lost a write would change both.
+
+The same run saves a checkpoint of an NVMe ZeRO-3 run at step 5 and checks: reloading it under
+the tier and continuing gives the uninterrupted run's bytes; a failed state-file write mid-step
+is one OffloadError and the run recovers from the checkpoint; loading it into ddp + host tier
+equals loading it into in-memory ddp (a layout reshard). A world-1 run loads the world-2
+checkpoint with and without the tier (a world reshard) and compares exactly. Bad input: a budget
+smaller than one unit (the message names the minimum), an unwritable ``offload.dir`` (root may
+write anywhere chmod forbids, so the test uses a path under /sys) and a file in its place.
+"""
+import errno
+import hashlib
+import os
+
+import pytest
+
+from tests.dist.harness import run_world
+
+pytestmark = pytest.mark.dist
+STEPS, SAVE_AT = 10, 5
+
+
+def _state_digest(engine) -> str:
+    from dtrain.checkpoint import _flat
+
+    h = hashlib.sha256()
+    for key in ("exp_avg", "exp_avg_sq"):
+        for shard in engine.layout.shards(f"optim.{key}"):
+            h.update(_flat(shard).tensor().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _config(stage: int, tier: str | None, clip: float | None, root: str, **offload) -> dict:
+    cfg = {"zero": {"stage": stage, "bucket_mb": 0.05}, "train": {"grad_accum": 2, "clip_grad_norm": clip}}
+    if tier:
+        cfg["offload"] = {"enabled": True, "optim": tier, "dir": root, **offload}
+    return cfg
+
+
+def _train(cfg: dict, first: int, last: int, load: str | None = None, save: str | None = None):
+    import dtrain
+    from tests.dist.workloads import local_batch, make_model, optimizer_factory
+
+    engine = dtrain.wrap(make_model(), optimizer=optimizer_factory, config=cfg)
+    if load:
+        engine.load(load)
+    rank, world = engine.runtime.rank, engine.runtime.world_size
+    for step in range(first, last):
+        engine.train_step(local_batch(step, rank, world))
+        if save and step + 1 == SAVE_AT:
+            engine.save(save)
+    return engine
+
+
+def _result(engine) -> tuple[str, str]:
+    out = (engine.param_sha256(), _state_digest(engine))
+    engine.close()
+    return out
+
+
+def _usage_error(cfg: dict) -> str:
+    import dtrain
+    from tests.dist.workloads import make_model, optimizer_factory
+
+    try:
+        dtrain.wrap(make_model(), optimizer=optimizer_factory, config=cfg)
+    except dtrain.UsageError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _world2(root: str) -> dict:
+    from dtrain.offload.pipeline import OffloadError
+
+    out: dict = {}
+    ckpt = f"{root}/ckpt"
+    for stage in (0, 3):
+        for clip in (1.0, None):
+            for tier in (None, "host", "nvme"):
+                save = ckpt if (stage, clip, tier) == (3, 1.0, "nvme") else None
+                engine = _train(_config(stage, tier, clip, root), 0, STEPS, save=save)
+                if tier:
+                    out["metrics", stage, clip, tier] = engine.plugins[1].metrics()
+                    out["tiers", stage, clip, tier] = engine.layout.state_bytes_by_tier()
+                out[stage, clip, tier] = _result(engine)
+    for stage in (1, 2):  # ZeRO-1/2 keep a separate master shard; the tier steps it the same way
+        for tier in (None, "nvme"):
+            out[stage, None, tier] = _result(_train(_config(stage, tier, None, root), 0, STEPS))
+    nvme3 = _config(3, "nvme", 1.0, root)
+    failing = _train(nvme3, SAVE_AT, SAVE_AT, load=ckpt)
+    store = failing.plugins[1].store
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    store.io.write = disk_full
+    from tests.dist.workloads import local_batch
+
+    try:
+        failing.train_step(local_batch(SAVE_AT, failing.runtime.rank, failing.runtime.world_size))
+        out["failed"] = "no error"
+    except OffloadError as exc:
+        out["failed"] = str(exc)
+    failing.plugins[1].teardown()
+    out["recovered"] = _result(_train(nvme3, SAVE_AT, STEPS, load=ckpt))
+    out["ddp_host_from_z3"] = _result(_train(_config(0, "host", 1.0, root), SAVE_AT, STEPS, load=ckpt))
+    out["ddp_mem_from_z3"] = _result(_train(_config(0, None, 1.0, root), SAVE_AT, STEPS, load=ckpt))
+    out["budget"] = _usage_error(_config(3, "nvme", None, root, memory_budget_gb=1e-5))
+    out["readonly"] = _usage_error(_config(3, "nvme", None, "/sys/dtrain-offload-test"))
+    afile = f"{root}/not-a-dir"
+    open(afile, "w").close()
+    out["file"] = _usage_error(_config(3, "nvme", None, afile))
+    out["left_behind"] = sorted(n for n in os.listdir(root) if n.startswith("dtrain-offload-"))
+    return out
+
+
+def _world1(root: str) -> dict:
+    return {tier: _result(_train(_config(3, tier, 1.0, root), SAVE_AT, STEPS, load=f"{root}/ckpt"))
+            for tier in (None, "nvme")}
+
+
+def test_offload_bit_identical_checkpoints_and_errors(tmp_path):
+    root = str(tmp_path)
+    results = run_world(_world2, 2, root, timeout_s=400)
+    for rank, out in enumerate(results):
+        for stage in (0, 3):
+            for clip in (1.0, None):
+                reference = out[stage, clip, None]
+                for tier in ("host", "nvme"):
+                    assert out[stage, clip, tier] == reference, (rank, stage, clip, tier)
+                    tiers = out["tiers", stage, clip, tier]
+                    assert tiers[tier]["optim"] > 0 and tiers["device"]["params"] > 0, tiers
+                nvme = out["metrics", stage, clip, "nvme"]
+                assert nvme["offload_read_bytes"] > 0 and nvme["offload_write_bytes"] > 0, nvme
+        for stage in (1, 2):
+            assert out[stage, None, "nvme"] == out[stage, None, None], (rank, stage)
+        assert "OSError" in out["failed"] and "resume from the last checkpoint" in out["failed"], out["failed"]
+        assert out["recovered"] == out[3, 1.0, "nvme"], rank
+        assert out["ddp_host_from_z3"] == out["ddp_mem_from_z3"], rank
+        assert "needs at least" in out["budget"] and "offload.memory_budget_gb" in out["budget"], out["budget"]
+        assert "offload.dir" in out["readonly"] and "cannot hold" in out["readonly"], out["readonly"]
+        assert "offload.dir" in out["file"], out["file"]
+        assert out["left_behind"] == [], out["left_behind"]
+    # ZeRO-3 steps several units inside backward when nothing defers them.
+    assert results[0]["metrics", 3, None, "host"]["optim_overlap"] > 0
+    resharded = run_world(_world1, 1, root, timeout_s=300)[0]
+    assert resharded["nvme"] == resharded[None]
