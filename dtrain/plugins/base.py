@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 _REGISTRY: dict[str, type["Plugin"]] = {}
-BUILTIN_PLUGIN_MODULES = ("dtrain.plugins.zero", "dtrain.plugins.co2", "dtrain.plugins.snapshot")
+BUILTIN_PLUGIN_MODULES = ("dtrain.plugins.zero", "dtrain.plugins.co2", "dtrain.plugins.snapshot", "dtrain.plugins.zo2")
 
 
 def register(cls: type["Plugin"]) -> type["Plugin"]:

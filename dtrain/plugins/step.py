@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from dtrain.config import Config, ConfigError
-from dtrain.plugins.base import LayoutPlugin, Plugin
+from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, Plugin
 
 if TYPE_CHECKING:
     from dtrain.engine import Engine
@@ -82,6 +82,19 @@ class StepStrategy(Plugin):
     def run(self, micro_batches: list[Any]) -> StepOutcome:
         """Turn this step's micro-batches into an update of the trained state."""
         raise NotImplementedError
+
+    def optimizer_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory:
+        """The factory the layout builds its optimizer with, given the one passed to ``dtrain.wrap``
+        (a strategy that updates the parameters itself refuses a factory and supplies its own)."""
+        if factory is None:
+            raise ConfigError(f"dtrain.wrap(optimizer=None) needs a step strategy that updates the parameters "
+                              f"itself (zo2); the {self.name!r} strategy needs an optimizer factory")
+        return factory
+
+    def settle(self) -> None:
+        """Bring the trained state up to date with every completed step before it is read (save,
+        ``full_parameters``, eval): a strategy that defers part of a step's update into the next
+        step's pass (zo2's streamed blocks) applies it now. Default: nothing is deferred."""
 
 
 class FirstOrderStep(StepStrategy):
