@@ -14,7 +14,8 @@ Local variants (one process, world 1, same model, data and seed):
 * ``zo2-nvme``: blocks streamed from zo2's aligned block file (tmpfs or disk: see ``--nvme-dir``);
 * ``adamw``: first-order AdamW under dtrain's DDP layout (world 1).
 
-Reported per variant: median step time after a warm-up, peak RSS of the process, the parameter
+Reported per variant: median step time after a warm-up (wall clock, and the process's CPU seconds
+per step, which a loaded machine disturbs less), peak RSS of the process, the parameter
 bytes resident on the device at the peak (zo2 streaming: the plugin's measured figure; the others:
 what they hold by construction), and bytes moved per step between tiers.
 
@@ -85,13 +86,14 @@ def worker(args: argparse.Namespace) -> None:
         engine = dtrain.wrap(model, optimizer=factory, config=config)
         rank, world = engine.runtime.rank, engine.runtime.world_size
         run_step = engine.train_step
-    sent = []
+    sent, cpu = [], []
     for step in range(args.steps):
         batch = batch_for(data, step, 0, args.batch, block, rank, world)
         before = sum(engine.comm.bytes_sent.values()) if args.variant != "mezo" else 0
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         losses.append(float(run_step(batch)))
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         sent.append((sum(engine.comm.bytes_sent.values()) if args.variant != "mezo" else 0) - before)
     if args.variant != "mezo":
         extra = {k: v for k, v in engine.strategy.metrics().items() if k.startswith("zo2_")}
@@ -104,6 +106,7 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({
             "variant": args.variant, "world": world, "params": n_params, "param_bytes": param_bytes,
             "step_s": statistics.median(steady), "step_times_s": times, "losses": losses,
+            "cpu_s_per_step": statistics.median(cpu[args.warmup:]),
             "tokens_per_s": args.batch * block / statistics.median(steady),
             "peak_rss_bytes": peak_rss_bytes(), "resident_param_bytes": resident,
             "bytes_moved_per_step": extra.get("zo2_bytes_moved", 0.0),
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"local {name:>20} #{rep}: step {run['step_s'] * 1e3:8.1f} ms  rss {run['peak_rss_bytes'] / 2**20:7.1f} MiB  "
               f"resident params {(run['resident_param_bytes'] or 0) / 2**20:6.2f} MiB  "
               f"moved {run['bytes_moved_per_step'] / 2**20:6.2f} MiB/step  load {run['loadavg_1m'][0]:.1f}", flush=True)
-    summary = {name: {key: _median(runs, key) for key in ("step_s", "tokens_per_s", "peak_rss_bytes",
+    summary = {name: {key: _median(runs, key) for key in ("step_s", "cpu_s_per_step", "tokens_per_s", "peak_rss_bytes",
                                                            "resident_param_bytes", "bytes_moved_per_step")}
                | {"step_s_all": [r["step_s"] for r in runs], "zo2": runs[0]["zo2"], "params": runs[0]["params"]}
                for name, runs in local.items()}

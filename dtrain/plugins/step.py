@@ -25,8 +25,11 @@ section like any plugin; two enabled step strategies are a config error. It decl
 * ``needs_grads``: False makes the layout allocate no gradient buffers and install no gradient
   hooks (``LayoutPlugin.allocate_grads``); ``state_bytes()["grads"]`` is then 0.
 
-Strategies to come: ZO2 (forward-only, ``needs_grads = False``, ``can_clip = False``: perturbed
-forwards and its own update of the parameters) and offload (the optimizer steps each unit inside
+``zo2`` (:mod:`dtrain.plugins.zo2`, docs/zo2.md) is forward-only (``needs_grads = False``,
+``can_clip = False``: perturbed forwards and its own update of the parameters); it refuses an
+optimizer factory and supplies a placeholder (:meth:`StepStrategy.optimizer_factory`) and defers
+part of its update into the next step (:meth:`StepStrategy.settle` applies it before the state is
+read). A strategy to come: offload (the optimizer steps each unit inside
 backward: it calls ``before_update`` before the first backward and needs the token count before
 the first backward, i.e. ``StepLoss.known_up_front``). ``tests/dist/test_step_strategy.py`` runs
 a forward-only strategy defined in the test file at world 2.

@@ -83,8 +83,6 @@ class ZO2Plugin(StepStrategy):
             raise ConfigError(f"zero.stage = {config.zero.stage} cannot be used with zo2.enabled = true: zo2 has no "
                               f"gradients or optimizer state to shard (stages 1-3) and keeps whole parameters on "
                               f"every rank; set zero.stage = 0")
-        if config.train.grad_accum < 1:
-            raise ConfigError(f"train.grad_accum = {config.train.grad_accum} must be >= 1")
 
     def setup(self, engine) -> None:
         super().setup(engine)

@@ -8,7 +8,7 @@ gloo groups.
   does ``host`` on a Hugging Face GPT-2 built from a config (blocks found generically). A
   checkpoint written at step 5 while a streamed block update is deferred, resumed by a new engine,
   ends on the uninterrupted run's bits. Config errors are one line each.
-* World 2 and 3 with the same global batch (stream host): every rank ends with the same bits, each
+* World 2 (as 2 nodes, stream host) and 3 (one node, stream nvme), same global batch: every rank ends with the same bits, each
   step sends at most 64 bytes (measured on ``engine.comm.bytes_sent``; metrics off), and the
   parameters match world 1 within atol 5e-5. Tolerance: each rank's loss is the mean over its own
   rows, so the global mean is summed in another order (and the forward runs on 6 or 4 rows instead
@@ -108,7 +108,6 @@ def _error(fn) -> str:
 
 
 def _world1(ckpt: str) -> dict[str, Any]:
-    torch.manual_seed(123)
     ref_losses, ref_params = mezo_reference(make_model(), STEPS)
     runs = {"off": _train(make_model, STEPS, zo2={**ZO, "stream": "off"})}
     for name, extra, train in [("host", {"stream": "host"}, {}), ("host_sync", {"stream": "host", "prefetch_blocks": 0}, {}),
@@ -135,8 +134,8 @@ def _world1(ckpt: str) -> dict[str, Any]:
             "errors": errors}
 
 
-def _world_n(steps: int) -> dict[str, Any]:
-    return _train(make_model, steps, zo2={**ZO, "stream": "host"})
+def _world_n(steps: int, stream: str, nvme_dir: str) -> dict[str, Any]:
+    return _train(make_model, steps, zo2={**ZO, "stream": stream, "nvme_dir": nvme_dir})
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +183,9 @@ def test_config_errors_are_one_line(world1):
         assert errors[key].startswith(("ConfigError", "ValueError")), (key, errors[key])
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_data_parallel_matches_world_1_and_sends_only_the_losses(world, world1):
-    results = run_world(_world_n, world, STEPS)
+@pytest.mark.parametrize("world,nodes,stream", [(2, 2, "host"), (3, 1, "nvme")])
+def test_data_parallel_matches_world_1_and_sends_only_the_losses(world, nodes, stream, world1, tmp_path):
+    results = run_world(_world_n, world, STEPS, stream, str(tmp_path), nodes=nodes)
     assert len({r["sha"] for r in results}) == 1, "ranks ended with different parameters"
     for r in results:
         assert max(r["sent"]) <= 64, r["sent"]
