@@ -234,6 +234,51 @@ class _Producer:
                     self.stream.track(-item.flat.numel() * 4)
 
 
+class _Residents:
+    """The resident parameters of one step, perturbed in place in their own (device) storage.
+
+    Each holds theta, theta+ or theta- as the lanes need it; theta and z wait in host memory, so
+    theta+ is recomputed exactly (copy theta, add eps z) when the lanes come back to the head
+    after holding theta-, and theta is restored by a copy, never by arithmetic."""
+
+    def __init__(self, device: torch.device, eps: float) -> None:
+        self.device, self.eps = device, eps
+        self.held: list[list[Any]] = []  # [param, theta (host), z (host), state: 0 theta, 1 plus, 2 minus]
+
+    def add(self, params: list[nn.Parameter], gen: torch.Generator) -> None:
+        for p in params:
+            z = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            self.held.append([p, p.detach().to("cpu", copy=True), z, 0])
+
+    def _z(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.device.type == "cpu" else z.to(self.device, non_blocking=True)
+
+    def to_sign(self, sign: int) -> None:
+        """Every held parameter at theta+ (sign 0) or theta- (sign 1)."""
+        for entry in self.held:
+            p, theta, z, state = entry
+            if state != 1 and (sign == 0 or state != 2):
+                if state == 2:
+                    p.copy_(theta)
+                p.add_(self._z(z), alpha=self.eps)
+                state = 1
+            if sign == 1 and state == 1:
+                p.add_(self._z(z), alpha=-2 * self.eps)
+                state = 2
+            entry[3] = state
+
+    def restore(self) -> None:
+        for entry in self.held:
+            if entry[3] != 0:
+                entry[0].copy_(entry[1])
+                entry[3] = 0
+
+    def update(self, grad: float, lr: float, wd: float) -> None:
+        for p, _, z, _ in self.held:
+            zo_update_(p, self._z(z), grad, lr, wd if decays(p) else 0.0)
+        self.held = []
+
+
 class BlockStream:
     """The streamed blocks of one model and the per-step pass over them (see the module docstring)."""
 
@@ -271,14 +316,18 @@ class BlockStream:
         self.resident_bytes = sum(p.numel() * 4 for p in self.leading + self.trailing)
         self.live = self.peak = 0
         self._lock = threading.Lock()
-        self._trailing_ready = True
+        self._phase: str | None = None
         self._last_step: dict[str, float] = {}
         self._hooks = [b.register_forward_pre_hook(self._make_pre_hook(j)) for j, b in enumerate(self.blocks)]
         self._hooks += [b.register_forward_hook(self._make_post_hook(j)) for j, b in enumerate(self.blocks)]
-        trailing_ids = {id(p) for p in self.trailing}
+        trailing_ids, leading_ids = {id(p) for p in self.trailing}, {id(p) for p in self.leading}
+        self._trailing_owners = set()
         for m in model.modules():
-            if any(id(p) in trailing_ids for p in m.parameters(recurse=False)):
-                self._hooks.append(m.register_forward_pre_hook(self._check_trailing))
+            own = {id(p) for p in m.parameters(recurse=False)}
+            if own & trailing_ids:
+                self._trailing_owners.add(id(m))
+            if own & (trailing_ids | leading_ids):
+                self._hooks.append(m.register_forward_pre_hook(self._check_resident))
 
     # ------------------------------------------------------------ helpers
     def views(self, j: int, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -312,10 +361,17 @@ class BlockStream:
                 self._bind(j, self.host_views[j])
         return hook
 
-    def _check_trailing(self, module: nn.Module, args: Any) -> None:
-        if not self._trailing_ready and isinstance(threading.current_thread(), _Lane):
-            raise RuntimeError(f"zo2.stream: {type(module).__name__} holds parameters listed after the blocks in "
-                               f"model.named_parameters() but runs before the last block; set zo2.stream = \"off\"")
+    def _check_resident(self, module: nn.Module, args: Any) -> None:
+        """Residents hold theta+/theta- only before the first block (those listed before the blocks)
+        and after the last one; a lane using one elsewhere would see the wrong values."""
+        if not isinstance(threading.current_thread(), _Lane):
+            return
+        if self._phase == "blocks" or (self._phase == "pre" and id(module) in self._trailing_owners):
+            where = "inside the blocks" if self._phase == "blocks" else "before the last block"
+            raise RuntimeError(f"zo2.stream: {type(module).__name__} holds resident parameters but runs {where}; "
+                               f"streaming needs the modules outside {self.path} to run before its first block "
+                               f"(those listed before it in named_parameters()) or after its last; "
+                               f"set zo2.stream = \"off\"")
 
     def _first_state(self, step: int) -> torch.Tensor:
         """The generator state of ``step`` at the first block (after the leading residents' z)."""
@@ -328,27 +384,15 @@ class BlockStream:
     @torch.no_grad()
     def step(self, micro_batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         plugin, engine = self.plugin, self.engine
-        cfg, step, device = plugin.cfg, engine.step, self.device
+        cfg, step = plugin.cfg, engine.step
         eps = cfg.eps
         read0, written0 = self.store.bytes_read, self.store.bytes_written
         pending = plugin.pending
         if pending is not None and pending["first_state"] is None:
             pending["first_state"] = self._first_state(pending["step"])
         gen = generator(cfg.seed, step)
-        copies: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id -> (theta, +, -)
-
-        def perturb(params: list[nn.Parameter]) -> None:
-            for p in params:
-                z = draw(p.shape, gen, device)
-                plus = p.detach().clone().add_(z, alpha=eps)
-                copies[id(p)] = (p.data, plus, plus.clone().add_(z, alpha=-2 * eps))
-
-        def bind_residents(sign: int) -> None:
-            for p in self.leading + self.trailing:
-                if id(p) in copies:
-                    p.data = copies[id(p)][sign]
-
-        perturb(self.leading)
+        residents = _Residents(self.device, eps)
+        residents.add(self.leading, gen)
         first_state = gen.get_state()
         losses = (engine.step_loss(micro_batches), engine.step_loss(micro_batches))
         threads = torch.get_num_threads()
@@ -356,33 +400,34 @@ class BlockStream:
                   for i, m in enumerate(micro_batches)] for sign in (0, 1)]
         n = len(self.blocks)
         producer = _Producer(self, gen, pending, cfg.prefetch_blocks)
-        trailing_state = None
-        self._trailing_ready = not self.trailing
         started = time.perf_counter()
+        self._phase = "pre"
         try:
             for lane in lanes[0] + lanes[1]:
                 lane.start()
             for sign in (0, 1):
-                bind_residents(sign + 1)
+                residents.to_sign(sign)
                 for lane in lanes[sign]:
                     self._advance(lane, 0)
+            self._phase = "blocks"
             for j in range(n):
                 item = producer.next()
                 if item.trailing is not None:
-                    trailing_state = item.trailing
                     gen.set_state(item.trailing)
-                    perturb(self.trailing)
-                    self._trailing_ready = True
+                    residents.add(self.trailing, gen)
                 views = self.views(j, item.flat)
                 self._bind(j, views)
-                bind_residents(1)
+                if j == n - 1:  # the + lanes run on into the head: every resident at theta+
+                    self._phase = "post"
+                    residents.to_sign(0)
                 for lane in lanes[0]:
                     self._advance(lane, j + 1)
                 regen = torch.Generator(device="cpu")
                 regen.set_state(item.state)
                 for v in views:
-                    v.add_(draw(v.shape, regen, device), alpha=-2 * eps)
-                bind_residents(2)
+                    v.add_(draw(v.shape, regen, self.device), alpha=-2 * eps)
+                if j == n - 1:
+                    residents.to_sign(1)
                 for lane in lanes[1]:
                     self._advance(lane, j + 1)
                 self._bind(j, self.host_views[j])
@@ -395,26 +440,17 @@ class BlockStream:
                 lane.go.set()
             raise
         finally:
+            self._phase = None
             producer.stop()
-            for p in self.leading + self.trailing:
-                if id(p) in copies:
-                    p.data = copies[id(p)][0]
+            residents.restore()
             for j in range(n):
                 self._bind(j, self.host_views[j])
-            self._trailing_ready = True
             for lane in lanes[0] + lanes[1]:
                 lane.join(timeout=60)
         pass_s = time.perf_counter() - started
-        del copies
         plus, minus = losses[0].local_loss(), losses[1].local_loss()
-        grad, lr, wd = plugin.projected_grad(plus, minus), plugin.lr(), cfg.weight_decay
-        gen = generator(cfg.seed, step)
-        for p in self.leading:
-            zo_update_(p, draw(p.shape, gen, device), grad, lr, wd if decays(p) else 0.0)
-        if self.trailing:
-            gen.set_state(trailing_state)
-            for p in self.trailing:
-                zo_update_(p, draw(p.shape, gen, device), grad, lr, wd if decays(p) else 0.0)
+        grad, lr = plugin.projected_grad(plus, minus), plugin.lr()
+        residents.update(grad, lr, cfg.weight_decay)
         plugin.pending = {"grad": grad, "step": step, "lr": lr, "first_state": first_state}
         self._last_step = {"zo2_bytes_moved": float(self.store.bytes_read - read0 + self.store.bytes_written - written0),
                            "zo2_prefetch_wait_s": producer.waited_s, "zo2_pass_s": pass_s}
@@ -453,7 +489,7 @@ class BlockStream:
     def metrics(self) -> dict[str, float]:
         return {**self._last_step, "zo2_block_bytes_peak": float(self.peak),
                 "zo2_block_bytes": float(max(self.sizes) * 4),
-                "zo2_resident_param_bytes_peak": float(self.peak + 3 * self.resident_bytes)}
+                "zo2_resident_param_bytes_peak": float(self.peak + self.resident_bytes)}
 
     def close(self) -> None:
         for h in self._hooks:

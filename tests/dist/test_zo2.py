@@ -165,6 +165,9 @@ def test_streaming_equals_off_bit_for_bit(world1):
     block = host["zo2_block_bytes"]
     assert host["zo2_block_bytes_peak"] <= 3 * block, host
     assert runs["host_sync"]["metrics"]["zo2_block_bytes_peak"] <= block, runs["host_sync"]["metrics"]
+    model = make_model()
+    residents = sum(p.numel() * 4 for n, p in model.named_parameters() if p.requires_grad and not n.startswith("blocks."))
+    assert host["zo2_resident_param_bytes_peak"] <= 3 * block + residents, host  # the target
     # one read and one write of every block per step (2 blocks of the tiny GPT)
     assert host["zo2_bytes_moved"] == 2 * 2 * block, host
 
