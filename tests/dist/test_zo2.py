@@ -204,7 +204,7 @@ def _launch(tmp: Path, name: str, inject: list[str]) -> tuple[int, list[dict], s
            "--max-restarts", "1" if inject else "0"]
     for spec in inject:
         cmd += ["--inject", spec]
-    cmd += [str(ROOT / "examples" / "zo_finetune.py"), "--model", "tiny", "--steps", "10", "--batch-size", "8",
+    cmd += [str(ROOT / "examples" / "zo_finetune.py"), "--model", "tiny", "--steps", "8", "--batch-size", "4",
             "--metrics", str(metrics), "--eval-batches", "0", "--set", "zo2.stream=host", "--set", "zo2.lr=1e-3",
             "--set", "snapshot.enabled=true", "--set", "comm.timeout_s=30"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ))
@@ -215,7 +215,7 @@ def _launch(tmp: Path, name: str, inject: list[str]) -> tuple[int, list[dict], s
 def test_killed_rank_resumes_exactly(tmp_path):
     rc, clean, log = _launch(tmp_path, "clean", [])
     assert rc == 0, log[-3000:]
-    rc, faulty, log = _launch(tmp_path, "kill", ["kill:rank=1,step=5"])
+    rc, faulty, log = _launch(tmp_path, "kill", ["kill:rank=1,step=4"])
     assert rc == 0, log[-3000:]
     summary = next(r for r in faulty if r.get("summary"))
     assert summary["param_sha256"] == next(r for r in clean if r.get("summary"))["param_sha256"], log[-3000:]
