@@ -13,6 +13,9 @@ blocks live off the device and one pass per step carries each block through it o
   run it, and the copy is dropped (the stored block was never perturbed: the restore is exact).
   Each lane computes exactly what a plain forward computes, so losses and parameters are
   bit-identical to ``stream = "off"``.
+* **Residents** (parameters outside the blocks) stay in the layout and are perturbed in place
+  around the blocks (theta+ / theta- before the first block, again after the last), while their
+  theta and z wait in host memory; theta is restored by a copy (:class:`_Residents`).
 * **Fused update.** The step's projected gradient is known only after the head, so the update of
   the blocks is applied in the next step's pass, as each block is uploaded (then written back once:
   a step reads and writes every block exactly once). The generator state at the first block of
