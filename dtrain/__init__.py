@@ -44,7 +44,7 @@ def load_config(config: Config | Mapping[str, Any] | str | os.PathLike | None = 
     return cfg
 
 
-def wrap(model: nn.Module, optimizer: OptimizerFactory,
+def wrap(model: nn.Module, optimizer: OptimizerFactory | None,
          config: Config | Mapping[str, Any] | str | os.PathLike | None = None, *,
          loss_fn: LossFn | None = None, scheduler: SchedulerFactory | None = None,
          overrides: list[str] | None = None, total_steps: int | None = None) -> Engine:
@@ -57,6 +57,9 @@ def wrap(model: nn.Module, optimizer: OptimizerFactory,
         lambda named: torch.optim.AdamW([
             {"params": [p for n, p in named if p.ndim >= 2], "weight_decay": 0.1},
             {"params": [p for n, p in named if p.ndim < 2], "weight_decay": 0.0}], lr=3e-4)
+
+    Under the ``zo2`` step strategy (zeroth-order, docs/zo2.md) pass ``optimizer=None``: zo2
+    updates the parameters itself, and a factory would be ignored, so it is an error.
 
     ``scheduler`` an optional
     factory ``optimizer -> LR scheduler`` stepped once per ``train_step``. Launcher settings

@@ -148,7 +148,7 @@ class CheckpointConfig:
 
 
 BUILTIN_SECTION_MODULES = ("dtrain.plugins.co2_config", "dtrain.plugins.snapshot_config", "dtrain.seqpar.config",
-                           "dtrain.offload.config")
+                           "dtrain.offload.config", "dtrain.plugins.zo2_config")
 """Torch-free modules that register the built-in plugins' sections when first needed."""
 
 _SECTIONS: dict[str, type] = {}  # plugin-owned sections, in registration order

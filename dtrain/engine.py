@@ -45,7 +45,7 @@ _KINDS = ("params", "grads", "optim")
 class Engine:
     """A wrapped model: ``train_step``, ``eval_step``, ``save``/``load``, metrics."""
 
-    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, config: Config, runtime: Runtime,
+    def __init__(self, model: nn.Module, optimizer: OptimizerFactory | None, config: Config, runtime: Runtime,
                  loss_fn: LossFn | None = None, scheduler: SchedulerFactory | None = None,
                  total_steps: int | None = None) -> None:
         self.config, self.runtime, self.loss_fn = config, runtime, loss_fn
@@ -75,7 +75,7 @@ class Engine:
         if self.strategy not in self.plugins:
             self.strategy.setup(self)
         self.layout.allocate_grads = self.strategy.needs_grads
-        self.layout.wrap_model(self.model, optimizer)
+        self.layout.wrap_model(self.model, self.strategy.optimizer_factory(optimizer))
         self.optimizer = self.layout.optimizer
         self.scheduler = scheduler(self.optimizer) if scheduler else None
         metrics_path = config.metrics.path or runtime.env.metrics_path
@@ -209,6 +209,7 @@ class Engine:
     @torch.no_grad()
     def eval_step(self, batch: Any) -> torch.Tensor:
         """Forward only; returns the loss averaged over ranks."""
+        self.strategy.settle()
         self.model.eval()
         with self._autocast():
             loss, n = model_loss(self._forward(batch), batch, self.loss_fn)
@@ -323,6 +324,7 @@ class Engine:
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Consolidated fp32 parameters by name (collective: call on every rank)."""
+        self.strategy.settle()
         return self.layout.full_parameters()
 
     def param_sha256(self) -> str:
@@ -362,6 +364,7 @@ class Engine:
     def save(self, directory: str) -> None:
         from dtrain.checkpoint import save
 
+        self.strategy.settle()
         save(self, directory)
 
     def load(self, directory: str, verified: bool = False) -> None:

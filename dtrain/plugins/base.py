@@ -32,7 +32,7 @@ OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 _REGISTRY: dict[str, type["Plugin"]] = {}
 BUILTIN_PLUGIN_MODULES = ("dtrain.plugins.zero", "dtrain.plugins.co2", "dtrain.plugins.snapshot", "dtrain.seqpar.plugin",
-                          "dtrain.offload.plugin")
+                          "dtrain.offload.plugin", "dtrain.plugins.zo2")
 
 
 def register(cls: type["Plugin"]) -> type["Plugin"]:

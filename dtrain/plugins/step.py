@@ -25,8 +25,11 @@ section like any plugin; two enabled step strategies are a config error. It decl
 * ``needs_grads``: False makes the layout allocate no gradient buffers and install no gradient
   hooks (``LayoutPlugin.allocate_grads``); ``state_bytes()["grads"]`` is then 0.
 
-Strategies to come: ZO2 (forward-only, ``needs_grads = False``, ``can_clip = False``: perturbed
-forwards and its own update of the parameters) and offload (the optimizer steps each unit inside
+``zo2`` (:mod:`dtrain.plugins.zo2`, docs/zo2.md) is forward-only (``needs_grads = False``,
+``can_clip = False``: perturbed forwards and its own update of the parameters); it refuses an
+optimizer factory and supplies a placeholder (:meth:`StepStrategy.optimizer_factory`) and defers
+part of its update into the next step (:meth:`StepStrategy.settle` applies it before the state is
+read). A strategy to come: offload (the optimizer steps each unit inside
 backward: it calls ``before_update`` before the first backward and needs the token count before
 the first backward, i.e. ``StepLoss.known_up_front``). ``tests/dist/test_step_strategy.py`` runs
 a forward-only strategy defined in the test file at world 2.
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from dtrain.config import Config, ConfigError
-from dtrain.plugins.base import LayoutPlugin, Plugin
+from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, Plugin
 
 if TYPE_CHECKING:
     from dtrain.engine import Engine
@@ -82,6 +85,19 @@ class StepStrategy(Plugin):
     def run(self, micro_batches: list[Any]) -> StepOutcome:
         """Turn this step's micro-batches into an update of the trained state."""
         raise NotImplementedError
+
+    def optimizer_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory:
+        """The factory the layout builds its optimizer with, given the one passed to ``dtrain.wrap``
+        (a strategy that updates the parameters itself refuses a factory and supplies its own)."""
+        if factory is None:
+            raise ConfigError(f"dtrain.wrap(optimizer=None) needs a step strategy that updates the parameters "
+                              f"itself (zo2); the {self.name!r} strategy needs an optimizer factory")
+        return factory
+
+    def settle(self) -> None:
+        """Bring the trained state up to date with every completed step before it is read (save,
+        ``full_parameters``, eval): a strategy that defers part of a step's update into the next
+        step's pass (zo2's streamed blocks) applies it now. Default: nothing is deferred."""
 
 
 class FirstOrderStep(StepStrategy):

@@ -82,7 +82,7 @@ def test_unknown_sections_strict_deferred_and_near_misses():
     cfg = Config.load({"later": {"x": 1}}, ["later.y=2"], defer_unknown_sections=True)
     assert cfg.deferred_sections == {"later": {"x": 1, "y": 2}}
     assert cfg.to_dict()["later"] == {"x": 1, "y": 2}
-    assert getattr(cfg, "later", None) is None and getattr(cfg, "zo2", None) is None
+    assert getattr(cfg, "later", None) is None and getattr(cfg, "never_registered", None) is None
     for name, near in [("zer", "zero"), ("snapshots", "snapshot"), ("prob", "probe"), ("co", "co2")]:
         with pytest.raises(ConfigError, match=rf"unknown section '{name}' in config; did you mean '{near}'\?"):
             Config.load({name: {}}, defer_unknown_sections=True)
