@@ -59,13 +59,22 @@ def run_world(fn: Callable, world: int, *args: Any, nodes: int = 1, timeout_s: f
     import time
 
     deadline = time.monotonic() + timeout_s
+    dead_since: dict[int, float] = {}
     try:
         while len(results) + len(errors) < world:
             try:
-                rank, status, value = queue.get(timeout=max(0.1, deadline - time.monotonic()))
+                rank, status, value = queue.get(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
             except queue_mod.Empty:
-                raise TimeoutError(f"ranks {sorted(set(range(world)) - results.keys() - errors.keys())} "
-                                   f"did not finish within {timeout_s} s") from None
+                pending = sorted(set(range(world)) - results.keys() - errors.keys())
+                # A rank that died before reporting (import error, abort) would otherwise hold the
+                # test until the deadline; its result may still be in the pipe, hence the grace.
+                dead = [r for r in pending if procs[r].exitcode not in (None, 0)]
+                if dead and time.monotonic() > dead_since.setdefault(dead[0], time.monotonic()) + 5:
+                    raise RuntimeError(f"rank {dead[0]} died (exit {procs[dead[0]].exitcode}) without a result; "
+                                       f"its stderr is above") from None
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"ranks {pending} did not finish within {timeout_s} s") from None
+                continue
             if status == "ok":
                 results[rank] = pickle.loads(value)
             else:
