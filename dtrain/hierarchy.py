@@ -207,9 +207,6 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
             out[level] = out.get(level, 0) + _ring("all_reduce", f // s_o, s_d // s_o)
         for small, big in steps(s_p, s_o):  # publish the updated master down to the params level
             add(small, big, "all_gather", f // small)
-        if 1 < s_b < s_p:  # refresh the backward copy
-            for small, big in steps(s_b, s_p):
-                add(small, big, "all_gather", f // small)
         if s_p > 1:  # forward gathers, every micro-step
             param_gather(padded, s_p, grad_accum)
     if s_p > 1 and s_b > 1:  # backward gathers from the backward copy

@@ -145,7 +145,6 @@ class FlatLayout(LayoutPlugin):
         self.secondary: dict[int, torch.Tensor] = {}
         self.version = 0  # publishes of the parameters so far
         self.secondary_version: dict[int, int] = {}
-        self.refresh: dict[int, Chain] = {}
         for unit in self.units:
             self._lay_out(unit)
         self.optimizer = probe if not self.split_optim else self._shard_optimizer(probe)
@@ -252,7 +251,7 @@ class FlatLayout(LayoutPlugin):
         # The optimizer steps views of the parameters it owns: no separate fp32 copy.
         holder, base = (unit.shard, p_lo) if self.split_params else (full, 0)
         self.master[unit.index] = holder[o_lo - base:o_hi - base]
-        if 1 < self.s_b < self.s_p:
+        if 1 < self.s_b < self.s_p and unit.module is not self.model:  # the root stays gathered for backward
             b_lo, b_hi = self._rng(unit, self.s_b)
             self.secondary[unit.index] = full[b_lo:b_hi].clone()
             self.secondary_version[unit.index] = self.version
@@ -413,8 +412,8 @@ class FlatLayout(LayoutPlugin):
         self.publish()
 
     def publish(self) -> None:
-        """All-gather the updated master parts level by level down to the parameters' level, then
-        start refreshing the backward copies (waited for before the backward reads them)."""
+        """All-gather the updated master parts level by level down to the parameters' level. The
+        backward copies are now out of date: each is rebuilt by its unit's next forward gather."""
         self.version += 1
         if self.split_optim:
             for small, big in reversed(self._steps(self.s_p, self.s_o)):
@@ -424,9 +423,6 @@ class FlatLayout(LayoutPlugin):
                     handles.append(self._gather_step(holder, base, unit, small, big))
                 for h in handles:
                     h.wait()
-        for unit in self.units:
-            if unit.index in self.secondary:
-                self.refresh[unit.index] = self._refresh_chain(unit)
         self._sync_step_buffers()
 
     def _gather_step(self, holder: torch.Tensor, base: int, unit: FlatUnit, small: int, big: int) -> Handle:
@@ -437,21 +433,13 @@ class FlatLayout(LayoutPlugin):
         return self.comm.all_gather(holder[out_lo - base:out_hi - base], holder[in_lo - base:in_hi - base].clone(),
                                     level, peers=peers, async_op=True)
 
-    def _refresh_chain(self, unit: FlatUnit) -> Chain:
-        secondary = self.secondary[unit.index]
-        b_lo = self._rng(unit, self.s_b)[0]
-        p_lo, p_hi = self._rng(unit, self.s_p)
-        version = self.version
-        steps: list[Callable[[], Handle | None]] = [lambda: _local(secondary[p_lo - b_lo:p_hi - b_lo].copy_, unit.shard)]
-        for small, big in reversed(self._steps(self.s_b, self.s_p)):
-            steps.append(lambda small=small, big=big: self._gather_step(secondary, b_lo, unit, small, big))
-        steps.append(lambda: self.secondary_version.__setitem__(unit.index, version))
-        return Chain(steps)
-
-    def _await_refresh(self, unit: FlatUnit) -> None:
-        chain = self.refresh.pop(unit.index, None)
-        if chain is not None:
-            chain.wait()
+    def _refresh_backward_copy(self, unit: FlatUnit) -> None:
+        """The last step of a forward gather (hpZ): keep this rank's part of the gathered unit at the
+        backward level, with the parameter version it was gathered at. It runs only after every
+        all-gather of the chain was waited for, so the copy never races the prefetch (ZeRO++ #5059)."""
+        b_lo, b_hi = self._rng(unit, self.s_b)
+        self.secondary[unit.index].copy_(unit.full[b_lo:b_hi])
+        self.secondary_version[unit.index] = self.version
 
     def zero_grad(self) -> None:
         if not self.allocate_grads:
@@ -558,6 +546,8 @@ class FlatLayout(LayoutPlugin):
             steps.append(lambda small=small, big=big: self._gather_step(wire, 0, unit, small, big))
         if wire is not full:
             steps.append(lambda: _local(full.copy_, wire))
+        if size == self.s_p and unit.index in self.secondary:
+            steps.append(lambda: self._refresh_backward_copy(unit))
         return Chain(steps)
 
     def _gather_int8(self, unit: FlatUnit, source: torch.Tensor, size: int) -> Chain:
@@ -592,6 +582,8 @@ class FlatLayout(LayoutPlugin):
         steps: list[Callable[[], Handle | None]] = [quantise]
         steps += [lambda small=small, big=big: step(small, big) for small, big in reversed(self._steps(1, size))]
         steps.append(dequantise)
+        if size == self.s_p and unit.index in self.secondary:
+            steps.append(lambda: self._refresh_backward_copy(unit))
         return Chain(steps)
 
     def _gather(self, unit: FlatUnit, async_op: bool = False, backward: bool = False) -> None:
@@ -605,12 +597,11 @@ class FlatLayout(LayoutPlugin):
         if unit.materialized:
             return
         if backward and unit.index in self.secondary:
-            self._await_refresh(unit)
             if self.secondary_version[unit.index] != self.version:
                 raise StaleCopyError(
                     f"unit {unit.name}: the backward copy was refreshed at parameter version "
                     f"{self.secondary_version[unit.index]}, the parameters are at version {self.version}; "
-                    f"the refresh raced the backward gather (ZeRO++ #5059)")
+                    f"the copy was not refreshed by this step's forward gather (the ZeRO++ #5059 race)")
             chain = self._gather_chain(unit, self.secondary[unit.index], self.s_b, self.gather_dtype)
         else:
             chain = self._gather_chain(unit, unit.shard, self.s_p, self.gather_dtype)
