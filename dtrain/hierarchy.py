@@ -161,7 +161,8 @@ def _ring(op: str, nbytes: int, n: int) -> int:
 
 
 def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_units: Sequence[int] | None = None,
-                grad_accum: int = 1, gather_dtype: str = "fp32", clip: bool = False) -> dict[str, int]:
+                grad_accum: int = 1, gather_dtype: str = "fp32", clip: bool = False,
+                counts: dict[str, int] | None = None) -> dict[str, int]:
     """Bytes one rank sends per optimizer step, per level, for the layout's own collectives.
 
     ``units`` are the padded element counts of every unit; ``backward_units`` those re-gathered
@@ -169,7 +170,9 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
     Ring costs (docs/hierarchical.md): a step over ``n`` ranks moving ``M`` bytes costs
     ``(n-1)/n * M`` for all-gather (M: output) and reduce-scatter (M: input), twice that for an
     all-reduce, filed under the smallest level holding the group (:meth:`Shape.level_of_ranks`).
+    ``counts``, when given, receives the number of collectives per level (for latency terms).
     """
+    counts = counts if counts is not None else {}
     out: dict[str, int] = {}
     chain = levels.chain()
     s_p, s_g, s_o, s_b, s_d = (levels.size(k) for k in (*KINDS, "dp"))
@@ -179,6 +182,7 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
         if big // small > 1 and nbytes:
             level = shape.level_of_ranks(step_groups(shape, small, big))
             out[level] = out.get(level, 0) + times * _ring(op, nbytes, big // small)
+            counts[level] = counts.get(level, 0) + times
 
     def steps(lo: int, hi: int) -> list[tuple[int, int]]:
         used = [s for s in chain if lo <= s <= hi]
@@ -205,6 +209,7 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
         if s_d > s_o:  # the optim level's replicas: all-reduce across its peers
             level = shape.level_of_ranks(list(range(0, s_d, s_o)))
             out[level] = out.get(level, 0) + _ring("all_reduce", f // s_o, s_d // s_o)
+            counts[level] = counts.get(level, 0) + 1
         for small, big in steps(s_p, s_o):  # publish the updated master down to the params level
             add(small, big, "all_gather", f // small)
         if s_p > 1:  # forward gathers, every micro-step

@@ -171,7 +171,6 @@ def test_every_assignment_matches_single_process_and_the_volume_formula(world_re
     for rank, result in enumerate(world_results):  # every rank sends what the formula says
         for levels, run in result["assign"]:
             assert run["measured"] == run["predicted"], (rank, levels)
-    flat = dict(r0["assign"])  # noqa: F841 (readability below)
     by = {tuple(l.values()): run for l, run in r0["assign"]}
     zero3 = by[("global", "global", "global", "global")]["measured"]
     hpz = by[("global", "global", "global", "node")]["measured"]
