@@ -256,11 +256,12 @@ class Config:
 
     def _validate_combinations(self) -> None:
         """Cross-section rules: pairs of settings that cannot run together."""
-        if self.co2.enabled and (self.zero.stage == 3 or self.zero.preset or self.zero.params or self.zero.grads
-                                 or self.zero.optim or self.zero.backward_params):
-            if self.zero.stage != 3:
-                raise ConfigError("co2.enabled = true cannot be combined with per-kind zero levels (zero.preset, "
-                                  "zero.params/grads/optim/backward_params) yet; use zero.stage = 0, 1 or 2 with co2")
+        levels = {k: getattr(self.zero, k) for k in ("params", "grads", "optim", "backward_params") if getattr(self.zero, k)}
+        if self.co2.enabled and (self.zero.preset not in (None, "hsdp") or "global" in levels.values()):
+            raise ConfigError("co2.enabled = true needs every zero level inside a node (co2's outer sync runs across "
+                              "nodes): use zero.preset = 'hsdp' or zero.params/grads/optim = 'node' or smaller, "
+                              "not 'global'")
+        if self.co2.enabled and self.zero.stage == 3 and not levels and not self.zero.preset:
             raise ConfigError("co2.enabled = true cannot be combined with zero.stage = 3: CO2 keeps local "
                               "parameters per node, ZeRO-3 shards them; use zero.stage = 0, 1 or 2 with co2, "
                               "or set co2.enabled = false")
