@@ -1,13 +1,17 @@
-"""Layouts ``ddp`` and ``zero`` (stages 1/2/3, Rajbhandari et al.), one mechanism with three switches.
+"""Layouts ``ddp`` and ``zero`` (stages 1/2/3, Rajbhandari et al.), one mechanism with per-kind levels.
 
 :class:`FlatLayout` keeps every trainable parameter in a :class:`~dtrain.partition.FlatUnit` and
-decides, per state kind, whether this rank holds all of it or a 1/N shard:
+puts each kind of state (params, grads, optim, backward_params) at its own topology level
+(docs/hierarchical.md; ``zero.params`` ... ``zero.preset``, resolved by dtrain/hierarchy.py): a rank
+holds its part of the kind over that level's block, parts nest across the levels in use, and
+every collective runs one level step at a time through ``Comm``. ``zero.stage`` is the shorthand
+(the stage's kinds at the data-parallel level, the rest unsplit):
 
 =========  ================  =====================================  ===================
 stage      optimizer state   gradients                              parameters
 =========  ================  =====================================  ===================
 0 (ddp)    full (any optim)  full, all-reduced per bucket           full
-1          shard             full, all-reduced per bucket           full, all-gathered
+1          shard             full, reduce-scattered per bucket      full, all-gathered
 2          shard             shard: reduce-scattered per bucket     full, all-gathered
 3          shard             shard: reduce-scattered per unit       shard, gathered per
                                                                     module on demand
@@ -27,8 +31,9 @@ the previous unit, and frees again once all of the unit's gradients have been ac
 module called twice in one forward is simply gathered twice; its parameters' gradients are
 accumulated by autograd before the post-accumulate hook fires, so reduction happens once.
 
-The optimizer runs on views of the fp32 shard, one view per optimizer param group present in the
-shard, so param groups (e.g. no weight decay on biases) survive flattening. ZeRO needs an
+The optimizer runs on views of the fp32 parameters it owns (ZeRO-1/2: of the full parameters;
+ZeRO-3: of the parameter part; no separate master copy), one view per optimizer param group present
+in the part, so param groups (e.g. no weight decay on biases) survive flattening. ZeRO needs an
 element-wise optimizer (Adam, AdamW, SGD, ...); shape-aware optimizers need ``ddp``. The
 optimizer factory gets the trainable parameters, or ``(name, parameter)`` pairs when its first
 parameter is called ``named``, ``named_params`` or ``named_parameters`` (:func:`call_factory`).
@@ -208,11 +213,9 @@ class FlatLayout(LayoutPlugin):
             return self.name_of[big], False
         return self.name_of[small], self.name_of[big]
 
-    def _range(self, size: int) -> Callable[[FlatUnit], tuple[int, int]]:
-        return lambda unit: unit.shard_range(size, self.part.get(size, 0))
-
     def _rng(self, unit: FlatUnit, size: int) -> tuple[int, int]:
-        return unit.shard_range(size, self.part.get(size, 0) if size in self.part else 0)
+        """This rank's part [lo, hi) of ``unit`` at block size ``size`` (nested across sizes)."""
+        return unit.shard_range(size, self.part.get(size, 0))
 
     # ---------------------------------------------------------------- layout
     def _sync_buffers(self, model: nn.Module) -> None:

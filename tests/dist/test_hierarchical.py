@@ -19,7 +19,8 @@ parameters are checked at atol 2 lr per step, with fewer than 1% (bf16) or 5% (i
 2.6%) of them off by more than 2e-3. A wrong dequantisation or part order garbles the forward and
 fails the loss check by far.
 
-Also here: a checkpoint saved under hpZ loads under HSDP and ZeRO-1 with identical parameters;
+Also here: co2 over HSDP (every kind sharded inside the node) equals co2 over node-level ZeRO-1
+bit for bit; a checkpoint saved under hpZ loads under HSDP and ZeRO-1 with identical parameters;
 the hpZ backward copy is never stale (it is rebuilt from each forward all-gather once that gather
 completed; a copy the forward did not refresh, the ZeRO++ #5059 race injected by skipping the
 refresh, is caught by the layout's version check before the backward reads it).
@@ -134,6 +135,16 @@ def _world() -> dict:
         results[f"loaded_{name}"] = {"params": params if first else None, "loss": loss,
                                      "after": after if first else None}
 
+    # co2 over node-local sharding: HSDP's parts are exactly the node-level ZeRO-1 parts co2 syncs
+    import dtrain
+
+    for name, zero in (("co2_zero1", {"stage": 1}), ("co2_hsdp", {"preset": "hsdp"})):
+        engine = dtrain.wrap(make_model(), optimizer=optimizer_factory, config={
+            "zero": zero, "co2": {"enabled": True, "local_steps": 2, "intra_node_sync": True}})
+        losses = [float(engine.train_step(local_batch(s, engine.runtime.rank, engine.runtime.world_size)))
+                  for s in range(4)]
+        results[name] = {"losses": losses, "sha": engine.param_sha256()}
+
     # the #5059 race: the backward copy is not refreshed from the forward gather before backward reads it
     original = zero_mod.FlatLayout._refresh_backward_copy
     zero_mod.FlatLayout._refresh_backward_copy = lambda self, unit: None
@@ -211,6 +222,13 @@ def test_checkpoint_moves_between_assignments(world_results, reference):
             assert torch.equal(loaded["params"][pname], value), (name, pname)
         assert loaded["loss"] == pytest.approx(ref_losses[STEPS], rel=1e-5), name
     _close(r0["loaded_hsdp"]["after"], r0["loaded_zero1"]["after"], what="hsdp vs zero1 after resume")
+
+
+def test_co2_composes_with_node_local_sharding(world_results):
+    """co2's outer sync across nodes, each rank syncing only its part of HSDP's node-sharded state:
+    the same bits as co2 over node-level ZeRO-1 (same parts, same sums)."""
+    for result in world_results:
+        assert result["co2_hsdp"] == result["co2_zero1"]
 
 
 def test_stale_backward_copy_is_detected(world_results):
