@@ -235,3 +235,57 @@ def test_co2_composes_with_node_local_sharding(world_results):
 def test_stale_backward_copy_is_detected(world_results):
     for result in world_results:
         assert result["race"].startswith("unit ") and "ZeRO++ #5059" in result["race"], result["race"]
+
+
+def _batch16(step: int, rank: int, world: int) -> dict:
+    g = torch.Generator().manual_seed(7 + step)
+    x = torch.randint(0, 256, (16, 17), generator=g).chunk(world)[rank]
+    return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+
+def _world8() -> dict:
+    import dtrain
+    from dtrain.hierarchy import step_volume
+
+    out = {}
+    for name, zero in (("frontier3", {"preset": "frontier3"}),
+                       ("mixed", {"params": "pair", "grads": "node", "optim": "global", "backward_params": "rank"})):
+        engine = dtrain.wrap(make_model(), optimizer=optimizer_factory,
+                             config={"zero": zero, "topology": {"levels": {"pair": 2}}})
+        losses = []
+        for s in range(2):
+            if s == 1:
+                measured, restore = _layout_bytes(engine.comm)
+            losses.append(float(engine.train_step(_batch16(s, engine.runtime.rank, 8))))
+        restore()
+        specs = engine.layout.unit_specs()
+        predicted = step_volume([u.padded for u in specs], engine.layout.levels, engine.comm.topology.shape,
+                                backward_units=[u.padded for u in specs if u.name != "<root>"])
+        params = engine.full_parameters()
+        out[name] = {"losses": losses, "measured": measured, "predicted": predicted,
+                     "params": params if engine.runtime.rank == 0 else None}
+    return out
+
+
+@pytest.mark.slow
+def test_pair_level_at_world_eight():
+    """A declared pair level inside nodes of 4 (world 8): frontier3 and params at pair with grads at
+    node, against single-process training (same tolerance) and the formula (exact, every rank).
+    The level steps here include peers of pair inside a node (groups built for the layout)."""
+    model = make_model()
+    opt = optimizer_factory([p for p in model.parameters() if p.requires_grad])
+    ref = []
+    for s in range(2):
+        opt.zero_grad()
+        loss = model(**_batch16(s, 0, 1))
+        loss.backward()
+        opt.step()
+        ref.append(loss.item())
+    results = run_world(_world8, 8, nodes=2, timeout_s=540)
+    for name, run in results[0].items():
+        assert run["losses"] == pytest.approx(ref, rel=1e-5), name
+        _close(run["params"], {n: p.detach() for n, p in model.named_parameters()}, what=name)
+        assert "pair" in run["measured"]
+    for result in results:
+        for name, run in result.items():
+            assert run["measured"] == run["predicted"], name
