@@ -177,7 +177,7 @@ def capture(engine: "Engine", all_units: bool = False, with_extra: bool = False,
             for shard in layout.shards(f"optim.{key}"):
                 tensors[f"u{shard.unit.index}.optim.{key}"] = _flat(shard)
     units, aliases, _, _ = _static_meta(engine)
-    holders = [0] if level == "rank" else comm.group_ranks(level)
+    holders = layout.part_holders("master")
     meta = {
         "format": FORMAT, "world_size": comm.topology.shape.world_size, "parts": parts,
         "layout": layout.name, "step": engine.step, "units": units,

@@ -74,7 +74,9 @@ class Comm:
     def rank(self) -> int:
         return self.topology.shape.rank
 
-    def group_ranks(self, level: Level, peers: bool = False) -> list[int]:
+    def group_ranks(self, level: Level, peers: bool | str = False) -> list[int]:
+        """The ranks of this rank's group: its block at ``level``, its peers of ``level``
+        (``peers=True``), or its peers of ``level`` inside its block of the level named ``peers``."""
         shape = self.topology.shape
         if isinstance(level, tuple):
             if peers or self.rank not in level:
@@ -85,9 +87,11 @@ class Comm:
             if peers:
                 raise ValueError("peers=True needs a level name, not an aligned block size")
             return shape.aligned_block_of(level)
+        if isinstance(peers, str):
+            return shape.peers_within(level, peers)
         return shape.peers_of(level) if peers else shape.block_of(level)
 
-    def size(self, level: Level, peers: bool = False) -> int:
+    def size(self, level: Level, peers: bool | str = False) -> int:
         return len(self.group_ranks(level, peers))
 
     def block_group(self, size: int | str) -> dist.ProcessGroup | None:
@@ -99,14 +103,14 @@ class Comm:
         """
         return self.topology.block_group(size)
 
-    def all_reduce(self, tensor: torch.Tensor, level: Level = "global", *, peers: bool = False,
+    def all_reduce(self, tensor: torch.Tensor, level: Level = "global", *, peers: bool | str = False,
                    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, async_op: bool = False) -> Handle:
         n = self.size(level, peers)
         return self._issue("all_reduce", level, peers, 2 * (n - 1) * _nbytes(tensor) // max(n, 1), async_op,
                            lambda g: dist.all_reduce(tensor, op=op, group=g, async_op=True))
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, level: Level = "global", *,
-                       peers: bool = False, async_op: bool = False) -> Handle:
+                       peers: bool | str = False, async_op: bool = False) -> Handle:
         """Sum-reduce ``input`` (n equal chunks) and leave chunk ``group rank`` in ``output``."""
         n = self.size(level, peers)
         if n == 1:
@@ -115,7 +119,7 @@ class Comm:
                            lambda g: _reduce_scatter_flat(output, input, group=g, async_op=True))
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, level: Level = "global", *,
-                   peers: bool = False, async_op: bool = False) -> Handle:
+                   peers: bool | str = False, async_op: bool = False) -> Handle:
         """Concatenate every group member's ``input`` into the flat ``output``."""
         n = self.size(level, peers)
         if n == 1 and output.data_ptr() != input.data_ptr():
@@ -124,7 +128,7 @@ class Comm:
                            lambda g: _all_gather_flat(output, input, group=g, async_op=True))
 
     def broadcast(self, tensor: torch.Tensor, src: int, level: Level = "global", *,
-                  peers: bool = False, async_op: bool = False) -> Handle:
+                  peers: bool | str = False, async_op: bool = False) -> Handle:
         """Broadcast from global rank ``src`` (a member of this rank's group at ``level``)."""
         sent = _nbytes(tensor) if self.rank == src else 0
         return self._issue("broadcast", level, peers, sent, async_op,
@@ -176,7 +180,7 @@ class Comm:
         return torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and \
             dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def _issue(self, op: str, level: Level, peers: bool, nbytes: int, async_op: bool, launch) -> Handle:
+    def _issue(self, op: str, level: Level, peers: bool | str, nbytes: int, async_op: bool, launch) -> Handle:
         ranks = self.group_ranks(level, peers)
         # Aligned-block groups are created (collectively) before the sequence number is taken.
         group = None
@@ -185,7 +189,8 @@ class Comm:
         elif isinstance(level, tuple) and len(ranks) > 1:
             group = self.topology.range_group(level)
         label = (f"block{level}" if isinstance(level, int) else f"ranks{level[0]}-{level[-1]}"
-                 if isinstance(level, tuple) else level + (" peers" if peers else ""))
+                 if isinstance(level, tuple) else
+                 level + (f" peers in {peers}" if isinstance(peers, str) else " peers" if peers else ""))
         with self._lock:
             self._seq += 1
             handle = Handle(None, self, op, self._seq, label, ranks)
@@ -193,7 +198,8 @@ class Comm:
                 self.bytes_sent[self.topology.shape.level_of_ranks(ranks)] += nbytes
         if len(ranks) > 1:
             if isinstance(level, str):
-                group = self.topology.peer_group(level) if peers else self.topology.group(level)
+                group = (self.topology.peer_group(level, peers if isinstance(peers, str) else None) if peers
+                         else self.topology.group(level))
             try:
                 handle.work = launch(group)
             except RuntimeError as exc:

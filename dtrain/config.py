@@ -78,10 +78,27 @@ class ZeroConfig:
     sync_buffers: Literal["rank0", "mean", "none"] = "rank0"
     """Buffers (BatchNorm running stats) after each optimizer step: rank 0's on every rank (what DDP
     users expect), the mean of floating-point buffers, or each rank its own (checkpoints keep rank 0's)."""
+    preset: str | None = None
+    """Per-kind levels by name: "hsdp", "hpz", "frontier3", or "auto" (the planner); docs/hierarchical.md."""
+    params: str | None = None
+    """Topology level the working parameters are split over ("rank" = unsplit, "node", "global", a
+    declared level); with grads, optim and backward_params it overrides zero.stage and zero.preset."""
+    grads: str | None = None
+    optim: str | None = None
+    backward_params: str | None = None
+    """Level of the copy the backward all-gather reads (hpZ's secondary copy); default: params."""
+    gather_dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    """Wire type of parameter all-gathers (the master stays fp32); auto: bf16 under train.precision = bf16."""
 
     def validate(self) -> None:
         _require(self.stage in (0, 1, 2, 3), "zero.stage", self.stage, "0 (ddp), 1, 2 or 3")
         _require(self.bucket_mb > 0, "zero.bucket_mb", self.bucket_mb, "a positive number of MiB")
+        _require(self.preset in (None, "hsdp", "hpz", "frontier3", "auto"), "zero.preset", self.preset,
+                 "one of hsdp, hpz, frontier3, auto (or omit it)")
+        for kind in ("params", "grads", "optim", "backward_params"):
+            value = getattr(self, kind)
+            _require(value is None or (isinstance(value, str) and value.isidentifier()), f"zero.{kind}", value,
+                     "a topology level name: rank, node, global or one declared in topology.levels")
 
 
 @dataclass(kw_only=True)
@@ -240,7 +257,12 @@ class Config:
 
     def _validate_combinations(self) -> None:
         """Cross-section rules: pairs of settings that cannot run together."""
-        if self.co2.enabled and self.zero.stage == 3:
+        levels = {k: getattr(self.zero, k) for k in ("params", "grads", "optim", "backward_params") if getattr(self.zero, k)}
+        if self.co2.enabled and (self.zero.preset not in (None, "hsdp") or "global" in levels.values()):
+            raise ConfigError("co2.enabled = true needs every zero level inside a node (co2's outer sync runs across "
+                              "nodes): use zero.preset = 'hsdp' or zero.params/grads/optim = 'node' or smaller, "
+                              "not 'global'")
+        if self.co2.enabled and self.zero.stage == 3 and not levels and not self.zero.preset:
             raise ConfigError("co2.enabled = true cannot be combined with zero.stage = 3: CO2 keeps local "
                               "parameters per node, ZeRO-3 shards them; use zero.stage = 0, 1 or 2 with co2, "
                               "or set co2.enabled = false")

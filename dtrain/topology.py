@@ -123,6 +123,12 @@ class Shape:
         s = self.size(level)
         return [list(range(j, self.world_size, s)) for j in range(s)]
 
+    def peers_within(self, level: str, outer: str) -> list[int]:
+        """This rank's peers of ``level`` inside its ``outer`` block (one step of a hierarchical
+        collective: the ``outer`` block's ranks at this rank's position inside ``level`` blocks)."""
+        block = self.block_of(outer)
+        return [r for r in self.peers_of(level) if block[0] <= r <= block[-1]]
+
     def block_of(self, level: str) -> list[int]:
         return self._blocks(self.size(level))[self.rank // self.size(level)]
 
@@ -237,8 +243,27 @@ class Topology:
             return dist.group.WORLD
         return self._groups.get(("block", level))
 
-    def peer_group(self, level: str) -> "dist.ProcessGroup | None":
-        return self._groups.get(("peer", level))
+    def peer_group(self, level: str, within: str | None = None) -> "dist.ProcessGroup | None":
+        """This rank's peer group of ``level`` (over the world, or inside its ``within`` block)."""
+        if within is None or self.shape.size(within) == self.shape.world_size:
+            return self._groups.get(("peer", level))
+        return self._groups.get((f"peer<{within}", level))
+
+    def build_peers_within(self, level: str, within: str) -> None:
+        """Create the groups of ``level``'s peers inside every ``within`` block (collective: every
+        rank calls it with the same arguments in the same order; later calls are no-ops)."""
+        key = (f"peer<{within}", level)
+        if not self._distributed or key in self._groups or self.shape.size(within) == self.shape.world_size:
+            return
+        s, outer = self.shape.size(level), self.shape.size(within)
+        mine = None
+        for start in range(0, self.shape.world_size, outer):
+            for j in range(s):
+                ranks = list(range(start + j, start + outer, s))
+                group = self._new_group(ranks)
+                if self.shape.rank in ranks:
+                    mine = group
+        self._groups[key] = mine
 
     def range_group(self, ranks: "tuple[int, ...] | list[int]") -> "dist.ProcessGroup | None":
         """The group of one aligned block ``ranks`` (``[k*s, (k+1)*s)``, ``s`` a power of two

@@ -33,7 +33,10 @@ def check_config_up_front(source: str | None, overrides: list[str], metrics: str
     if nodes is not None and nproc is not None:
         from dtrain.topology import Shape
 
-        Shape.of(nodes * nproc, 0, config.topology.nodes or nodes, config.topology.levels)
+        from dtrain.hierarchy import check_zero_config
+
+        shape = Shape.of(nodes * nproc, 0, config.topology.nodes or nodes, config.topology.levels)
+        check_zero_config(config.zero, shape)  # per-kind zero levels against this world
     path = metrics_destination(config, metrics)
     if path is not None:
         _check_writable_file(path, "metrics.path" if config.metrics.path else "--metrics")

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from dtrain.config import ConfigError
 from dtrain.planner.cluster import REPO_CLUSTER_DIR, default_cluster, load_cluster
 from dtrain.planner.cost import CostModel
 from dtrain.planner.errors import PlannerError
@@ -78,6 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-degree", type=int, default=2, help="largest d to measure (<= CPU cores)")
     cal.add_argument("--quick", action="store_true", help="fewer sizes and repeats (tests)")
     cal.add_argument("--json", action="store_true", help="print the report as JSON")
+    from dtrain.planner.layout import add_subcommands  # dtrain plan layout / memory (docs/hierarchical.md)
+
+    add_subcommands(sub)
     return parser
 
 
@@ -113,11 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "seqpar":
             return _seqpar(args)
+        if args.command in ("layout", "memory"):
+            from dtrain.planner.layout import run as run_layout
+
+            return run_layout(args)
         return _calibrate(args)
     except _ArgumentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except PlannerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:  # dtrain plan memory: the config's zero section
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

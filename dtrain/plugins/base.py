@@ -216,6 +216,12 @@ class LayoutPlugin(Plugin):
         ``level`` and this rank holds part ``index``. Optimizer kinds follow ``master``."""
         raise NotImplementedError
 
+    def part_holders(self, kind: str) -> list[int]:
+        """The ranks of rank 0's group holding each part of ``kind``: ``holders[i]`` holds part i
+        (a checkpoint's rank-to-range map). Default: the group's ranks in order."""
+        level = self.placement(kind)[0]
+        return [0] if level == "rank" else self.engine.comm.group_ranks(level)
+
     def optimizer_pieces(self) -> "list[tuple[UnitSpec, Piece]]":
         """The optimizer's parameters with the unit and range each covers (``Piece.tensor`` is
         the key in ``optimizer.state``), in unit order. Parameters of the optimizer not listed

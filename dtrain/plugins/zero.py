@@ -1,13 +1,17 @@
-"""Layouts ``ddp`` and ``zero`` (stages 1/2/3, Rajbhandari et al.), one mechanism with three switches.
+"""Layouts ``ddp`` and ``zero`` (stages 1/2/3, Rajbhandari et al.), one mechanism with per-kind levels.
 
 :class:`FlatLayout` keeps every trainable parameter in a :class:`~dtrain.partition.FlatUnit` and
-decides, per state kind, whether this rank holds all of it or a 1/N shard:
+puts each kind of state (params, grads, optim, backward_params) at its own topology level
+(docs/hierarchical.md; ``zero.params`` ... ``zero.preset``, resolved by dtrain/hierarchy.py): a rank
+holds its part of the kind over that level's block, parts nest across the levels in use, and
+every collective runs one level step at a time through ``Comm``. ``zero.stage`` is the shorthand
+(the stage's kinds at the data-parallel level, the rest unsplit):
 
 =========  ================  =====================================  ===================
 stage      optimizer state   gradients                              parameters
 =========  ================  =====================================  ===================
 0 (ddp)    full (any optim)  full, all-reduced per bucket           full
-1          shard             full, all-reduced per bucket           full, all-gathered
+1          shard             full, reduce-scattered per bucket      full, all-gathered
 2          shard             shard: reduce-scattered per bucket     full, all-gathered
 3          shard             shard: reduce-scattered per unit       shard, gathered per
                                                                     module on demand
@@ -27,8 +31,9 @@ the previous unit, and frees again once all of the unit's gradients have been ac
 module called twice in one forward is simply gathered twice; its parameters' gradients are
 accumulated by autograd before the post-accumulate hook fires, so reduction happens once.
 
-The optimizer runs on views of the fp32 shard, one view per optimizer param group present in the
-shard, so param groups (e.g. no weight decay on biases) survive flattening. ZeRO needs an
+The optimizer runs on views of the fp32 parameters it owns (ZeRO-1/2: of the full parameters;
+ZeRO-3: of the parameter part; no separate master copy), one view per optimizer param group present
+in the part, so param groups (e.g. no weight decay on biases) survive flattening. ZeRO needs an
 element-wise optimizer (Adam, AdamW, SGD, ...); shape-aware optimizers need ``ddp``. The
 optimizer factory gets the trainable parameters, or ``(name, parameter)`` pairs when its first
 parameter is called ``named``, ``named_params`` or ``named_parameters`` (:func:`call_factory`).
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -55,6 +61,7 @@ from torch.utils._pytree import tree_flatten
 
 from dtrain.checkpoint import _persistent_buffers
 from dtrain.comm import Handle
+from dtrain.hierarchy import INT8_BLOCK, KINDS, chain_index, resolve_levels
 from dtrain.partition import (FlatUnit, Piece, Shard, UnitSpec, bucket_units, module_units, param_group_index,
                               trainable_params)
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, register
@@ -77,6 +84,30 @@ class OptView:
         return slice(self.lo - shard_lo, self.hi - shard_lo)
 
 
+class Chain:
+    """Dependent collectives run one after another: the first starts now, the rest on :meth:`wait`.
+
+    Each step is a callable issuing one asynchronous collective (or doing local work) and returning
+    its handle (or None); a step may read what the previous ones produced."""
+
+    def __init__(self, steps: list[Callable[[], Handle | None]]) -> None:
+        self.steps = list(steps)
+        self.handle = self.steps.pop(0)() if self.steps else None
+
+    def wait(self) -> None:
+        if self.handle is not None:
+            self.handle.wait()
+        while self.steps:
+            handle = self.steps.pop(0)()
+            if handle is not None:
+                handle.wait()
+        self.handle = None
+
+
+class StaleCopyError(RuntimeError):
+    """The backward would read a secondary parameter copy older than the parameters (ZeRO++ #5059)."""
+
+
 class FlatLayout(LayoutPlugin):
     shard_optim: ClassVar[bool] = False
     shard_grads: ClassVar[bool] = False
@@ -84,6 +115,10 @@ class FlatLayout(LayoutPlugin):
     level: str = "global"  # the data-parallel group the states are sharded over
     unit_reduced: Callable[[UnitSpec], None] | None = None  # on_unit_reduced's callback
     last_micro: bool = True
+
+    @classmethod
+    def stage(cls) -> int:
+        return 3 if cls.shard_params else 2 if cls.shard_grads else 1 if cls.shard_optim else 0
 
     def wrap_model(self, model: nn.Module, factory: OptimizerFactory) -> None:
         engine = self.engine
@@ -100,8 +135,9 @@ class FlatLayout(LayoutPlugin):
             raise ValueError(f"the optimizer factory left out trainable parameter {missing[0]!r}; "
                              f"pass every trainable parameter (or freeze it with requires_grad_(False))")
         zcfg = engine.config.zero
+        self._resolve_levels(zcfg)
         pad_to = self.comm.topology.shape.world_size
-        if self.shard_params:
+        if self.split_params:
             self.units = module_units(model, groups, zcfg.unit_classes, pad_to)
         else:
             self.units = bucket_units(model, groups, int(zcfg.bucket_mb * 2**20), pad_to)
@@ -111,18 +147,77 @@ class FlatLayout(LayoutPlugin):
         self._step_buffers = [b for _, b in _persistent_buffers(model)]
         if self.device.type != "cuda":
             use_comm_sync_batchnorm(model, self.comm, self.level)
+        self.master: dict[int, torch.Tensor] = {}
+        self.master_grad: dict[int, torch.Tensor | None] = {}
+        self.secondary: dict[int, torch.Tensor] = {}
+        self.version = 0  # publishes of the parameters so far
+        self.secondary_version: dict[int, int] = {}
         for unit in self.units:
             self._lay_out(unit)
-        self.optimizer = probe if not self.shard_optim else self._shard_optimizer(probe)
+        self.optimizer = probe if not self.split_optim else self._shard_optimizer(probe)
         if self.allocate_grads:
             for _, p in named:
                 p.register_post_accumulate_grad_hook(self._on_grad)
         self.ready = {u.index: 0 for u in self.units}
         self.reduced: set[int] = set()
-        self.inflight: list[tuple[FlatUnit, Handle, torch.Tensor | None]] = []
+        self.inflight: list[tuple[FlatUnit, Chain]] = []
         self.reduce_now = True
-        if self.shard_params:
+        self.last_micro = True
+        if self.split_params:
             self._install_gather_hooks()
+
+    # ---------------------------------------------------------------- levels
+    def _resolve_levels(self, zcfg: Any) -> None:
+        """Each kind's level (dtrain/hierarchy.py) and this rank's part of it at every size in use."""
+        shape = self.comm.topology.shape
+        section = SimpleNamespace(**{k: getattr(zcfg, k, None) for k in ("preset", *KINDS)}, stage=self.stage())
+        auto = None
+        if section.preset == "auto":
+            from dtrain.planner.layout import choose_levels
+
+            auto = choose_levels(self, shape)
+        self.levels = resolve_levels(section, shape, self.level, auto)
+        lv = self.levels
+        self.s_p, self.s_g, self.s_o, self.s_b, self.s_d = (lv.size(k) for k in (*KINDS, "dp"))
+        alone = self.s_d == 1  # world 1 (or a co2 worker): keep the stage's structure, parts of one
+        self.split_params = self.s_p > 1 or (alone and self.shard_params)
+        self.split_grads = self.s_g > 1 or (alone and self.shard_grads)
+        self.split_optim = self.s_o > 1 or (alone and self.shard_optim)
+        self.chain = lv.chain()
+        self.name_of = {1: "rank", self.s_d: self.level}
+        for kind in KINDS:
+            self.name_of.setdefault(lv.size(kind), getattr(lv, kind))
+        self.part = {s: chain_index(shape.rank, s, self.chain) for s in self.chain}
+        dtype = getattr(zcfg, "gather_dtype", "auto")
+        if dtype == "auto":
+            dtype = "bf16" if engine_precision(self.engine) == "bf16" else "fp32"
+        self.gather_dtype = dtype
+        topo = self.comm.topology
+        for small, big in self._steps(1, self.s_d):  # groups of the level steps (collective, same order)
+            if small > 1 and big < shape.world_size:
+                topo.build_peers_within(self.name_of[small], self.name_of[big])
+        if 1 < self.s_o < self.s_d < shape.world_size:
+            topo.build_peers_within(self.name_of[self.s_o], self.level)
+        custom = any(getattr(zcfg, k, None) for k in ("preset", *KINDS))
+        if custom and shape.rank == 0 and getattr(self.engine, "announce", True):
+            print(f"dtrain: {lv.describe()}", flush=True)
+
+    def _steps(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The level steps (small, big) between block sizes ``lo`` and ``hi``, smallest first."""
+        used = [s for s in self.chain if lo <= s <= hi]
+        if hi == self.s_d and self.s_d not in used and lo < hi:
+            used.append(self.s_d)
+        return list(zip(used, used[1:]))
+
+    def _group(self, small: int, big: int) -> tuple[str, bool | str]:
+        """Comm's (level, peers) for one level step: this rank's ``big`` block at its position in ``small``."""
+        if small == 1:
+            return self.name_of[big], False
+        return self.name_of[small], self.name_of[big]
+
+    def _rng(self, unit: FlatUnit, size: int) -> tuple[int, int]:
+        """This rank's part [lo, hi) of ``unit`` at block size ``size`` (nested across sizes)."""
+        return unit.shard_range(size, self.part.get(size, 0))
 
     # ---------------------------------------------------------------- layout
     def _sync_buffers(self, model: nn.Module) -> None:
@@ -155,32 +250,41 @@ class FlatLayout(LayoutPlugin):
         full = unit.flatten_params(self.device)
         self.comm.broadcast(full, self.comm.group_ranks("global")[0])  # identical start on every rank
         unit.bind(full)
-        lo, hi = unit.shard_range(self.parts, self.index)
-        unit.shard = full[lo:hi].clone() if self.shard_optim else None
-        if self.shard_params:
+        p_lo, p_hi = self._rng(unit, self.s_p)
+        o_lo, o_hi = self._rng(unit, self.s_o)
+        unit.shard = full[p_lo:p_hi].clone() if self.split_params else None
+        # The optimizer steps views of the parameters it owns: no separate fp32 copy.
+        holder, base = (unit.shard, p_lo) if self.split_params else (full, 0)
+        self.master[unit.index] = holder[o_lo - base:o_hi - base]
+        if 1 < self.s_b < self.s_p and unit.module is not self.model:  # the root stays gathered for backward
+            b_lo, b_hi = self._rng(unit, self.s_b)
+            self.secondary[unit.index] = full[b_lo:b_hi].clone()
+            self.secondary_version[unit.index] = self.version
+        if self.split_params:
             unit.release()
         if not self.allocate_grads:  # a forward-only step strategy: no gradient is ever computed
             unit.grad_full, unit.grad_shard = None, None
-        elif self.shard_grads:
-            unit.grad_full, unit.grad_shard = None, torch.zeros(hi - lo, device=self.device)
+            self.master_grad[unit.index] = None
+        elif self.split_grads:
+            g_lo, g_hi = self._rng(unit, self.s_g)
+            unit.grad_full, unit.grad_shard = None, torch.zeros(g_hi - g_lo, device=self.device)
+            self.master_grad[unit.index] = unit.grad_shard[o_lo - g_lo:o_hi - g_lo]
         else:
             unit.grad_full, unit.grad_shard = torch.zeros(unit.padded, device=self.device), None
             for s, view in zip(unit.slots, unit.views(unit.grad_full)):
                 s.param.grad = view
+            self.master_grad[unit.index] = unit.grad_full[o_lo:o_hi]
 
     def _shard_optimizer(self, probe: torch.optim.Optimizer) -> torch.optim.Optimizer:
         per_group: list[list[torch.Tensor]] = [[] for _ in probe.param_groups]
         self.opt_views: list[OptView] = []
         for unit in self.units:
-            lo, hi = unit.shard_range(self.parts, self.index)
-            if not self.allocate_grads:
-                grad = None
-            else:
-                grad = unit.grad_shard if self.shard_grads else unit.grad_full[lo:hi]
+            lo, hi = self._rng(unit, self.s_o)
+            master, grad = self.master[unit.index], self.master_grad[unit.index]
             for g, a, b in unit.group_ranges():
                 a, b = max(a, lo), min(b, hi)
                 if a < b:
-                    view = unit.shard[a - lo:b - lo]
+                    view = master[a - lo:b - lo]
                     view.grad = None if grad is None else grad[a - lo:b - lo]
                     per_group[g].append(view)
                     self.opt_views.append(OptView(unit, g, a, b, view))
@@ -202,18 +306,18 @@ class FlatLayout(LayoutPlugin):
 
     # ----------------------------------------------------- gradient reduction
     def start_micro_step(self, micro_step: int, last_micro_step: bool) -> None:
-        self.reduce_now = self.shard_grads or last_micro_step
+        self.reduce_now = self.split_grads or last_micro_step
         self.last_micro = last_micro_step
 
     def on_unit_reduced(self, callback: Callable[[UnitSpec], None] | None) -> bool:
         """Call ``callback(unit)`` when a unit's last-micro-step reduction completes (waiting for
-        reductions in order, at most ``MAX_INFLIGHT`` in flight, as stage 2/3 always do)."""
+        reductions in order, at most ``MAX_INFLIGHT`` in flight, as split gradients always do)."""
         self.unit_reduced = callback
         return True
 
     def _on_grad(self, p: torch.Tensor) -> None:
         unit = self.unit_of[id(p)]
-        if self.shard_grads:
+        if self.split_grads:
             if unit.grad_full is None:
                 unit.grad_full = torch.zeros(unit.padded, device=self.device)
             slot = unit.slot_of[id(p)]
@@ -223,30 +327,59 @@ class FlatLayout(LayoutPlugin):
         if self.ready[unit.index] == len(unit.slots) and self.reduce_now:
             self._reduce(unit)
 
+    def _reduce_steps(self, unit: FlatUnit, state: dict[str, torch.Tensor], lo: int, hi: int) -> list:
+        """Reduce-scatter ``state["cur"]`` (this rank's part at size ``lo``) step by step up to ``hi``."""
+        steps = []
+        for small, big in self._steps(lo, hi):
+            def step(small: int = small, big: int = big) -> Handle:
+                cur = state["cur"]
+                out = torch.empty(cur.numel() * small // big, device=self.device)
+                state["cur"] = out
+                level, peers = self._group(small, big)
+                return self.comm.reduce_scatter(out, cur, level, peers=peers, async_op=True)
+            steps.append(step)
+        return steps
+
+    def _finish_steps(self, unit: FlatUnit, state: dict[str, torch.Tensor], lo: int) -> list:
+        """From this rank's part at size ``lo`` to its fully reduced master gradient."""
+        steps = self._reduce_steps(unit, state, lo, self.s_o)
+        if self.s_d > self.s_o:  # replicas of the optim part: all-reduce across them
+            peers = False if self.s_o == 1 else self.level
+            level = self.level if self.s_o == 1 else self.name_of[self.s_o]
+            steps.append(lambda: self.comm.all_reduce(state["cur"], level, peers=peers, async_op=True))
+        target = self.master_grad[unit.index]
+
+        def store() -> None:
+            if state["cur"].data_ptr() != target.data_ptr():
+                target.copy_(state["cur"])
+        steps.append(store)
+        return steps
+
     def _reduce(self, unit: FlatUnit) -> None:
         self.reduced.add(unit.index)
-        if self.shard_params:
+        if self.split_params:
             unit.release()
         buf = unit.grad_full
         if buf is None:  # no parameter of this unit received a gradient
             buf = torch.zeros(unit.padded, device=self.device)
-        buf.div_(self.parts)
-        if self.shard_grads:
-            out = torch.empty_like(unit.grad_shard)
-            handle = self.comm.reduce_scatter(out, buf, self.level, async_op=True)
+        buf.div_(self.s_d)
+        state = {"cur": buf}
+        if self.split_grads:
             unit.grad_full = None
+            steps = self._reduce_steps(unit, state, 1, self.s_g)
+            steps.append(lambda: _local(unit.grad_shard.add_, state["cur"]))
+            if self.last_micro and (self.s_o > self.s_g or self.s_d > self.s_o):
+                after = {"cur": unit.grad_shard}
+                steps.extend(self._finish_steps(unit, after, self.s_g))
         else:
-            out = None
-            handle = self.comm.all_reduce(buf, self.level, async_op=True)
-        self.inflight.append((unit, handle, out))
-        if self.shard_grads or self.unit_reduced is not None:
+            steps = self._finish_steps(unit, state, 1)
+        self.inflight.append((unit, Chain(steps)))
+        if self.split_grads or self.unit_reduced is not None:
             while len(self.inflight) > MAX_INFLIGHT:
                 self._complete(*self.inflight.pop(0))
 
-    def _complete(self, unit: FlatUnit, handle: Handle, out: torch.Tensor | None) -> None:
-        handle.wait()
-        if out is not None:
-            unit.grad_shard.add_(out)
+    def _complete(self, unit: FlatUnit, chain: Chain) -> None:
+        chain.wait()
         if self.unit_reduced is not None and self.last_micro:
             self.unit_reduced(unit.spec)
 
@@ -257,7 +390,7 @@ class FlatLayout(LayoutPlugin):
                     self._reduce(unit)
         while self.inflight:
             self._complete(*self.inflight.pop(0))
-        if self.shard_params:  # nothing gathered may outlive the step: the shards are about to change
+        if self.split_params:  # nothing gathered may outlive the step: the shards are about to change
             while self.pending:
                 self.pending.popitem()[1].wait()
             for unit in self.units:
@@ -271,18 +404,16 @@ class FlatLayout(LayoutPlugin):
         """The reduced gradient this rank is responsible for (padding is zero)."""
         if not self.allocate_grads:
             raise RuntimeError("this layout holds no gradients: the step strategy set allocate_grads = False")
-        if self.shard_grads:
-            return [u.grad_shard for u in self.units]
-        if self.shard_optim:
-            return [u.grad_full[slice(*u.shard_range(self.parts, self.index))] for u in self.units]
+        if self.split_optim:
+            return [self.master_grad[u.index] for u in self.units]
         return [u.grad_full for u in self.units]
 
     def grad_norm_sq(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in self._grad_tensors():
             total += g.double().pow(2).sum()
-        if self.shard_optim:
-            self.comm.all_reduce(total, self.level)
+        if self.split_optim and self.s_o > 1:
+            self.comm.all_reduce(total, self.name_of[self.s_o])
         return total
 
     def scale_grads(self, factor: float) -> None:
@@ -294,28 +425,65 @@ class FlatLayout(LayoutPlugin):
         self.publish()
 
     def publish(self) -> None:
-        if self.shard_optim and not self.shard_params:
-            handles = [self.comm.all_gather(u.full, u.shard, self.level, async_op=True) for u in self.units]
-            for h in handles:
-                h.wait()
+        """All-gather the updated master parts level by level down to the parameters' level. The
+        backward copies are now out of date: each is rebuilt by its unit's next forward gather."""
+        self.version += 1
+        if self.split_optim:
+            for small, big in reversed(self._steps(self.s_p, self.s_o)):
+                handles = []
+                for unit in self.units:
+                    holder, base = (unit.shard, self._rng(unit, self.s_p)[0]) if self.split_params else (unit.full, 0)
+                    handles.append(self._gather_step(holder, base, unit, small, big))
+                for h in handles:
+                    h.wait()
         self._sync_step_buffers()
+
+    def _gather_step(self, holder: torch.Tensor, base: int, unit: FlatUnit, small: int, big: int) -> Handle:
+        """One level step of an all-gather inside ``holder`` (unit elements from ``base``)."""
+        out_lo, out_hi = self._rng(unit, small)
+        in_lo, in_hi = self._rng(unit, big)
+        level, peers = self._group(small, big)
+        return self.comm.all_gather(holder[out_lo - base:out_hi - base], holder[in_lo - base:in_hi - base].clone(),
+                                    level, peers=peers, async_op=True)
+
+    def _refresh_backward_copy(self, unit: FlatUnit) -> None:
+        """The last step of a forward gather (hpZ): keep this rank's part of the gathered unit at the
+        backward level, with the parameter version it was gathered at. It runs only after every
+        all-gather of the chain was waited for, so the copy never races the prefetch (ZeRO++ #5059)."""
+        b_lo, b_hi = self._rng(unit, self.s_b)
+        self.secondary[unit.index].copy_(unit.full[b_lo:b_hi])
+        self.secondary_version[unit.index] = self.version
 
     def zero_grad(self) -> None:
         if not self.allocate_grads:
             return
         for u in self.units:
-            (u.grad_shard if self.shard_grads else u.grad_full).zero_()
+            (u.grad_shard if self.split_grads else u.grad_full).zero_()
 
     # ------------------------------------------------------------ descriptors
     def unit_specs(self) -> list[UnitSpec]:
         return [u.spec for u in self.units]
 
     def placement(self, kind: str) -> tuple[str, int, int]:
-        sharded = {"param": self.shard_params, "grad": self.shard_grads}.get(kind, self.shard_optim)
-        return (self.level, self.parts, self.index) if sharded else ("rank", 1, 0)
+        if kind == "param":
+            sharded, size, level = self.split_params, self.s_p, self.levels.params
+        elif kind == "grad":
+            sharded, size, level = self.split_grads, self.s_g, self.levels.grads
+        else:
+            sharded, size, level = self.split_optim, self.s_o, self.levels.optim
+        return (level, size, self.part.get(size, 0)) if sharded else ("rank", 1, 0)
+
+    def part_holders(self, kind: str) -> list[int]:
+        level, parts, _ = self.placement(kind)
+        if level == "rank":
+            return [0]
+        holders = [0] * parts
+        for r in range(parts):  # rank 0's block: the ranks 0 .. parts-1
+            holders[chain_index(r, parts, self.chain)] = r
+        return holders
 
     def optimizer_pieces(self) -> list[tuple[UnitSpec, Piece]]:
-        if self.shard_optim:
+        if self.split_optim:
             return [(v.unit.spec, Piece(v.lo, v.hi, v.tensor, v.group)) for v in self.opt_views]
         return [(u.spec, Piece(s.offset, s.offset + s.numel, s.param, s.group)) for u in self.units for s in u.slots]
 
@@ -330,22 +498,25 @@ class FlatLayout(LayoutPlugin):
         for unit in self.units:
             lo, hi = unit.shard_range(parts, index)
             if kind == "grad":
-                tensor = unit.grad_shard if self.shard_grads else unit.grad_full
+                tensor = unit.grad_shard if self.split_grads else unit.grad_full
             elif kind == "param":
-                tensor = unit.shard if self.shard_params else unit.full
+                tensor = unit.shard if self.split_params else unit.full
             else:
-                tensor = unit.shard if self.shard_optim else unit.full
+                tensor = self.master[unit.index] if self.split_optim else unit.full
             pieces = (Piece(lo, hi, tensor),) if tensor is not None else ()
             out.append(Shard(unit.spec, kind, level, parts, index, lo, hi, pieces, primary=primary))
         return out
 
     # ------------------------------------------------------------- reporting
     def state_bytes(self) -> dict[str, int]:
-        shard = sum(u.shard.numel() for u in self.units) * 4 if self.shard_optim else 0
-        full = sum(u.padded for u in self.units) * 4
         frozen = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
-        params = frozen + shard + (0 if self.shard_params else full)
-        grads = 0 if not self.allocate_grads else shard if self.shard_grads else full
+        held = sum((u.shard if self.split_params else u.full).numel() for u in self.units)
+        held += sum(t.numel() for t in self.secondary.values())
+        params = frozen + 4 * held
+        if not self.allocate_grads:
+            grads = 0
+        else:
+            grads = 4 * sum((u.grad_shard if self.split_grads else u.grad_full).numel() for u in self.units)
         optim = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
                     for t in st.values() if torch.is_tensor(t))
         return {"params": params, "grads": grads, "optim": optim}
@@ -353,10 +524,9 @@ class FlatLayout(LayoutPlugin):
     def full_parameters(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for unit in self.units:
-            gathered_here = self.shard_params and not unit.materialized
+            gathered_here = self.split_params and not unit.materialized
             if gathered_here:
-                unit.materialize()
-                self.comm.all_gather(unit.full, unit.shard, self.level)
+                self._gather_chain(unit, unit.shard, self.s_p, "fp32").wait()
             for s in unit.slots:
                 out[s.name] = s.param.detach().to("cpu", torch.float32, copy=True)
             if gathered_here:
@@ -368,28 +538,90 @@ class FlatLayout(LayoutPlugin):
 
     # ------------------------------------------------------- stage-3 gathering
     def _install_gather_hooks(self) -> None:
-        self.pending: dict[FlatUnit, Handle] = {}
+        self.pending: dict[FlatUnit, Chain] = {}
         self.order: list[FlatUnit] = []
         for unit in self.units:
             unit.module.register_forward_pre_hook(lambda m, a, u=unit: self._pre_forward(u))
             unit.module.register_forward_hook(lambda m, a, out, u=unit: self._post_forward(u, out))
 
-    def _gather(self, unit: FlatUnit, async_op: bool = False) -> None:
+    def _gather_chain(self, unit: FlatUnit, source: torch.Tensor, size: int, dtype: str) -> Chain:
+        """Materialise ``unit.full`` from this rank's part at block size ``size`` (``source``),
+        all-gathering one level step at a time, in ``dtype`` on the wire (``int8``: block-wise
+        quantised with fp32 scales, dequantised on arrival)."""
+        unit.materialize()
+        full = unit.full
+        if dtype == "int8":
+            return self._gather_int8(unit, source, size)
+        wire = full if dtype == "fp32" else torch.empty(unit.padded, dtype=torch.bfloat16, device=self.device)
+        lo, hi = self._rng(unit, size)
+        steps: list[Callable[[], Handle | None]] = [lambda: _local(wire[lo:hi].copy_, source)]
+        for small, big in reversed(self._steps(1, size)):
+            steps.append(lambda small=small, big=big: self._gather_step(wire, 0, unit, small, big))
+        if wire is not full:
+            steps.append(lambda: _local(full.copy_, wire))
+        if size == self.s_p and unit.index in self.secondary:
+            steps.append(lambda: self._refresh_backward_copy(unit))
+        return Chain(steps)
+
+    def _gather_int8(self, unit: FlatUnit, source: torch.Tensor, size: int) -> Chain:
+        """int8 codes and one fp32 scale per block of every part at ``size``, gathered step by step."""
+        lo, hi = self._rng(unit, size)
+        per = hi - lo
+        blocks = -(-per // INT8_BLOCK)
+        codes = torch.empty(unit.padded, dtype=torch.int8, device=self.device)
+        scales = torch.empty(blocks * size, device=self.device)
+
+        def quantise() -> None:
+            q, sc = quantize_int8(source)
+            codes[lo:hi].copy_(q)
+            scales[lo // per * blocks:hi // per * blocks].copy_(sc)
+
+        def step(small: int, big: int) -> Handle:
+            level, peers = self._group(small, big)
+            (o_lo, o_hi), (i_lo, i_hi) = self._rng(unit, small), self._rng(unit, big)
+            first = self.comm.all_gather(codes[o_lo:o_hi], codes[i_lo:i_hi].clone(), level, peers=peers,
+                                         async_op=True)
+            second = self.comm.all_gather(scales[o_lo // per * blocks:o_hi // per * blocks],
+                                          scales[i_lo // per * blocks:i_hi // per * blocks].clone(),
+                                          level, peers=peers, async_op=True)
+            first.wait()
+            return second
+
+        def dequantise() -> None:
+            for part in range(size):
+                unit.full[part * per:(part + 1) * per].copy_(
+                    dequantize_int8(codes[part * per:(part + 1) * per], scales[part * blocks:(part + 1) * blocks]))
+
+        steps: list[Callable[[], Handle | None]] = [quantise]
+        steps += [lambda small=small, big=big: step(small, big) for small, big in reversed(self._steps(1, size))]
+        steps.append(dequantise)
+        if size == self.s_p and unit.index in self.secondary:
+            steps.append(lambda: self._refresh_backward_copy(unit))
+        return Chain(steps)
+
+    def _gather(self, unit: FlatUnit, async_op: bool = False, backward: bool = False) -> None:
         if unit in self.pending:
-            handle = self.pending.pop(unit)
+            chain = self.pending.pop(unit)
             if not async_op:
-                handle.wait()
+                chain.wait()
             else:
-                self.pending[unit] = handle
+                self.pending[unit] = chain
             return
         if unit.materialized:
             return
-        unit.materialize()
-        handle = self.comm.all_gather(unit.full, unit.shard, self.level, async_op=True)
-        if async_op:
-            self.pending[unit] = handle
+        if backward and unit.index in self.secondary:
+            if self.secondary_version[unit.index] != self.version:
+                raise StaleCopyError(
+                    f"unit {unit.name}: the backward copy was refreshed at parameter version "
+                    f"{self.secondary_version[unit.index]}, the parameters are at version {self.version}; "
+                    f"the copy was not refreshed by this step's forward gather (the ZeRO++ #5059 race)")
+            chain = self._gather_chain(unit, self.secondary[unit.index], self.s_b, self.gather_dtype)
         else:
-            handle.wait()
+            chain = self._gather_chain(unit, unit.shard, self.s_p, self.gather_dtype)
+        if async_op:
+            self.pending[unit] = chain
+        else:
+            chain.wait()
 
     def _neighbour(self, unit: FlatUnit, step: int) -> FlatUnit | None:
         if unit not in self.order:
@@ -410,17 +642,48 @@ class FlatLayout(LayoutPlugin):
             for t in tree_flatten(output)[0]:
                 if torch.is_tensor(t) and t.requires_grad:
                     t.register_hook(lambda grad, u=unit: self._pre_backward(u))
-        keep = torch.is_grad_enabled() and unit.module is self.model  # backward starts at the root
+        # backward starts at the root; with backward_params = rank every unit stays gathered
+        keep = torch.is_grad_enabled() and (unit.module is self.model or self.s_b == 1)
         if not keep and unit not in self.pending:
             unit.release()
 
     def _pre_backward(self, unit: FlatUnit) -> None:
         if unit.index in self.reduced:
             return
-        self._gather(unit)
+        self._gather(unit, backward=True)
         prev = self._neighbour(unit, -1)
         if self.engine.config.zero.prefetch and prev is not None and prev.index not in self.reduced:
-            self._gather(prev, async_op=True)
+            self._gather(prev, async_op=True, backward=True)
+
+
+def _local(fn: Callable[..., Any], *args: Any) -> None:
+    """A chain step doing local work (no collective to wait for)."""
+    fn(*args)
+
+
+def engine_precision(engine: Any) -> str:
+    train = getattr(getattr(engine, "config", None), "train", None)
+    return getattr(train, "precision", "fp32")
+
+
+def quantize_int8(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise symmetric int8 (blocks of :data:`INT8_BLOCK`, the last one padded): codes, fp32 scales."""
+    n = values.numel()
+    blocks = -(-n // INT8_BLOCK)
+    padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32, device=values.device)
+    padded[:n].copy_(values.reshape(-1))
+    padded = padded.view(blocks, INT8_BLOCK)
+    scales = padded.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+    codes = torch.round(padded / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(-1)[:n], scales
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    n = codes.numel()
+    blocks = scales.numel()
+    padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32, device=codes.device)
+    padded[:n].copy_(codes.to(torch.float32))
+    return (padded.view(blocks, INT8_BLOCK) * scales[:, None]).reshape(-1)[:n]
 
 
 @register

@@ -142,8 +142,10 @@ def test_descriptors_share_storage_with_the_state():
     master.view().add_(1.0)  # an outer step, a load: the master changed outside the optimizer
     assert torch.equal(layout.shards("master")[0].view(), before + 1)
     param = layout.shards("param")[0]
-    assert not torch.equal(param.view()[master.lo:master.hi], before + 1)
-    layout.publish()  # the working parameters follow the master (this rank's part of the gather)
+    # ZeRO-1 keeps no separate fp32 copy: the master part is a view of the working parameters
+    assert torch.equal(param.view()[master.lo:master.hi], before + 1)
+    assert master.view().data_ptr() == param.view().data_ptr() + master.lo * 4
+    layout.publish()  # the other ranks' parts of the gather
     assert torch.equal(param.view()[master.lo:master.hi], before + 1)
     name = master.unit.slots[-1].name  # rank 1 holds the unit's tail
     assert model.get_parameter(name).data_ptr() == param.view().data_ptr() + master.unit.slots[-1].offset * 4

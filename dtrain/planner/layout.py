@@ -1,0 +1,201 @@
+"""Planner for per-kind zero levels: ``dtrain plan layout``, ``dtrain plan memory``, ``zero.preset = "auto"``.
+
+Every valid assignment of (params, grads, optim, backward_params) to the cluster's levels
+(:func:`dtrain.hierarchy.resolve_levels` decides validity) is costed with the volume formula
+(:func:`dtrain.hierarchy.step_volume`, docs/hierarchical.md): per level, bytes / the level's
+bandwidth plus one latency per collective, intra-node levels at the cluster file's
+``intra_node_GBps`` / ``intra_node_latency_us`` and levels spanning nodes at the inter-node
+figures. Collectives of different levels are assumed not to overlap (a conservative sum); compute
+is the same for every assignment and left out, so the predicted time is the communication time of
+one step. Memory per rank is :func:`state_bytes_per_rank` (the persistent state; activations are
+not counted). The assignment with the least predicted time that fits ``--memory-gb`` wins.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Mapping, Sequence
+
+from dtrain.config import ConfigError
+from dtrain.hierarchy import KINDS, Levels, resolve_levels, step_volume
+from dtrain.planner.cluster import ClusterSpec, default_cluster, load_cluster
+from dtrain.planner.errors import PlannerError
+from dtrain.topology import Shape
+
+GB = 1e9
+
+
+def state_bytes_per_rank(units: Sequence[int], levels: Levels, *, optim_states: int = 2,
+                         tiers: Mapping[str, str] | None = None, root_unit: int | None = None) -> dict[str, dict[str, int]]:
+    """Persistent bytes one rank holds per tier and kind (params, grads, optim) under ``levels``.
+
+    ``units`` are padded element counts; ``optim_states`` fp32 values per element (Adam: 2);
+    ``tiers`` maps a kind to the tier holding it (default: every kind on ``device``); this is where
+    an offload tier's choice plugs in. ``root_unit`` is the index of the unit kept gathered from
+    forward to backward (no backward copy). With ``backward_params = "rank"`` under split
+    parameters the gathered units stay alive through the backward: counted here as a full copy.
+    """
+    tiers = dict(tiers or {})
+    p = sum(units)
+    s_p, s_g, s_o, s_b = (levels.size(k) for k in KINDS)
+    params = 4 * p // s_p
+    if s_b < s_p:  # the backward copy (s_b = 1: every unit stays gathered from forward to backward)
+        params += 4 * sum(u for i, u in enumerate(units) if i != root_unit) // s_b
+    kinds = {"params": params, "grads": 4 * p // s_g, "optim": optim_states * 4 * p // s_o}
+    out: dict[str, dict[str, int]] = {}
+    for kind, nbytes in kinds.items():
+        out.setdefault(tiers.get(kind, "device"), {})[kind] = nbytes
+    return out
+
+
+def shape_of_cluster(cluster: ClusterSpec) -> Shape:
+    nodes = max(1, cluster.num_devices // cluster.devices_per_node)
+    return Shape.of(cluster.num_devices, 0, nodes)
+
+
+def valid_assignments(shape: Shape) -> list[Levels]:
+    names = ["rank", *dict.fromkeys(n for n, _ in shape.levels)]
+    sizes = {n: shape.size(n) for n in names}
+    unique = list({sizes[n]: n for n in reversed(names)}.values())  # one name per block size
+    out = []
+    for combo in itertools.product(unique, repeat=4):
+        section = SimpleNamespace(stage=0, preset=None, **dict(zip(KINDS, combo)))
+        try:
+            out.append(resolve_levels(section, shape))
+        except ConfigError:
+            continue
+    return out
+
+
+@dataclass
+class Candidate:
+    levels: Levels
+    bytes_per_level: dict[str, int]
+    time_s: float
+    memory_bytes: int
+    feasible: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.levels.as_dict(), "bytes_per_level": self.bytes_per_level, "predicted_step_comm_s": self.time_s,
+                "memory_bytes_per_rank": self.memory_bytes, "feasible": self.feasible}
+
+
+def predict(units: Sequence[int], levels: Levels, shape: Shape, cluster: ClusterSpec, grad_accum: int = 1,
+            gather_dtype: str = "fp32") -> tuple[dict[str, int], float]:
+    counts: dict[str, int] = {}
+    volume = step_volume(units, levels, shape, backward_units=units[:-1], grad_accum=grad_accum,
+                         gather_dtype=gather_dtype, counts=counts)
+    node = shape.size("node")
+    time = 0.0
+    for level, nbytes in volume.items():
+        inside = shape.size(level) <= node
+        bw = (cluster.intra_node_GBps if inside else cluster.inter_node_GBps) * GB
+        lat = (cluster.intra_node_latency_us if inside else cluster.inter_node_latency_us) * 1e-6
+        time += nbytes / bw + counts.get(level, 0) * lat
+    return volume, time
+
+
+def plan_layouts(units: Sequence[int], shape: Shape, cluster: ClusterSpec, memory_bytes: float | None = None,
+                 grad_accum: int = 1) -> list[Candidate]:
+    """Every valid assignment with its predicted time and memory, best (feasible, fastest) first."""
+    out = []
+    for levels in valid_assignments(shape):
+        volume, time = predict(units, levels, shape, cluster, grad_accum)
+        memory = sum(sum(k.values()) for k in state_bytes_per_rank(units, levels,
+                                                                   root_unit=len(units) - 1).values())
+        out.append(Candidate(levels, volume, time, memory, memory_bytes is None or memory <= memory_bytes))
+    out.sort(key=lambda c: (not c.feasible, c.time_s, c.memory_bytes))
+    return out
+
+
+def model_units(model: Any) -> list[int]:
+    """A model shape's units as ZeRO-3 forms them: one per layer, then the root (embeddings)."""
+    embed = model.vocab * model.hidden * (1 if model.tied_embeddings else 2)
+    return [model.params_per_layer] * model.layers + [embed]
+
+
+def choose_levels(layout: Any, shape: Shape) -> dict[str, str]:
+    """``zero.preset = "auto"`` at start-up: the planner's fastest assignment for this model on this
+    shape, with the cluster file named by ``DTRAIN_CLUSTER`` (default: the planner's default)."""
+    import os
+
+    path = os.environ.get("DTRAIN_CLUSTER")
+    cluster = load_cluster(path) if path else default_cluster()
+    cluster = ClusterSpec(**{**cluster.__dict__, "num_devices": shape.world_size,
+                             "devices_per_node": shape.size("node")})
+    sizes = [p.numel() for p in layout.model.parameters() if p.requires_grad] if hasattr(layout, "model") else []
+    if not sizes:
+        model = getattr(layout, "_auto_model", None)
+        sizes = [p.numel() for p in model.parameters() if p.requires_grad] if model is not None else [1]
+    units = [sum(sizes)]
+    best = plan_layouts(units, shape, cluster)[0]
+    return best.levels.as_dict()
+
+
+# ----------------------------------------------------------------------- CLI
+def add_subcommands(sub: Any) -> None:
+    """``dtrain plan layout`` and ``dtrain plan memory`` (added to planner/cli.py's subparsers)."""
+    lay = sub.add_parser("layout", help="choose the zero level of each kind of state for a cluster")
+    lay.add_argument("--model", default="7b", help="7b, 13b, gpt-bench or layers=..,hidden=..,heads=..,vocab=..")
+    lay.add_argument("--cluster", metavar="FILE", help="cluster TOML (default cluster/a100_8x8.toml)")
+    lay.add_argument("--memory-gb", type=float, default=None, help="per-rank limit for the persistent state")
+    lay.add_argument("--grad-accum", type=int, default=1)
+    lay.add_argument("--json", action="store_true")
+    mem = sub.add_parser("memory", help="per-rank bytes per kind and tier for a zero config")
+    mem.add_argument("--model", default="7b")
+    mem.add_argument("--cluster", metavar="FILE", help="cluster TOML (for the world and node size)")
+    mem.add_argument("--config", metavar="FILE", help="dtrain config TOML (its zero section)")
+    mem.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    mem.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dtrain.planner.shapes import parse_model
+
+    cluster = load_cluster(args.cluster) if args.cluster else default_cluster()
+    shape = shape_of_cluster(cluster)
+    model = parse_model(args.model)
+    units = model_units(model)
+    if args.command == "layout":
+        if args.memory_gb is not None and args.memory_gb <= 0:
+            raise PlannerError(f"--memory-gb {args.memory_gb} must be positive")
+        cands = plan_layouts(units, shape, cluster, None if args.memory_gb is None else args.memory_gb * GB,
+                             args.grad_accum)
+        if not cands[0].feasible:
+            raise PlannerError(f"no assignment fits {args.memory_gb} GB per rank for {model.name} on "
+                               f"{cluster.num_devices} ranks (smallest needs "
+                               f"{min(c.memory_bytes for c in cands) / GB:.2f} GB); add ranks or offload")
+        if args.json:
+            print(json.dumps({"choice": cands[0].to_dict(), "candidates": [c.to_dict() for c in cands]}, sort_keys=True))
+            return 0
+        print(f"{model.name} ({sum(units) / 1e6:.1f} M params) on {cluster.name}: {cluster.num_devices} ranks, "
+              f"{cluster.devices_per_node} per node")
+        print(f"{'params':>7} {'grads':>7} {'optim':>7} {'bwd':>7} {'comm s/step':>12} {'GB/rank':>8}  bytes per level")
+        for c in cands:
+            lv = c.levels
+            vol = ", ".join(f"{k} {v / GB:.3g} GB" for k, v in sorted(c.bytes_per_level.items()))
+            mark = "" if c.feasible else "  (over memory)"
+            print(f"{lv.params:>7} {lv.grads:>7} {lv.optim:>7} {lv.backward_params:>7} {c.time_s:12.4f} "
+                  f"{c.memory_bytes / GB:8.2f}  {vol}{mark}")
+        lv = cands[0].levels
+        print(f"choice: zero.params={lv.params} zero.grads={lv.grads} zero.optim={lv.optim} "
+              f"zero.backward_params={lv.backward_params} (predicted {cands[0].time_s:.4f} s of communication per step)")
+        return 0
+    from dtrain.config import Config
+    from dtrain.hierarchy import check_zero_config
+
+    config = Config.load(args.config, args.set, defer_unknown_sections=True)
+    levels = check_zero_config(config.zero, shape)
+    tiers = state_bytes_per_rank(units, levels, root_unit=len(units) - 1)
+    if args.json:
+        print(json.dumps({"levels": levels.as_dict(), "bytes_per_rank": tiers}, sort_keys=True))
+        return 0
+    print(f"{model.name} on {cluster.num_devices} ranks ({cluster.devices_per_node} per node); {levels.describe()}")
+    for tier, kinds in tiers.items():
+        for kind, nbytes in kinds.items():
+            print(f"{tier:>7} {kind:>7} {nbytes / GB:10.3f} GB")
+    print(f"{'total':>15} {sum(sum(k.values()) for k in tiers.values()) / GB:10.3f} GB per rank")
+    return 0
