@@ -1,16 +1,15 @@
 """The DeepSpeed bridge: a DeepSpeed JSON config translated into dtrain config data (torch-free).
 
-Every DeepSpeed key gets one of five treatments (docs/deepspeed.md has the table):
+Every DeepSpeed key gets one of four treatments (docs/deepspeed.md has the table):
 
-* **mapped** onto a dtrain key (``zero_optimization.stage`` -> ``zero.stage``, ...);
+* **mapped** onto a dtrain key (``zero_optimization.stage`` -> ``zero.stage``, ...). A mapping that
+  is not one-to-one (hpZ's partition size becomes a declared topology level) adds a note to the
+  warning line saying what it became;
 * **ignored**: the key only tunes speed, memory layout or logging of DeepSpeed's own implementation
   and dtrain has no such knob or always does the equivalent (``overlap_comm``: dtrain always
   overlaps). Ignored keys are listed in ONE warning line;
 * **rejected**: the key would change what is trained (fp16 loss scaling, the optimizer, the data
   schedule) or asks for a feature dtrain lacks; one line per key naming what to use instead;
-* **not yet**: a feature with an open issue (hierarchical partitioning: issue 13, offload tier:
-  issue 14). :data:`NOT_YET` is the one place to edit when it lands: move the key into the
-  section's mapping table with its dtrain target;
 * a key at its DeepSpeed "off" value (``enabled: false``, ``zero_hpz_partition_size: 1``, offload
   device ``none``) is accepted without comment, whatever its treatment when on.
 
@@ -30,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 from dtrain.config import Config, ConfigError
 
-__all__ = ["from_deepspeed", "translate", "Translation", "to_overrides", "launch_overrides", "NOT_YET"]
+__all__ = ["from_deepspeed", "translate", "Translation", "to_overrides", "launch_overrides"]
 
 AUTO = "auto"
 log = logging.getLogger("dtrain")
@@ -46,6 +45,8 @@ class Translation:
     """DeepSpeed keys accepted and ignored (tuning or logging only)."""
     auto: list[str] = field(default_factory=list)
     """DeepSpeed keys set to "auto": left to dtrain's defaults."""
+    notes: list[str] = field(default_factory=list)
+    """What a mapping that is not one-to-one became (``zero_hpz_partition_size`` -> a declared level)."""
     train_batch_size: int | None = None
     """DeepSpeed's global batch size, recorded to check against micro x accum x world."""
     batch_checked: bool = False
@@ -53,7 +54,7 @@ class Translation:
 
     def warning(self) -> str | None:
         """The one warning line, or None when nothing was ignored or left to defaults."""
-        parts = []
+        parts = [f"mapped {note}" for note in self.notes]
         if self.ignored:
             parts.append(f"ignored (DeepSpeed tuning/logging, no dtrain equivalent): {', '.join(self.ignored)}")
         if self.auto:
@@ -72,8 +73,12 @@ class _Walk:
         self.problems: list[str] = []
 
     def set(self, dtrain_key: str, value: Any) -> None:
-        section, key = dtrain_key.split(".")
-        self.result.data.setdefault(section, {})[key] = value
+        """``set("topology.levels.hpz", 16)`` -> ``{"topology": {"levels": {"hpz": 16}}}``."""
+        *sections, key = dtrain_key.split(".")
+        node = self.result.data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
 
     def reject(self, ds_key: str, message: str) -> None:
         self.problems.append(f"{self.result.source}: {ds_key}: {message}")
@@ -318,41 +323,93 @@ def _scheduler(walk: _Walk, key: str, value: Any) -> None:
                     f"the optimizer's lr set to {lr}{needs_math}{_placeholders(params)}")
 
 
-# ------------------------------------------------------------------ the key tables
-HIERARCHICAL = "hierarchical partitioning is not available yet (issue 13)"
-OFFLOAD = "the offload tier is not available yet (issue 14)"
+# ------------------------------------------------------------------ hierarchical levels (docs/hierarchical.md)
+HPZ_LEVEL = "hpz"
+MICS_LEVEL = "mics"
+"""Names of the topology levels the bridge declares. DeepSpeed gives a group size in ranks, and the
+bridge does not know the ranks per node (the launcher's business), so it declares a level of exactly
+that size; when a node has that many ranks its blocks are the node's."""
+
+
+def _declare_level(walk: _Walk, key: str, value: Any, level: str, kinds: tuple[str, ...], what: str) -> None:
+    try:
+        size = _int(key, value, 2)
+    except ConfigError as exc:
+        walk.reject(key, str(exc))
+        return
+    walk.set(f"topology.levels.{level}", size)
+    for kind in kinds:
+        walk.set(f"zero.{kind}", level)
+    targets = ", ".join(f'zero.{kind} = "{level}"' for kind in kinds)
+    walk.result.notes.append(f"{key} = {size} -> topology.levels.{level} = {size}, {targets} ({what} over blocks "
+                             f"of {size} ranks; the same blocks as \"node\" when a node has {size} ranks)")
+
+
+def _hpz(walk: _Walk, key: str, value: Any) -> None:
+    _declare_level(walk, key, value, HPZ_LEVEL, ("backward_params",), "hpZ's secondary parameter copy")
+
+
+def _mics(walk: _Walk, key: str, value: Any) -> None:
+    _declare_level(walk, key, value, MICS_LEVEL, ("params", "grads", "optim"), "MiCS: every state split, replicated")
+
+
+def _int8_gather(walk: _Walk, key: str, value: Any) -> None:
+    if value is True:
+        walk.set("zero.gather_dtype", "int8")
+    else:
+        walk.reject(key, f"expected true or false, got {value!r}")
+
+
+# ------------------------------------------------------------------ offload tier (docs/offload.md)
+_OFFLOAD_TIERS = {"cpu": "host", "nvme": "nvme"}
+_PARAM_OFFLOAD = ('parameter offload (offload.params = "host" | "nvme") is not implemented for accelerator '
+                  'devices; remove the key (optimizer state offload, offload_optimizer or cpu_offload, does map)')
 
 
 def _offload_off(value: Any) -> bool:
     return not value or (isinstance(value, Mapping) and str(value.get("device", "none")).lower() == "none")
 
 
-@dataclass(frozen=True)
-class Pending:
-    """A key whose dtrain feature has an open issue: rejected while ``is_off`` is false."""
+def _offload_optimizer(walk: _Walk, key: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        walk.reject(key, f"expected a section (a JSON object), got {value!r}")
+        return
+    device = str(value.get("device", "none")).lower()
+    tier = _OFFLOAD_TIERS.get(device)
+    if tier is None:
+        walk.reject(f"{key}.device", f"{device!r} is not an offload device; use cpu, nvme or none")
+        return
+    walk.set("offload.enabled", True)
+    walk.set("offload.optim", tier)
+    if tier == "nvme":
+        path = value.get("nvme_path")
+        if not isinstance(path, str) or not path or path == AUTO:
+            walk.reject(f"{key}.nvme_path", f"{path!r}: device nvme needs a directory on a local disk "
+                        f"(it becomes offload.dir)")
+        else:
+            walk.set("offload.dir", path)
+    walk.visit(_OFFLOAD_OPTIMIZER, f"{key}.", value)
 
-    reason: str
-    later: str
-    """What it will map to, for the message and docs/deepspeed.md."""
-    is_off: Callable[[Any], bool]
 
-    def handler(self, walk: _Walk, key: str, value: Any) -> None:
-        if not self.is_off(value):
-            walk.reject(key, f"{self.reason}; it will map to {self.later}. Remove the key for now")
+def _cpu_offload(walk: _Walk, key: str, value: Any) -> None:
+    if value is True:
+        walk.set("offload.enabled", True)
+        walk.set("offload.optim", "host")
+    else:
+        walk.reject(key, f"expected true or false, got {value!r}")
 
 
-# The one place to edit when issue 13 / 14 lands: delete the key here and add its mapping to _ZERO.
-NOT_YET: dict[str, Pending] = {
-    "zero_hpz_partition_size": Pending(HIERARCHICAL, 'zero.backward_params = "node" (hpZ)', _off(1, 0)),
-    "mics_shard_size": Pending(HIERARCHICAL, 'zero.params = "node" (MiCS-style sharding)', _off(-1, 0)),
-    "mics_hierarchical_params_gather": Pending(HIERARCHICAL, "zero.params levels", _off(False)),
-    "zero_quantized_weights": Pending(HIERARCHICAL, 'zero.gather_dtype = "int8"', _off(False)),
-    "offload_optimizer": Pending(OFFLOAD, 'offload.optim = "host" | "nvme"', _offload_off),
-    "offload_param": Pending(OFFLOAD, 'offload.params = "host" | "nvme"', _offload_off),
-    "cpu_offload": Pending(OFFLOAD, 'offload.optim = "host"', _off(False)),
-    "cpu_offload_param": Pending(OFFLOAD, 'offload.params = "host"', _off(False)),
+_OFFLOAD_OPTIMIZER: dict[str, Handler] = {
+    "device": _silent,  # read by _offload_optimizer
+    "nvme_path": _silent,
+    # sizes and pipelining dtrain derives itself (docs/offload.md: the staging pool is never the user's to size)
+    **{name: _ignore for name in ("pin_memory", "buffer_count", "pipeline_read", "pipeline_write", "fast_init")},
+    "ratio": _unless(_off(1, 1.0), _reject(
+        "partial optimizer offload is not available: dtrain applies one tier to every unit; remove the key")),
 }
 
+
+# ------------------------------------------------------------------ the key tables
 _ZERO_TUNING = (  # speed/memory knobs of DeepSpeed's implementation: dtrain overlaps, buckets and frees by itself
     "allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter", "contiguous_gradients",
     "use_multi_rank_bucket_allreduce", "load_from_fp32_weights", "elastic_checkpoint", "sub_group_size",
@@ -374,8 +431,18 @@ _ZERO: dict[str, Handler] = {
     "zero_quantized_nontrainable_weights": _unless(_off(False), _reject(
         "quantized frozen weights are not available; remove the key")),
     "zeropp_loco_param": _unless(_off(), _reject("LoCo (ZeRO++ quantized gradients) is not available; remove it")),
-    **{name: pending.handler for name, pending in NOT_YET.items()},
+    "zero_hpz_partition_size": _unless(_off(1, 0), _hpz),
+    "mics_shard_size": _unless(_off(-1, 0), _mics),
+    "mics_hierarchical_params_gather": _unless(_off(False), _ignore),  # dtrain gathers level by level itself
+    "zero_quantized_weights": _unless(_off(False), _int8_gather),
+    "offload_optimizer": _unless(_offload_off, _offload_optimizer),
+    "cpu_offload": _unless(_off(False), _cpu_offload),
+    "offload_param": _unless(_offload_off, _reject(_PARAM_OFFLOAD)),
+    "cpu_offload_param": _unless(_off(False), _reject(_PARAM_OFFLOAD)),
 }
+
+_STAGE3_ONLY = {"zero_hpz_partition_size": "backward_params", "mics_shard_size": "params"}
+"""Keys that split ZeRO-3's parameters, and the zero key each one sets."""
 
 _BF16: dict[str, Handler] = {
     "enabled": _silent,
@@ -415,7 +482,13 @@ def _zero(walk: _Walk, key: str, value: Any) -> None:
         walk.reject(key, f"expected a section (a JSON object), got {value!r}")
         return
     walk.visit(_ZERO, f"{key}.", value)
-    if walk.result.data.get("zero", {}).get("stage") == 3 and "bucket_mb" in walk.result.data["zero"]:
+    zero = walk.result.data.get("zero", {})
+    if zero.get("stage") != 3:
+        for name, kind in _STAGE3_ONLY.items():
+            if kind in zero:
+                walk.reject(f"{key}.{name}", f"splits ZeRO-3's parameters, so it needs \"stage\": 3 (stage is "
+                            f"{zero.get('stage', 'not set')}); set it or remove the key")
+    if zero.get("stage") == 3 and "bucket_mb" in zero:
         del walk.result.data["zero"]["bucket_mb"]  # stage 3 reduces per gather unit: nothing to tune
         walk.result.ignored.append(f"{key}.reduce_bucket_size")
 
@@ -574,9 +647,16 @@ def _toml_literal(value: Any) -> str:
     return json.dumps(value)  # strings and lists of strings: JSON's syntax is TOML's here
 
 
-def to_overrides(data: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """``{"zero": {"stage": 2}}`` -> ``["zero.stage=2"]``: the form ``--set`` passes to the ranks."""
-    return [f"{section}.{key}={_toml_literal(value)}" for section, keys in data.items() for key, value in keys.items()]
+def to_overrides(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{"zero": {"stage": 2}}`` -> ``["zero.stage=2"]``: the form ``--set`` passes to the ranks
+    (nested tables become dotted keys: ``topology.levels.hpz=16``)."""
+    overrides = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            overrides.extend(to_overrides(value, f"{prefix}{key}."))
+        else:
+            overrides.append(f"{prefix}{key}={_toml_literal(value)}")
+    return overrides
 
 
 def launch_overrides(path: str, world_size: int, config_path: str | None,
