@@ -350,7 +350,7 @@ def _hpz(walk: _Walk, key: str, value: Any) -> None:
 
 
 def _mics(walk: _Walk, key: str, value: Any) -> None:
-    _declare_level(walk, key, value, MICS_LEVEL, ("params", "grads", "optim"), "MiCS: every state split, replicated")
+    _declare_level(walk, key, value, MICS_LEVEL, ("params", "grads", "optim"), "MiCS's partition groups")
 
 
 def _int8_gather(walk: _Walk, key: str, value: Any) -> None:

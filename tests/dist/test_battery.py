@@ -38,7 +38,7 @@ def _files(tmp: Path) -> dict[str, str]:
     (tmp / "list.json").write_text("[1, 2]\n")
     (tmp / "ds_bad.json").write_text("{bad\n")
     (tmp / "ds_offload.json").write_text(json.dumps({"zero_optimization": {"stage": 3,
-                                                                          "offload_optimizer": {"device": "cpu"}}}))
+                                                                          "offload_param": {"device": "cpu"}}}))
     (tmp / "ds_stage.json").write_text(json.dumps({"zero_optimization": {"stage": 9}}))
     (tmp / "a_file").write_text("")
     (tmp / "shm").mkdir()
@@ -74,7 +74,7 @@ LAUNCHER_CASES: dict[str, tuple[list[str], str]] = {
     "--config not a table": (["launch", "--config", "list.json", "{S}"], "config must be a table"),
     "missing --deepspeed-config": (["launch", "--deepspeed-config", "nope.json", "{S}"], "'nope.json' does not exist"),
     "--deepspeed-config not JSON": (["launch", "--deepspeed-config", "ds_bad.json", "{S}"], "is not valid JSON"),
-    "--deepspeed-config offload": (["launch", "--deepspeed-config", "ds_offload.json", "{S}"], "offload_optimizer"),
+    "--deepspeed-config offload": (["launch", "--deepspeed-config", "ds_offload.json", "{S}"], "offload_param: parameter offload"),
     "--deepspeed-config bad stage": (["launch", "--deepspeed-config", "ds_stage.json", "{S}"], "stage"),
     "metrics dir unwritable": (["launch", "--metrics", "/proc/nope/m.jsonl", "{S}"], "cannot be written"),
     "metrics under a file": (["launch", "--metrics", "a_file/m.jsonl", "{S}"], "is not a writable directory"),
