@@ -96,18 +96,18 @@ class IOPool:
 
 
 def _pread(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, f"short read at offset {offset + done}")
-        done += n
+    _whole(os.preadv, fd, view, offset, "read")
 
 
 def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+    _whole(os.pwritev, fd, view, offset, "write")
+
+
+def _whole(op, fd: int, view: memoryview, offset: int, what: str) -> None:
+    """Repeat ``op`` (preadv/pwritev) until all of ``view`` is transferred; a short one is EIO."""
     done = 0
     while done < len(view):
-        n = os.pwritev(fd, [view[done:]], offset + done)
+        n = op(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise OSError(errno.EIO, f"short write at offset {offset + done}")
+            raise OSError(errno.EIO, f"short {what} at offset {offset + done}")
         done += n

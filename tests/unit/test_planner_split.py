@@ -21,17 +21,7 @@ import pytest
 from dtrain.planner import ClusterSpec, CostModel, PlannerError, PlannerOptions, parse_model, plan_step
 from dtrain.planner.simulate import compare, sample_lengths
 from dtrain.planner.stepbound import step_lower_bound
-
-
-def set_partitions(items: list[int]):
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for part in set_partitions(rest):
-        for k in range(len(part)):
-            yield part[:k] + [[first] + part[k]] + part[k + 1:]
-        yield [[first]] + part
+from tests.unit.test_planner_milp import set_partitions
 
 
 def one_pass_optimum(lengths: list[int], cost: CostModel) -> float:
