@@ -755,8 +755,6 @@ def _atomic_save_flats(flats: dict[str, Flat], path: Path) -> dict[str, int]:
     CRC-32C, for ``meta.json``."""
     import struct
 
-    import crc32c
-
     names = sorted(flats)
     header: dict[str, Any] = {}
     offset = 0
@@ -768,37 +766,22 @@ def _atomic_save_flats(flats: dict[str, Flat], path: Path) -> dict[str, int]:
         offset += f.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    crc, size = 0, 0
-    try:
-        with open(tmp, "wb") as out:
-            def put(data: Any) -> None:
-                nonlocal crc, size
-                out.write(data)
-                crc = crc32c.crc32c(data, crc)
-                size += memoryview(data).nbytes
-
-            put(struct.pack("<Q", len(blob)))
-            put(blob)
-            for name in names:
-                f = flats[name]
-                at = 0  # elements written so far
-                for start, src in sorted(f.pieces, key=lambda p: p[0]):
-                    if start > at:
-                        put(bytes((start - at) * f.dtype.itemsize))
-                    piece = src.detach().reshape(-1).cpu().contiguous()
-                    if piece.numel():
-                        put(memoryview(piece.view(torch.uint8).numpy()))
-                    at = start + piece.numel()
-                if f.numel > at:
-                    put(bytes((f.numel - at) * f.dtype.itemsize))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"bytes": size, "crc32c": crc}
+    with _DurableFile(path) as out:
+        out.put(struct.pack("<Q", len(blob)))
+        out.put(blob)
+        for name in names:
+            f = flats[name]
+            at = 0  # elements written so far
+            for start, src in sorted(f.pieces, key=lambda p: p[0]):
+                if start > at:
+                    out.put(bytes((start - at) * f.dtype.itemsize))
+                piece = src.detach().reshape(-1).cpu().contiguous()
+                if piece.numel():
+                    out.put(memoryview(piece.view(torch.uint8).numpy()))
+                at = start + piece.numel()
+            if f.numel > at:
+                out.put(bytes((f.numel - at) * f.dtype.itemsize))
+    return out.record
 
 
 def _atomic_json(obj: Any, path: Path) -> dict[str, int]:
@@ -807,17 +790,45 @@ def _atomic_json(obj: Any, path: Path) -> dict[str, int]:
 
 def _atomic_write(data: bytes, path: Path) -> dict[str, int]:
     """Write ``data`` to ``path`` durably (fsynced, via a rename); its size and CRC-32C, for ``meta.json``."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return {"bytes": len(data), "crc32c": checksum(data)}
+    with _DurableFile(path) as out:
+        out.put(data)
+    return out.record
+
+
+class _DurableFile:
+    """``path`` written through ``<path>.tmp``: ``put`` appends and keeps the running size and
+    CRC-32C; a clean exit fsyncs and renames into place, a failure removes the temporary file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.tmp = path, path.with_suffix(path.suffix + ".tmp")
+        self.crc, self.size = 0, 0
+
+    def __enter__(self) -> "_DurableFile":
+        self.file = open(self.tmp, "wb")
+        return self
+
+    def put(self, data: Any) -> None:
+        self.file.write(data)
+        self.crc = checksum(data, self.crc)
+        self.size += memoryview(data).nbytes
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+
+    @property
+    def record(self) -> dict[str, int]:
+        return {"bytes": self.size, "crc32c": self.crc}
 
 
 def _jsonable(obj: Any) -> Any:
