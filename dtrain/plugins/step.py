@@ -29,9 +29,11 @@ section like any plugin; two enabled step strategies are a config error. It decl
 ``can_clip = False``: perturbed forwards and its own update of the parameters); it refuses an
 optimizer factory and supplies a placeholder (:meth:`StepStrategy.optimizer_factory`) and defers
 part of its update into the next step (:meth:`StepStrategy.settle` applies it before the state is
-read). A strategy to come: offload (the optimizer steps each unit inside
-backward: it calls ``before_update`` before the first backward and needs the token count before
-the first backward, i.e. ``StepLoss.known_up_front``). ``tests/dist/test_step_strategy.py`` runs
+read). ``offload`` (:mod:`dtrain.offload.plugin`, docs/offload.md) is a :class:`FirstOrderStep`
+that steps each unit inside backward, as the layout reports it reduced
+(``LayoutPlugin.on_unit_reduced``); with clipping, or when the loss scale is known only after
+backward (``StepLoss.scales_after_backward``), it defers those steps until the norm and scale are
+known. ``tests/dist/test_step_strategy.py`` runs
 a forward-only strategy defined in the test file at world 2.
 
 ``co2`` is a strategy: :class:`~dtrain.plugins.co2.CO2Plugin` subclasses :class:`FirstOrderStep`.
