@@ -75,14 +75,16 @@ class AggregateBound:
     time_s: float = 0.0
 
 
-def _feasible(
+def _model(
     lengths: np.ndarray, counts: np.ndarray, degrees: np.ndarray, cost: CostModel,
-    times: dict[int, np.ndarray], sizes: list[int], makespan: float, time_limit_s: float,
-) -> tuple[bool | None, tuple[dict[int, int], dict[tuple[int, int], int]] | None]:
-    """Solve ``A(makespan)``: (True, (y, x)), (False, None), or (None, None) when undecided.
-
-    ``lengths[b]`` / ``counts[b]``: shortest length and size of class ``b``; ``times[d][b]``:
-    the time of ``lengths[b]`` on ``d`` devices."""
+    times: dict[int, np.ndarray], sizes: list[int], makespan: float, subset: bool = False,
+    forced: np.ndarray | None = None,
+) -> tuple["highspy.Highs", list[tuple[int, int]]] | None:
+    """HiGHS model of ``A(makespan)`` (module docstring; objective: devices used) and its x
+    columns ``(b, d)`` after the ``y`` columns; None when a class has no column. With
+    ``subset`` the classes after the first need not be assigned (``sum_d x_{b,d} <= c_b``;
+    the first, the caller's longest sequence, still must be): the micro-batches of
+    :func:`dtrain.planner.stepbound.longest_batch_bound`."""
     n_dev = cost.cluster.num_devices
     tpd = cost.tokens_per_device
     n_b = len(lengths)
@@ -94,8 +96,11 @@ def _feasible(
     covered = np.zeros(n_b, dtype=bool)
     for b, _ in cols:
         covered[b] = True
-    if not covered.all():
-        return False, None
+    must = np.ones(n_b, dtype=bool) if not subset else (
+        np.zeros(n_b, dtype=bool) if forced is None else np.asarray(forced, dtype=bool).copy())
+    must[0] = True
+    if not covered[must].all():
+        return None
     n_y = len(sizes)
     y_of = {d: k for k, d in enumerate(sizes)}
     n_int = n_col = n_y + len(cols)
@@ -123,8 +128,9 @@ def _feasible(
 
     add_row(-math.inf, float(n_dev), [(k, float(d)) for k, d in enumerate(sizes)])
     for b in range(n_b):
-        add_row(float(counts[b]), float(counts[b]),
-                [(n_y + j, 1.0) for j, (bb, _) in enumerate(cols) if bb == b])
+        entries = [(n_y + j, 1.0) for j, (bb, _) in enumerate(cols) if bb == b]
+        if entries:
+            add_row(float(counts[b]) if must[b] else 0.0, float(counts[b]), entries)
     for d in sizes:
         mine = [(n_y + j, b) for j, (b, dd) in enumerate(cols) if dd == d]
         if not mine:
@@ -145,8 +151,6 @@ def _feasible(
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
     h.setOptionValue("random_seed", 0)
-    h.setOptionValue("time_limit", max(1e-3, time_limit_s))
-    h.setOptionValue("mip_rel_gap", 1.0)  # feasibility is all that is asked
     empty = np.zeros(0, dtype=np.int32)
     h.addCols(n_col, cost_vec, lower, upper, 0, empty, empty, np.zeros(0))
     h.addRows(
@@ -158,6 +162,25 @@ def _feasible(
         n_int, np.arange(n_int, dtype=np.int32),
         np.asarray([highspy.HighsVarType.kInteger] * n_int),
     )
+    return h, cols
+
+
+def _feasible(
+    lengths: np.ndarray, counts: np.ndarray, degrees: np.ndarray, cost: CostModel,
+    times: dict[int, np.ndarray], sizes: list[int], makespan: float, time_limit_s: float,
+) -> tuple[bool | None, tuple[dict[int, int], dict[tuple[int, int], int]] | None]:
+    """Solve ``A(makespan)``: (True, (y, x)), (False, None), or (None, None) when undecided.
+
+    ``lengths[b]`` / ``counts[b]``: shortest length and size of class ``b``; ``times[d][b]``:
+    the time of ``lengths[b]`` on ``d`` devices."""
+    built = _model(lengths, counts, degrees, cost, times, sizes, makespan)
+    if built is None:
+        return False, None
+    h, cols = built
+    n_y = len(sizes)
+    n_int = n_y + len(cols)
+    h.setOptionValue("time_limit", max(1e-3, time_limit_s))
+    h.setOptionValue("mip_rel_gap", 1.0)  # feasibility is all that is asked
     h.run()
     status = h.getModelStatus()
     if status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
@@ -168,6 +191,34 @@ def _feasible(
         x = {col: int(val[n_y + j]) for j, col in enumerate(cols) if val[n_y + j] > 0}
         return True, (y, x)
     return None, None
+
+
+def max_absorbed(
+    lengths: np.ndarray, counts: np.ndarray, degrees: np.ndarray, cost: CostModel,
+    times: dict[int, np.ndarray], sizes: list[int], makespan: float, value: np.ndarray,
+    time_limit_s: float, forced: np.ndarray | None = None,
+) -> float:
+    """Upper bound on ``sum_b value[b] x_b`` over the sub-batches (class 0 and the classes
+    with ``forced[b]`` included whole) that one micro-batch of time ``<= makespan`` can run,
+    i.e. over ``A(makespan)`` with ``<=`` assignment rows; ``-inf`` when that is
+    infeasible. HiGHS's dual bound, so a solve stopped by its time limit still gives a valid
+    (larger) number."""
+    built = _model(lengths, counts, degrees, cost, times, sizes, makespan, subset=True, forced=forced)
+    if built is None:
+        return -math.inf
+    h, cols = built
+    n_y = len(sizes)
+    h.changeColsCost(n_y + len(cols), np.arange(n_y + len(cols), dtype=np.int32),
+                     np.concatenate([np.zeros(n_y), [float(value[b]) for b, _ in cols]]))
+    h.changeObjectiveSense(highspy.ObjSense.kMaximize)
+    h.setOptionValue("time_limit", max(1e-3, time_limit_s))
+    h.setOptionValue("mip_rel_gap", 1e-3)
+    h.run()
+    status = h.getModelStatus()
+    if status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+        return -math.inf
+    bound = float(h.getInfo().mip_dual_bound)
+    return bound if math.isfinite(bound) else float(np.dot(value, counts))
 
 
 def aggregate_lower_bound(

@@ -213,3 +213,98 @@ def step_lower_bound(
     label = "optimal" if status == highspy.HighsModelStatus.kOptimal else "time-limit"
     bound = max(comm, relax) if relax is not None else comm
     return StepBound(bound, comm, relax, label, n_lvl, time.perf_counter() - t0)
+
+
+LONGEST_GRID_RATIO = 1.04  # ratio between neighbouring cells of the longest micro-batch's time
+LONGEST_BUCKETS = 24  # DP buckets for the sequences after the EXACT_TOP longest
+LONGEST_CELL_S = 0.5  # HiGHS limit per cell (its dual bound is used when it stops early)
+
+
+def longest_batch_bound(
+    lengths: list[int], cost: CostModel, upper: float | None = None, time_limit_s: float = 30.0,
+    grid_ratio: float = LONGEST_GRID_RATIO, exact_top: int = EXACT_TOP, buckets: int = LONGEST_BUCKETS,
+    rel_tol: float = 0.005,
+) -> StepBound:
+    """A step bound from the micro-batch that holds the longest sequence, in whole groups.
+
+    The argument (``docs/flexsp-planner.md``, "Third round"): suppose a plan has step
+    ``S < G``. Let ``B*`` be its micro-batch holding the longest sequence, ``T*`` its time,
+    and ``R = S - T*`` the time of all the other micro-batches together; take the cell
+    ``tau_j <= T* < tau_{j+1}`` of a geometric grid that starts at the longest sequence's
+    shortest time (``T* >= G`` already contradicts ``S < G``). Then
+
+    * ``B*`` is one micro-batch of makespan ``<= tau_{j+1}``: its sequences satisfy the
+      aggregated group-count rows of :mod:`dtrain.planner.aggregate` (integer groups per
+      size; per-size time and memory; at most ``k`` long items per group) with the
+      assignment rows relaxed to ``<=``, the longest sequence included;
+    * a sequence outside ``B*`` finishes within ``R < G - tau_j``, so it costs at least
+      ``v_i = min {d t(s_i, d) : t(s_i, d) <= G - tau_j}`` device-seconds, and a sequence
+      with no such size ("forced") is in ``B*``;
+    * the other micro-batches offer ``N R`` device-seconds, so
+      ``S = T* + R >= tau_j + (V - sum_{i in B*} v_i) / N`` with ``V = sum_i v_i``.
+
+    ``U_j``, HiGHS's dual bound on ``max sum_b vbar_b x_b`` over those rows (rows use each
+    class's shortest member, ``vbar_b`` its largest ``v``: both relax), bounds the last sum.
+    If ``tau_j + (V - U_j) / N >= G`` for every cell (or ``B*``'s rows are infeasible), no
+    plan has ``S < G``. A bisection on ``G`` between the comm-aware bound and ``upper`` (a
+    known plan's step) keeps the largest ``G`` proven; a cell whose solve stops on the time
+    limit still uses a valid (weaker) dual bound. Never below the comm-aware bound.
+    """
+    from dtrain.planner.aggregate import max_absorbed  # noqa: PLC0415  (aggregate imports milp)
+
+    t0 = time.perf_counter()
+    lengths = [int(s) for s in lengths]
+    degrees = cost.check_batch(lengths)
+    comm = cost.comm_aware_lower_bound(lengths, degrees)
+    if highspy is None:
+        return StepBound(comm, comm, None, "skipped", 0, time.perf_counter() - t0)
+    n_dev = cost.cluster.num_devices
+    sizes_all = cost.group_sizes
+    seq_t = np.stack([np.where(np.asarray(degrees) <= d, cost.seq_times(lengths, d), np.inf)
+                      for d in sizes_all], axis=1)
+    seq_w = seq_t * np.asarray(sizes_all, dtype=np.float64)[None, :]
+    classes = _classes(lengths, cost, exact_top, buckets)  # class 0: the longest sequence
+    rep = np.asarray([min(lengths[i] for i in c) for c in classes], dtype=np.float64)
+    counts = np.asarray([len(c) for c in classes], dtype=np.int64)
+    rep_deg = np.asarray([cost.min_degree(int(s)) or n_dev for s in rep])
+    sizes = [d for d in sizes_all if d >= int(rep_deg.min())]
+    times = {d: cost.seq_times(rep, d) for d in sizes}
+    start = float(np.min(seq_t[classes[0][0]]))
+    cheapest = seq_w.min(axis=1)
+
+    def proves(goal: float) -> bool | None:
+        """True: no plan has step < goal; False: a cell fails; None: out of time."""
+        tau = start
+        while tau < goal:
+            left = time_limit_s - (time.perf_counter() - t0)
+            if left <= 0:
+                return None
+            top = min(tau * grid_ratio, goal)
+            limit = goal - tau
+            v = np.where(seq_t <= limit, seq_w, np.inf).min(axis=1)
+            impossible = ~np.isfinite(v)
+            v = np.where(impossible, cheapest, v)  # any finite value: such a sequence is in B*
+            forced = np.asarray([bool(impossible[c[0]]) and all(impossible[i] for i in c) for c in classes])
+            value = np.asarray([0.0 if forced[b] else max(v[i] for i in c) for b, c in enumerate(classes)])
+            total = float(sum(v[i] for b, c in enumerate(classes) if not forced[b] for i in c))
+            absorbed = max_absorbed(rep, counts, rep_deg, cost, times, sizes, top, value,
+                                    min(left, LONGEST_CELL_S), forced)
+            if absorbed > -math.inf and tau + (total - absorbed) / n_dev < goal:
+                return False
+            tau = top
+        return True
+
+    lo, hi = comm, upper if upper is not None else 2.0 * comm
+    status, probes = "optimal", 0
+    while hi > lo * (1 + rel_tol):
+        goal = 0.5 * (lo + hi)
+        ok = proves(goal)
+        probes += 1
+        if ok is None:
+            status = "time-limit"
+            break
+        if ok:
+            lo = goal
+        else:
+            hi = goal
+    return StepBound(lo, comm, lo, status, probes, time.perf_counter() - t0)

@@ -20,7 +20,7 @@ import pytest
 
 from dtrain.planner import ClusterSpec, CostModel, PlannerError, PlannerOptions, parse_model, plan_step
 from dtrain.planner.simulate import compare, sample_lengths
-from dtrain.planner.stepbound import step_lower_bound
+from dtrain.planner.stepbound import longest_batch_bound, step_lower_bound
 from tests.unit.test_planner_milp import set_partitions
 
 
@@ -70,7 +70,7 @@ def tiny_cost(heads: int) -> CostModel:
 
 def test_bound_below_brute_force_optimum_with_micro_batches_and_head_cap() -> None:
     rng = random.Random(7)
-    checked = tighter = 0
+    checked = tighter = tighter_longest = 0
     for heads in (8, 2):
         cost = tiny_cost(heads)
         assert cost.group_sizes == ([1, 2, 4, 8] if heads == 8 else [1, 2])
@@ -88,11 +88,16 @@ def test_bound_below_brute_force_optimum_with_micro_batches_and_head_cap() -> No
             tighter += step.bound > bound * (1 + 1e-6)
             plan = plan_step(lengths, cost, PlannerOptions(time_limit_s=2.0))
             assert plan.step_time_s >= optimum * (1 - 1e-9)  # no plan beats the optimum
+            longest = longest_batch_bound(lengths, cost, upper=plan.step_time_s, time_limit_s=5.0)
+            assert longest.status == "optimal" and longest.bound >= bound
+            assert longest.bound <= optimum * (1 + 1e-9), (lengths, longest, optimum)
+            tighter_longest += longest.bound > bound * (1 + 1e-6)
             assert plan.comm_lower_bound_s == pytest.approx(bound)
             assert all(g.size in cost.group_sizes for m in plan.micro_batches for g in m.groups)
             checked += 1
     assert checked == 10
     assert tighter >= 1  # the step bound is above the comm-aware bound somewhere, else the test is moot
+    assert tighter_longest >= 1  # likewise the longest-micro-batch bound
 
 
 def test_chat_doc_giant_plan_within_ratio_of_comm_bound() -> None:
