@@ -142,33 +142,17 @@ def lpt_fill(
 
 def _dedicated_layout(
     target: float, lengths: list[int], degrees: list[int], cost: CostModel, small: int,
-    times: dict[int, list[float]], pack: bool = False,
+    times: dict[int, list[float]],
 ) -> tuple[list[int], dict[int, int]] | None:
-    """Groups for the long items (each on the smallest size where it finishes within
-    ``target``), the free devices as groups of ``small``. With ``pack`` a long item first
-    joins an earlier dedicated group (first fit) that still has the memory and the time
-    (load + its time <= target) for it: several long items then share one in-node group
-    instead of each taking a group of its own (e.g. a 142K and a 120K sequence on one group
-    of 8 beside a 239K one alone)."""
     n = cost.cluster.num_devices
     sizes_all = cost.group_sizes
     sizes: list[int] = []
-    loads: list[float] = []
-    room: list[float] = []
     preset: dict[int, int] = {}
     used = 0
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         s = lengths[i]
         if degrees[i] <= small and times[small][i] <= target:
             break  # every later item is shorter, so it also fits a small group in time
-        if pack:
-            shared = next((g for g, d in enumerate(sizes) if d >= degrees[i] and s <= room[g]
-                           and loads[g] + times[d][i] <= target), None)
-            if shared is not None:
-                preset[i] = shared
-                loads[shared] += times[sizes[shared]][i]
-                room[shared] -= s
-                continue
         options = [d for d in sizes_all if d >= degrees[i]]
         fast = [d for d in options if times[d][i] <= target]
         d = fast[0] if fast else min(options, key=lambda d: (times[d][i], d))
@@ -176,8 +160,6 @@ def _dedicated_layout(
             return None
         preset[i] = len(sizes)
         sizes.append(d)
-        loads.append(times[d][i])
-        room.append(cost.tokens_per_device * d * (1 + 1e-12) - s)
         used += d
     sizes.extend([small] * ((n - used) // small))
     return sizes, preset
@@ -186,7 +168,6 @@ def _dedicated_layout(
 def greedy_schedule(
     lengths: list[int], degrees: list[int], cost: CostModel, factors: tuple[float, ...] = TARGET_FACTORS,
     small_sizes: tuple[int, ...] = SMALL_SIZES, uniform_sizes: int | None = None,
-    packs: tuple[bool, ...] = (False, True),
 ) -> Schedule | None:
     """Best schedule over the layouts in the module docstring; None if none is feasible.
 
@@ -216,14 +197,13 @@ def greedy_schedule(
         if small not in cost.group_sizes:
             continue
         for factor in factors:
-            for pack in packs:
-                layout = _dedicated_layout(lower * factor, lengths, degrees, cost, small, times, pack)
-                if layout is None:
-                    continue
-                sizes, preset = layout
-                key = (tuple(sizes), tuple(sorted(preset.items())))
-                if not sizes or key in seen:  # neighbouring targets often give the same layout
-                    continue
-                seen.add(key)
-                consider(lpt_fill(sizes, lengths, degrees, cost, order, preset, times))
+            layout = _dedicated_layout(lower * factor, lengths, degrees, cost, small, times)
+            if layout is None:
+                continue
+            sizes, preset = layout
+            key = (tuple(sizes), tuple(sorted(preset.items())))
+            if not sizes or key in seen:  # neighbouring targets often give the same layout
+                continue
+            seen.add(key)
+            consider(lpt_fill(sizes, lengths, degrees, cost, order, preset, times))
     return best
