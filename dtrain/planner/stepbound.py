@@ -215,7 +215,7 @@ def step_lower_bound(
     return StepBound(bound, comm, relax, label, n_lvl, time.perf_counter() - t0)
 
 
-LONGEST_GRID_RATIO = 1.04  # ratio between neighbouring cells of the longest micro-batch's time
+LONGEST_GRID_RATIO = 1.02  # ratio between neighbouring cells of the longest micro-batch's time
 LONGEST_BUCKETS = 24  # DP buckets for the sequences after the EXACT_TOP longest
 LONGEST_CELL_S = 0.5  # HiGHS limit per cell (its dual bound is used when it stops early)
 
@@ -287,9 +287,12 @@ def longest_batch_bound(
             forced = np.asarray([bool(impossible[c[0]]) and all(impossible[i] for i in c) for c in classes])
             value = np.asarray([0.0 if forced[b] else max(v[i] for i in c) for b, c in enumerate(classes)])
             total = float(sum(v[i] for b, c in enumerate(classes) if not forced[b] for i in c))
-            absorbed = max_absorbed(rep, counts, rep_deg, cost, times, sizes, top, value,
-                                    min(left, LONGEST_CELL_S), forced)
-            if absorbed > -math.inf and tau + (total - absorbed) / n_dev < goal:
+            for relax in (True, False):  # the LP first: when it proves the cell, no MILP
+                absorbed = max_absorbed(rep, counts, rep_deg, cost, times, sizes, top, value,
+                                        min(left, LONGEST_CELL_S), forced, relax)
+                if absorbed == -math.inf or tau + (total - absorbed) / n_dev >= goal:
+                    break
+            else:
                 return False
             tau = top
         return True
