@@ -12,7 +12,9 @@ The ``chat-doc-giant`` section (8 seeds; 3 with --quick) plans each batch three 
 interleaved: with the balanced micro-batch split only (the first planner of
 docs/flexsp-planner.md), with the giant-first splits but no move search (``move_budget=0``,
 the second), and with the default options; it reports plan / comm-aware bound for each, and
-plan / step bound (``dtrain.planner.stepbound.step_lower_bound``, 5 s limit).
+plan / step bound (``dtrain.planner.stepbound.step_lower_bound``, 5 s limit) and plan / the best
+proven bound (the larger of that and ``longest_batch_bound``, 60 s limit; docs/flexsp-planner.md,
+third round).
 
 Columns: /LB = step / ideal (compute-only) bound; /cLB = step / comm-aware bound; /pLB = step /
 the plan's own bound (sum over micro-batches of max(comm-aware, aggregated) on the real

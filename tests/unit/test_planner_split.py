@@ -1,8 +1,8 @@
 """Planner quality on long-tail mixes (giant-first micro-batch splits), head-count-aware group
 sizes, and the bound they are measured against.
 
-* The comm-aware bound and the step-level bound (:mod:`dtrain.planner.stepbound`) are checked
-  against brute force over every plan (every split into
+* The comm-aware bound, the step-level bound and the longest-micro-batch bound
+  (:mod:`dtrain.planner.stepbound`) are checked against brute force over every plan (every split into
   micro-batches, every grouping, every allowed size) on tiny instances where memory forces
   several micro-batches and the head count caps the group size.
 * The plan / comm-aware-bound ratio on a generated ``chat-doc-giant`` batch (512 sequences,
