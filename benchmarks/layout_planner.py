@@ -42,7 +42,6 @@ def _is_dtrain(variant: dict) -> bool:
 
 def compare(results: dict, cluster_path: str) -> dict:
     """Predicted vs measured for every rate and dtrain variant of ``results``."""
-    import torch  # noqa: F401  (the model's units)
 
     from dtrain.hierarchy import resolve_levels
     from dtrain.models import GPT, GPTConfig
