@@ -12,9 +12,9 @@ too (where the state came from, which step), because a restart from step 0 would
 - ``hsdp`` (slow): every kind at node (each part is held twice, once per node);
 - ``mixed`` (slow): params and backward copy at node, grads and optimizer state global.
 
-Cost: two launches (one with two restarts) per assignment, ~20-30 s each on a quiet 2-core machine
-(~100 s at load 15), so only ``hpz`` runs by default; ``hsdp`` and ``mixed`` are marked slow (all
-three passed at 2026-11-30 18:45, 325 s together at load 12-18).
+Cost: two launches (one with two restarts) per assignment: 99-121 s per assignment at load
+average 12-18 (all three passed at 2026-11-30 18:45, 325 s together); not yet timed on a quiet
+machine. Only ``hpz`` runs by default; ``hsdp`` and ``mixed`` are marked slow.
 """
 from __future__ import annotations
 

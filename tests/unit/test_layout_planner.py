@@ -101,3 +101,15 @@ def test_plan_layout_cli_prints_step_time(tmp_path, capsys):
         assert c["predicted_compute_s"] > 0.05
     assert main([*argv, "--tokens-per-step", "-1"]) == 2
     assert "--tokens-per-step" in capsys.readouterr().err
+
+
+def test_calibrate_layout_bad_input_is_one_line(capsys):
+    from dtrain.planner.cli import main
+
+    assert main(["calibrate", "--layout"]) == 2  # would overwrite the sequence-parallel calibration
+    assert "--layout writes a cluster file of its own" in capsys.readouterr().err
+    assert main(["calibrate", "--layout", "--nodes", "1", "--out", "/tmp/x.toml"]) == 2
+    assert "at least 2 nodes of 2 ranks" in capsys.readouterr().err
+    assert main(["calibrate", "--layout", "--net", "bw=fast", "--out", "/tmp/x.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fast" in err
