@@ -23,6 +23,11 @@ link; see dtrain/netns.py), 1 rank each:
   ``co2-clip`` (outer momentum 0.5 clipped at 1e-3). ``--ablation-only`` runs just ``co2`` and the
   ablations and writes benchmarks/results/co2_ablation.json.
 
+``python benchmarks/co2.py --sharded --rates 100mbit`` runs instead, on 2 hosts x 2 ranks, co2 over
+node-sharded state (every zero kind at ``node``: HSDP inside a host, co2's outer sync across hosts,
+each rank syncing only its part; docs/hierarchical.md) as ``co2-sharded``, next to its compute-only
+limit ``compute-sharded`` (the same with no outer sync), and writes ``co2_sharded.json``.
+
 ``python benchmarks/co2.py --probe`` instead measures, at each rate, how long a 16-byte
 all-reduce (the engine's per-step loss reduction) takes while an outer sync of the model's size
 is in flight on another process group, with the sync sent whole and in
@@ -54,6 +59,8 @@ RESULTS = HERE / "results"
 
 TIMED = ("ddp", "localsgd", "co2", "co2-1chunk", "compute")
 ABLATIONS = ("co2-penalty-off", "co2-penalty-const", "co2-clip")
+SHARDED = ("co2-sharded", "compute-sharded")  # --sharded: 2 ranks per host, every kind at node
+NODE_LEVELS = {"params": "node", "grads": "node", "optim": "node", "backward_params": "node"}
 
 
 def variants(tau: int, steps: int, penalty_constant: float = 2.0) -> dict[str, dict]:
@@ -64,7 +71,9 @@ def variants(tau: int, steps: int, penalty_constant: float = 2.0) -> dict[str, d
                "co2-1chunk": {"co2": co2}, "compute": {"co2": {**co2, "local_steps": steps + 1}},
                "co2-penalty-off": {"co2": {**co2, "penalty": "off"}},
                "co2-penalty-const": {"co2": {**co2, "penalty": penalty_constant}},
-               "co2-clip": {"co2": {**co2, "outer_momentum": 0.5, "clip": 1e-3}}}
+               "co2-clip": {"co2": {**co2, "outer_momentum": 0.5, "clip": 1e-3}},
+               "co2-sharded": {"zero": NODE_LEVELS, "co2": co2},
+               "compute-sharded": {"zero": NODE_LEVELS, "co2": {**co2, "local_steps": steps + 1}}}
     return {name: {"config": cfg, "chunk_bytes": 0 if name == "co2-1chunk" else None}
             for name, cfg in configs.items()}
 
@@ -210,9 +219,10 @@ def run_variant(hosts, name: str, spec: dict, args: argparse.Namespace, port: in
     if spec["chunk_bytes"] is not None:
         argv += ["--chunk-bytes", str(spec["chunk_bytes"])]
     load_before = os.getloadavg()[0]
-    procs = netns.spawn_ranks(hosts, 1, argv, port=port)
+    nproc = 2 if name in SHARDED else 1
+    procs = netns.spawn_ranks(hosts, nproc, argv, port=port)
     codes = netns.wait_all(procs, timeout_s=args.timeout_s)
-    if codes != [0, 0]:
+    if codes != [0] * (2 * nproc):
         raise RuntimeError(f"{name} at {hosts.rate}: ranks exited with {codes}")
     run = json.loads(out.read_text())
     run["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
@@ -242,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=600)
     p.add_argument("--results", default="co2", help="stem of the results files under benchmarks/results")
     p.add_argument("--no-ablations", action="store_true", help="only the timed variants")
+    p.add_argument("--sharded", action="store_true",
+                   help="only co2 over node-sharded state vs its compute-only limit, 2 ranks per host")
     p.add_argument("--tmp", default="/tmp/dtrain-bench-co2")
     args = p.parse_args(argv)
     if args.worker:
@@ -270,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     port = 29600
     if args.ablation_only:
         return ablation(args, specs, results)
+    if args.sharded:
+        return sharded(args, specs, results)
     for i, rate in enumerate(args.rates.split(",")):
         runs: dict[str, list[dict]] = {}
         ablations = ABLATIONS if i == 0 and not args.no_ablations else ()
@@ -310,6 +324,37 @@ def ablation(args: argparse.Namespace, specs: dict[str, dict], results: dict) ->
     results["loss_vs_co2"] = {name: _tail_loss(runs[name]) / _tail_loss(runs["co2"]) - 1 for name in ABLATIONS}
     write_json(RESULTS / "co2_ablation.json", results)
     print(json.dumps(results["loss_vs_co2"], indent=2))
+    return 0
+
+
+def sharded(args: argparse.Namespace, specs: dict[str, dict], results: dict) -> int:
+    """co2-sharded and compute-sharded, interleaved, at each rate (2 hosts x 2 ranks)."""
+    import statistics
+
+    from _bench_util import rotated_schedule, write_json
+    from dtrain import netns
+
+    port = 29650
+    for rate in args.rates.split(","):
+        runs: dict[str, list[dict]] = {}
+        with netns.create_hosts(2, rate, prefix="dtrain-s") as hosts:
+            for rep, name in rotated_schedule(SHARDED, args.repeats):
+                port += 1
+                run = run_variant(hosts, name, specs[name], args, port, rep)
+                runs.setdefault(name, []).append(run)
+                print(f"{rate:>8} {name:>16} #{rep}: {run['tokens_per_s']:8.0f} tok/s  final loss "
+                      f"{run['losses'][-1]:.4f}  outer_wait {run['outer_wait_total_s']}  "
+                      f"load {run['loadavg_1m'][0]:.1f}", flush=True)
+        summary = {name: _summary(rs, args) for name, rs in runs.items()}
+        co2, compute = summary["co2-sharded"], summary["compute-sharded"]
+        ratios = {"co2_sharded_vs_compute": co2["tokens_per_s"]["median"] / compute["tokens_per_s"]["median"],
+                  "paired_co2_sharded_vs_compute": statistics.median(
+                      a / b for a, b in zip(co2["tokens_per_s_all"], compute["tokens_per_s_all"])),
+                  "co2_outer_wait_s": co2["outer_wait_total_s"]["median"],
+                  "co2_outer_sync_s": co2["outer_sync_total_s"]["median"]}
+        results["rates"][rate] = {"runs": summary, "ratios": ratios}
+        print(rate, json.dumps(ratios, indent=2), flush=True)
+    write_json(RESULTS / f"{args.results}_sharded.json", results)
     return 0
 
 

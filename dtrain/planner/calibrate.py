@@ -23,8 +23,9 @@ import socket
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -339,3 +340,216 @@ def calibrate(out_path: str | Path, max_degree: int = 2, quick: bool = False) ->
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(spec.to_toml())
     return report
+
+
+# ----------------------------------------------------------------------------- zero levels
+# `dtrain plan calibrate --layout`: what the step-time model of dtrain/planner/layout.py needs,
+# measured on simulated hosts (dtrain/netns.py) by the code paths training uses.
+LAYOUT_PRESET = "small"  # the reference model: examples/train_gpt.py's GPT (vocab 256)
+LAYOUT_SEQS = (1, 2, 4)  # sequences of block_size tokens per rank for the compute fit
+LAYOUT_TRAIN_SEQS = 2  # per rank, for the overlap fit (benchmarks/hierarchical.py's default: 8 over 4)
+
+
+def gpt_shape(preset: str = LAYOUT_PRESET, vocab: int = 256) -> Any:
+    """The planner's :class:`~dtrain.planner.shapes.ModelShape` of ``GPTConfig.preset(preset)``."""
+    from dtrain.models import GPTConfig
+    from dtrain.planner.shapes import ModelShape
+
+    cfg = GPTConfig.preset(preset, vocab_size=vocab)
+    return ModelShape(f"gpt-{preset}", layers=cfg.n_layer, hidden=cfg.n_embd, heads=cfg.n_head,
+                      vocab=cfg.vocab_size, ffn=4 * cfg.n_embd, tied_embeddings=True)
+
+
+def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int) -> None:
+    """One rank: (1) plain fwd+bwd+AdamW of the reference GPT at several batch sizes, every rank
+    at once; (2) ``Comm`` all-gathers, reduce-scatters and all-reduces inside a node, across the
+    whole world and across the node peers (the groups the zero layout uses); (3) flat ZeRO-3
+    training steps of the reference model. Rank 0 writes the medians (slowest rank) as JSON."""
+    import copy
+    import json
+    import statistics
+
+    import torch
+
+    import dtrain
+    from dtrain.models import GPT, GPTConfig
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = GPTConfig.preset(LAYOUT_PRESET, vocab_size=256)
+    model = GPT(cfg)
+    plain = copy.deepcopy(model)
+    engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4), config={"zero": {"stage": 3}})
+    comm = engine.comm
+
+    def timed(fn: Any, level: str = "global") -> float:
+        fn()
+        runs = []
+        for _ in range(repeats):
+            comm.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            comm.all_reduce(dt, op=torch.distributed.ReduceOp.MAX)
+            runs.append(float(dt))
+        return statistics.median(runs)
+
+    def batch(seqs: int, step: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(1000 * step + comm.rank)
+        ids = torch.randint(0, cfg.vocab_size, (seqs, cfg.block_size + 1), generator=g)
+        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    result: dict[str, Any] = {"compute": {}, "collectives": [], "zero3_step_s": None}
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+    for seqs in LAYOUT_SEQS:
+        b = batch(seqs, 0)
+
+        def plain_step() -> None:
+            opt.zero_grad(set_to_none=True)
+            plain(b["input_ids"], labels=b["labels"]).backward()
+            opt.step()
+
+        result["compute"][seqs] = timed(plain_step)
+    for level, peers in (("node", False), ("global", False), ("node", True)):
+        n = comm.size(level, peers)
+        if n == 1:
+            continue
+        name = comm.topology.shape.level_of_ranks(comm.group_ranks(level, peers))
+        for nbytes in msg_bytes:
+            full = torch.zeros(nbytes // 4)
+            part = torch.zeros(nbytes // 4 // n)
+            for op, fn, sent in (
+                ("all_gather", lambda: comm.all_gather(full, part, level, peers=peers), (n - 1) * nbytes // n),
+                ("reduce_scatter", lambda: comm.reduce_scatter(part, full, level, peers=peers), (n - 1) * nbytes // n),
+                ("all_reduce", lambda: comm.all_reduce(full, level, peers=peers), 2 * (n - 1) * nbytes // n),
+            ):
+                result["collectives"].append({"level": name, "group": n, "peers": peers, "op": op,
+                                              "bytes_sent": sent, "s": timed(fn)})
+    times = []
+    for step in range(steps):
+        b = batch(LAYOUT_TRAIN_SEQS, step)
+        comm.barrier()
+        t0 = time.perf_counter()
+        engine.train_step(b)
+        times.append(time.perf_counter() - t0)
+    result["zero3_step_s"] = statistics.median(times[2:])
+    result["units"] = [u.padded for u in engine.layout.units] if hasattr(engine.layout, "units") else None
+    if comm.rank == 0:
+        Path(out).write_text(json.dumps(result))
+    engine.close()
+
+
+def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, net: str = "bw=1gbit",
+                     quick: bool = False, timeout_s: float = 900) -> dict[str, Any]:
+    """Measure per-level bandwidth and latency, the compute rate and the overlap on ``nodes``
+    namespaced hosts of ``nproc`` ranks joined by a ``net`` link, and write a cluster TOML.
+
+    Fits (least squares of the relative residual, as the sequence-parallel calibration above):
+    per level, ``t = latency + bytes_sent / bandwidth`` over the three collectives and the message
+    sizes; ``t = step_overhead_s + flops / rate`` over the plain training steps; then the overlap
+    ``phi`` from the flat ZeRO-3 steps: ``t = c + m - phi min(c, m)`` with ``c`` and ``m``
+    predicted by the fitted model (clipped to [0, 1]). Returns the report as a dict."""
+    import json
+
+    from dtrain import netns
+    from dtrain.hierarchy import resolve_levels
+    from dtrain.planner.layout import predict
+    from dtrain.topology import Shape
+
+    if nodes < 2 or nproc < 2:
+        raise PlannerError(f"--layout needs at least 2 nodes of 2 ranks (got --nodes {nodes} --nproc {nproc}) "
+                           "to measure both an intra-node and an inter-node level")
+    try:
+        spec = netns.parse_net_spec(net)
+    except ValueError as exc:
+        raise PlannerError(str(exc)) from None
+    reason = netns.unavailable_reason()
+    if reason:
+        raise PlannerError(f"--layout needs the slow-link harness (dtrain/netns.py): {reason}")
+    t_start = time.perf_counter()
+    msg_bytes = [1 << 16, 1 << 20, 1 << 22] if quick else [1 << 16, 1 << 18, 1 << 20, 1 << 22]
+    repeats, steps = (3, 5) if quick else (5, 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        res_path = os.path.join(tmp, "layout.json")
+        argv = ["-m", "dtrain.planner.calibrate", "--layout-worker", res_path, json.dumps(msg_bytes),
+                str(repeats), str(steps)]
+        with netns.create_hosts(nodes, spec["rate"], burst=spec.get("burst"), latency=spec.get("latency", "50ms"),
+                                prefix="dtrain-cal") as hosts:
+            codes = netns.wait_all(netns.spawn_ranks(hosts, nproc, argv, port=29480), timeout_s=timeout_s)
+        if codes != [0] * (nodes * nproc):
+            raise PlannerError(f"layout calibration ranks exited with {codes}")
+        run = json.loads(Path(res_path).read_text())
+    # per-level bandwidth and latency
+    fits: dict[str, tuple[float, float]] = {}
+    fit_errors: dict[str, float] = {}
+    for level in sorted({c["level"] for c in run["collectives"]}):
+        pts = [c for c in run["collectives"] if c["level"] == level]
+        x = np.asarray([c["bytes_sent"] for c in pts], dtype=np.float64)
+        y = np.asarray([c["s"] for c in pts], dtype=np.float64)
+        inv_bw, lat = _fit(x, y)
+        fits[level] = (1.0 / inv_bw, lat)
+        fit_errors[level] = float(np.max(np.abs((lat + x * inv_bw - y) / y)))
+    intra_bw, intra_lat = fits.get("node", next(iter(fits.values())))
+    inter_bw, inter_lat = fits.get("global", (intra_bw, intra_lat))
+    # compute: t = overhead + flops / rate
+    shape_model = gpt_shape()
+    tokens = {int(k): int(k) * _block_size() for k in run["compute"]}
+    flops = np.asarray([tokens[int(k)] * shape_model.dense_flops_per_token for k in run["compute"]])
+    inv_rate, overhead = _fit(flops, np.asarray(list(run["compute"].values()), dtype=np.float64))
+    rate = 1.0 / inv_rate
+    base = ClusterSpec(name=f"netns_{spec['rate']}", num_devices=nodes * nproc, devices_per_node=nproc,
+                       linear_TFLOPS=rate / 1e12, intra_node_GBps=intra_bw / 1e9, inter_node_GBps=inter_bw / 1e9,
+                       intra_node_latency_us=intra_lat * 1e6, inter_node_latency_us=inter_lat * 1e6,
+                       bytes_per_element=4, memory_GiB=round((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+                                                             / 1024**3 / (nodes * nproc), 2), reserve_GiB=0.5)
+    # overlap, from the flat ZeRO-3 steps
+    shape = Shape.of(nodes * nproc, 0, nodes)
+    zero3 = resolve_levels(SimpleNamespace(stage=3, preset=None, params=None, grads=None, optim=None,
+                                           backward_params=None), shape)
+    units = run["units"]
+    _, comm_s = predict(units, zero3, shape, base)
+    compute_s = overhead + LAYOUT_TRAIN_SEQS * _block_size() * shape_model.dense_flops_per_token / rate
+    measured = run["zero3_step_s"]
+    phi = (compute_s + comm_s - measured) / max(min(compute_s, comm_s), 1e-12)
+    phi = min(1.0, max(0.0, phi))
+    calibration = {"method": "dtrain plan calibrate --layout", "net": net, "nodes": nodes, "nproc": nproc,
+                   "reference_model": f"GPT preset {LAYOUT_PRESET!r}, vocab 256", "step_overhead_s": overhead,
+                   "comm_overlap": phi, "zero3_measured_s": measured, "zero3_compute_s": compute_s,
+                   "zero3_comm_s": comm_s,
+                   **{f"fit_max_rel_error_{k}": round(v, 4) for k, v in fit_errors.items()}}
+    cluster = replace(base, description=f"measured by `dtrain plan calibrate --layout --nodes {nodes} --nproc {nproc} "
+                      f"--net {net}` (gloo over dtrain/netns.py hosts)", calibration=calibration)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(cluster.to_toml())
+    report = {"out_path": str(out_path), "seconds": time.perf_counter() - t_start,
+              "levels": {k: {"GBps": v[0] / 1e9, "latency_us": v[1] * 1e6} for k, v in fits.items()},
+              "compute_GFLOPS": rate / 1e9, **calibration, "raw": run}
+    return report
+
+
+def layout_summary(report: dict[str, Any]) -> str:
+    lines = [f"calibrated zero levels in {report['seconds']:.0f} s ({report['net']}, {report['nodes']} x "
+             f"{report['nproc']}); wrote {report['out_path']}"]
+    for level, v in report["levels"].items():
+        lines.append(f"  {level:>7}: {v['GBps'] * 1e3:8.1f} MB/s, latency {v['latency_us']:7.0f} us "
+                     f"(fit max error {100 * report[f'fit_max_rel_error_{level}']:.0f}%)")
+    lines.append(f"  compute: {report['compute_GFLOPS']:.2f} GFLOP/s per rank + {report['step_overhead_s'] * 1e3:.1f} "
+                 f"ms per step")
+    lines.append(f"  flat ZeRO-3 step: measured {report['zero3_measured_s'] * 1e3:.0f} ms = compute "
+                 f"{report['zero3_compute_s'] * 1e3:.0f} + comm {report['zero3_comm_s'] * 1e3:.0f} ms with overlap "
+                 f"{report['comm_overlap']:.2f}")
+    return "\n".join(lines)
+
+
+def _block_size() -> int:
+    from dtrain.models import GPTConfig
+
+    return GPTConfig.preset(LAYOUT_PRESET, vocab_size=256).block_size
+
+
+if __name__ == "__main__":  # a rank of `calibrate_layout` (spawned inside a namespace)
+    import json
+    import sys
+
+    if sys.argv[1:2] == ["--layout-worker"]:
+        _layout_worker(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

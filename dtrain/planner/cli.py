@@ -79,6 +79,12 @@ def _build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-degree", type=int, default=2, help="largest d to measure (<= CPU cores)")
     cal.add_argument("--quick", action="store_true", help="fewer sizes and repeats (tests)")
     cal.add_argument("--json", action="store_true", help="print the report as JSON")
+    cal.add_argument("--layout", action="store_true",
+                     help="calibrate the zero-level planner instead (per-level bandwidth/latency, compute, "
+                          "overlap) on --nodes namespaced hosts of --nproc ranks (docs/hierarchical.md)")
+    cal.add_argument("--nodes", type=int, default=2, help="--layout: simulated hosts")
+    cal.add_argument("--nproc", type=int, default=2, help="--layout: ranks per host")
+    cal.add_argument("--net", default="bw=1gbit", help="--layout: inter-host link, bw=RATE[,latency=T][,burst=B]")
     from dtrain.planner.layout import add_subcommands  # dtrain plan layout / memory (docs/hierarchical.md)
 
     add_subcommands(sub)
@@ -100,6 +106,15 @@ def _seqpar(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    if args.layout:
+        from dtrain.planner.calibrate import calibrate_layout, layout_summary
+
+        if args.out == str(REPO_CLUSTER_DIR / "cpu_local.toml"):
+            raise PlannerError("--layout writes a cluster file of its own: pass --out, e.g. cluster/netns_1gbit.toml")
+        result = calibrate_layout(args.out, nodes=args.nodes, nproc=args.nproc, net=args.net, quick=args.quick)
+        print(json.dumps({k: v for k, v in result.items() if k != "raw"}, sort_keys=True) if args.json
+              else layout_summary(result))
+        return 0
     from dtrain.planner.calibrate import calibrate  # torch only here
 
     report = calibrate(out_path=args.out, max_degree=args.max_degree, quick=args.quick)

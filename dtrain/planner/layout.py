@@ -2,13 +2,23 @@
 
 Every valid assignment of (params, grads, optim, backward_params) to the cluster's levels
 (:func:`dtrain.hierarchy.resolve_levels` decides validity) is costed with the volume formula
-(:func:`dtrain.hierarchy.step_volume`, docs/hierarchical.md): per level, bytes / the level's
-bandwidth plus one latency per collective, intra-node levels at the cluster file's
-``intra_node_GBps`` / ``intra_node_latency_us`` and levels spanning nodes at the inter-node
-figures. Collectives of different levels are assumed not to overlap (a conservative sum); compute
-is the same for every assignment and left out, so the predicted time is the communication time of
-one step. Memory per rank is :func:`state_bytes_per_rank` (the persistent state; activations are
-not counted). The assignment with the least predicted time that fits ``--memory-gb`` wins.
+(:func:`dtrain.hierarchy.step_volume`, docs/hierarchical.md) into a predicted *step time*
+(:func:`predict_step`):
+
+* communication ``m``: per level, bytes / the level's bandwidth plus one latency per collective,
+  intra-node levels at the cluster file's ``intra_node_GBps`` / ``intra_node_latency_us`` and
+  levels spanning nodes at the inter-node figures; levels are summed (they share the CPUs and
+  the ranks' issue order);
+* compute ``c``: ``step_overhead_s + tokens_per_rank * dense_flops_per_token / (linear_TFLOPS
+  1e12)``, the same for every assignment;
+* step ``t = c + m - overlap * min(c, m)``: ``overlap`` = 0 is the plain sum (nothing hidden),
+  1 is ``max(c, m)`` (everything hidden behind the longer one).
+
+``dtrain plan calibrate --layout`` measures all of these on 2 namespaced hosts (docs/hierarchical.md,
+"Predicting the step time"); an uncalibrated cluster file has ``step_overhead_s`` = 0 and
+``overlap`` = 0. Without a token count the compute term is 0 and the ranking is by communication.
+Memory per rank is :func:`state_bytes_per_rank` (the persistent state; activations are not
+counted). The assignment with the least predicted step time that fits ``--memory-gb`` wins.
 """
 from __future__ import annotations
 
@@ -74,17 +84,54 @@ def valid_assignments(shape: Shape) -> list[Levels]:
 class Candidate:
     levels: Levels
     bytes_per_level: dict[str, int]
-    time_s: float
+    time_s: float  # predicted step time: compute and communication (predict_step)
     memory_bytes: int
     feasible: bool
+    comm_s: float = 0.0
+    compute_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.levels.as_dict(), "bytes_per_level": self.bytes_per_level, "predicted_step_comm_s": self.time_s,
+        return {**self.levels.as_dict(), "bytes_per_level": self.bytes_per_level, "predicted_step_s": self.time_s,
+                "predicted_step_comm_s": self.comm_s, "predicted_compute_s": self.compute_s,
                 "memory_bytes_per_rank": self.memory_bytes, "feasible": self.feasible}
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """The compute side of a step and how communication overlaps it (from the cluster file)."""
+
+    flops_per_s: float  # effective training FLOP rate of one rank (cluster linear_TFLOPS)
+    step_overhead_s: float = 0.0  # per step, whatever the tokens (kernel launches, optimizer, Python)
+    overlap: float = 0.0  # 0: compute + comm; 1: max(compute, comm)
+
+    @classmethod
+    def of(cls, cluster: ClusterSpec) -> "StepModel":
+        cal = cluster.calibration or {}
+        return cls(cluster.linear_TFLOPS * 1e12, float(cal.get("step_overhead_s", 0.0)),
+                   min(1.0, max(0.0, float(cal.get("comm_overlap", 0.0)))))
+
+    def compute_s(self, flops_per_token: float, tokens_per_rank: float) -> float:
+        if tokens_per_rank <= 0:
+            return 0.0
+        return self.step_overhead_s + tokens_per_rank * flops_per_token / self.flops_per_s
+
+    def step_s(self, compute_s: float, comm_s: float) -> float:
+        return compute_s + comm_s - self.overlap * min(compute_s, comm_s)
+
+
+def predict_step(units: Sequence[int], levels: Levels, shape: Shape, cluster: ClusterSpec, *,
+                 flops_per_token: float = 0.0, tokens_per_rank: float = 0.0, grad_accum: int = 1,
+                 gather_dtype: str = "fp32") -> dict[str, Any]:
+    """Predicted ``step_s`` = compute + communication - overlap (module docstring), with its parts."""
+    volume, comm = predict(units, levels, shape, cluster, grad_accum, gather_dtype)
+    model = StepModel.of(cluster)
+    compute = model.compute_s(flops_per_token, tokens_per_rank)
+    return {"step_s": model.step_s(compute, comm), "compute_s": compute, "comm_s": comm, "bytes_per_level": volume}
 
 
 def predict(units: Sequence[int], levels: Levels, shape: Shape, cluster: ClusterSpec, grad_accum: int = 1,
             gather_dtype: str = "fp32") -> tuple[dict[str, int], float]:
+    """Bytes per level and predicted communication seconds of one step."""
     counts: dict[str, int] = {}
     volume = step_volume(units, levels, shape, backward_units=units[:-1], grad_accum=grad_accum,
                          gather_dtype=gather_dtype, counts=counts)
@@ -99,14 +146,17 @@ def predict(units: Sequence[int], levels: Levels, shape: Shape, cluster: Cluster
 
 
 def plan_layouts(units: Sequence[int], shape: Shape, cluster: ClusterSpec, memory_bytes: float | None = None,
-                 grad_accum: int = 1) -> list[Candidate]:
-    """Every valid assignment with its predicted time and memory, best (feasible, fastest) first."""
+                 grad_accum: int = 1, *, flops_per_token: float = 0.0, tokens_per_rank: float = 0.0
+                 ) -> list[Candidate]:
+    """Every valid assignment with its predicted step time and memory, best (feasible, fastest) first."""
     out = []
     for levels in valid_assignments(shape):
-        volume, time = predict(units, levels, shape, cluster, grad_accum)
+        p = predict_step(units, levels, shape, cluster, flops_per_token=flops_per_token,
+                         tokens_per_rank=tokens_per_rank, grad_accum=grad_accum)
         memory = sum(sum(k.values()) for k in state_bytes_per_rank(units, levels,
                                                                    root_unit=len(units) - 1).values())
-        out.append(Candidate(levels, volume, time, memory, memory_bytes is None or memory <= memory_bytes))
+        out.append(Candidate(levels, p["bytes_per_level"], p["step_s"], memory,
+                             memory_bytes is None or memory <= memory_bytes, p["comm_s"], p["compute_s"]))
     out.sort(key=lambda c: (not c.feasible, c.time_s, c.memory_bytes))
     return out
 
@@ -117,20 +167,30 @@ def model_units(model: Any) -> list[int]:
     return [model.params_per_layer] * model.layers + [embed]
 
 
+def layout_units(model: Any, shape: Shape, unit_classes: Sequence[str] = ()) -> list[int]:
+    """The padded sizes of the units the zero layout forms for ``model`` when parameters are split
+    (:func:`dtrain.partition.module_units`: one per wrapped module, the root last)."""
+    from dtrain.partition import module_units, trainable_params
+
+    groups = {id(p): 0 for _, p in trainable_params(model)}
+    return [u.padded for u in module_units(model, groups, list(unit_classes), shape.world_size)]
+
+
 def choose_levels(layout: Any, shape: Shape) -> dict[str, str]:
     """``zero.preset = "auto"`` at start-up: the planner's fastest assignment for this model on this
-    shape, with the cluster file named by ``DTRAIN_CLUSTER`` (default: the planner's default)."""
+    shape, with the model's real units (:func:`layout_units`) and the cluster file named by the
+    environment variable ``DTRAIN_CLUSTER`` (default: the planner's default, cluster/a100_8x8.toml).
+    The token count is not known at start-up, so the compute term is left out: it is the same for
+    every assignment, and ``t = c + m - overlap min(c, m)`` never decreases in ``m`` for a fixed
+    ``c``, so the order by communication is the order by step time."""
     import os
 
     path = os.environ.get("DTRAIN_CLUSTER")
     cluster = load_cluster(path) if path else default_cluster()
     cluster = ClusterSpec(**{**cluster.__dict__, "num_devices": shape.world_size,
                              "devices_per_node": shape.size("node")})
-    sizes = [p.numel() for p in layout.model.parameters() if p.requires_grad] if hasattr(layout, "model") else []
-    if not sizes:
-        model = getattr(layout, "_auto_model", None)
-        sizes = [p.numel() for p in model.parameters() if p.requires_grad] if model is not None else [1]
-    units = [sum(sizes)]
+    zcfg = getattr(getattr(getattr(layout, "engine", None), "config", None), "zero", None)
+    units = layout_units(layout.model, shape, getattr(zcfg, "unit_classes", None) or ())
     best = plan_layouts(units, shape, cluster)[0]
     return best.levels.as_dict()
 
@@ -143,6 +203,8 @@ def add_subcommands(sub: Any) -> None:
     lay.add_argument("--cluster", metavar="FILE", help="cluster TOML (default cluster/a100_8x8.toml)")
     lay.add_argument("--memory-gb", type=float, default=None, help="per-rank limit for the persistent state")
     lay.add_argument("--grad-accum", type=int, default=1)
+    lay.add_argument("--tokens-per-step", type=int, default=0, metavar="N",
+                     help="global tokens per optimizer step, for the compute term (0: communication only)")
     lay.add_argument("--json", action="store_true")
     mem = sub.add_parser("memory", help="per-rank bytes per kind and tier for a zero config")
     mem.add_argument("--model", default="7b")
@@ -162,27 +224,34 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "layout":
         if args.memory_gb is not None and args.memory_gb <= 0:
             raise PlannerError(f"--memory-gb {args.memory_gb} must be positive")
+        if args.tokens_per_step < 0:
+            raise PlannerError(f"--tokens-per-step {args.tokens_per_step} must be >= 0")
         cands = plan_layouts(units, shape, cluster, None if args.memory_gb is None else args.memory_gb * GB,
-                             args.grad_accum)
+                             args.grad_accum, flops_per_token=model.dense_flops_per_token,
+                             tokens_per_rank=args.tokens_per_step / cluster.num_devices)
         if not cands[0].feasible:
             raise PlannerError(f"no assignment fits {args.memory_gb} GB per rank for {model.name} on "
                                f"{cluster.num_devices} ranks (smallest needs "
                                f"{min(c.memory_bytes for c in cands) / GB:.2f} GB); add ranks or offload")
         if args.json:
-            print(json.dumps({"choice": cands[0].to_dict(), "candidates": [c.to_dict() for c in cands]}, sort_keys=True))
+            print(json.dumps({"choice": cands[0].to_dict(), "candidates": [c.to_dict() for c in cands],
+                              "step_model": StepModel.of(cluster).__dict__, "cluster": cluster.name,
+                              "tokens_per_step": args.tokens_per_step}, sort_keys=True))
             return 0
         print(f"{model.name} ({sum(units) / 1e6:.1f} M params) on {cluster.name}: {cluster.num_devices} ranks, "
               f"{cluster.devices_per_node} per node")
-        print(f"{'params':>7} {'grads':>7} {'optim':>7} {'bwd':>7} {'comm s/step':>12} {'GB/rank':>8}  bytes per level")
+        print(f"{'params':>7} {'grads':>7} {'optim':>7} {'bwd':>7} {'step s':>9} {'compute':>9} {'comm':>9} "
+              f"{'GB/rank':>8}  bytes per level")
         for c in cands:
             lv = c.levels
             vol = ", ".join(f"{k} {v / GB:.3g} GB" for k, v in sorted(c.bytes_per_level.items()))
             mark = "" if c.feasible else "  (over memory)"
-            print(f"{lv.params:>7} {lv.grads:>7} {lv.optim:>7} {lv.backward_params:>7} {c.time_s:12.4f} "
-                  f"{c.memory_bytes / GB:8.2f}  {vol}{mark}")
+            print(f"{lv.params:>7} {lv.grads:>7} {lv.optim:>7} {lv.backward_params:>7} {c.time_s:9.4f} "
+                  f"{c.compute_s:9.4f} {c.comm_s:9.4f} {c.memory_bytes / GB:8.2f}  {vol}{mark}")
         lv = cands[0].levels
+        what = "per step" if args.tokens_per_step else "of communication per step (no --tokens-per-step)"
         print(f"choice: zero.params={lv.params} zero.grads={lv.grads} zero.optim={lv.optim} "
-              f"zero.backward_params={lv.backward_params} (predicted {cands[0].time_s:.4f} s of communication per step)")
+              f"zero.backward_params={lv.backward_params} (predicted {cands[0].time_s:.4f} s {what})")
         return 0
     from dtrain.config import Config
     from dtrain.hierarchy import check_zero_config
