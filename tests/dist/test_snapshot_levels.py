@@ -9,12 +9,14 @@ too (where the state came from, which step), because a restart from step 0 would
 
 - ``hpz``: params/grads/optim global, the backward copy at node (the copy is not snapshotted: it is
   rebuilt from the first forward gather after the restore);
-- ``hsdp`` (slow): every kind at node (each part is held twice, once per node);
-- ``mixed`` (slow): params and backward copy at node, grads and optimizer state global.
+- ``mixed``: params and backward copy at node, grads and optimizer state global (kinds at different
+  levels, so one rank's snapshot holds parts cut at two levels).
+``hsdp`` (every kind at node) passed the same check by hand (2026-11-30 18:45) and stays in
+``LAYOUTS``; it is left out of the suite for time.
 
 Cost: two launches (one with two restarts) per assignment: 99-121 s per assignment at load
 average 12-18 (all three passed at 2026-11-30 18:45, 325 s together); not yet timed on a quiet
-machine. Only ``hpz`` runs by default; ``hsdp`` and ``mixed`` are marked slow.
+machine.
 """
 from __future__ import annotations
 
@@ -36,8 +38,7 @@ EXPECTED_LEVELS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["hpz", pytest.param("hsdp", marks=pytest.mark.slow),
-                                    pytest.param("mixed", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["hpz", "mixed"])
 def test_snapshot_restore_is_bit_exact_under_levels(tmp_path, layout):
     sets = LAYOUTS[layout]
     rc, clean, log = _launch(tmp_path, f"{layout}-ok", 2, 2, sets=sets, steps=STEPS)
