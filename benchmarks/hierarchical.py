@@ -297,6 +297,36 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def markdown(doc: dict[str, Any]) -> str:
+    """The BENCHMARKS.md tables of one results file: per rate, every variant, then the targets."""
+    mb = 1e6
+    lines = []
+    for rate, summary in doc["rates"].items():
+        lines += [f"**{rate}** ({doc['model']['preset']}, {doc['tokens_per_step']} tokens/step)", "",
+                  "| variant | levels p/g/o/b, gather | ms/step median (all) | vs zero3 | link MB/step | vs zero3 | "
+                  "dtrain global MB/rank | peak RSS MiB | state MiB p/g/o (storage) | final loss |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, s in summary.items():
+            if s["status"] != "ok":
+                lines.append(f"| {name} | | failed: {s['error'].replace('|', '/')[:160]} | | | | | | | |")
+                continue
+            lv = s["levels"]
+            levels = "/".join(lv[k] for k in ("params", "grads", "optim", "backward_params")) + f", {s['gather_dtype']}"
+            st = s["state_bytes_storage"]
+            glob = f"{s['bytes_per_step'].get('global', 0) / mb:.2f}" if s["framework"] == "dtrain" else "-"
+            lines.append(
+                f"| {name} | {levels} | {s['step_s_median'] * 1e3:.0f} ({', '.join(f'{t * 1e3:.0f}' for t in s['step_s_all'])}) "
+                f"| {s.get('speedup_vs_zero3', 0):.2f}x | {s['link_bytes_per_step'] / mb:.1f} | "
+                f"{s.get('link_bytes_vs_zero3', 0):.2f} | {glob} | {s['peak_rss_bytes'] / 2**20:.0f} | "
+                f"{st['params'] / 2**20:.1f}/{st['grads'] / 2**20:.1f}/{st['optim'] / 2**20:.1f} | {s['final_loss']:.4f} |")
+        lines += ["", "| target | variant | value | limit | met |", "|---|---|---|---|---|"]
+        for key, t in doc["targets"].get(rate, {}).items():
+            lines.append(f"| {key} | {t['what']} | {t['value']:.3f} | {t['op']} {t['limit']} | "
+                         f"{'yes' if t['met'] else '**no**'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -313,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=600, help="per run")
     p.add_argument("--json", default=None, help="results file (default benchmarks/results/hierarchical.json)")
     p.add_argument("--tmp", default="/tmp/dtrain-bench-hier")
+    p.add_argument("--markdown", nargs="+", metavar="JSON", help="print the tables of results files and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print("\n".join(markdown(json.loads(Path(f).read_text())) for f in args.markdown))
+        return 0
     if args.worker:
         worker(args)
         return 0
