@@ -205,9 +205,17 @@ def run_once(hosts: Any, name: str, rate: str, rep: int, port: int, args: argpar
         codes = netns.wait_all(netns.spawn_ranks(hosts, NPROC, cmd, port=port, env={"DS_ACCELERATOR": "cpu"},
                                                  stdout=err, stderr=err), timeout_s=args.timeout_s)
     run: dict[str, Any] = {"loadavg_1m": round(load, 2), "wall_s": round(time.perf_counter() - start, 1)}
-    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("r*.json"))]
-    if codes != [0] * (NODES * NPROC) or len(ranks) != NODES * NPROC:
+    if codes != [0] * (NODES * NPROC):
         run.update(ok=False, error=f"exit codes {codes}: {_error_line(log)}")
+        return run
+    return merge_ranks(out, args, run)
+
+
+def merge_ranks(out: Path, args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
+    """One run's record from its ranks' files in ``out`` (also used by --from-runs)."""
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("r*.json"))]
+    if len(ranks) != NODES * NPROC:
+        run.update(ok=False, error=f"{len(ranks)} of {NODES * NPROC} rank records: {_error_line(out / 'stderr.log')}")
         return run
     ranks.sort(key=lambda r: r["rank"])
     w, measured = args.warmup, args.steps - args.warmup
@@ -327,6 +335,30 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rebuild(args: argparse.Namespace) -> int:
+    """The results file of runs already made (each run's rank files under --tmp), medians over what finished."""
+    sys.path.insert(0, str(HERE))
+    from _bench_util import machine_info, write_json
+
+    doc: dict[str, Any] = {"machine": machine_info(extra_modules=("deepspeed",)), "rates": {}, "targets": {}}
+    doc.update(args={k: v for k, v in vars(args).items() if k not in ("worker", "variant", "out")},
+               rebuilt_from_runs=True, model={"preset": args.preset, "config": {
+                   k: getattr(model_config(args.preset), k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}},
+               batch=args.batch, tokens_per_step=args.batch * model_config(args.preset).block_size,
+               optimizer=f"torch.optim.AdamW(lr={LR})", precision="fp32", topology={"nodes": NODES, "nproc_per_node": NPROC})
+    for rate in args.rates.split(","):
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for name in args.variants.split(","):
+            for out in sorted(Path(args.tmp).glob(f"{rate}-{name}-[0-9]*")):
+                if out.is_dir() and (out / "stderr.log").exists():
+                    runs.setdefault(name, []).append(merge_ranks(out, args, {"loadavg_1m": None, "run_dir": out.name}))
+        doc["rates"][rate] = summarize(runs)
+        doc["targets"][rate] = targets(doc["rates"][rate])
+    write_json(args.json, doc)
+    print(markdown(doc))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -343,8 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=600, help="per run")
     p.add_argument("--json", default=None, help="results file (default benchmarks/results/hierarchical.json)")
     p.add_argument("--tmp", default="/tmp/dtrain-bench-hier")
+    p.add_argument("--from-runs", action="store_true", help="rebuild --json from the rank files under --tmp "
+                   "(an invocation cut short); --rates/--variants/--steps/--warmup/--preset/--batch as it ran")
     p.add_argument("--markdown", nargs="+", metavar="JSON", help="print the tables of results files and exit")
     args = p.parse_args(argv)
+    if args.from_runs:  # rebuild the results of an invocation cut short from its runs' rank files
+        return rebuild(args)
     if args.markdown:
         print("\n".join(markdown(json.loads(Path(f).read_text())) for f in args.markdown))
         return 0
