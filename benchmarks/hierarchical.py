@@ -32,10 +32,11 @@ summed over ranks) as a cross-check of the link meter, their levels and gather d
 Model size (``--preset``, default ``mid``): the example's ``small`` GPT (842k parameters) is
 compute-bound here (flat ZeRO-3 moves ~7 MB per step over a 1 Gbit link: ~60 ms against ~0.5 s
 of compute), so the placement of state barely shows in the step time. ``mid`` (``small`` widened
-to n_embd 384, 7.2M parameters) sends ~9 x 7.2M x 4 B / 2 ~ 65 MB per step each way over the link
-under flat ZeRO-3 (~0.5 s at 1 Gbit, ~5 s at 100 Mbit) against ~0.5 s of compute for 4 ranks on
-2 cores, so the link matters at both rates while a full invocation (10 variants x 3 repeats x
-2 rates) stays near 20 minutes on 2 cores. ``bench`` (24M, vocab 256) is heavier still.
+to n_embd 384, 7.25M parameters) puts ~72 MB per step each way on the link under flat ZeRO-3
+(~0.6 s at 1 Gbit, ~6 s at 100 Mbit) against ~0.7 s of compute and CPU for 4 ranks on 2 cores, so
+the link matters at both rates while each rate stays a separate invocation of under ~20 minutes
+on 2 cores (3 rounds: ~14 min at 1 Gbit, ~20 min at 100 Mbit with --steps 5). ``bench`` (24M,
+vocab 256) is heavier still.
 
 Variants are interleaved in a rotated order, repeated, and medians reported. Writes
 benchmarks/results/hierarchical.json (``--json`` to change it; ``--quick``: hierarchical_quick.json).
