@@ -197,9 +197,10 @@ class _TorchModuleRunner:
 
 
 class Fsdp2Runner(_TorchModuleRunner):
-    """FSDP2: ``fully_shard`` on every transformer block, then on the root."""
+    """FSDP2: ``fully_shard`` on every transformer block, then on the root. ``mesh``: a 2-D
+    ``DeviceMesh`` (replicate, shard) makes it HSDP (benchmarks/hierarchical.py); None = 1-D."""
 
-    def __init__(self, model: Any, precision: str, lr: float) -> None:
+    def __init__(self, model: Any, precision: str, lr: float, mesh: Any = None) -> None:
         import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -210,8 +211,8 @@ class Fsdp2Runner(_TorchModuleRunner):
             else MixedPrecisionPolicy()
         )
         for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         self.model = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
@@ -246,9 +247,11 @@ _DS_GRAD_ATTRS = (
 
 
 class DeepSpeedRunner:
-    """DeepSpeed ZeRO-{1,2,3} with a client ``torch.optim.AdamW`` (no fused CPU Adam)."""
+    """DeepSpeed ZeRO-{1,2,3} with a client ``torch.optim.AdamW`` (no fused CPU Adam).
+    ``zero_extra``: more ``zero_optimization`` keys (ZeRO++ ``zero_hpz_partition_size``, ...)."""
 
-    def __init__(self, model: Any, stage: int, precision: str, lr: float, batch: int) -> None:
+    def __init__(self, model: Any, stage: int, precision: str, lr: float, batch: int,
+                 zero_extra: dict[str, Any] | None = None) -> None:
         import torch
         import deepspeed
 
@@ -257,7 +260,7 @@ class DeepSpeedRunner:
         config = {
             "train_micro_batch_size_per_gpu": batch,
             "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": stage},
+            "zero_optimization": {"stage": stage, **(zero_extra or {})},
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": precision == "bf16"},
             "gradient_clipping": 0.0,

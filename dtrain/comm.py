@@ -17,7 +17,7 @@ import json
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ class Handle:
     seq: int
     level: str
     ranks: list[int]
+    then: Callable[[], None] | None = None  # local work that completes the collective's result
 
     def wait(self) -> None:
         if self.work is None:
@@ -58,6 +59,9 @@ class Handle:
             raise self.comm.failure(self, exc) from exc
         if ok is False:
             raise self.comm.failure(self, None)
+        if self.then is not None:
+            then, self.then = self.then, None
+            then()
 
 
 class Comm:
@@ -111,10 +115,22 @@ class Comm:
 
     def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, level: Level = "global", *,
                        peers: bool | str = False, async_op: bool = False) -> Handle:
-        """Sum-reduce ``input`` (n equal chunks) and leave chunk ``group rank`` in ``output``."""
+        """Sum-reduce ``input`` (n equal chunks) and leave chunk ``group rank`` in ``output``.
+
+        On gloo it is an all-to-all plus a local sum in group order: torch's gloo reduce-scatter
+        all-reduces the whole input (2(n-1)/n of it on the wire, not the (n-1)/n counted here).
+        """
         n = self.size(level, peers)
         if n == 1:
             output.copy_(input)
+        elif dist.get_backend() == "gloo":
+            chunks = torch.empty_like(input)
+            handle = self._issue("reduce_scatter", level, peers, (n - 1) * _nbytes(input) // n, True,
+                                 lambda g: dist.all_to_all_single(chunks, input, group=g, async_op=True))
+            handle.then = lambda: torch.sum(chunks.view(n, -1), dim=0, out=output.view(-1))
+            if not async_op:
+                handle.wait()
+            return handle
         return self._issue("reduce_scatter", level, peers, (n - 1) * _nbytes(input) // max(n, 1), async_op,
                            lambda g: _reduce_scatter_flat(output, input, group=g, async_op=True))
 
