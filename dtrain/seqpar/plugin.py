@@ -21,7 +21,6 @@ the same whatever the plan (tests/dist/test_seqpar.py).
 """
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -166,11 +165,14 @@ class SeqParPlugin(Plugin):
         return cost
 
     def _largest_group(self) -> int:
-        """The largest group size allowed: a power of two dividing the heads and the world."""
-        cap = self.world & -self.world
-        if self.heads:
-            cap = min(cap, self.heads & -self.heads)
-        return cap
+        """The largest group size a plan may use: the cost model's cap (powers of two up to the
+        world that divide the heads, :attr:`CostModel.max_group_size`); the same rule when the
+        model's shape is unknown (hand-written plans only)."""
+        if self.shape is not None:
+            return self._cost(self.world).max_group_size
+        from dtrain.planner.cost import power_of_two_sizes
+
+        return max(d for d in power_of_two_sizes(self.world) if not self.heads or self.heads % d == 0)
 
     def check_lengths(self, lengths: Sequence[int]) -> None:
         """Refuse a sequence no group can hold (identically on every rank, before any collective)."""
@@ -190,40 +192,17 @@ class SeqParPlugin(Plugin):
                                   f"raise seqpar.max_tokens_per_rank or split the sequence")
 
     def solve(self, lengths: Sequence[int]) -> tuple[sched.Schedule, float]:
-        """The planner's schedule for ``lengths`` and the seconds it took (called on rank 0).
-
-        Group sizes are capped by :meth:`_largest_group`: when that is below the world size, the
-        batch is split by modeled work over blocks of that many ranks and each block is planned
-        on its own (the planner has no option for a largest group size)."""
+        """The planner's schedule for ``lengths`` over the whole world and the seconds it took
+        (called on rank 0). The cost model caps group sizes (heads, memory); one ``plan_step``."""
         from dtrain.planner import PlannerError, PlannerOptions, plan_step
 
         t0 = time.perf_counter()
-        cap = self._largest_group()
-        options = PlannerOptions(time_limit_s=self.cfg.solver_time_s / max(1, self.world // cap))
-        parts: list[list[int]] = [[] for _ in range(self.world // cap)]
-        cost = self._cost(cap)
-        load = [0.0] * len(parts)
-        for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
-            p = min(range(len(parts)), key=lambda q: (load[q], q))
-            parts[p].append(i)
-            load[p] += cost.seq_time(lengths[i], 1)
-        mbs: list[list[sched.Group]] = []
-        times: list[list[float]] = []
-        for p, part in enumerate(parts):
-            if not part:
-                continue
-            try:
-                plan = plan_step([int(lengths[i]) for i in part], cost, options)
-            except PlannerError as exc:
-                raise SeqParError(f"seqpar: {exc}") from None
-            for k, m in enumerate(plan.micro_batches):
-                if k == len(mbs):
-                    mbs.append([])
-                    times.append([])
-                for g in m.groups:
-                    mbs[k].append(sched.Group(tuple(r + p * cap for r in g.ranks), tuple(part[s] for s in g.sequences)))
-                    times[k].append(float(g.time_s))
-        return sched.Schedule(mbs, times, world_size=self.world), time.perf_counter() - t0
+        try:
+            plan = plan_step([int(n) for n in lengths], self._cost(self.world),
+                             PlannerOptions(time_limit_s=self.cfg.solver_time_s))
+        except PlannerError as exc:
+            raise SeqParError(f"seqpar: {exc}") from None
+        return sched.from_step_plan(plan), time.perf_counter() - t0
 
     def _start_ahead(self, lengths: Sequence[int] | None) -> None:
         if self.rank != 0 or not self.cfg.lookahead or lengths is None:
