@@ -135,6 +135,8 @@ class SeqParPlugin(Plugin):
         self._metrics: dict[str, Any] = {}
         self._solve_s = 0.0
         self._wait_s = 0.0
+        self._lengths: list[int] = []
+        self._samples: list[Any] = []
 
     # ------------------------------------------------------------------ planning
     def _cost(self, devices: int) -> Any:
@@ -163,6 +165,15 @@ class SeqParPlugin(Plugin):
             raise ConfigError(f"seqpar: {exc}") from None
         self._costs[devices] = cost
         return cost
+
+    def use_cluster(self, path: str, next_lengths: Sequence[int] | None = None) -> None:
+        """Plan with the cluster file ``path`` from now on (e.g. one refitted by
+        :mod:`dtrain.seqpar.calibrate`): a solve already started is dropped, and with lookahead
+        the solve of the next batch (``next_lengths``) starts now with the new model."""
+        self.cfg.cluster = str(path)
+        self._costs.clear()
+        self._ahead = None
+        self._start_ahead(next_lengths)
 
     def _largest_group(self) -> int:
         """The largest group size a plan may use: the cost model's cap (powers of two up to the
@@ -266,6 +277,7 @@ class SeqParPlugin(Plugin):
                 self.comm.topology.range_group(ranks)
             self.groups_used.add(ranks)
         self._schedule = schedule
+        self._lengths = seq.lengths
         self._times = []
         micro, tokens = [], 0
         for k in range(len(schedule.micro_batches)):
@@ -326,9 +338,13 @@ class SeqParPlugin(Plugin):
         every = torch.empty(self.world * k, dtype=torch.float64, device=self.engine.device)
         self.comm.all_gather(every, mine)
         per_rank = every.view(self.world, k).cpu()
-        spreads, measured = [], 0.0
+        from dtrain.seqpar.calibrate import GroupSample, predict_step
+
+        spreads, measured, self._samples = [], 0.0, []
         for m, mb in enumerate(schedule.micro_batches):
             group_times = [max(float(per_rank[r, m]) for r in g.ranks) for g in mb]
+            self._samples += [GroupSample(g.size, tuple(self._lengths[s] for s in g.sequences), t)
+                              for g, t in zip(mb, group_times)]
             measured += max(group_times)
             spreads.append((max(group_times) - min(group_times)) / max(group_times) if max(group_times) > 0 else 0.0)
         self._metrics = {
@@ -337,8 +353,14 @@ class SeqParPlugin(Plugin):
             "sp_group_spread": sum(spreads) / len(spreads),
             "sp_measured_s": measured,
         }
-        if schedule.predicted_s:
-            self._metrics["plan_predicted_s"] = sum(max(t) for t in schedule.predicted_s)
+        if self.shape is not None:  # every schedule, planned or hand-written, under the same model
+            groups = [[(g.size, [self._lengths[s] for s in g.sequences]) for g in mb] for mb in schedule.micro_batches]
+            self._metrics["plan_predicted_s"] = predict_step(self._cost(self.world), groups)
+
+    def group_samples(self) -> list[Any]:
+        """The last step's :class:`dtrain.seqpar.calibrate.GroupSample` s: per micro-batch and group,
+        the group's sizes and lengths and its slowest rank's forward + backward seconds."""
+        return list(self._samples)
 
     def metrics(self) -> dict[str, Any]:
         return dict(self._metrics)
