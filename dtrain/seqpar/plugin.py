@@ -36,6 +36,12 @@ from dtrain.seqpar.ulysses import SeqParContext, SeqParError, activate
 from dtrain.seqpar.config import SeqParConfig
 
 
+FILLS = (0.95, 1.0)
+"""Memory fills the planner is run with (``PlannerOptions.memory_fill``): its default headroom, and
+the whole per-rank limit (``seqpar.max_tokens_per_rank`` is a hard token count), which can save a
+micro-batch."""
+
+
 @dataclass
 class SeqBatch:
     """A global batch for the seqpar plugin: every rank passes the same one."""
@@ -203,17 +209,44 @@ class SeqParPlugin(Plugin):
                                   f"raise seqpar.max_tokens_per_rank or split the sequence")
 
     def solve(self, lengths: Sequence[int]) -> tuple[sched.Schedule, float]:
-        """The planner's schedule for ``lengths`` over the whole world and the seconds it took
-        (called on rank 0). The cost model caps group sizes (heads, memory); one ``plan_step``."""
+        """The schedule for ``lengths`` over the whole world and the seconds it took (rank 0).
+
+        One ``plan_step`` over the world per memory fill (the planner's default headroom, and the
+        full per-rank limit), whose cost model caps the group sizes (heads, memory); then the
+        candidates, with the static layouts of every allowed size, are scored by
+        :func:`dtrain.seqpar.calibrate.predict_step` and the fastest kept. With a cluster refitted
+        on the runtime that score includes each micro-batch's fixed cost ``c(d)``, which the
+        planner's search does not see (docs/seqpar.md)."""
         from dtrain.planner import PlannerError, PlannerOptions, plan_step
+        from dtrain.seqpar.calibrate import predict_step
 
         t0 = time.perf_counter()
-        try:
-            plan = plan_step([int(n) for n in lengths], self._cost(self.world),
-                             PlannerOptions(time_limit_s=self.cfg.solver_time_s))
-        except PlannerError as exc:
-            raise SeqParError(f"seqpar: {exc}") from None
-        return sched.from_step_plan(plan), time.perf_counter() - t0
+        cost = self._cost(self.world)
+        lengths = [int(n) for n in lengths]
+        candidates, names = [], []
+        for fill in FILLS:
+            try:
+                plan = plan_step(lengths, cost, PlannerOptions(time_limit_s=self.cfg.solver_time_s / len(FILLS),
+                                                               memory_fill=fill))
+            except PlannerError as exc:
+                raise SeqParError(f"seqpar: {exc}") from None
+            candidates.append(sched.from_step_plan(plan))
+            names.append(f"planner@{fill:g}")
+        room = self.cfg.max_tokens_per_rank or max(1, int(cost.tokens_per_device))
+        for d in cost.group_sizes:
+            try:
+                candidates.append(sched.static_schedule(lengths, self.world, d, room, cost.seq_time))
+                names.append(f"static-{d}")
+            except SeqParError:
+                continue  # a sequence does not fit a group of d
+
+        def modeled(schedule: sched.Schedule) -> float:
+            return predict_step(cost, [[(g.size, [lengths[i] for i in g.sequences]) for g in mb]
+                                       for mb in schedule.micro_batches])
+
+        best = min(range(len(candidates)), key=lambda k: modeled(candidates[k]))
+        candidates[best].source = names[best]
+        return candidates[best], time.perf_counter() - t0
 
     def _start_ahead(self, lengths: Sequence[int] | None) -> None:
         if self.rank != 0 or not self.cfg.lookahead or lengths is None:
@@ -353,6 +386,8 @@ class SeqParPlugin(Plugin):
             "sp_group_spread": sum(spreads) / len(spreads),
             "sp_measured_s": measured,
         }
+        if schedule.source:
+            self._metrics["plan_choice"] = schedule.source
         if self.shape is not None:  # every schedule, planned or hand-written, under the same model
             groups = [[(g.size, [self._lengths[s] for s in g.sequences]) for g in mb] for mb in schedule.micro_batches]
             self._metrics["plan_predicted_s"] = predict_step(self._cost(self.world), groups)
