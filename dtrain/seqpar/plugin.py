@@ -165,7 +165,7 @@ class SeqParPlugin(Plugin):
             cluster = cluster.with_topology(devices, min(devices, per_node))
             cost = CostModel(self.shape, cluster)
             if self.cfg.max_tokens_per_rank is not None:
-                need = cost.model_state_bytes + (self.cfg.max_tokens_per_rank + 0.5) * cost.bytes_per_token
+                need = cost.model_state_bytes + (self.cfg.max_tokens_per_rank + 0.01) * cost.bytes_per_token  # a hair over: float headroom, never a whole token
                 cost = CostModel(self.shape, replace(cluster, memory_GiB=cluster.reserve_GiB + need / GIB))
         except PlannerError as exc:
             raise ConfigError(f"seqpar: {exc}") from None
