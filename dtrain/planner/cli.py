@@ -85,6 +85,14 @@ def _build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--nodes", type=int, default=2, help="--layout: simulated hosts")
     cal.add_argument("--nproc", type=int, default=2, help="--layout: ranks per host")
     cal.add_argument("--net", default="bw=1gbit", help="--layout: inter-host link, bw=RATE[,latency=T][,burst=B]")
+
+    cal.add_argument("--seqpar", metavar="SAMPLES.json", help="instead of measuring one layer, fit the cost "
+                     "model to timed seqpar runtime groups (dtrain/seqpar/calibrate.py; benchmarks/seqpar.py "
+                     "writes them) and write --out")
+    cal.add_argument("--seqpar-model", metavar="SPEC", help="with --seqpar: the trained model's shape "
+                     "(--model syntax of `dtrain plan seqpar`)")
+    cal.add_argument("--seqpar-cluster", metavar="FILE", help="with --seqpar: the cluster file to refit "
+                     "(default cluster/cpu_local.toml)")
     from dtrain.planner.layout import add_subcommands  # dtrain plan layout / memory (docs/hierarchical.md)
 
     add_subcommands(sub)
@@ -105,6 +113,28 @@ def _seqpar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_seqpar(args: argparse.Namespace) -> int:
+    from dtrain.seqpar import calibrate as runtime  # numpy only
+
+    if not args.seqpar_model:
+        raise PlannerError("--seqpar needs --seqpar-model, the shape of the model the samples were timed on "
+                           "(e.g. layers=4,hidden=128,heads=4,vocab=256)")
+    local = REPO_CLUSTER_DIR / "cpu_local.toml"
+    base = load_cluster(args.seqpar_cluster) if args.seqpar_cluster else (
+        load_cluster(local) if local.is_file() else default_cluster())
+    fit = runtime.fit(runtime.load_samples(args.seqpar))
+    spec = runtime.to_cluster(fit, parse_model(args.seqpar_model), base)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(spec.to_toml())
+    if args.json:
+        print(json.dumps({"out": args.out, **fit.to_dict()}, sort_keys=True))
+    else:
+        print(f"fitted {fit.samples} seqpar groups: relative residual median {100 * fit.median_rel_residual:.1f}%, "
+              f"max {100 * fit.max_rel_residual:.1f}% (by group size: "
+              + ", ".join(f"d={d} {100 * r:.1f}%" for d, r in sorted(fit.residual_by_d.items())) + f"); wrote {args.out}")
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     if args.layout:
         from dtrain.planner.calibrate import calibrate_layout, layout_summary
@@ -115,6 +145,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "raw"}, sort_keys=True) if args.json
               else layout_summary(result))
         return 0
+    if args.seqpar:
+        return _calibrate_seqpar(args)
     from dtrain.planner.calibrate import calibrate  # torch only here
 
     report = calibrate(out_path=args.out, max_degree=args.max_degree, quick=args.quick)

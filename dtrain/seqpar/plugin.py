@@ -21,7 +21,6 @@ the same whatever the plan (tests/dist/test_seqpar.py).
 """
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -35,6 +34,12 @@ from dtrain.plugins.base import Plugin, register
 from dtrain.seqpar import schedule as sched
 from dtrain.seqpar.ulysses import SeqParContext, SeqParError, activate
 from dtrain.seqpar.config import SeqParConfig
+
+
+FILLS = (0.95, 1.0)
+"""Memory fills the planner is run with (``PlannerOptions.memory_fill``): its default headroom, and
+the whole per-rank limit (``seqpar.max_tokens_per_rank`` is a hard token count), which can save a
+micro-batch."""
 
 
 @dataclass
@@ -136,6 +141,8 @@ class SeqParPlugin(Plugin):
         self._metrics: dict[str, Any] = {}
         self._solve_s = 0.0
         self._wait_s = 0.0
+        self._lengths: list[int] = []
+        self._samples: list[Any] = []
 
     # ------------------------------------------------------------------ planning
     def _cost(self, devices: int) -> Any:
@@ -158,19 +165,31 @@ class SeqParPlugin(Plugin):
             cluster = cluster.with_topology(devices, min(devices, per_node))
             cost = CostModel(self.shape, cluster)
             if self.cfg.max_tokens_per_rank is not None:
-                need = cost.model_state_bytes + (self.cfg.max_tokens_per_rank + 0.5) * cost.bytes_per_token
+                need = cost.model_state_bytes + (self.cfg.max_tokens_per_rank + 0.01) * cost.bytes_per_token  # a hair over: float headroom, never a whole token
                 cost = CostModel(self.shape, replace(cluster, memory_GiB=cluster.reserve_GiB + need / GIB))
         except PlannerError as exc:
             raise ConfigError(f"seqpar: {exc}") from None
         self._costs[devices] = cost
         return cost
 
+    def use_cluster(self, path: str, next_lengths: Sequence[int] | None = None) -> None:
+        """Plan with the cluster file ``path`` from now on (e.g. one refitted by
+        :mod:`dtrain.seqpar.calibrate`): a solve already started is dropped, and with lookahead
+        the solve of the next batch (``next_lengths``) starts now with the new model."""
+        self.cfg.cluster = str(path)
+        self._costs.clear()
+        self._ahead = None
+        self._start_ahead(next_lengths)
+
     def _largest_group(self) -> int:
-        """The largest group size allowed: a power of two dividing the heads and the world."""
-        cap = self.world & -self.world
-        if self.heads:
-            cap = min(cap, self.heads & -self.heads)
-        return cap
+        """The largest group size a plan may use: the cost model's cap (powers of two up to the
+        world that divide the heads, :attr:`CostModel.max_group_size`); the same rule when the
+        model's shape is unknown (hand-written plans only)."""
+        if self.shape is not None:
+            return self._cost(self.world).max_group_size
+        from dtrain.planner.cost import power_of_two_sizes
+
+        return max(d for d in power_of_two_sizes(self.world) if not self.heads or self.heads % d == 0)
 
     def check_lengths(self, lengths: Sequence[int]) -> None:
         """Refuse a sequence no group can hold (identically on every rank, before any collective)."""
@@ -190,40 +209,44 @@ class SeqParPlugin(Plugin):
                                   f"raise seqpar.max_tokens_per_rank or split the sequence")
 
     def solve(self, lengths: Sequence[int]) -> tuple[sched.Schedule, float]:
-        """The planner's schedule for ``lengths`` and the seconds it took (called on rank 0).
+        """The schedule for ``lengths`` over the whole world and the seconds it took (rank 0).
 
-        Group sizes are capped by :meth:`_largest_group`: when that is below the world size, the
-        batch is split by modeled work over blocks of that many ranks and each block is planned
-        on its own (the planner has no option for a largest group size)."""
+        One ``plan_step`` over the world per memory fill (the planner's default headroom, and the
+        full per-rank limit), whose cost model caps the group sizes (heads, memory); then the
+        candidates, with the static layouts of every allowed size, are scored by
+        :func:`dtrain.seqpar.calibrate.predict_step` and the fastest kept. With a cluster refitted
+        on the runtime that score includes each micro-batch's fixed cost ``c(d)``, which the
+        planner's search does not see (docs/seqpar.md)."""
         from dtrain.planner import PlannerError, PlannerOptions, plan_step
+        from dtrain.seqpar.calibrate import predict_step
 
         t0 = time.perf_counter()
-        cap = self._largest_group()
-        options = PlannerOptions(time_limit_s=self.cfg.solver_time_s / max(1, self.world // cap))
-        parts: list[list[int]] = [[] for _ in range(self.world // cap)]
-        cost = self._cost(cap)
-        load = [0.0] * len(parts)
-        for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
-            p = min(range(len(parts)), key=lambda q: (load[q], q))
-            parts[p].append(i)
-            load[p] += cost.seq_time(lengths[i], 1)
-        mbs: list[list[sched.Group]] = []
-        times: list[list[float]] = []
-        for p, part in enumerate(parts):
-            if not part:
-                continue
+        cost = self._cost(self.world)
+        lengths = [int(n) for n in lengths]
+        candidates, names = [], []
+        for fill in FILLS:
             try:
-                plan = plan_step([int(lengths[i]) for i in part], cost, options)
+                plan = plan_step(lengths, cost, PlannerOptions(time_limit_s=self.cfg.solver_time_s / len(FILLS),
+                                                               memory_fill=fill))
             except PlannerError as exc:
                 raise SeqParError(f"seqpar: {exc}") from None
-            for k, m in enumerate(plan.micro_batches):
-                if k == len(mbs):
-                    mbs.append([])
-                    times.append([])
-                for g in m.groups:
-                    mbs[k].append(sched.Group(tuple(r + p * cap for r in g.ranks), tuple(part[s] for s in g.sequences)))
-                    times[k].append(float(g.time_s))
-        return sched.Schedule(mbs, times, world_size=self.world), time.perf_counter() - t0
+            candidates.append(sched.from_step_plan(plan))
+            names.append(f"planner@{fill:g}")
+        room = self.cfg.max_tokens_per_rank or max(1, int(cost.tokens_per_device))
+        for d in cost.group_sizes:
+            try:
+                candidates.append(sched.static_schedule(lengths, self.world, d, room, cost.seq_time))
+                names.append(f"static-{d}")
+            except SeqParError:
+                continue  # a sequence does not fit a group of d
+
+        def modeled(schedule: sched.Schedule) -> float:
+            return predict_step(cost, [[(g.size, [lengths[i] for i in g.sequences]) for g in mb]
+                                       for mb in schedule.micro_batches])
+
+        best = min(range(len(candidates)), key=lambda k: modeled(candidates[k]))
+        candidates[best].source = names[best]
+        return candidates[best], time.perf_counter() - t0
 
     def _start_ahead(self, lengths: Sequence[int] | None) -> None:
         if self.rank != 0 or not self.cfg.lookahead or lengths is None:
@@ -287,6 +310,7 @@ class SeqParPlugin(Plugin):
                 self.comm.topology.range_group(ranks)
             self.groups_used.add(ranks)
         self._schedule = schedule
+        self._lengths = seq.lengths
         self._times = []
         micro, tokens = [], 0
         for k in range(len(schedule.micro_batches)):
@@ -347,9 +371,13 @@ class SeqParPlugin(Plugin):
         every = torch.empty(self.world * k, dtype=torch.float64, device=self.engine.device)
         self.comm.all_gather(every, mine)
         per_rank = every.view(self.world, k).cpu()
-        spreads, measured = [], 0.0
+        from dtrain.seqpar.calibrate import GroupSample, predict_step
+
+        spreads, measured, self._samples = [], 0.0, []
         for m, mb in enumerate(schedule.micro_batches):
             group_times = [max(float(per_rank[r, m]) for r in g.ranks) for g in mb]
+            self._samples += [GroupSample(g.size, tuple(self._lengths[s] for s in g.sequences), t)
+                              for g, t in zip(mb, group_times)]
             measured += max(group_times)
             spreads.append((max(group_times) - min(group_times)) / max(group_times) if max(group_times) > 0 else 0.0)
         self._metrics = {
@@ -358,8 +386,16 @@ class SeqParPlugin(Plugin):
             "sp_group_spread": sum(spreads) / len(spreads),
             "sp_measured_s": measured,
         }
-        if schedule.predicted_s:
-            self._metrics["plan_predicted_s"] = sum(max(t) for t in schedule.predicted_s)
+        if schedule.source:
+            self._metrics["plan_choice"] = schedule.source
+        if self.shape is not None:  # every schedule, planned or hand-written, under the same model
+            groups = [[(g.size, [self._lengths[s] for s in g.sequences]) for g in mb] for mb in schedule.micro_batches]
+            self._metrics["plan_predicted_s"] = predict_step(self._cost(self.world), groups)
+
+    def group_samples(self) -> list[Any]:
+        """The last step's :class:`dtrain.seqpar.calibrate.GroupSample` s: per micro-batch and group,
+        the group's sizes and lengths and its slowest rank's forward + backward seconds."""
+        return list(self._samples)
 
     def metrics(self) -> dict[str, Any]:
         return dict(self._metrics)

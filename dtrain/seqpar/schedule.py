@@ -34,6 +34,8 @@ class Schedule:
     predicted_s: list[list[float]] = field(default_factory=list)
     """The planner's modeled time of each group (empty for a hand-written schedule)."""
     world_size: int | None = None
+    source: str = ""
+    """Which candidate the runtime chose (``planner@0.95``, ``static-4``, ...; rank 0 only)."""
 
     def ranges(self) -> list[tuple[int, ...]]:
         """Distinct rank blocks of two ranks or more, in first-use order."""

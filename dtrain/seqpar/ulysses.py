@@ -5,8 +5,10 @@ of ``T/d``. :func:`attention` takes this rank's ``q, k, v`` of shape ``[B, H, T/
 ``scaled_dot_product_attention`` layout), and
 
 1. one all-to-all over the group scatters heads and gathers the sequence: ``[B, H/d, T, hd]``;
-2. runs causal attention within each packed sequence (a loop over the sequences: on CPU this
-   costs only each sequence's own ``s^2``, where a block-diagonal mask would cost ``T^2``);
+2. runs causal attention within each packed sequence: sequences of similar length are padded
+   to a common length and run as one batched kernel (:func:`packed_causal_attention`), so the
+   cost stays near each sequence's own ``s^2`` (a block-diagonal mask would cost ``T^2``) without
+   a kernel call per short sequence;
 3. the inverse all-to-all gives back this rank's slice with all heads: ``[B, H, T/d, hd]``.
 
 Backward runs the same all-to-alls through the same group (:class:`_AllToAll`; an all-to-all of
@@ -105,13 +107,69 @@ def _gather_heads(y: torch.Tensor, ctx: SeqParContext) -> torch.Tensor:
     return z.permute(1, 0, 2, 3, 4).reshape(b, d * hl, t // d, hd)
 
 
+PAD_WASTE = 1.5
+"""A bin of packed sequences may cost up to this many times their own ``sum s^2`` once padded to
+its longest sequence (short sequences: one batched kernel beats one kernel per sequence)."""
+
+
+def length_bins(lengths: list[int], waste: float = PAD_WASTE) -> list[list[int]]:
+    """Segment indices in bins, longest first: a segment joins the current bin while the bin's
+    padded cost ``count * longest^2`` stays within ``waste`` times its members' ``sum s^2``."""
+    bins: list[list[int]] = []
+    squares = 0
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        n = lengths[i]
+        if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] ** 2 <= waste * (squares + n * n):
+            bins[-1].append(i)
+            squares += n * n
+        else:
+            bins.append([i])
+            squares = n * n
+    return bins
+
+
 def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...],
                             dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """Causal attention within each packed segment ``[bounds[i], bounds[i+1])`` of dim -2."""
-    outs = [F.scaled_dot_product_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], is_causal=True,
-                                           dropout_p=dropout_p, scale=scale)
-            for a, b in zip(bounds, bounds[1:])]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+    """Causal attention within each packed segment ``[bounds[i], bounds[i+1])`` of dim -2.
+
+    Segments of similar length (:func:`length_bins`) run as one batched kernel: each is padded
+    at its end to the bin's longest, which causal attention makes exact (a real query never sees a
+    later, padded key; padded queries' outputs are dropped, so they get no gradient)."""
+    segments = list(zip(bounds, bounds[1:]))
+    if len(segments) == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+    lengths = [b - a for a, b in segments]
+    outs, order = [], []
+    for members in length_bins(lengths):
+        if len(members) == 1:
+            a, b = segments[members[0]]
+            outs.append(F.scaled_dot_product_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :],
+                                                       is_causal=True, dropout_p=dropout_p, scale=scale))
+            order.extend(range(a, b))
+            continue
+        width = lengths[members[0]]
+        offsets = torch.arange(width)
+        starts = torch.tensor([segments[m][0] for m in members])
+        ends = torch.tensor([segments[m][1] for m in members])
+        index = torch.minimum(starts[:, None] + offsets[None, :], ends[:, None] - 1)  # pad: repeat the last token
+        n = len(members)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, hd] -> [n * B, H, width, hd]
+            x = t.index_select(-2, index.reshape(-1)).unflatten(-2, (n, width))
+            return x.movedim(-3, 0).flatten(0, 1)
+
+        y = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=True, dropout_p=dropout_p,
+                                           scale=scale)
+        y = y.unflatten(0, (n, q.shape[0])).movedim(0, -3).flatten(-3, -2)  # [B, H, n * width, hd]
+        valid = (offsets[None, :] < (ends - starts)[:, None]).reshape(-1).nonzero().squeeze(1)
+        outs.append(y.index_select(-2, valid))
+        order.extend(index.reshape(-1)[valid].tolist())
+    packed = torch.cat(outs, dim=-2)
+    if order == list(range(len(order))):
+        return packed
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return packed.index_select(-2, inverse)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,

@@ -263,3 +263,58 @@ def test_seqpar_world4():
     assert r["capped_sizes"] and max(r["capped_sizes"]) <= 2, r["capped_sizes"]
     for other in results[1:]:
         assert other["errors"] == r["errors"]
+
+
+def test_runtime_calibration_and_binned_attention():
+    """Single process, no gloo (well under a second):
+
+    * ``dtrain.seqpar.calibrate.fit`` recovers the coefficients that generated noiseless group
+      times (relative 1e-6: a least-squares solve of a consistent system), the cluster file of
+      ``to_cluster`` predicts the same group times through the planner's CostModel
+      (``predict_step``), and too few samples are refused in one line;
+    * ``packed_causal_attention`` over many segments (padded bins) equals one kernel call per
+      segment in fp64 within 1e-12, values and gradients.
+    """
+    import random
+
+    from dtrain.planner import CostModel, ModelShape, PlannerError
+    from dtrain.planner.cluster import ClusterSpec
+    from dtrain.seqpar import calibrate as cal
+    from dtrain.seqpar.ulysses import length_bins, packed_causal_attention
+
+    truth = cal.RuntimeFit(alpha1=3e-9, alpha2=4e-5, beta1=2e-4, group_s={1: 0.02, 2: 0.05, 4: 0.09},
+                           per_token_s={2: 1e-5, 4: 3e-5})
+    rng = random.Random(0)
+    samples = []
+    for _ in range(30):
+        d = rng.choice((1, 2, 4))
+        lengths = tuple(rng.randint(16, 900) for _ in range(rng.randint(1, 6)))
+        samples.append(cal.GroupSample(d, lengths, truth.group_time(d, lengths)))
+    got = cal.fit(samples)
+    for name in ("alpha1", "alpha2", "beta1"):
+        assert abs(getattr(got, name) / getattr(truth, name) - 1) < 1e-6, (name, getattr(got, name))
+    for d in (1, 2, 4):
+        assert abs(got.group_s[d] / truth.group_s[d] - 1) < 1e-6, (d, got.group_s)
+    assert got.max_rel_residual < 1e-9
+    shape = ModelShape("m", layers=4, hidden=128, heads=4, vocab=256, ffn=512, tied_embeddings=True)
+    cost = CostModel(shape, cal.to_cluster(got, shape, ClusterSpec(num_devices=4, devices_per_node=2,
+                                                                     bytes_per_element=4)))
+    plan = [[(4, [900, 30])], [(1, [200, 16]), (1, [300]), (2, [120, 77])]]
+    want = truth.group_time(4, [900, 30]) + max(truth.group_time(d, ls) for d, ls in plan[1])
+    assert abs(cal.predict_step(cost, plan) / want - 1) < 1e-6, (cal.predict_step(cost, plan), want)
+    with pytest.raises(PlannerError, match="cannot fit"):
+        cal.fit(samples[:4])
+
+    lengths = [37, 35, 33, 9, 8, 8, 7, 3, 1, 60]
+    assert any(len(b) > 1 for b in length_bins(lengths))
+    bounds = tuple([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))])
+    gen = torch.Generator().manual_seed(3)
+    qkv = [torch.randn(2, 3, bounds[-1], 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    gy = torch.randn(2, 3, bounds[-1], 8, generator=gen, dtype=torch.float64)
+    out = packed_causal_attention(*qkv, bounds)
+    grads = torch.autograd.grad((out * gy).sum(), qkv)
+    ref = torch.cat([F.scaled_dot_product_attention(*(t[..., a:b, :] for t in qkv), is_causal=True)
+                     for a, b in zip(bounds, bounds[1:])], dim=-2)
+    ref_grads = torch.autograd.grad((ref * gy).sum(), qkv)
+    assert (out - ref).abs().max().item() < 1e-12
+    assert max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)) < 1e-12
