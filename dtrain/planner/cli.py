@@ -85,7 +85,6 @@ def _build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--nodes", type=int, default=2, help="--layout: simulated hosts")
     cal.add_argument("--nproc", type=int, default=2, help="--layout: ranks per host")
     cal.add_argument("--net", default="bw=1gbit", help="--layout: inter-host link, bw=RATE[,latency=T][,burst=B]")
-
     cal.add_argument("--seqpar", metavar="SAMPLES.json", help="instead of measuring one layer, fit the cost "
                      "model to timed seqpar runtime groups (dtrain/seqpar/calibrate.py; benchmarks/seqpar.py "
                      "writes them) and write --out")
