@@ -31,7 +31,9 @@ class OffloadConfig:
     io_threads: int = 2
     """Threads issuing the NVMe tier's reads and writes (preadv/pwritev)."""
     cpu_adam: bool = False
-    """Use DeepSpeed's DeepSpeedCPUAdam for Adam/AdamW (not implemented yet: a ConfigError)."""
+    """Step with DeepSpeed's DeepSpeedCPUAdam instead of the factory's torch Adam/AdamW (same
+    hyperparameters; equal within a tolerance, not bit-identical). Its op must load and the
+    optimizer must be Adam/AdamW, else one UsageError line at start-up."""
     overlap: bool = True
     """Step each unit while backward continues; False steps every unit after backward (the order
     ZeRO-Infinity uses), for comparison."""
@@ -45,8 +47,6 @@ class OffloadConfig:
                 self.memory_budget_gb, "a positive number of GB, or omit it")
         require(not (self.enabled and self.optim == "nvme" and not self.dir), "offload.dir", self.dir,
                 'a directory path when offload.optim = "nvme"')
-        require(not self.cpu_adam, "offload.cpu_adam", self.cpu_adam,
-                "false (DeepSpeedCPUAdam is not wired in yet; the user's optimizer steps the state)")
 
 
 register_section("offload", OffloadConfig)

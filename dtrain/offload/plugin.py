@@ -25,6 +25,7 @@ import errno
 import os
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,12 +33,13 @@ from typing import Any, ClassVar
 import torch
 
 from dtrain.errors import UsageError
+from dtrain.offload import cpu_adam
 from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
 from dtrain.offload.pipeline import StepPipeline
 from dtrain.offload.placement import UnitProfile
 from dtrain.offload.store import F32, TierStore
-from dtrain.plugins.base import register
+from dtrain.plugins.base import OptimizerFactory, register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
 
 GB = 2**30
@@ -47,6 +49,10 @@ DEFAULT_BUFFER_SETS = 3  # read i+1, step i, write i-1
 def elementwise_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
     """The element-wise state keys the optimizer creates (Adam: exp_avg, exp_avg_sq), found by
     stepping a copy of its first param group on a 2-element probe parameter."""
+    from dtrain.offload import cpu_adam
+
+    if cpu_adam._CLASS is not None and isinstance(optimizer, cpu_adam._CLASS):
+        return ["exp_avg", "exp_avg_sq"]  # known; a probe copy would load the op and query the CPU again
     probe = torch.zeros(2, requires_grad=True)
     probe.grad = torch.zeros(2)
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
@@ -100,6 +106,9 @@ class OffloadPlugin(FirstOrderStep):
         self.cfg: OffloadConfig = engine.config.offload
         if self.cfg.params == "host" and engine.device.type != "cpu":
             raise UsageError('offload.params = "host" is not implemented on an accelerator yet; use "device"')
+        if self.cfg.cpu_adam and engine.device.type != "cpu":
+            raise UsageError(f"offload.cpu_adam = true steps host tensors, but this run's parameters are on "
+                             f"{engine.device}; set offload.cpu_adam = false (the user's optimizer steps on the device)")
         self.run_dir = check_offload_dir(self.cfg.dir, engine.comm.rank) if self.cfg.optim == "nvme" else None
         self.store: TierStore | None = None
         self.pipe: StepPipeline | None = None
@@ -107,6 +116,11 @@ class OffloadPlugin(FirstOrderStep):
         self._seen = {"read": 0, "write": 0, "optim_s": 0.0, "hidden_s": 0.0, "read_wait_s": 0.0,
                       "join_wait_s": 0.0}
         self._last: dict[str, float] = {}
+
+    def optimizer_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory:
+        """The user's factory, or with ``offload.cpu_adam`` one returning DeepSpeedCPUAdam instead."""
+        factory = super().optimizer_factory(factory)
+        return cpu_adam.cpu_adam_factory(factory) if self.cfg.cpu_adam else factory
 
     # -------------------------------------------------------------- building
     def _build(self) -> None:
@@ -151,6 +165,9 @@ class OffloadPlugin(FirstOrderStep):
         if cfg.optim != "device":
             layout.place_optim_state(cfg.optim, self._tier_report)
         self.resident = resident
+        self.optimizer_name = cpu_adam.describe(layout.optimizer)
+        if self.engine.comm.rank == 0:
+            print(f"dtrain: offload tier {cfg.optim!r}: the optimizer is {self.optimizer_name}", file=sys.stderr)
 
     def restore(self) -> None:
         """Start-up, once the layout exists and before any checkpoint is loaded: lay the tier out
@@ -237,7 +254,8 @@ class OffloadPlugin(FirstOrderStep):
         self._seen = dict(now)
         out = {"offload_read_bytes": float(d["read"]), "offload_write_bytes": float(d["write"]),
                "optim_overlap": d["hidden_s"] / d["optim_s"] if d["optim_s"] > 0 else 0.0,
-               "offload_optim_s": d["optim_s"], "offload_io_wait_s": d["read_wait_s"] + d["join_wait_s"]}
+               "offload_optim_s": d["optim_s"], "offload_io_wait_s": d["read_wait_s"] + d["join_wait_s"],
+               "offload_cpu_adam": float(self.cfg.cpu_adam)}
         if self.store.tier == "nvme":
             out["offload_direct_io"] = float(self.store.direct[0])
         return out
