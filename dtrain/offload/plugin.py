@@ -37,7 +37,7 @@ from dtrain.offload import cpu_adam
 from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
 from dtrain.offload.pipeline import StepPipeline
-from dtrain.offload.placement import UnitProfile
+from dtrain.offload.placement import UnitProfile, place_units
 from dtrain.offload.store import F32, TierStore
 from dtrain.plugins.base import OptimizerFactory, register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
@@ -133,6 +133,8 @@ class OffloadPlugin(FirstOrderStep):
         optim_bytes = len(keys) * elements * F32
         on_cpu = self.engine.device.type == "cpu"
         self.buffer_sets = DEFAULT_BUFFER_SETS
+        unit_tiers: dict[int, str] = {}
+        self.placement = None
         if cfg.optim == "nvme":
             set_bytes = _largest_unit_bytes(layout, keys)
             minimum = resident + set_bytes
@@ -144,13 +146,18 @@ class OffloadPlugin(FirstOrderStep):
                         f"{self.engine.comm.rank}: it needs at least {minimum / GB:.4f} GB (parameters and "
                         f"gradients {resident / GB:.4f} GB + one unit's optimizer state {set_bytes / GB:.4f} GB); "
                         f"raise offload.memory_budget_gb, use more ranks or smaller units (zero.bucket_mb)")
-                self.buffer_sets = max(1, min(DEFAULT_BUFFER_SETS, (budget - resident) // max(set_bytes, 1)))
+                unit_tiers, kept = self._place(keys, budget, resident)
+                largest = max((_aligned_unit_bytes(layout, s, keys) for s in layout.unit_specs()
+                               if s.index not in unit_tiers), default=0)
+                self.buffer_sets = max(1, min(DEFAULT_BUFFER_SETS, (budget - resident - kept) // max(largest, 1)))
             free = shutil.disk_usage(self.run_dir).free
             need = sum(-(-(_unit_range_bytes(layout, s)) // ALIGN) * ALIGN for s in layout.unit_specs()) * len(keys)
             if need > free:
                 raise UsageError(f"offload.dir = {cfg.dir!r} has {free / GB:.2f} GB free; rank "
                                  f"{self.engine.comm.rank} needs {need / GB:.2f} GB for its optimizer state; "
                                  f"free space or point offload.dir at a larger disk")
+        elif cfg.memory_budget_gb is not None and cfg.optim == "host" and not on_cpu:
+            unit_tiers, _ = self._place(keys, int(cfg.memory_budget_gb * GB), resident)
         elif cfg.memory_budget_gb is not None:
             in_memory = resident + (optim_bytes if cfg.optim == "device" or on_cpu else 0)
             if int(cfg.memory_budget_gb * GB) < in_memory:
@@ -159,7 +166,7 @@ class OffloadPlugin(FirstOrderStep):
                     f"{self.engine.comm.rank} with offload.optim = {cfg.optim!r}: its state in memory is "
                     f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
         self.buffer_sets = max(1, min(self.buffer_sets, len(layout.unit_specs())))
-        self.store = TierStore(layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets)
+        self.store = TierStore(layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers)
         self.pipe = StepPipeline(self.store)
         self.callback = layout.on_unit_reduced(self._on_reduced)
         if cfg.optim != "device":
@@ -168,6 +175,16 @@ class OffloadPlugin(FirstOrderStep):
         self.optimizer_name = cpu_adam.describe(layout.optimizer)
         if self.engine.comm.rank == 0:
             print(f"dtrain: offload tier {cfg.optim!r}: the optimizer is {self.optimizer_name}", file=sys.stderr)
+
+    def _place(self, keys: list[str], budget: int, resident: int) -> tuple[dict[int, str], int]:
+        """Which units keep their state resident under the budget (dtrain/offload/placement.py);
+        returns unit index -> "device" for those, and their bytes."""
+        layout = self.engine.layout
+        specs = list(reversed(layout.unit_specs()))  # backward reduces the last units first
+        self.placement = place_units([(s.name, _aligned_unit_bytes(layout, s, keys)) for s in specs],
+                                     self.cfg.optim, budget, resident, DEFAULT_BUFFER_SETS)
+        chosen = {s.index: "device" for s in specs if self.placement.tiers[s.name] == "device"}
+        return chosen, sum(_aligned_unit_bytes(layout, s, keys) for s in specs if s.index in chosen)
 
     def restore(self) -> None:
         """Start-up, once the layout exists and before any checkpoint is loaded: lay the tier out
@@ -236,13 +253,10 @@ class OffloadPlugin(FirstOrderStep):
     def _tier_report(self) -> dict[str, dict[str, int]]:
         held = self.engine.layout.state_bytes()
         store = self.store
-        device = {"params": held["params"], "grads": held["grads"], "optim": 0}
+        device = {"params": held["params"], "grads": held["grads"],
+                  "optim": store.bytes_at_rest("device") + store.pool_bytes()}
         out = {"device": device}
-        if store.tier == "nvme":
-            device["optim"] = store.pool_bytes()
-            out["nvme"] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
-        else:
-            out["host"] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
+        out[store.tier] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -277,6 +291,11 @@ def _unit_range_bytes(layout: Any, spec: Any) -> int:
     _, parts, index = layout.placement("master")
     lo, hi = spec.shard_range(parts, index)
     return (hi - lo) * F32
+
+
+def _aligned_unit_bytes(layout: Any, spec: Any, keys: list[str]) -> int:
+    """One unit's optimizer state on this rank as the tier stores it (4096-aligned per key)."""
+    return -(-_unit_range_bytes(layout, spec) // ALIGN) * ALIGN * len(keys)
 
 
 def _largest_unit_bytes(layout: Any, keys: list[str]) -> int:
