@@ -158,3 +158,43 @@ def place_units(unit_bytes_in_reduction_order: list[tuple[str, int]], tier: str,
         return Placement(tiers, {u.name: 0.0 for u in units}, resident_bytes + pool, by("host"), by("nvme"), 0.0)
     host = sum(u.state_bytes for u in units) if tier == "host" else 0
     return choose_placement(units, budget_bytes, resident_bytes, 0.0, host_budget_bytes=host, pool_sets=pool_sets)
+
+
+def plan_memory_tiers(config, units: list[int], optim_parts: int, tiers: dict[str, dict[str, int]],
+                      show: bool = True) -> dict[str, dict[str, int]]:
+    """``dtrain plan memory`` with an enabled ``offload`` section: re-split the optimizer state of
+    ``tiers`` (bytes per tier and kind, all on the device) the way the plugin places it, per unit
+    (``units``: element counts in ZeRO-3's order, the root last; ``optim_parts``: ranks sharing
+    the optimizer state), and print the per-unit choice when ``show``."""
+    import dtrain.offload.config  # noqa: F401 - registers the section the planner read as deferred
+
+    cfg = config.offload
+    if not cfg.enabled or cfg.optim == "device":
+        return tiers
+    per_unit = [(f"layers.{i}" if i < len(units) - 1 else "<root>", 8 * n // optim_parts)
+                for i, n in enumerate(units)]
+    device = tiers.get("device", {})
+    resident = device.get("params", 0) + device.get("grads", 0)
+    budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * GB)
+    try:
+        placement = place_units(list(reversed(per_unit)), cfg.optim, budget, resident)
+    except ValueError as exc:
+        from dtrain.planner.errors import PlannerError
+
+        raise PlannerError(f"offload.memory_budget_gb = {cfg.memory_budget_gb}: {exc}") from None
+    kept = sum(b for name, b in per_unit if placement.tiers[name] == "device")
+    out = {t: dict(k) for t, k in tiers.items()}
+    off = placement.nvme_bytes if cfg.optim == "nvme" else placement.host_bytes
+    pool = placement.device_bytes - resident - kept
+    out.setdefault("device", {})["optim"] = kept + pool  # unpadded per-unit bytes, as the plugin counts them
+    out.setdefault(cfg.optim, {})["optim"] = off
+    if show:  # decimal GB, as the planner's table prints them
+        names = [name for name, _ in per_unit if placement.tiers[name] == "device"]
+        print(f"offload.optim = {cfg.optim!r}, offload.memory_budget_gb = {cfg.memory_budget_gb}: "
+              f"{len(names)} of {len(per_unit)} units' optimizer state resident ({kept / 1e9:.3f} GB"
+              f"{': ' + ', '.join(names[:8]) + (' ...' if len(names) > 8 else '') if names else ''}), "
+              f"{sum(1 for t in placement.tiers.values() if t == cfg.optim)} on {cfg.optim} ({off / 1e9:.3f} GB), "
+              f"staging pool {pool / 1e9:.3f} GB")
+        for note in placement.notes:
+            print(f"  {note}")
+    return out

@@ -32,6 +32,11 @@ A second world-2 run checks two things that are not bit-identical in kind:
   learning rate (one update, ~3e-3) is 30x or more above it. The test also checks which
   optimizer ran (its class and the ``offload_cpu_adam`` metric), and that a factory returning
   SGD with ``cpu_adam = true`` is one UsageError line.
+
+Snapshots under offload: ``dtrain launch`` of the example (ZeRO-3, world 2, in-memory snapshots),
+rank 1 killed after step 4, with ``offload.optim`` = nvme and host: each run restarts from its
+local snapshot (whose optimizer state was read through the shard descriptors, i.e. from the NVMe
+tier's files) and ends on the fault-free in-memory run's ``param_sha256`` (bit-exact).
 """
 import errno
 import hashlib
@@ -245,3 +250,37 @@ def test_offload_mixed_placement_and_cpu_adam(tmp_path):
         assert out["cpu_adamw_diff"] <= 1e-4, (rank, out["cpu_adamw_diff"])
         assert out["cpu_adam_diff"] <= 1e-4, (rank, out["cpu_adam_diff"])
         assert "offload.cpu_adam" in out["sgd"] and "SGD" in out["sgd"] and "\n" not in out["sgd"], out["sgd"]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(tmp: Path, name: str, inject: list[str], sets: list[str]) -> tuple[int, list[dict], str]:
+    metrics = tmp / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "dtrain.launch.cli", "launch", "--nproc", "2", "--no-progress",
+           "--max-restarts", "1" if inject else "0"]
+    for spec in inject:
+        cmd += ["--inject", spec]
+    cmd += [str(ROOT / "examples" / "train_gpt.py"), "--model", "tiny", "--steps", "8", "--batch-size", "8",
+            "--metrics", str(metrics), "--set", "zero.stage=3", "--set", "snapshot.enabled=true",
+            "--set", "comm.timeout_s=30"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ))
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    return proc.returncode, lines, proc.stdout + proc.stderr
+
+
+def test_killed_rank_recovers_from_snapshot_under_offload(tmp_path):
+    rc, clean, log = _launch(tmp_path, "clean", [], [])
+    assert rc == 0, log[-3000:]
+    reference = next(r for r in clean if r.get("summary"))["param_sha256"]
+    for tier in ("nvme", "host"):
+        sets = ["offload.enabled=true", f'offload.optim="{tier}"', f'offload.dir="{tmp_path}"']
+        rc, faulty, log = _launch(tmp_path, tier, ["kill:rank=1,step=4"], sets)
+        assert rc == 0, log[-3000:]
+        assert next(r for r in faulty if r.get("summary"))["param_sha256"] == reference, (tier, log[-3000:])
+        events = [r for r in faulty if r.get("event") == "restart"]
+        assert events and events[-1]["resumed_from_step"] >= 2 and "snapshot" in events[-1]["source"], events
+        steps = [r for r in faulty if "step" in r and "event" not in r]
+        assert all("snapshot_step" in r["plugins"] and "optim_overlap" in r["plugins"] for r in steps), steps[-1]
