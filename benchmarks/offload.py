@@ -15,7 +15,8 @@ Variants (each a fresh single-rank process, interleaved over ``--repeats`` round
   reported with its error line).
 
 Per variant: step time (median of the measured steps, then median over rounds), peak RSS
-(VmHWM), bytes the process read from and wrote to storage (``/proc/self/io``) per step, and
+(VmHWM over the whole run, and ``peak_rss_steady``: over the measured steps only, VmHWM reset
+after the warm-up step), bytes the process read from and wrote to storage (``/proc/self/io``) per step, and
 dtrain's own counters (``offload_read_bytes``/``offload_write_bytes``, ``optim_overlap``,
 whether O_DIRECT ran). Usage::
 
@@ -59,6 +60,14 @@ def _vmhwm(field: str = "VmHWM") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _reset_hwm() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: ``clear_refs`` value 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5\n")
+    except OSError:
+        pass
 
 
 def _drop_caches() -> bool:
@@ -114,6 +123,8 @@ def worker(spec: dict) -> dict:
             dropped.append(_drop_caches())
         if step == 1:
             io0 = _io_bytes()
+            trace["step0_hwm"] = _vmhwm()
+            _reset_hwm()  # peak_rss_steady: the peak of the measured steps, start-up and step 0 left out
         t = time.perf_counter()
         step_fn(batch)
         if step:
@@ -122,7 +133,8 @@ def worker(spec: dict) -> dict:
             trace[f"step{step}"] = _vmhwm("VmRSS")
     io1 = _io_bytes()
     out.update(rss_trace=trace, caches_dropped=all(dropped) if dropped else False)
-    out.update(step_s=statistics.median(times), peak_rss=_vmhwm(),
+    out.update(step_s=statistics.median(times), peak_rss=max(_vmhwm(), trace.get("step0_hwm", 0)),
+               peak_rss_steady=_vmhwm(),
                disk_read_per_step=(io1[0] - io0[0]) / steps, disk_write_per_step=(io1[1] - io0[1]) / steps,
                **extra())
     return out
@@ -169,7 +181,11 @@ def _deepspeed(model, variant: str, spec: dict):
         offload["nvme_path"] = spec["dir"]
         zero["stage3_prefetch_bucket_size"] = 0  # ZeRO-3 NVMe offload asserts without it here
     if variant == "ds-nvme-param":
-        zero["offload_param"] = {"device": "nvme", "nvme_path": spec["dir"], "pin_memory": False}
+        # buffer_size: elements per parameter swap buffer (default 1e8: 5 x 400 MB); the largest
+        # parameter (the embedding) must fit
+        largest = max(p.numel() for p in model.parameters())
+        zero["offload_param"] = {"device": "nvme", "nvme_path": spec["dir"], "pin_memory": False,
+                                 "buffer_size": int(largest * 1.25)}
     config = {"train_micro_batch_size_per_gpu": spec["batch"], "gradient_accumulation_steps": 1,
               "zero_optimization": zero,
               "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
@@ -185,6 +201,31 @@ def _deepspeed(model, variant: str, spec: dict):
     return step, lambda: {"optimizer": type(inner).__name__}
 
 
+def _disk_probe(directory: str, nbytes: int = 256 << 20, threads: int = 2) -> dict:
+    """O_DIRECT write then read of one ``nbytes`` file with the tier's own I/O path (the page cache
+    dropped in between when allowed): what the disk under ``--dir`` moves per second."""
+    from dtrain.offload.aio import DirectFile, IOPool, aligned_buffer
+
+    path = os.path.join(directory, "disk-probe")
+    f, pool, buf = DirectFile(path, nbytes), IOPool(threads), aligned_buffer(nbytes)
+    buf.fill_(7)
+    try:
+        t = time.perf_counter()
+        pool.write(f, buf)
+        os.fsync(f.fd)
+        write_s = time.perf_counter() - t
+        dropped = _drop_caches()
+        t = time.perf_counter()
+        pool.read(f, buf)
+        read_s = time.perf_counter() - t
+    finally:
+        pool.shutdown()
+        f.close()
+        os.unlink(path)
+    return {"bytes": nbytes, "direct_io": f.direct, "write_GBps": nbytes / write_s / 1e9,
+            "read_GBps": nbytes / read_s / 1e9, "caches_dropped": dropped}
+
+
 def _run(spec: dict, port: int) -> dict:
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
@@ -196,7 +237,8 @@ def _run(spec: dict, port: int) -> dict:
         return {"variant": spec["variant"], "error": f"timed out after {spec['timeout']} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        lines_err = proc.stderr.strip().splitlines() or ["(no output)"]
+        tail = next((x for x in reversed(lines_err) if "Error" in x), lines_err[-1])
         return {"variant": spec["variant"], "error": tail[:300]}
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -239,6 +281,8 @@ def main() -> None:
     budget = args.budget_gb or (8 * n + 8 * n / 3) / 2**30
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(dir=args.dir or "/tmp", prefix="dtrain-offload-bench-") as tmp:
+        disk = _disk_probe(tmp)
+        print(json.dumps({"disk": disk}), flush=True)
         for r in range(repeats):
             order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: load drifts
             for v in order:
@@ -250,7 +294,7 @@ def main() -> None:
                 print(json.dumps({k: res.get(k) for k in ("variant", "step_s", "peak_rss", "error",
                                                           "optim_overlap", "offload_direct_io")}), flush=True)
     report = {"preset": preset, "params": n, "budget_gb": budget, "moments_gb": 8 * n / 2**30,
-              "drop_caches": args.drop_caches, "lr": LR, "weight_decay": WD,
+              "drop_caches": args.drop_caches, "lr": LR, "weight_decay": WD, "disk": disk,
               "steps": steps, "repeats": repeats, "batch": args.batch, "machine": machine_info(("deepspeed",)),
               "load_average": os.getloadavg(), "runs": runs, "median": {}}
     for v, rs in runs.items():
