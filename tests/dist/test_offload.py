@@ -40,7 +40,11 @@ tier's files) and ends on the fault-free in-memory run's ``param_sha256`` (bit-e
 """
 import errno
 import hashlib
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
