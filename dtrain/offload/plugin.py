@@ -52,8 +52,6 @@ M_MMAP_THRESHOLD = -3  # glibc malloc.h
 def elementwise_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
     """The element-wise state keys the optimizer creates (Adam: exp_avg, exp_avg_sq), found by
     stepping a copy of its first param group on a 2-element probe parameter."""
-    from dtrain.offload import cpu_adam
-
     if cpu_adam._CLASS is not None and isinstance(optimizer, cpu_adam._CLASS):
         return ["exp_avg", "exp_avg_sq"]  # known; a probe copy would load the op and query the CPU again
     probe = torch.zeros(2, requires_grad=True)
