@@ -8,16 +8,24 @@ Variants (each a fresh single-rank process, interleaved over ``--repeats`` round
 * ``nvme``: ``offload.optim = "nvme"`` under ``--budget-gb``, O_DIRECT state files in ``--dir``;
 * ``nvme-serial``: the same with ``offload.overlap = false`` (every unit stepped after backward,
   ZeRO-Infinity's order);
-* ``ds-cpu``, ``ds-nvme``: DeepSpeed ZeRO-3 with ``offload_optimizer`` cpu / nvme
-  (``--deepspeed``; a variant that fails to start is reported with its error line).
+* ``nvme-cpuadam``: ``nvme`` with ``offload.cpu_adam = true`` (DeepSpeed's CPU Adam kernel);
+* ``ds-cpu``, ``ds-nvme``, ``ds-nvme-param``: DeepSpeed ZeRO-3 with ``offload_optimizer`` cpu /
+  nvme, and nvme with ``offload_param`` nvme too, stepping with its DeepSpeedCPUAdam (same model,
+  data, AdamW hyperparameters; ``--no-deepspeed`` skips them; a variant that fails to start is
+  reported with its error line).
 
 Per variant: step time (median of the measured steps, then median over rounds), peak RSS
-(VmHWM), bytes the process read from and wrote to storage (``/proc/self/io``) per step, and
+(VmHWM over the whole run, and ``peak_rss_steady``: over the measured steps only, VmHWM reset
+after the warm-up step), bytes the process read from and wrote to storage (``/proc/self/io``) per step, and
 dtrain's own counters (``offload_read_bytes``/``offload_write_bytes``, ``optim_overlap``,
 whether O_DIRECT ran). Usage::
 
     python benchmarks/offload.py --quick          # small model, 1 round (smoke test)
-    python benchmarks/offload.py --deepspeed      # ~10M-parameter GPT ("mid"), 3 rounds, with DeepSpeed
+    python benchmarks/offload.py                  # ~10M-parameter GPT ("mid"), 3 rounds, with DeepSpeed
+    python benchmarks/offload.py --drop-caches    # the same, the page cache dropped before every step
+
+Each worker also records its RSS at start-up, after building the model, after wrapping it and
+after each of the first steps (``rss_trace``), to say where the memory goes.
 
 Results go to ``<out>/offload.json``. The machine's disk is a host-cached virtio disk: O_DIRECT
 bypasses this VM's page cache, not the host's, so NVMe figures are optimistic for a real SSD.
@@ -37,8 +45,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial")
-DS_VARIANTS = ("ds-cpu", "ds-nvme")
+LR, WD = 1e-3, 0.01  # AdamW for every variant (DeepSpeed's from its config)
+VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-cpuadam")
+DS_VARIANTS = ("ds-cpu", "ds-nvme", "ds-nvme-param")
 
 
 def _io_bytes() -> tuple[int, int]:
@@ -46,11 +55,29 @@ def _io_bytes() -> tuple[int, int]:
     return int(fields["read_bytes"]), int(fields["write_bytes"])
 
 
-def _vmhwm() -> int:
+def _vmhwm(field: str = "VmHWM") -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _reset_hwm() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: ``clear_refs`` value 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5\n")
+    except OSError:
+        pass
+
+
+def _drop_caches() -> bool:
+    """Write dirty pages back and drop this VM's page cache (root only); False when not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
 
 
 def _model(preset: str):
@@ -77,7 +104,9 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     variant, steps = spec["variant"], spec["steps"]
+    trace = {"start": _vmhwm("VmRSS")}
     model = _model("tiny" if variant == "tiny" else spec["preset"])
+    trace["model"] = _vmhwm("VmRSS")
     vocab = model.cfg.vocab_size if hasattr(model, "cfg") else 256
     n_params = sum(p.numel() for p in model.parameters())
     out: dict = {"variant": variant, "params": n_params}
@@ -85,16 +114,27 @@ def worker(spec: dict) -> dict:
         step_fn, extra = _deepspeed(model, variant, spec)
     else:
         step_fn, extra = _dtrain(model, variant, spec)
-    times, io0 = [], None
+    trace["wrapped"] = _vmhwm("VmRSS")
+    trace["wrapped_hwm"] = _vmhwm()
+    times, io0, dropped = [], None, []
     for step in range(steps + 1):  # step 0 warms up (and, for the tiers, lays the state out)
+        batch = _batch(step, spec["batch"], vocab)
+        if spec.get("drop_caches"):
+            dropped.append(_drop_caches())
         if step == 1:
             io0 = _io_bytes()
+            trace["step0_hwm"] = _vmhwm()
+            _reset_hwm()  # peak_rss_steady: the peak of the measured steps, start-up and step 0 left out
         t = time.perf_counter()
-        step_fn(_batch(step, spec["batch"], vocab))
+        step_fn(batch)
         if step:
             times.append(time.perf_counter() - t)
+        if step < 3:
+            trace[f"step{step}"] = _vmhwm("VmRSS")
     io1 = _io_bytes()
-    out.update(step_s=statistics.median(times), peak_rss=_vmhwm(),
+    out.update(rss_trace=trace, caches_dropped=all(dropped) if dropped else False)
+    out.update(step_s=statistics.median(times), peak_rss=max(_vmhwm(), trace.get("step0_hwm", 0)),
+               peak_rss_steady=_vmhwm(),
                disk_read_per_step=(io1[0] - io0[0]) / steps, disk_write_per_step=(io1[1] - io0[1]) / steps,
                **extra())
     return out
@@ -104,11 +144,13 @@ def _dtrain(model, variant: str, spec: dict):
     import dtrain
 
     cfg: dict = {"zero": {"stage": 3}, "train": {"clip_grad_norm": spec["clip"]}}
-    if variant in ("host", "nvme", "nvme-serial"):
+    if variant in ("host", "nvme", "nvme-serial", "nvme-cpuadam"):
         cfg["offload"] = {"enabled": True, "optim": "host" if variant == "host" else "nvme",
                           "dir": spec["dir"], "overlap": variant != "nvme-serial",
+                          "cpu_adam": variant == "nvme-cpuadam",
                           "memory_budget_gb": spec["budget_gb"] if variant != "host" else None}
-    engine = dtrain.wrap(model, optimizer=lambda ps: __import__("torch").optim.AdamW(ps, lr=1e-3), config=cfg)
+    engine = dtrain.wrap(model, optimizer=lambda ps: __import__("torch").optim.AdamW(ps, lr=LR, weight_decay=WD),
+                         config=cfg)
     sums: dict = {}
 
     def step(batch):
@@ -134,20 +176,54 @@ def _deepspeed(model, variant: str, spec: dict):
     deepspeed.init_distributed(dist_backend="gloo")
     device = "cpu" if variant == "ds-cpu" else "nvme"
     offload = {"device": device, "pin_memory": False}
+    zero: dict = {"stage": 3, "offload_optimizer": offload}
     if device == "nvme":
         offload["nvme_path"] = spec["dir"]
+        zero["stage3_prefetch_bucket_size"] = 0  # ZeRO-3 NVMe offload asserts without it here
+    if variant == "ds-nvme-param":
+        # buffer_size: elements per parameter swap buffer (default 1e8: 5 x 400 MB); the largest
+        # parameter (the embedding) must fit
+        largest = max(p.numel() for p in model.parameters())
+        zero["offload_param"] = {"device": "nvme", "nvme_path": spec["dir"], "pin_memory": False,
+                                 "buffer_size": int(largest * 1.25)}
     config = {"train_micro_batch_size_per_gpu": spec["batch"], "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "offload_optimizer": offload},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "zero_optimization": zero,
+              "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD}},
               "gradient_clipping": spec["clip"] or 0.0, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    inner = getattr(optimizer, "optimizer", optimizer)
 
     def step(batch):
         loss = engine(**batch)
         engine.backward(loss)
         engine.step()
 
-    return step, dict
+    return step, lambda: {"optimizer": type(inner).__name__}
+
+
+def _disk_probe(directory: str, nbytes: int = 256 << 20, threads: int = 2) -> dict:
+    """O_DIRECT write then read of one ``nbytes`` file with the tier's own I/O path (the page cache
+    dropped in between when allowed): what the disk under ``--dir`` moves per second."""
+    from dtrain.offload.aio import DirectFile, IOPool, aligned_buffer
+
+    path = os.path.join(directory, "disk-probe")
+    f, pool, buf = DirectFile(path, nbytes), IOPool(threads), aligned_buffer(nbytes)
+    buf.fill_(7)
+    try:
+        t = time.perf_counter()
+        pool.write(f, buf)
+        os.fsync(f.fd)
+        write_s = time.perf_counter() - t
+        dropped = _drop_caches()
+        t = time.perf_counter()
+        pool.read(f, buf)
+        read_s = time.perf_counter() - t
+    finally:
+        pool.shutdown()
+        f.close()
+        os.unlink(path)
+    return {"bytes": nbytes, "direct_io": f.direct, "write_GBps": nbytes / write_s / 1e9,
+            "read_GBps": nbytes / read_s / 1e9, "caches_dropped": dropped}
 
 
 def _run(spec: dict, port: int) -> dict:
@@ -161,7 +237,8 @@ def _run(spec: dict, port: int) -> dict:
         return {"variant": spec["variant"], "error": f"timed out after {spec['timeout']} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        lines_err = proc.stderr.strip().splitlines() or ["(no output)"]
+        tail = next((x for x in reversed(lines_err) if "Error" in x), lines_err[-1])
         return {"variant": spec["variant"], "error": tail[:300]}
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -169,7 +246,9 @@ def _run(spec: dict, port: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--deepspeed", action="store_true")
+    ap.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed variants")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache before every step (root; /proc/sys/vm/drop_caches)")
     ap.add_argument("--variants", default=None, help=f"comma list out of {','.join(VARIANTS + DS_VARIANTS)}")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -191,7 +270,7 @@ def main() -> None:
     preset = args.preset or ("small" if args.quick else "mid")
     steps = args.steps or (3 if args.quick else 5)
     repeats = args.repeats or (1 if args.quick else 3)
-    variants = VARIANTS + (DS_VARIANTS if args.deepspeed else ())
+    variants = VARIANTS + (() if args.no_deepspeed else DS_VARIANTS)
     if args.variants:
         variants = tuple(v for v in args.variants.split(",") if v)
     model = _model(preset)
@@ -202,16 +281,20 @@ def main() -> None:
     budget = args.budget_gb or (8 * n + 8 * n / 3) / 2**30
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(dir=args.dir or "/tmp", prefix="dtrain-offload-bench-") as tmp:
+        disk = _disk_probe(tmp)
+        print(json.dumps({"disk": disk}), flush=True)
         for r in range(repeats):
             order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate: load drifts
             for v in order:
                 spec = {"variant": v, "preset": preset, "steps": steps, "batch": args.batch, "dir": tmp,
-                        "budget_gb": budget, "clip": args.clip, "timeout": args.timeout}
+                        "budget_gb": budget, "clip": args.clip, "timeout": args.timeout,
+                        "drop_caches": args.drop_caches}
                 res = _run(spec, find_free_port())
                 runs[v].append(res)
                 print(json.dumps({k: res.get(k) for k in ("variant", "step_s", "peak_rss", "error",
                                                           "optim_overlap", "offload_direct_io")}), flush=True)
     report = {"preset": preset, "params": n, "budget_gb": budget, "moments_gb": 8 * n / 2**30,
+              "drop_caches": args.drop_caches, "lr": LR, "weight_decay": WD, "disk": disk,
               "steps": steps, "repeats": repeats, "batch": args.batch, "machine": machine_info(("deepspeed",)),
               "load_average": os.getloadavg(), "runs": runs, "median": {}}
     for v, rs in runs.items():

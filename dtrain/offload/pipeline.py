@@ -84,7 +84,7 @@ class StepPipeline:
         if not self.active or unit is None or unit_index in self.submitted:
             return
         self.submitted[unit_index] = time.perf_counter()
-        read = self.reader.submit(self._read, unit) if self.store.tier == "nvme" else None
+        read = self.reader.submit(self._read, unit) if unit.tier == "nvme" else None
         self.futures.append(self.stepper.submit(self._step, unit, read))
 
     def go(self) -> None:

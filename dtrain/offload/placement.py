@@ -15,6 +15,13 @@ is not hidden is *exposed* and adds to the step. Greedy rule:
    unit, is charged to the device budget).
 2. Units are brought back to the device in order of exposed seconds saved per byte, while the
    device budget (``budget - resident``, resident = parameters + gradients) allows.
+3. Budget still left keeps more units resident, shortest hiding window first (resident state is
+   never slower; the model's windows are estimates).
+
+Before any step is profiled (the tier lays itself out before step 1, and ``dtrain plan memory``
+has no profile), :func:`nominal_profiles` assumes backward lasts as long as moving the whole
+state in and out once: the units reduced last (the first layers) then have the least window and
+stay resident first.
 
 The result says, per unit, the tier and its exposed seconds, and the predicted step time
 (compute + exposed transfer time). It is a model: it assumes transfers of different units do not
@@ -104,6 +111,11 @@ def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes
         if device_used + u.state_bytes + pool(trial) <= budget_bytes:
             tiers = trial
             device_used += u.state_bytes
+    for u in sorted(units, key=lambda u: u.window_s):
+        trial = dict(tiers, **{u.name: "device"})
+        if tiers[u.name] != "device" and device_used + u.state_bytes + pool(trial) <= budget_bytes:
+            tiers = trial
+            device_used += u.state_bytes
     exposed_s = {u.name: exposed(u, tiers[u.name]) for u in units}
     by = lambda tier: sum(u.state_bytes for u in units if tiers[u.name] == tier)  # noqa: E731
     return Placement(tiers, exposed_s, device_used + pool(tiers), by("host"), by("nvme"),
@@ -119,4 +131,70 @@ def uniform_profiles(unit_bytes: list[tuple[str, int]], backward_s: float, optim
     for name, b in unit_bytes:
         done += b
         out.append(UnitProfile(name, b, backward_s * (1 - done / total), optim_s * b / total))
+    return out
+
+
+def nominal_profiles(unit_bytes_in_reduction_order: list[tuple[str, int]], nvme_read_gbps: float = 2.0,
+                     nvme_write_gbps: float = 1.0) -> list[UnitProfile]:
+    """Profiles before any step ran: backward assumed as long as reading and writing the whole
+    state once at the given bandwidths (the break-even case the overlap is built for), windows
+    split by bytes still to be reduced, no optimizer time."""
+    total = sum(b for _, b in unit_bytes_in_reduction_order)
+    backward_s = transfer_s(total, "nvme", 1.0, nvme_read_gbps, nvme_write_gbps)
+    return uniform_profiles(unit_bytes_in_reduction_order, backward_s, 0.0)
+
+
+def place_units(unit_bytes_in_reduction_order: list[tuple[str, int]], tier: str, budget_bytes: int | None,
+                resident_bytes: int, pool_sets: int = 3) -> Placement:
+    """The tier's per-unit choice as the ``offload`` plugin applies it and ``dtrain plan memory``
+    shows it: every unit on ``tier`` ("host" or "nvme") when there is no budget, else
+    :func:`choose_placement` over :func:`nominal_profiles` (units kept resident while the budget
+    allows). ``tier = "host"`` offers host memory without limit."""
+    units = nominal_profiles(unit_bytes_in_reduction_order)
+    if budget_bytes is None:
+        tiers = {u.name: tier for u in units}
+        by = lambda t: sum(u.state_bytes for u in units if tiers[u.name] == t)  # noqa: E731
+        pool = min(pool_sets, len(units)) * max((u.state_bytes for u in units), default=0) if tier == "nvme" else 0
+        return Placement(tiers, {u.name: 0.0 for u in units}, resident_bytes + pool, by("host"), by("nvme"), 0.0)
+    host = sum(u.state_bytes for u in units) if tier == "host" else 0
+    return choose_placement(units, budget_bytes, resident_bytes, 0.0, host_budget_bytes=host, pool_sets=pool_sets)
+
+
+def plan_memory_tiers(config, units: list[int], optim_parts: int, tiers: dict[str, dict[str, int]],
+                      show: bool = True) -> dict[str, dict[str, int]]:
+    """``dtrain plan memory`` with an enabled ``offload`` section: re-split the optimizer state of
+    ``tiers`` (bytes per tier and kind, all on the device) the way the plugin places it, per unit
+    (``units``: element counts in ZeRO-3's order, the root last; ``optim_parts``: ranks sharing
+    the optimizer state), and print the per-unit choice when ``show``."""
+    import dtrain.offload.config  # noqa: F401 - registers the section the planner read as deferred
+
+    cfg = config.offload
+    if not cfg.enabled or cfg.optim == "device":
+        return tiers
+    per_unit = [(f"layers.{i}" if i < len(units) - 1 else "<root>", 8 * n // optim_parts)
+                for i, n in enumerate(units)]
+    device = tiers.get("device", {})
+    resident = device.get("params", 0) + device.get("grads", 0)
+    budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * GB)
+    try:
+        placement = place_units(list(reversed(per_unit)), cfg.optim, budget, resident)
+    except ValueError as exc:
+        from dtrain.planner.errors import PlannerError
+
+        raise PlannerError(f"offload.memory_budget_gb = {cfg.memory_budget_gb}: {exc}") from None
+    kept = sum(b for name, b in per_unit if placement.tiers[name] == "device")
+    out = {t: dict(k) for t, k in tiers.items()}
+    off = placement.nvme_bytes if cfg.optim == "nvme" else placement.host_bytes
+    pool = placement.device_bytes - resident - kept
+    out.setdefault("device", {})["optim"] = kept + pool  # unpadded per-unit bytes, as the plugin counts them
+    out.setdefault(cfg.optim, {})["optim"] = off
+    if show:  # decimal GB, as the planner's table prints them
+        names = [name for name, _ in per_unit if placement.tiers[name] == "device"]
+        print(f"offload.optim = {cfg.optim!r}, offload.memory_budget_gb = {cfg.memory_budget_gb}: "
+              f"{len(names)} of {len(per_unit)} units' optimizer state resident ({kept / 1e9:.3f} GB"
+              f"{': ' + ', '.join(names[:8]) + (' ...' if len(names) > 8 else '') if names else ''}), "
+              f"{sum(1 for t in placement.tiers.values() if t == cfg.optim)} on {cfg.optim} ({off / 1e9:.3f} GB), "
+              f"staging pool {pool / 1e9:.3f} GB")
+        for note in placement.notes:
+            print(f"  {note}")
     return out

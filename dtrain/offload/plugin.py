@@ -21,10 +21,13 @@ run's, so the result is bit-identical. With gradient accumulation only the last 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,21 +35,25 @@ from typing import Any, ClassVar
 import torch
 
 from dtrain.errors import UsageError
+from dtrain.offload import cpu_adam
 from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
 from dtrain.offload.pipeline import StepPipeline
-from dtrain.offload.placement import UnitProfile
+from dtrain.offload.placement import UnitProfile, place_units
 from dtrain.offload.store import F32, TierStore
-from dtrain.plugins.base import register
+from dtrain.plugins.base import OptimizerFactory, register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
 
 GB = 2**30
 DEFAULT_BUFFER_SETS = 3  # read i+1, step i, write i-1
+M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
 def elementwise_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
     """The element-wise state keys the optimizer creates (Adam: exp_avg, exp_avg_sq), found by
     stepping a copy of its first param group on a 2-element probe parameter."""
+    if cpu_adam._CLASS is not None and isinstance(optimizer, cpu_adam._CLASS):
+        return ["exp_avg", "exp_avg_sq"]  # known; a probe copy would load the op and query the CPU again
     probe = torch.zeros(2, requires_grad=True)
     probe.grad = torch.zeros(2)
     group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
@@ -87,6 +94,18 @@ def check_offload_dir(directory: str, rank: int) -> Path:
     return run_dir
 
 
+def fix_malloc_mmap_threshold(nbytes: int) -> bool:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD, nbytes)``: blocks of ``nbytes`` or more are mmapped and
+    returned to the OS when freed. Setting it also stops glibc from raising the threshold (up to
+    32 MB) each time a large block is freed, which otherwise leaves every step's temporaries (the
+    optimizer's, the staging copies) cached in the worker threads' arenas. False off glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
 @register
 class OffloadPlugin(FirstOrderStep):
     """Optimizer state on host/NVMe, stepped per unit while backward continues (docs/offload.md)."""
@@ -100,6 +119,11 @@ class OffloadPlugin(FirstOrderStep):
         self.cfg: OffloadConfig = engine.config.offload
         if self.cfg.params == "host" and engine.device.type != "cpu":
             raise UsageError('offload.params = "host" is not implemented on an accelerator yet; use "device"')
+        if self.cfg.cpu_adam and engine.device.type != "cpu":
+            raise UsageError(f"offload.cpu_adam = true steps host tensors, but this run's parameters are on "
+                             f"{engine.device}; set offload.cpu_adam = false (the user's optimizer steps on the device)")
+        if self.cfg.malloc_mmap_mb > 0:
+            fix_malloc_mmap_threshold(int(self.cfg.malloc_mmap_mb * 2**20))
         self.run_dir = check_offload_dir(self.cfg.dir, engine.comm.rank) if self.cfg.optim == "nvme" else None
         self.store: TierStore | None = None
         self.pipe: StepPipeline | None = None
@@ -107,6 +131,11 @@ class OffloadPlugin(FirstOrderStep):
         self._seen = {"read": 0, "write": 0, "optim_s": 0.0, "hidden_s": 0.0, "read_wait_s": 0.0,
                       "join_wait_s": 0.0}
         self._last: dict[str, float] = {}
+
+    def optimizer_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory:
+        """The user's factory, or with ``offload.cpu_adam`` one returning DeepSpeedCPUAdam instead."""
+        factory = super().optimizer_factory(factory)
+        return cpu_adam.cpu_adam_factory(factory) if self.cfg.cpu_adam else factory
 
     # -------------------------------------------------------------- building
     def _build(self) -> None:
@@ -119,6 +148,8 @@ class OffloadPlugin(FirstOrderStep):
         optim_bytes = len(keys) * elements * F32
         on_cpu = self.engine.device.type == "cpu"
         self.buffer_sets = DEFAULT_BUFFER_SETS
+        unit_tiers: dict[int, str] = {}
+        self.placement = None
         if cfg.optim == "nvme":
             set_bytes = _largest_unit_bytes(layout, keys)
             minimum = resident + set_bytes
@@ -130,13 +161,18 @@ class OffloadPlugin(FirstOrderStep):
                         f"{self.engine.comm.rank}: it needs at least {minimum / GB:.4f} GB (parameters and "
                         f"gradients {resident / GB:.4f} GB + one unit's optimizer state {set_bytes / GB:.4f} GB); "
                         f"raise offload.memory_budget_gb, use more ranks or smaller units (zero.bucket_mb)")
-                self.buffer_sets = max(1, min(DEFAULT_BUFFER_SETS, (budget - resident) // max(set_bytes, 1)))
+                unit_tiers, kept = self._place(keys, budget, resident)
+                largest = max((_aligned_unit_bytes(layout, s, keys) for s in layout.unit_specs()
+                               if s.index not in unit_tiers), default=0)
+                self.buffer_sets = max(1, min(DEFAULT_BUFFER_SETS, (budget - resident - kept) // max(largest, 1)))
             free = shutil.disk_usage(self.run_dir).free
             need = sum(-(-(_unit_range_bytes(layout, s)) // ALIGN) * ALIGN for s in layout.unit_specs()) * len(keys)
             if need > free:
                 raise UsageError(f"offload.dir = {cfg.dir!r} has {free / GB:.2f} GB free; rank "
                                  f"{self.engine.comm.rank} needs {need / GB:.2f} GB for its optimizer state; "
                                  f"free space or point offload.dir at a larger disk")
+        elif cfg.memory_budget_gb is not None and cfg.optim == "host" and not on_cpu:
+            unit_tiers, _ = self._place(keys, int(cfg.memory_budget_gb * GB), resident)
         elif cfg.memory_budget_gb is not None:
             in_memory = resident + (optim_bytes if cfg.optim == "device" or on_cpu else 0)
             if int(cfg.memory_budget_gb * GB) < in_memory:
@@ -145,12 +181,25 @@ class OffloadPlugin(FirstOrderStep):
                     f"{self.engine.comm.rank} with offload.optim = {cfg.optim!r}: its state in memory is "
                     f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
         self.buffer_sets = max(1, min(self.buffer_sets, len(layout.unit_specs())))
-        self.store = TierStore(layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets)
+        self.store = TierStore(layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers)
         self.pipe = StepPipeline(self.store)
         self.callback = layout.on_unit_reduced(self._on_reduced)
         if cfg.optim != "device":
             layout.place_optim_state(cfg.optim, self._tier_report)
         self.resident = resident
+        self.optimizer_name = cpu_adam.describe(layout.optimizer)
+        if self.engine.comm.rank == 0:
+            print(f"dtrain: offload tier {cfg.optim!r}: the optimizer is {self.optimizer_name}", file=sys.stderr)
+
+    def _place(self, keys: list[str], budget: int, resident: int) -> tuple[dict[int, str], int]:
+        """Which units keep their state resident under the budget (dtrain/offload/placement.py);
+        returns unit index -> "device" for those, and their bytes."""
+        layout = self.engine.layout
+        specs = list(reversed(layout.unit_specs()))  # backward reduces the last units first
+        self.placement = place_units([(s.name, _aligned_unit_bytes(layout, s, keys)) for s in specs],
+                                     self.cfg.optim, budget, resident, DEFAULT_BUFFER_SETS)
+        chosen = {s.index: "device" for s in specs if self.placement.tiers[s.name] == "device"}
+        return chosen, sum(_aligned_unit_bytes(layout, s, keys) for s in specs if s.index in chosen)
 
     def restore(self) -> None:
         """Start-up, once the layout exists and before any checkpoint is loaded: lay the tier out
@@ -219,13 +268,10 @@ class OffloadPlugin(FirstOrderStep):
     def _tier_report(self) -> dict[str, dict[str, int]]:
         held = self.engine.layout.state_bytes()
         store = self.store
-        device = {"params": held["params"], "grads": held["grads"], "optim": 0}
+        device = {"params": held["params"], "grads": held["grads"],
+                  "optim": store.bytes_at_rest("device") + store.pool_bytes()}
         out = {"device": device}
-        if store.tier == "nvme":
-            device["optim"] = store.pool_bytes()
-            out["nvme"] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
-        else:
-            out["host"] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
+        out[store.tier] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -237,7 +283,8 @@ class OffloadPlugin(FirstOrderStep):
         self._seen = dict(now)
         out = {"offload_read_bytes": float(d["read"]), "offload_write_bytes": float(d["write"]),
                "optim_overlap": d["hidden_s"] / d["optim_s"] if d["optim_s"] > 0 else 0.0,
-               "offload_optim_s": d["optim_s"], "offload_io_wait_s": d["read_wait_s"] + d["join_wait_s"]}
+               "offload_optim_s": d["optim_s"], "offload_io_wait_s": d["read_wait_s"] + d["join_wait_s"],
+               "offload_cpu_adam": float(self.cfg.cpu_adam)}
         if self.store.tier == "nvme":
             out["offload_direct_io"] = float(self.store.direct[0])
         return out
@@ -259,6 +306,11 @@ def _unit_range_bytes(layout: Any, spec: Any) -> int:
     _, parts, index = layout.placement("master")
     lo, hi = spec.shard_range(parts, index)
     return (hi - lo) * F32
+
+
+def _aligned_unit_bytes(layout: Any, spec: Any, keys: list[str]) -> int:
+    """One unit's optimizer state on this rank as the tier stores it (4096-aligned per key)."""
+    return -(-_unit_range_bytes(layout, spec) // ALIGN) * ALIGN * len(keys)
 
 
 def _largest_unit_bytes(layout: Any, keys: list[str]) -> int:

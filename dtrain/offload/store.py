@@ -12,6 +12,10 @@ each piece and element-wise key, the *at-rest* tensor:
 * ``host`` on an accelerator: a host tensor; the step copies it to the device and back;
 * ``host`` on a CPU device and ``device``: the optimizer's own tensors (nothing moves).
 
+Each unit has its own tier (:func:`dtrain.offload.placement.place_units` keeps some units
+``device``-resident under ``offload.memory_budget_gb``); only the NVMe units have files and use
+the staging pool, which is sized from the largest of them.
+
 A state tensor that is not the at-rest one (first step: absent; after ``load``: a fresh tensor
 the checkpoint assembled) is *adopted*: copied into the staging buffers and written out, so a
 load or a reshard needs nothing from the tier. State files are scratch: a checkpoint never points
@@ -62,6 +66,9 @@ class UnitStore:
     pieces: list[Piece]
     keys: list[str]
     tier: str
+    """Where this unit's state rests: "device", "host" or "nvme"."""
+    moves: bool = False
+    """Whether its state is brought in for a step and taken out after it (nvme; host on an accelerator)."""
     file: DirectFile | None = None
     stepping: bool = False
     """Between ``bring_in`` and ``settle``: the optimizer's state points at working tensors."""
@@ -87,7 +94,8 @@ class TierStore:
     """Every unit's :class:`UnitStore`, the staging buffer pool and the I/O threads."""
 
     def __init__(self, layout, tier: str, keys: list[str], directory: Path | None, io_threads: int,
-                 buffer_sets: int) -> None:
+                 buffer_sets: int, unit_tiers: dict[int, str] | None = None) -> None:
+        """``tier``: the offload tier; ``unit_tiers``: unit index -> tier where it differs (resident units)."""
         self.layout, self.tier, self.keys = layout, tier, keys
         self.optimizer = layout.optimizer
         by_unit: dict[int, list[Piece]] = {}
@@ -99,27 +107,30 @@ class TierStore:
             lo, hi = spec.shard_range(parts, index)
             pieces = by_unit.get(spec.index, [])
             if pieces:
-                self.units[spec.index] = UnitStore(spec, lo, hi, pieces, keys, tier)
+                self.units[spec.index] = UnitStore(spec, lo, hi, pieces, keys, (unit_tiers or {}).get(spec.index, tier))
         listed = {id(p.tensor) for ps in by_unit.values() for p in ps}
         self.placeholders = [[p for p in g["params"] if id(p) not in listed] for g in self.optimizer.param_groups]
-        self.moves = tier == "nvme" or (tier == "host" and self._device().type != "cpu")
-        self.io = IOPool(io_threads) if tier == "nvme" else None
+        on_cpu = self._device().type == "cpu"
+        for u in self.units.values():
+            u.moves = u.tier == "nvme" or (u.tier == "host" and not on_cpu)
+        nvme = [u for u in self.units.values() if u.tier == "nvme"]
+        self.io = IOPool(io_threads) if nvme else None
         self.directory = directory
-        self.buffer_sets = buffer_sets
-        self.set_bytes = max((u.stride * len(keys) for u in self.units.values()), default=0)
+        self.buffer_sets = buffer_sets if nvme else 0
+        self.set_bytes = max((u.stride * len(keys) for u in nvme), default=0)
         self.pool: list[torch.Tensor] = []
-        if tier == "nvme":
+        if nvme:
             assert directory is not None
-            for u in self.units.values():
+            for u in nvme:
                 u.file = DirectFile(str(directory / f"u{u.spec.index}.state"), u.stride * len(keys))
                 n = u.stride * len(keys) // F32
                 mapped = torch.from_numpy(np.memmap(u.file.path, dtype=np.float32, mode="r+", shape=(n,)))
                 for piece in u.pieces:
                     for key in keys:
                         u.at_rest[(id(piece.tensor), key)] = u.views(mapped, piece, key)
-            self.pool = [aligned_buffer(self.set_bytes) for _ in range(buffer_sets)]
-        if self.moves:
-            for u in self.units.values():
+            self.pool = [aligned_buffer(self.set_bytes) for _ in range(self.buffer_sets)]
+        for u in self.units.values():
+            if u.moves:
                 for piece in u.pieces:
                     self.optimizer.state[piece.tensor] = TierState(self.optimizer.state.get(piece.tensor, {}), u, piece)
 
@@ -147,7 +158,7 @@ class TierStore:
 
     def bring_in(self, unit: UnitStore, buf: torch.Tensor | None) -> None:
         """Point the optimizer's state of the unit's pieces at working tensors before its step."""
-        if not self.moves:
+        if not unit.moves:
             return
         unit.stepping = True
         flat = buf.view(torch.float32) if buf is not None else None
@@ -159,7 +170,7 @@ class TierStore:
                 if current is None:
                     continue  # first step (or a fresh optimizer after a load): the optimizer initialises it
                 ours = unit.at_rest.get((id(piece.tensor), key)) is current
-                if self.tier == "nvme":
+                if unit.tier == "nvme":
                     work = unit.views(flat, piece, key)
                     if not ours:
                         work.copy_(current.reshape(work.shape))
@@ -172,7 +183,7 @@ class TierStore:
     def take_out(self, unit: UnitStore, buf: torch.Tensor | None) -> None:
         """After the unit's step: copy the state into its at-rest place (nvme: into ``buf``, which
         the caller then writes; the at-rest views are set by :meth:`settle` once it is written)."""
-        if not self.moves:
+        if not unit.moves:
             return
         flat = buf.view(torch.float32) if buf is not None else None
         state = self.optimizer.state
@@ -180,7 +191,7 @@ class TierStore:
             st = state[piece.tensor]
             for key in self.keys:
                 current = st[key]
-                if self.tier == "nvme":
+                if unit.tier == "nvme":
                     home = unit.views(flat, piece, key)
                 else:
                     home = unit.at_rest.get((id(piece.tensor), key))
@@ -190,9 +201,9 @@ class TierStore:
                         unit.at_rest[(id(piece.tensor), key)] = home
                 if current.data_ptr() != home.data_ptr():
                     home.copy_(current.reshape(home.shape))
-                if self.tier == "host":
+                if unit.tier == "host":
                     dict.__setitem__(st, key, home)
-        if self.tier == "host":
+        if unit.tier == "host":
             unit.stepping = False
 
     def write(self, unit: UnitStore, buf: torch.Tensor) -> None:
@@ -208,8 +219,14 @@ class TierStore:
         unit.stepping = False
 
     # ------------------------------------------------------------------ accounting
-    def bytes_at_rest(self) -> int:
-        return sum(u.state_bytes for u in self.units.values())
+    def bytes_at_rest(self, tier: str | None = None) -> int:
+        """State bytes resting on ``tier`` (default: the offload tier)."""
+        tier = tier or self.tier
+        return sum(u.state_bytes for u in self.units.values() if u.tier == tier)
+
+    def tiers(self) -> dict[str, str]:
+        """Unit name -> the tier its state rests on."""
+        return {u.spec.name: u.tier for u in self.units.values()}
 
     def pool_bytes(self) -> int:
         return sum(b.numel() for b in self.pool)

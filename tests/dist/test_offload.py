@@ -15,10 +15,36 @@ equals loading it into in-memory ddp (a layout reshard). A world-1 run loads the
 checkpoint with and without the tier (a world reshard) and compares exactly. Bad input: a budget
 smaller than one unit (the message names the minimum), an unwritable ``offload.dir`` (root may
 write anywhere chmod forbids, so the test uses a path under /sys) and a file in its place.
+
+A second world-2 run checks two things that are not bit-identical in kind:
+
+* **Mixed placement** (``offload.memory_budget_gb`` leaving room for some units' state beside
+  the staging pool): some units stay resident, the rest go to NVMe, and the result is still
+  bit-identical to the in-memory run (ddp with 14 small buckets, clipping, accumulation 2, 10 steps).
+* **``offload.cpu_adam``**: DeepSpeedCPUAdam against torch's AdamW (ZeRO-3, NVMe) and Adam
+  (ddp, host tier), same hyperparameters (lr 3e-3, weight decay 0.1), 10 steps. Tolerance:
+  max |param difference| <= 1e-4. Why: both compute Adam(W) in float32, but DeepSpeed's kernel
+  fuses multiply-adds and keeps the bias-correction powers in float32 (built by repeated
+  multiplication) where torch uses float64 ``beta ** step``; Adam divides by ``sqrt(v) + eps``,
+  so elements with near-zero gradients magnify a rounding difference up to a fraction of one
+  update (<= lr = 3e-3). Measured: 8.8e-6 (AdamW), 3.1e-7 (Adam) on this workload, so 1e-4 is
+  an 11x margin, while a wrong mode (Adam for AdamW: 5.6e-2), a skipped unit or a wrong
+  learning rate (one update, ~3e-3) is 30x or more above it. The test also checks which
+  optimizer ran (its class and the ``offload_cpu_adam`` metric), and that a factory returning
+  SGD with ``cpu_adam = true`` is one UsageError line.
+
+Snapshots under offload: ``dtrain launch`` of the example (ZeRO-3, world 2, in-memory snapshots),
+rank 1 killed after step 4, with ``offload.optim`` = nvme and host: each run restarts from its
+local snapshot (whose optimizer state was read through the shard descriptors, i.e. from the NVMe
+tier's files) and ends on the fault-free in-memory run's ``param_sha256`` (bit-exact).
 """
 import errno
 import hashlib
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +179,112 @@ def test_offload_bit_identical_checkpoints_and_errors(tmp_path):
     assert results[0]["metrics", 3, None, "host"]["optim_overlap"] > 0
     resharded = run_world(_world1, 1, root, timeout_s=300)[0]
     assert resharded["nvme"] == resharded[None]
+
+
+def _masters(engine):
+    import torch
+
+    return torch.cat([p.flat().clone() for m in engine.layout.shards("master") for p in m.pieces])
+
+
+def _world2_placement_cpu_adam(root: str) -> dict:
+    import torch
+
+    from tests.dist import workloads
+
+    out: dict = {}
+    reference = _train(_config(3, None, 1.0, root), 0, STEPS)
+    ref_master = _masters(reference)
+    out["reference"] = _result(reference)
+    # ddp with 10 KB buckets (14 units): room for the parameters, gradients, the staging pool and
+    # about half the moments.
+    small = _config(0, None, 1.0, root)
+    small["zero"]["bucket_mb"] = 0.01
+    ddp = _train(small, 0, STEPS)
+    held = ddp.layout.state_bytes()
+    out["mixed_reference"] = _result(ddp)
+    budget = (held["params"] + held["grads"] + 0.6 * held["optim"]) / 2**30
+    small["offload"] = _config(0, "nvme", 1.0, root, memory_budget_gb=budget)["offload"]
+    mixed = _train(small, 0, STEPS)
+    out["mixed_tiers"] = sorted(set(mixed.plugins[1].store.tiers().values()))
+    out["mixed_by_tier"] = mixed.layout.state_bytes_by_tier()
+    out["mixed"] = _result(mixed)
+    fast = _train(_config(3, "nvme", 1.0, root, cpu_adam=True), 0, STEPS)
+    out["cpu_adamw_class"] = [c.__name__ for c in type(fast.layout.optimizer).__mro__]
+    out["cpu_adamw_metric"] = fast.plugins[1].metrics()["offload_cpu_adam"]
+    out["cpu_adamw_diff"] = float((_masters(fast) - ref_master).abs().max())
+    fast.close()
+
+    def adam(params):
+        return torch.optim.Adam(params, lr=3e-3, weight_decay=0.1)
+
+    def run_adam(cfg):
+        import dtrain
+
+        engine = dtrain.wrap(workloads.make_model(), optimizer=adam, config=cfg)
+        for step in range(STEPS):
+            engine.train_step(workloads.local_batch(step, engine.runtime.rank, engine.runtime.world_size))
+        return engine
+
+    torch_adam = run_adam(_config(0, None, None, root))
+    ds_adam = run_adam(_config(0, "host", None, root, cpu_adam=True))
+    out["cpu_adam_diff"] = float((_masters(ds_adam) - _masters(torch_adam)).abs().max())
+    torch_adam.close()
+    ds_adam.close()
+    cfg = _config(3, "host", None, root, cpu_adam=True)
+    import dtrain
+
+    try:
+        dtrain.wrap(workloads.make_model(), optimizer=workloads.sgd_two_groups, config=cfg)
+        out["sgd"] = "no error"
+    except dtrain.UsageError as exc:
+        out["sgd"] = str(exc)
+    return out
+
+
+def test_offload_mixed_placement_and_cpu_adam(tmp_path):
+    pytest.importorskip("deepspeed")
+    root = str(tmp_path)
+    for rank, out in enumerate(run_world(_world2_placement_cpu_adam, 2, root, timeout_s=300)):
+        assert out["mixed_tiers"] == ["device", "nvme"], (rank, out["mixed_tiers"])
+        by_tier = out["mixed_by_tier"]
+        assert by_tier["nvme"]["optim"] > 0 and by_tier["device"]["optim"] > 0, by_tier
+        assert out["mixed"] == out["mixed_reference"], rank
+        assert "DeepSpeedCPUAdam" in out["cpu_adamw_class"] and out["cpu_adamw_metric"] == 1.0, out
+        assert out["cpu_adamw_diff"] <= 1e-4, (rank, out["cpu_adamw_diff"])
+        assert out["cpu_adam_diff"] <= 1e-4, (rank, out["cpu_adam_diff"])
+        assert "offload.cpu_adam" in out["sgd"] and "SGD" in out["sgd"] and "\n" not in out["sgd"], out["sgd"]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(tmp: Path, name: str, inject: list[str], sets: list[str]) -> tuple[int, list[dict], str]:
+    metrics = tmp / f"{name}.jsonl"
+    cmd = [sys.executable, "-m", "dtrain.launch.cli", "launch", "--nproc", "2", "--no-progress",
+           "--max-restarts", "1" if inject else "0"]
+    for spec in inject:
+        cmd += ["--inject", spec]
+    cmd += [str(ROOT / "examples" / "train_gpt.py"), "--model", "tiny", "--steps", "8", "--batch-size", "8",
+            "--metrics", str(metrics), "--set", "zero.stage=3", "--set", "snapshot.enabled=true",
+            "--set", "comm.timeout_s=30"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ))
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    return proc.returncode, lines, proc.stdout + proc.stderr
+
+
+def test_killed_rank_recovers_from_snapshot_under_offload(tmp_path):
+    rc, clean, log = _launch(tmp_path, "clean", [], [])
+    assert rc == 0, log[-3000:]
+    reference = next(r for r in clean if r.get("summary"))["param_sha256"]
+    for tier in ("nvme", "host"):
+        sets = ["offload.enabled=true", f'offload.optim="{tier}"', f'offload.dir="{tmp_path}"']
+        rc, faulty, log = _launch(tmp_path, tier, ["kill:rank=1,step=4"], sets)
+        assert rc == 0, log[-3000:]
+        assert next(r for r in faulty if r.get("summary"))["param_sha256"] == reference, (tier, log[-3000:])
+        events = [r for r in faulty if r.get("event") == "restart"]
+        assert events and events[-1]["resumed_from_step"] >= 2 and "snapshot" in events[-1]["source"], events
+        steps = [r for r in faulty if "step" in r and "event" not in r]
+        assert all("snapshot_step" in r["plugins"] and "optim_overlap" in r["plugins"] for r in steps), steps[-1]
