@@ -51,6 +51,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -289,13 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         ablations = ABLATIONS if i == 0 and not args.no_ablations else ()
         schedule = rotated_schedule(TIMED, args.repeats) + [(0, name) for name in ablations]
         with netns.create_hosts(2, rate, prefix="dtrain-b") as hosts:
-            for rep, name in schedule:
-                port += 1
-                run = run_variant(hosts, name, specs[name], args, port, rep)
-                runs.setdefault(name, []).append(run)
-                print(f"{rate:>8} {name:>14} #{rep}: {run['tokens_per_s']:8.0f} tok/s  "
-                      f"final loss {run['losses'][-1]:.4f}  outer_wait {run['outer_wait_total_s']}  "
-                      f"load {run['loadavg_1m'][0]:.1f}", flush=True)
+            port = run_schedule(hosts, rate, schedule, specs, args, port, runs)
         results["rates"][rate] = {"runs": {name: _summary(rs, args) for name, rs in runs.items()}}
         results["rates"][rate]["ratios"] = _ratios(results["rates"][rate]["runs"])
     results["losses_identical_across_rates"] = all(
@@ -327,6 +322,19 @@ def ablation(args: argparse.Namespace, specs: dict[str, dict], results: dict) ->
     return 0
 
 
+
+def run_schedule(hosts: Any, rate: str, schedule: list[tuple[int, str]], specs: dict, args: argparse.Namespace,
+                 port: int, runs: dict[str, list[dict]]) -> int:
+    """Run ``schedule`` ((repeat, variant) pairs) on ``hosts``, appending to ``runs``; returns the last port used."""
+    for rep, name in schedule:
+        port += 1
+        run = run_variant(hosts, name, specs[name], args, port, rep)
+        runs.setdefault(name, []).append(run)
+        print(f"{rate:>8} {name:>16} #{rep}: {run['tokens_per_s']:8.0f} tok/s  final loss "
+              f"{run['losses'][-1]:.4f}  outer_wait {run['outer_wait_total_s']}  "
+              f"load {run['loadavg_1m'][0]:.1f}", flush=True)
+    return port
+
 def sharded(args: argparse.Namespace, specs: dict[str, dict], results: dict) -> int:
     """co2-sharded and compute-sharded, interleaved, at each rate (2 hosts x 2 ranks)."""
     import statistics
@@ -338,13 +346,7 @@ def sharded(args: argparse.Namespace, specs: dict[str, dict], results: dict) -> 
     for rate in args.rates.split(","):
         runs: dict[str, list[dict]] = {}
         with netns.create_hosts(2, rate, prefix="dtrain-s") as hosts:
-            for rep, name in rotated_schedule(SHARDED, args.repeats):
-                port += 1
-                run = run_variant(hosts, name, specs[name], args, port, rep)
-                runs.setdefault(name, []).append(run)
-                print(f"{rate:>8} {name:>16} #{rep}: {run['tokens_per_s']:8.0f} tok/s  final loss "
-                      f"{run['losses'][-1]:.4f}  outer_wait {run['outer_wait_total_s']}  "
-                      f"load {run['loadavg_1m'][0]:.1f}", flush=True)
+            port = run_schedule(hosts, rate, rotated_schedule(SHARDED, args.repeats), specs, args, port, runs)
         summary = {name: _summary(rs, args) for name, rs in runs.items()}
         co2, compute = summary["co2-sharded"], summary["compute-sharded"]
         ratios = {"co2_sharded_vs_compute": co2["tokens_per_s"]["median"] / compute["tokens_per_s"]["median"],
