@@ -15,10 +15,12 @@ def test_transfer_time_per_tier():
 
 def test_budget_decides_what_stays_resident():
     units = uniform_profiles([(f"u{i}", 256 * MB) for i in range(8)], backward_s=1.0, optim_s=0.4)
-    roomy = choose_placement(units, 4 * GB, 512 * MB, 2.0)
+    everything = choose_placement(units, 4 * GB, 512 * MB, 2.0)  # 2.5 GB of state: all of it fits
+    roomy = choose_placement(units, int(1.5 * GB), 512 * MB, 2.0)  # room for one unit next to the pool
     tight = choose_placement(units, int(1.2 * GB), 512 * MB, 2.0)
+    assert set(everything.tiers.values()) == {"device"} and everything.step_s < roomy.step_s
     # Units reduced last have no backward left to hide their I/O: they come back to the device first.
-    assert roomy.tiers["u7"] == "device" and roomy.tiers["u0"] == "nvme"
+    assert roomy.tiers["u7"] == "device" and roomy.tiers["u0"] == "nvme" and roomy.device_bytes <= 1.5 * GB
     assert set(tight.tiers.values()) == {"nvme"} and tight.device_bytes <= 1.2 * GB
     assert tight.step_s > roomy.step_s >= 2.0
     host = choose_placement(units, int(1.2 * GB), 512 * MB, 2.0, host_budget_bytes=GB)
