@@ -70,6 +70,13 @@ def transfer_s(state_bytes: int, tier: str, host_gbps: float, nvme_read_gbps: fl
     return state_bytes / (nvme_read_gbps * GB) + state_bytes / (nvme_write_gbps * GB)
 
 
+
+def _pool_bytes(units: list[UnitProfile], tiers: dict[str, str], pool_sets: int) -> int:
+    """The staging pool the NVMe units need: up to ``pool_sets`` buffer sets of the largest of them."""
+    on_nvme = [u.state_bytes for u in units if tiers[u.name] == "nvme"]
+    return min(pool_sets, len(on_nvme)) * max(on_nvme, default=0)
+
+
 def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes: int, compute_s: float, *,
                      host_budget_bytes: int = 0, host_gbps: float = 10.0, nvme_read_gbps: float = 2.0,
                      nvme_write_gbps: float = 1.0, pool_sets: int = 3) -> Placement:
@@ -90,8 +97,7 @@ def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes
             tiers[u.name] = "nvme"
 
     def pool(t: dict[str, str]) -> int:
-        on_nvme = [u.state_bytes for u in units if t[u.name] == "nvme"]
-        return min(pool_sets, len(on_nvme)) * max(on_nvme, default=0)
+        return _pool_bytes(units, t, pool_sets)
 
     minimum = resident_bytes + (max((u.state_bytes for u in units), default=0) if "nvme" in tiers.values() else 0)
     if budget_bytes < minimum:
@@ -154,8 +160,8 @@ def place_units(unit_bytes_in_reduction_order: list[tuple[str, int]], tier: str,
     if budget_bytes is None:
         tiers = {u.name: tier for u in units}
         by = lambda t: sum(u.state_bytes for u in units if tiers[u.name] == t)  # noqa: E731
-        pool = min(pool_sets, len(units)) * max((u.state_bytes for u in units), default=0) if tier == "nvme" else 0
-        return Placement(tiers, {u.name: 0.0 for u in units}, resident_bytes + pool, by("host"), by("nvme"), 0.0)
+        return Placement(tiers, {u.name: 0.0 for u in units}, resident_bytes + _pool_bytes(units, tiers, pool_sets),
+                         by("host"), by("nvme"), 0.0)
     host = sum(u.state_bytes for u in units) if tier == "host" else 0
     return choose_placement(units, budget_bytes, resident_bytes, 0.0, host_budget_bytes=host, pool_sets=pool_sets)
 

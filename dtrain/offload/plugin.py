@@ -151,7 +151,7 @@ class OffloadPlugin(FirstOrderStep):
         unit_tiers: dict[int, str] = {}
         self.placement = None
         if cfg.optim == "nvme":
-            set_bytes = _largest_unit_bytes(layout, keys)
+            set_bytes = max((_aligned_unit_bytes(layout, s, keys) for s in layout.unit_specs()), default=0)
             minimum = resident + set_bytes
             if cfg.memory_budget_gb is not None:
                 budget = int(cfg.memory_budget_gb * GB)
@@ -166,7 +166,7 @@ class OffloadPlugin(FirstOrderStep):
                                if s.index not in unit_tiers), default=0)
                 self.buffer_sets = max(1, min(DEFAULT_BUFFER_SETS, (budget - resident - kept) // max(largest, 1)))
             free = shutil.disk_usage(self.run_dir).free
-            need = sum(-(-(_unit_range_bytes(layout, s)) // ALIGN) * ALIGN for s in layout.unit_specs()) * len(keys)
+            need = sum(_aligned_unit_bytes(layout, s, keys) for s in layout.unit_specs())
             if need > free:
                 raise UsageError(f"offload.dir = {cfg.dir!r} has {free / GB:.2f} GB free; rank "
                                  f"{self.engine.comm.rank} needs {need / GB:.2f} GB for its optimizer state; "
@@ -309,10 +309,7 @@ def _unit_range_bytes(layout: Any, spec: Any) -> int:
 
 
 def _aligned_unit_bytes(layout: Any, spec: Any, keys: list[str]) -> int:
-    """One unit's optimizer state on this rank as the tier stores it (4096-aligned per key)."""
+    """One unit's optimizer state on this rank as the tier stores it (4096-aligned per key); the
+    largest is one staging buffer set."""
     return -(-_unit_range_bytes(layout, spec) // ALIGN) * ALIGN * len(keys)
 
-
-def _largest_unit_bytes(layout: Any, keys: list[str]) -> int:
-    """One staging buffer set: the largest unit's range on this rank, 4096-aligned per key."""
-    return max((-(-_unit_range_bytes(layout, s) // ALIGN) * ALIGN for s in layout.unit_specs()), default=0) * len(keys)
