@@ -148,9 +148,9 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
             order.extend(range(a, b))
             continue
         width = lengths[members[0]]
-        offsets = torch.arange(width)
-        starts = torch.tensor([segments[m][0] for m in members])
-        ends = torch.tensor([segments[m][1] for m in members])
+        offsets = torch.arange(width, device=q.device)
+        starts = torch.tensor([segments[m][0] for m in members], device=q.device)
+        ends = torch.tensor([segments[m][1] for m in members], device=q.device)
         index = torch.minimum(starts[:, None] + offsets[None, :], ends[:, None] - 1)  # pad: repeat the last token
         n = len(members)
 
@@ -167,8 +167,8 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     packed = torch.cat(outs, dim=-2)
     if order == list(range(len(order))):
         return packed
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
+    inverse = torch.empty(len(order), dtype=torch.long, device=q.device)
+    inverse[torch.tensor(order, device=q.device)] = torch.arange(len(order), device=q.device)
     return packed.index_select(-2, inverse)
 
 
