@@ -240,11 +240,7 @@ class SeqParPlugin(Plugin):
             except SeqParError:
                 continue  # a sequence does not fit a group of d
 
-        def modeled(schedule: sched.Schedule) -> float:
-            return predict_step(cost, [[(g.size, [lengths[i] for i in g.sequences]) for g in mb]
-                                       for mb in schedule.micro_batches])
-
-        best = min(range(len(candidates)), key=lambda k: modeled(candidates[k]))
+        best = min(range(len(candidates)), key=lambda k: predict_step(cost, _group_lengths(candidates[k], lengths)))
         candidates[best].source = names[best]
         return candidates[best], time.perf_counter() - t0
 
@@ -389,8 +385,8 @@ class SeqParPlugin(Plugin):
         if schedule.source:
             self._metrics["plan_choice"] = schedule.source
         if self.shape is not None:  # every schedule, planned or hand-written, under the same model
-            groups = [[(g.size, [self._lengths[s] for s in g.sequences]) for g in mb] for mb in schedule.micro_batches]
-            self._metrics["plan_predicted_s"] = predict_step(self._cost(self.world), groups)
+            self._metrics["plan_predicted_s"] = predict_step(self._cost(self.world),
+                                                             _group_lengths(schedule, self._lengths))
 
     def group_samples(self) -> list[Any]:
         """The last step's :class:`dtrain.seqpar.calibrate.GroupSample` s: per micro-batch and group,
@@ -405,3 +401,8 @@ class SeqParPlugin(Plugin):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _group_lengths(schedule: sched.Schedule, lengths: Sequence[int]) -> list[list[tuple[int, list[int]]]]:
+    """Per micro-batch, each group's size and its sequences' lengths (what the cost model prices)."""
+    return [[(g.size, [lengths[i] for i in g.sequences]) for g in mb] for mb in schedule.micro_batches]
