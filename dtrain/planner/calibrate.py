@@ -382,7 +382,7 @@ def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int) -> 
     engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4), config={"zero": {"stage": 3}})
     comm = engine.comm
 
-    def timed(fn: Any, level: str = "global") -> float:
+    def timed(fn: Any) -> float:
         fn()
         runs = []
         for _ in range(repeats):
@@ -453,7 +453,7 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
 
     from dtrain import netns
     from dtrain.hierarchy import resolve_levels
-    from dtrain.planner.layout import predict
+    from dtrain.planner.layout import StepModel, predict
     from dtrain.topology import Shape
 
     if nodes < 2 or nproc < 2:
@@ -508,7 +508,7 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
                                            backward_params=None), shape)
     units = run["units"]
     _, comm_s = predict(units, zero3, shape, base)
-    compute_s = overhead + LAYOUT_TRAIN_SEQS * _block_size() * shape_model.dense_flops_per_token / rate
+    compute_s = StepModel(rate, overhead).compute_s(shape_model.dense_flops_per_token, LAYOUT_TRAIN_SEQS * _block_size())
     measured = run["zero3_step_s"]
     phi = (compute_s + comm_s - measured) / max(min(compute_s, comm_s), 1e-12)
     phi = min(1.0, max(0.0, phi))
