@@ -40,15 +40,13 @@ tier's files) and ends on the fault-free in-memory run's ``param_sha256`` (bit-e
 """
 import errno
 import hashlib
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.dist.harness import run_world
+from tests.dist.test_snapshot import _launch as launch_snapshot_run
 
 pytestmark = pytest.mark.dist
 STEPS, SAVE_AT = 10, 5
@@ -270,23 +268,10 @@ def test_offload_mixed_placement_and_cpu_adam(tmp_path):
         assert "offload.cpu_adam" in out["sgd"] and "SGD" in out["sgd"] and "\n" not in out["sgd"], out["sgd"]
 
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 def _launch(tmp: Path, name: str, inject: list[str], sets: list[str]) -> tuple[int, list[dict], str]:
-    metrics = tmp / f"{name}.jsonl"
-    cmd = [sys.executable, "-m", "dtrain.launch.cli", "launch", "--nproc", "2", "--no-progress",
-           "--max-restarts", "1" if inject else "0"]
-    for spec in inject:
-        cmd += ["--inject", spec]
-    cmd += [str(ROOT / "examples" / "train_gpt.py"), "--model", "tiny", "--steps", "8", "--batch-size", "8",
-            "--metrics", str(metrics), "--set", "zero.stage=3", "--set", "snapshot.enabled=true",
-            "--set", "comm.timeout_s=30"]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280, env=dict(os.environ))
-    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    return proc.returncode, lines, proc.stdout + proc.stderr
+    """test_snapshot's launcher on one node of 2 ranks (ZeRO-3, snapshots on), 8 steps."""
+    return launch_snapshot_run(tmp, name, 1, 2, inject=inject, sets=["comm.timeout_s=30", *sets],
+                               restarts=1 if inject else 0, steps=8)
 
 
 def test_killed_rank_recovers_from_snapshot_under_offload(tmp_path):
