@@ -56,10 +56,10 @@ def _io_bytes() -> tuple[int, int]:
 
 
 def _vmhwm(field: str = "VmHWM") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """This process's ``VmHWM`` (or another kB field of /proc/self/status) in bytes; 0 without /proc."""
+    from benchmarks._bench_util import read_proc_status_kib
+
+    return (read_proc_status_kib(field) or 0) * 1024
 
 
 def _reset_hwm() -> None:
