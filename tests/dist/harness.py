@@ -1,9 +1,15 @@
 """Run a function on W ranks of a real gloo process group and collect each rank's result.
 
-``run_world(fn, world, *args, nodes=1)`` spawns W fresh processes (one torch thread each), exports
+``run_world(fn, world, *args, nodes=1)`` starts W fresh processes (one torch thread each), exports
 the torchrun variables plus ``DTRAIN_NODES``/``DTRAIN_NPROC`` exactly as ``dtrain launch`` does,
 calls ``fn(*args)`` on every rank and returns the list of per-rank return values. A rank that
 raises makes ``run_world`` raise with that rank's traceback; a hang is bounded by ``timeout_s``.
+
+Ranks are forked from a fork server that has imported torch and dtrain once (importing torch costs
+~3 s of CPU per process on the 2-core CI machine, and the suite starts several hundred ranks). The
+server is a fresh interpreter, not a fork of pytest, and each rank takes the caller's current
+environment, so a rank sees what a spawned one would. ``DTRAIN_TEST_START=spawn`` starts every
+rank as a fresh interpreter instead.
 """
 from __future__ import annotations
 
@@ -22,7 +28,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, nodes: int, port: int, fn: Callable, args: tuple, queue) -> None:
+PRELOAD = ["torch", "dtrain.engine", "tests.dist.harness"]
+_context: Any = None
+
+
+def _start_context() -> Any:
+    """The multiprocessing context ranks start from (one fork server for the whole test session)."""
+    global _context
+    if _context is None:
+        method = os.environ.get("DTRAIN_TEST_START", "forkserver")
+        _context = mp.get_context(method)
+        if method == "forkserver":
+            _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _worker(rank: int, world: int, nodes: int, port: int, fn: Callable, args: tuple, queue,
+            environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)  # the caller's environment now, not the fork server's at its start
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % (world // nodes)), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DTRAIN_NODES=str(nodes), DTRAIN_NPROC=str(world // nodes), OMP_NUM_THREADS="1")
@@ -46,10 +70,11 @@ def _worker(rank: int, world: int, nodes: int, port: int, fn: Callable, args: tu
 def run_world(fn: Callable, world: int, *args: Any, nodes: int = 1, timeout_s: float = 240,
               allow_errors: bool = False) -> list[Any]:
     """Per-rank results of ``fn(*args)``; with ``allow_errors`` a failing rank yields its error text."""
-    ctx = mp.get_context("spawn")
+    ctx = _start_context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, nodes, port, fn, args, queue), daemon=True)
+    environ = dict(os.environ)
+    procs = [ctx.Process(target=_worker, args=(r, world, nodes, port, fn, args, queue, environ), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
