@@ -20,6 +20,7 @@ import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+from multiprocessing import reduction
 
 
 def free_port() -> int:
@@ -43,8 +44,26 @@ def _start_context() -> Any:
     return _context
 
 
+def _received_fd(wrapped: Any) -> int:
+    return wrapped.detach()
+
+
+class _CallerFd:
+    """One of the caller's file descriptors, sent to the rank when the rank is started (as a spawned
+    child inherits it), so pytest's ``capfd`` sees what the ranks write, as it does with spawn."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+
 def _worker(rank: int, world: int, nodes: int, port: int, fn: Callable, args: tuple, queue,
-            environ: dict[str, str]) -> None:
+            environ: dict[str, str], stdio: tuple[int, int] | None) -> None:
+    for target, fd in zip((1, 2), stdio or ()):
+        os.dup2(fd, target)
+        os.close(fd)
     os.environ.clear()
     os.environ.update(environ)  # the caller's environment now, not the fork server's at its start
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % (world // nodes)), WORLD_SIZE=str(world),
@@ -73,8 +92,10 @@ def run_world(fn: Callable, world: int, *args: Any, nodes: int = 1, timeout_s: f
     ctx = _start_context()
     queue = ctx.Queue()
     port = free_port()
-    environ = dict(os.environ)
-    procs = [ctx.Process(target=_worker, args=(r, world, nodes, port, fn, args, queue, environ), daemon=True)
+    forked = ctx.get_start_method() == "forkserver"  # a spawned rank inherits the caller's stdio itself
+    environ, stdio = dict(os.environ), ((_CallerFd(1), _CallerFd(2)) if forked else None)
+    procs = [ctx.Process(target=_worker, args=(r, world, nodes, port, fn, args, queue, environ, stdio),
+                         daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
