@@ -234,7 +234,7 @@ class SeqParPlugin(Plugin):
         for fill in FILLS:
             try:
                 plan = plan_step(lengths, cost, PlannerOptions(time_limit_s=self.cfg.solver_time_s / len(FILLS),
-                                                               memory_fill=fill))
+                                                               memory_fill=fill, solver=self.cfg.solver))
             except PlannerError as exc:
                 raise SeqParError(f"seqpar: {exc}") from None
             candidates.append(sched.from_step_plan(plan))
