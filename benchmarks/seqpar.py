@@ -1,7 +1,7 @@
 """FlexSP runtime vs static Ulysses degrees on variable-length batches (dtrain/seqpar).
 
     python benchmarks/seqpar.py [--nodes 2 --net 1gbit] [--repeats 3] [--steps 4] [--quick]
-                                [--width 64 --batch 64 --max-tokens 512 --solver greedy]
+                                [--width 128 --batch 16 --max-tokens 512 --solver greedy]
 
 4 ranks: by default 2 simulated hosts x 2 ranks (network namespaces joined by a ``tc tbf`` link of
 ``--net``, dtrain/netns.py; root needed), ``--nodes 1`` for 4 ranks on one host (loopback). Each
@@ -12,17 +12,17 @@ dtrain/seqpar/lengths.py; mixes alternate within a repeat). The group trains the
 must be 4 to hold a batch with one; lower degrees are reported **infeasible** with the sequence
 that does not fit, not dropped).
 
-**The regime** (printed with every table; BENCHMARKS.md says why): the GPT is 4 layers, 4 heads,
-``--width`` wide (default 64, 0.35M parameters; the example's ``small`` is 128 wide, 1.09M), and a
-step is ``--batch`` sequences (default 64, about 13K tokens on long-tail). Why these defaults: at
-width 64 the all-to-all is about half of a cross-host group of 4's time per token (the runtime
-fit), as a cross-node Ulysses group's is on GPUs (the planner's A100 model: 72-78 % at 32
-devices), where width 128 on this CPU gives about a quarter (compute per token grows with
-width squared, the all-to-all's bytes with width); 64 sequences amortise the per-step costs
-(gradient all-reduce, optimizer) as a real global batch does, where 16 (the last session's
-setting, ``--width 128 --batch 16``, still reported) left them a tenth of the step. The planner
-runs with ``seqpar.solver = greedy`` (``--solver``): rank 0's solve shares the 2 cores with
-training, and on these batches the MILP gave the same plans at three times the CPU. A group
+**The regime** (printed with every table; BENCHMARKS.md gives both runs): by default the
+example's ``small`` GPT (4 layers, 4 heads, ``--width`` 128: 1.09M parameters), ``--batch`` 16
+sequences per step (about 4.2K tokens on long-tail, 6.8K on lognormal) and 512 tokens per rank:
+the last session's setting, kept so the figures compare. Why the cap: a long-tail giant
+(1025-2048 tokens) then needs the largest group, as the planner benchmark's 64K-256K giants need
+the large groups there, so a static degree must be 4. ``--width 64 --batch 64`` (0.35M
+parameters, about 13.9K tokens per step; meant to raise the all-to-all's share and amortise the
+per-step costs) was measured too and gave FlexSP less, not more (1.11x against 1.17x on
+long-tail). The planner runs with ``seqpar.solver = greedy`` (``--solver``): rank 0's solve
+shares the 2 cores with training, and on 64-sequence long-tail batches the MILP gave the same
+modeled plans (within 0.1 %) at three times the CPU. A group
 
 1. warms up (one step per variant);
 2. **calibrates** the cost model on the runtime's own steps: ``--calib-steps`` held-out batches, each
@@ -222,9 +222,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="measured batches per repeat (each under every variant)")
     p.add_argument("--calib-steps", type=int, default=3, help="held-out batches per degree for the calibration")
-    p.add_argument("--batch", type=int, default=64, help="sequences per global batch")
+    p.add_argument("--batch", type=int, default=16, help="sequences per global batch")
     p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--width", type=int, default=64, help="the GPT's hidden size (small preset: 128; 4 layers, 4 heads)")
+    p.add_argument("--width", type=int, default=128, help="the GPT's hidden size (small preset: 128; 4 layers, 4 heads)")
     p.add_argument("--max-tokens", type=int, default=512, help="seqpar.max_tokens_per_rank")
     p.add_argument("--solver-time", type=float, default=0.5)
     p.add_argument("--solver", default="greedy", choices=("highs", "cbc", "greedy"),
