@@ -20,7 +20,8 @@ the last session's setting, kept so the figures compare. Why the cap: a long-tai
 the large groups there, so a static degree must be 4. ``--width 64 --batch 64`` (0.35M
 parameters, about 13.9K tokens per step; meant to raise the all-to-all's share and amortise the
 per-step costs) was measured too and gave FlexSP less, not more (1.11x against 1.17x on
-long-tail). The planner runs with ``seqpar.solver = greedy`` (``--solver``): rank 0's solve
+long-tail), and so did ``--max-len 4096 --max-tokens 1024 --batch 32`` (giants of 2048-4096
+tokens, documents fitting one rank: 1.13x). The planner runs with ``seqpar.solver = greedy`` (``--solver``): rank 0's solve
 shares the 2 cores with training, and on 64-sequence long-tail batches the MILP gave the same
 modeled plans (within 0.1 %) at three times the CPU. A group
 
