@@ -77,12 +77,9 @@ def worker(args: argparse.Namespace) -> None:
     timed(plugin, "split_batch", "split")
     timed(engine, "forward_objective", "forward", after=lambda t: marks.__setitem__("fwd_end", t))
 
-    def grad_sync_start(t: float) -> None:
-        pass
-
     inner_finish = engine.layout.finish_backward
 
-    def finish_backward():
+    def finish_backward():  # backward: from the forward's end to here; grad_sync: the layout's reduction
         t0 = time.perf_counter()
         acc["backward"] += t0 - marks.pop("fwd_end", t0)
         inner_finish()
@@ -100,7 +97,6 @@ def worker(args: argparse.Namespace) -> None:
         engine.train_step(item)
         wall = time.perf_counter() - t0
         row = {p: acc.get(p, 0.0) for p in PHASES}
-        row["forward"] -= 0.0
         row["wall"] = wall
         row["other"] = wall - sum(row[p] for p in PHASES if p != "a2a")  # a2a is inside forward/backward
         return row
@@ -140,11 +136,7 @@ def worker(args: argparse.Namespace) -> None:
         out["longtail"][f"static-4/{seed}"] = median_rows(lambda: SeqBatch(seqs, plan=static4), args.repeats)
         out["longtail"][f"static-4/{seed}"]["micro_batches"] = len(static4.micro_batches)
         run(SeqBatch(seqs))
-        plan_holder = {}
-
-        def flex():
-            return SeqBatch(seqs)
-        row = median_rows(flex, args.repeats)
+        row = median_rows(lambda: SeqBatch(seqs), args.repeats)
         row["micro_batches"] = len(plugin.metrics().get("sp_groups", []))
         row["groups"] = str(plugin.metrics().get("sp_groups"))
         out["longtail"][f"flexsp/{seed}"] = row
