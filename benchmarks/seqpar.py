@@ -1,6 +1,7 @@
 """FlexSP runtime vs static Ulysses degrees on variable-length batches (dtrain/seqpar).
 
     python benchmarks/seqpar.py [--nodes 2 --net 1gbit] [--repeats 3] [--steps 4] [--quick]
+                                [--width 128 --batch 16 --max-tokens 512 --solver greedy]
 
 4 ranks: by default 2 simulated hosts x 2 ranks (network namespaces joined by a ``tc tbf`` link of
 ``--net``, dtrain/netns.py; root needed), ``--nodes 1`` for 4 ranks on one host (loopback). Each
@@ -9,7 +10,20 @@ dtrain/seqpar/lengths.py; mixes alternate within a repeat). The group trains the
 (``small`` preset with ``--max-len`` positions, AdamW) under ``seqpar.max_tokens_per_rank =
 --max-tokens`` (default 512: a sequence of 1025-2048 tokens needs a group of 4, so a static degree
 must be 4 to hold a batch with one; lower degrees are reported **infeasible** with the sequence
-that does not fit, not dropped). A group
+that does not fit, not dropped).
+
+**The regime** (printed with every table; BENCHMARKS.md gives both runs): by default the
+example's ``small`` GPT (4 layers, 4 heads, ``--width`` 128: 1.09M parameters), ``--batch`` 16
+sequences per step (about 4.2K tokens on long-tail, 6.8K on lognormal) and 512 tokens per rank:
+the last session's setting, kept so the figures compare. Why the cap: a long-tail giant
+(1025-2048 tokens) then needs the largest group, as the planner benchmark's 64K-256K giants need
+the large groups there, so a static degree must be 4. ``--width 64 --batch 64`` (0.35M
+parameters, about 13.9K tokens per step; meant to raise the all-to-all's share and amortise the
+per-step costs) was measured too and gave FlexSP less, not more (1.11x against 1.17x on
+long-tail), and so did ``--max-len 4096 --max-tokens 1024 --batch 32`` (giants of 2048-4096
+tokens, documents fitting one rank: 1.13x). The planner runs with ``seqpar.solver = greedy`` (``--solver``): rank 0's solve
+shares the 2 cores with training, and on 64-sequence long-tail batches the MILP gave the same
+modeled plans (within 0.1 %) at three times the CPU. A group
 
 1. warms up (one step per variant);
 2. **calibrates** the cost model on the runtime's own steps: ``--calib-steps`` held-out batches, each
@@ -47,7 +61,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 VARIANTS = ("static-1", "static-2", "static-4", "flexsp")
 DEGREES = (1, 2, 4)
-MODEL_SPEC = "layers=4,hidden=128,heads=4,vocab=256,tied=1"  # the small GPT, for `dtrain plan calibrate --seqpar`
+def model_spec(width: int) -> str:
+    """The benchmark's GPT (``small`` preset, ``--width``) for `dtrain plan calibrate --seqpar`."""
+    return f"layers=4,hidden={width},heads=4,vocab=256,tied=1"
+
+
+def gpt_params(width: int, max_len: int) -> int:
+    """Parameters of the benchmark's GPT (``small`` preset at ``width``)."""
+    from dtrain.models import GPT, GPTConfig
+
+    return sum(p.numel() for p in GPT(GPTConfig.preset("small", vocab_size=256, block_size=max_len,
+                                                       n_embd=width)).parameters())
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -63,8 +87,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     data = torch.frombuffer(bytearray((ROOT / "examples/data/corpus.txt").read_bytes()), dtype=torch.uint8)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("small", vocab_size=256, block_size=args.max_len))
-    seqpar = {"enabled": True, "lookahead": 1, "max_tokens_per_rank": args.max_tokens, "solver_time_s": args.solver_time}
+    model = GPT(GPTConfig.preset("small", vocab_size=256, block_size=args.max_len, n_embd=args.width))
+    seqpar = {"enabled": True, "lookahead": 1, "max_tokens_per_rank": args.max_tokens, "solver_time_s": args.solver_time,
+              "solver": args.solver}
     if args.cluster:
         seqpar["cluster"] = args.cluster
     engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
@@ -174,7 +199,7 @@ def launch(args: argparse.Namespace, mix: int, repeat: int, hosts, port: int) ->
     argv = [str(Path(__file__).resolve()), "--worker", "--mix", mix, "--repeat", str(repeat), "--result", str(result),
             "--tmp", args.tmp, "--steps", str(args.steps), "--calib-steps", str(args.calib_steps), "--batch",
             str(args.batch), "--max-len", str(args.max_len), "--max-tokens", str(args.max_tokens),
-            "--solver-time", str(args.solver_time)] + (["--cluster", args.cluster] if args.cluster else [])
+            "--solver-time", str(args.solver_time), "--solver", args.solver, "--width", str(args.width)] + (["--cluster", args.cluster] if args.cluster else [])
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     if hosts is None:
@@ -200,8 +225,11 @@ def main() -> int:
     p.add_argument("--calib-steps", type=int, default=3, help="held-out batches per degree for the calibration")
     p.add_argument("--batch", type=int, default=16, help="sequences per global batch")
     p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--width", type=int, default=128, help="the GPT's hidden size (small preset: 128; 4 layers, 4 heads)")
     p.add_argument("--max-tokens", type=int, default=512, help="seqpar.max_tokens_per_rank")
     p.add_argument("--solver-time", type=float, default=0.5)
+    p.add_argument("--solver", default="greedy", choices=("highs", "cbc", "greedy"),
+                   help="seqpar.solver (greedy: same plans here at a third of the CPU the MILP takes from rank 0)")
     p.add_argument("--cluster", help="cluster TOML the calibration starts from (default cluster/cpu_local.toml)")
     p.add_argument("--mixes", default="longtail,lognormal")
     p.add_argument("--timeout-s", type=float, default=600)
@@ -279,8 +307,15 @@ def main() -> int:
                                  "flexsp_vs_best_static": summary["flexsp"]["tokens_per_s"] / best if best else None,
                                  "flexsp_vs_best_static_per_repeat": ratios,
                                  "fit_median_rel_residual": [run["fit"]["median_rel_residual"] for run in runs]}
-        print(f"\n{mix}: {args.batch} sequences per batch, {len(runs)} repeats x {args.steps} measured steps per variant, "
-              f"max_tokens_per_rank {args.max_tokens}, {'2 hosts x 2 ranks at ' + args.net if hosts else '1 host x 4 ranks'}")
+        tokens = [r["tokens"] for r in pooled["flexsp"]]
+        results["mixes"][mix]["regime"] = regime = {
+            "model": model_spec(args.width), "params": gpt_params(args.width, args.max_len),
+            "max_tokens_per_rank": args.max_tokens, "sequences_per_step": args.batch,
+            "tokens_per_step_median": statistics.median(tokens) if tokens else None}
+        print(f"\n{mix}: GPT {regime['model']} ({regime['params'] / 1e6:.2f}M parameters), {args.batch} sequences per "
+              f"batch (median {regime['tokens_per_step_median']:.0f} tokens per step), max_tokens_per_rank "
+              f"{args.max_tokens}, {len(runs)} repeats x {args.steps} measured steps per variant, "
+              f"{'2 hosts x 2 ranks at ' + args.net if hosts else '1 host x 4 ranks'}")
         print(f"{'variant':10} {'step_s':>8} {'tok/s':>8} {'spread':>7} {'wait_s':>8} {'pred_s':>8} {'meas_s':>8} {'err':>7}")
         fmt = lambda x, spec: format(x, spec) if x is not None else "-"
         for v in VARIANTS:
@@ -297,7 +332,7 @@ def main() -> int:
               f"paired per-batch step-time ratio median {fmt(mres['flexsp_vs_best_static_paired_median'], '.3f')}, "
               f"median tokens/s {fmt(mres['flexsp_vs_best_static'], '.3f')} (per repeat: {', '.join(fmt(r, '.2f') for r in ratios)})")
         write_json(Path(args.out).with_name(f"{Path(args.out).stem}_samples_{mix}.json"),
-                   {"model": MODEL_SPEC, "samples": runs[-1]["samples"]})
+                   {"model": model_spec(args.width), "samples": runs[-1]["samples"]})
     write_json(args.out, results)
     print(f"\nwrote {args.out} ({results['wall_s']:.0f} s)")
     return 0

@@ -16,7 +16,17 @@ backward; each device holds ``s/d`` tokens of ``h`` elements and sends ``(d-1)/d
 
 Time of a sequence: ``t(s, d) = t_comp(s, d) + t_comm(s, d)`` (no compute/comm overlap: a
 conservative assumption). Sequences assigned to one group run one after another, so a
-group's load is the sum of its sequences' times.
+group's load is the sum of its sequences' times plus a fixed cost per group and micro-batch::
+
+    t_group(d, S) = c(d) + sum_{s in S} t(s, d)
+
+``c(d)`` is what one micro-batch costs a group of ``d`` whatever it holds: a runtime that packs
+the group's sequences into one forward and backward pays the model's kernel launches and, for
+``d > 1``, the all-to-alls' latencies once per micro-batch (measured on the seqpar runtime:
+docs/seqpar.md). It is 0 unless the cluster file's ``[calibration]`` table has
+``seqpar_group_s_d<d>`` (written by :mod:`dtrain.seqpar.calibrate`), so the planner's plans
+on the shipped cluster files do not change; with it, the split into micro-batches trades the
+extra ``c(d)`` of one more micro-batch against what that micro-batch saves.
 
 Memory per device: model states are ZeRO-3-sharded over all ``N`` devices, plus a buffer
 for two gathered layers; activations are proportional to the tokens a device holds::
@@ -45,6 +55,8 @@ from dtrain.planner.errors import PlannerError
 from dtrain.planner.shapes import ModelShape
 
 ALLTOALLS_PER_LAYER = 8
+GROUP_KEY = "seqpar_group_s_d{}"
+"""``[calibration]`` key of ``c(d)``, the fixed seconds of one group of ``d`` per micro-batch."""
 
 
 def power_of_two_sizes(limit: int) -> list[int]:
@@ -132,6 +144,17 @@ class CostModel:
                 per_token = self.model.hidden * c.bytes_per_element * (d - 1) / (d * d)
                 cache[d] = (k * c.alltoall_latency(d), k * per_token / c.alltoall_bandwidth(d))
         return cache[d]
+
+    def group_overhead(self, d: int) -> float:
+        """``c(d)``: fixed seconds of one group of ``d`` devices per micro-batch (module docstring)."""
+        cache = self.__dict__.setdefault("_group_cache", {})
+        if d not in cache:
+            cache[d] = float(self.cluster.calibration.get(GROUP_KEY.format(d), 0.0))
+        return cache[d]
+
+    def group_time(self, lengths: "np.ndarray | list[int]", d: int) -> float:
+        """``t_group(d, S)``: ``c(d)`` plus the group's sequences one after another."""
+        return self.group_overhead(d) + float(self.seq_times(lengths, d).sum())
 
     def comm_time(self, s: float, d: int) -> float:
         fixed, per_token = self._comm_coefficients(d)

@@ -42,7 +42,8 @@ class Schedule:
 
     @property
     def makespan(self) -> float:
-        return max(self.loads, default=0.0)
+        """The slowest group that runs something (an empty group's load is only its ``c(d)``)."""
+        return max((load for load, m in zip(self.loads, self.members) if m), default=0.0)
 
     def compact(self) -> "Schedule":
         """Drop groups that received no items (their devices simply idle)."""
@@ -77,7 +78,7 @@ def lpt_fill(
     times = times or item_times(lengths, cost)
     n_groups = len(sizes)
     members: list[list[int]] = [[] for _ in range(n_groups)]
-    loads = [0.0] * n_groups
+    loads = [cost.group_overhead(d) for d in sizes]  # c(d): paid once the group runs anything
     tokens = [0] * n_groups
     budget_tokens = [cost.tokens_per_device * d for d in sizes]
     for item, g in (preset or {}).items():

@@ -20,7 +20,9 @@ Objective
 
 Constraints
   (assign)   ``sum_g n_{b,g} = c_b``                                  for every bucket b
-  (time)     ``sum_b t_{b,d_g} n_{b,g} <= T``                          for every slot g
+  (time)     ``c_{d_g} u_g + sum_b t_{b,d_g} n_{b,g} <= T``            for every slot g
+             (``c_d``: the cost model's fixed seconds of a group per micro-batch, 0 unless
+             calibrated on a runtime: :meth:`CostModel.group_overhead`)
   (memory)   ``sum_b l_b n_{b,g} <= C_{d_g} u_g``                     for every slot g
              (per-device memory: activations of all sequences of the group, sharded over
              ``d_g`` devices, must fit next to the model states; also forces ``u_g = 1``
@@ -255,12 +257,13 @@ def solve_milp(
     sizes = [d for d in cost.group_sizes if d >= min(bucket_degrees)]
     tpd = cost.tokens_per_device
     t = {(b, d): cost.seq_time(lengths[b], d) for b in range(n_b) for d in sizes}
+    c = {d: cost.group_overhead(d) for d in sizes}
     cap = {d: math.floor(d * tpd) for d in sizes}
 
-    t_lower = max(min(t[b, d] for d in sizes if d >= bucket_degrees[b]) for b in range(n_b))
+    t_lower = max(min(c[d] + t[b, d] for d in sizes if d >= bucket_degrees[b]) for b in range(n_b))
     warm_t = None
     if warm:
-        warm_t = max(sum(t[b, d] * k for b, k in cnt.items()) for d, cnt in warm)
+        warm_t = max(c[d] + sum(t[b, d] * k for b, k in cnt.items()) for d, cnt in warm)
     if lower_bound is not None:
         t_lower = max(t_lower, lower_bound if warm_t is None else min(lower_bound, warm_t))
     t_upper = math.inf if warm_t is None else warm_t * (1 + 1e-9) + 1e-12
@@ -274,7 +277,7 @@ def solve_milp(
     work_terms: list[tuple[int, float]] = [(makespan, float(n_dev))]
     prev_load: list[tuple[int, float]] = []
     for d in sizes:
-        eligible = [b for b in range(n_b) if bucket_degrees[b] <= d and t[b, d] <= t_upper]
+        eligible = [b for b in range(n_b) if bucket_degrees[b] <= d and c[d] + t[b, d] <= t_upper]
         n_slots = min(n_dev // d, sum(counts[b] for b in eligible))
         for k in range(n_slots):
             g = (d, k)
@@ -292,7 +295,10 @@ def solve_milp(
                 work_terms.append((v, -d * t[b, d]))
                 load.append((v, t[b, d]))
                 mem.append((v, float(lengths[b])))
-            m.row(load + [(makespan, -1.0)], -math.inf, 0.0)  # (time)
+            fixed = [(use[g], c[d])] if c[d] > 0 else []
+            if fixed:
+                work_terms.append((use[g], -d * c[d]))
+            m.row(load + fixed + [(makespan, -1.0)], -math.inf, 0.0)  # (time)
             m.row(mem + [(use[g], -float(cap[d]))], -math.inf, 0.0)  # (memory)
             if k > 0:  # (symmetry)
                 m.row([(use[(d, k - 1)], 1.0), (use[g], -1.0)], 0.0, math.inf)
@@ -323,7 +329,7 @@ def solve_milp(
                 members[b] = int(round(values[v]))
         if members:
             groups.append((g[0], members))
-    objective = max(sum(t[b, d] * k for b, k in mem_.items()) for d, mem_ in groups)
+    objective = max(c[d] + sum(t[b, d] * k for b, k in mem_.items()) for d, mem_ in groups)
     if bound is None:
         bound = t_lower if status != "optimal" else objective
     return MilpResult(status, name, objective, min(max(bound, t_lower), objective), elapsed, groups)

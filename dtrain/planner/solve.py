@@ -127,7 +127,7 @@ def _assign_to_milp_groups(
     sizes = [d for d, _ in result.groups]
     quota = [dict(m) for _, m in result.groups]
     members: list[list[int]] = [[] for _ in sizes]
-    loads = [0.0] * len(sizes)
+    loads = [cost.group_overhead(d) for d in sizes]
     tokens = [0] * len(sizes)
     for b, seqs in enumerate(buckets_members):
         for local in seqs:  # longest first within the bucket
@@ -242,7 +242,8 @@ def _run_milp(
             cost.fits(sum(buckets[b].length * k for b, k in c.items()), d) for d, c in groups
         ):
             continue
-        t = max(sum(cost.seq_time(buckets[b].length, d) * k for b, k in c.items()) for d, c in groups)
+        t = max(cost.group_overhead(d) + sum(cost.seq_time(buckets[b].length, d) * k for b, k in c.items())
+                for d, c in groups)
         if t < warm_t:
             warm, warm_t = groups, t
     # The comm-aware bound of the representatives and the real-length bound are both valid
@@ -442,7 +443,7 @@ def plan_step(
             groups.append(GroupPlan(
                 size=d, ranks=ranks, crosses_nodes=crosses, sequences=seqs,
                 lengths=[lengths[i] for i in seqs],
-                time_s=sum(cost.seq_time(lengths[i], d) for i in seqs),
+                time_s=cost.group_overhead(d) + sum(cost.seq_time(lengths[i], d) for i in seqs),
                 memory_bytes=cost.model_state_bytes + cost.activation_bytes(toks, d),
             ))
         info.groups = groups

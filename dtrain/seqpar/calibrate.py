@@ -4,7 +4,8 @@
 packs a group's sequences into one forward and backward of the whole model, with one all-to-all
 per layer and direction for the whole pack. This module fits the same equation
 (``dtrain/planner/cost.py``) to what the runtime measured, plus the one term the planner's
-equation lacks, a fixed cost per group and micro-batch:
+equation used to lack, a fixed cost per group and micro-batch (now the cost model's ``c(d)``,
+:meth:`CostModel.group_overhead`, which the planner's search prices):
 
     t_group(d, lengths) = c(d) + sum_i [ (alpha1 s_i^2 + alpha2 s_i) / d + beta1 + k(d) s_i ]
 
@@ -16,7 +17,7 @@ with static groups of every size. The fit is a non-negative least squares on rel
 
 :func:`to_cluster` turns the fit into a cluster file the planner plans with (``alpha1``,
 ``alpha2``, ``beta1`` and ``v(d)`` as the cost model reads them; ``c(d)`` in its
-``[calibration]`` table, which :func:`predict_step` adds per group). ``dtrain plan calibrate
+``[calibration]`` table, which the cost model adds per group and micro-batch). ``dtrain plan calibrate
 --seqpar SAMPLES.json`` fits a file of samples (benchmarks/seqpar.py writes one).
 """
 from __future__ import annotations
@@ -29,12 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from dtrain.planner.cluster import ClusterSpec
-from dtrain.planner.cost import ALLTOALLS_PER_LAYER, CostModel
+from dtrain.planner.cost import ALLTOALLS_PER_LAYER, GROUP_KEY, CostModel
 from dtrain.planner.errors import PlannerError
 from dtrain.planner.shapes import ModelShape
-
-GROUP_KEY = "seqpar_group_s_d{}"
-"""``[calibration]`` keys of ``c(d)`` in a cluster file written by :func:`to_cluster`."""
 
 
 @dataclass(frozen=True)
@@ -140,11 +138,6 @@ def to_cluster(result: RuntimeFit, shape: ModelShape, base: ClusterSpec) -> Clus
     )
 
 
-def group_overhead(cost: CostModel, d: int) -> float:
-    """``c(d)`` of a cluster written by :func:`to_cluster` (0 for any other cluster file)."""
-    return float(cost.cluster.calibration.get(GROUP_KEY.format(d), 0.0))
-
-
 def predict_step(cost: CostModel, micro_batches: Sequence[Sequence[tuple[int, Sequence[int]]]]) -> float:
     """Modeled forward + backward seconds of a plan: per micro-batch its slowest group, where a
     group of ``d`` running ``lengths`` costs ``c(d) + sum seq_time(s, d)``.
@@ -152,8 +145,7 @@ def predict_step(cost: CostModel, micro_batches: Sequence[Sequence[tuple[int, Se
     ``micro_batches``: per micro-batch, ``(d, lengths)`` of each group."""
     total = 0.0
     for groups in micro_batches:
-        total += max((group_overhead(cost, d) + float(cost.seq_times(list(lengths), d).sum())
-                      for d, lengths in groups), default=0.0)
+        total += max((cost.group_time(list(lengths), d) for d, lengths in groups), default=0.0)
     return total
 
 

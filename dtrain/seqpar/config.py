@@ -18,6 +18,10 @@ class SeqParConfig:
     file's memory model decides."""
     solver_time_s: float = 1.0
     """The planner's time limit per step."""
+    solver: str = "highs"
+    """The planner's per-micro-batch solver (``PlannerOptions.solver``): ``highs`` (the MILP and its
+    bound, within ``solver_time_s``), ``cbc``, or ``greedy`` (its heuristics only: about a third of
+    the CPU, for hosts where the solve shares the cores that train; docs/seqpar.md)."""
     cluster: str | None = None
     """Cluster TOML for the cost model; None: this machine's calibrated ``cluster/cpu_local.toml``
     (``dtrain plan calibrate``), else the planner's default cluster."""
@@ -31,6 +35,7 @@ class SeqParConfig:
         require(self.max_tokens_per_rank is None or self.max_tokens_per_rank >= 1, "seqpar.max_tokens_per_rank",
                 self.max_tokens_per_rank, "a positive integer, or omit it to use the cluster's memory model")
         require(self.solver_time_s > 0, "seqpar.solver_time_s", self.solver_time_s, "a positive number of seconds")
+        require(self.solver in ("highs", "cbc", "greedy"), "seqpar.solver", self.solver, "highs, cbc or greedy")
         require(self.lookahead in (0, 1), "seqpar.lookahead", self.lookahead, "0 or 1")
 
 

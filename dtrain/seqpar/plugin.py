@@ -143,6 +143,13 @@ class SeqParPlugin(Plugin):
         self._wait_s = 0.0
         self._lengths: list[int] = []
         self._samples: list[Any] = []
+        self._grads_done = 0.0
+        # A micro-batch's time ends with its backward's last gradient, not after the layout's
+        # finish_backward: the last micro-batch's gradient reduction is a per-step cost, and
+        # timing it with that micro-batch's groups would leak it into the fitted c(d).
+        for param in engine.model.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(self._grad_accumulated)
 
     # ------------------------------------------------------------------ planning
     def _cost(self, devices: int) -> Any:
@@ -227,7 +234,7 @@ class SeqParPlugin(Plugin):
         for fill in FILLS:
             try:
                 plan = plan_step(lengths, cost, PlannerOptions(time_limit_s=self.cfg.solver_time_s / len(FILLS),
-                                                               memory_fill=fill))
+                                                               memory_fill=fill, solver=self.cfg.solver))
             except PlannerError as exc:
                 raise SeqParError(f"seqpar: {exc}") from None
             candidates.append(sched.from_step_plan(plan))
@@ -353,9 +360,13 @@ class SeqParPlugin(Plugin):
             activate(None)
         return batch
 
+    def _grad_accumulated(self, _param: torch.Tensor) -> None:
+        self._grads_done = time.perf_counter()
+
     def after_backward(self, micro_step: int, last_micro_step: bool) -> None:
         if self._schedule is not None:
-            self._times.append(time.perf_counter() - self._started)
+            end = self._grads_done if self._grads_done > self._started else time.perf_counter()
+            self._times.append(end - self._started)
 
     def after_step(self, step: int) -> None:
         activate(None)

@@ -128,48 +128,88 @@ def length_bins(lengths: list[int], waste: float = PAD_WASTE) -> list[list[int]]
     return bins
 
 
+@dataclass(frozen=True)
+class _BinPlan:
+    """How :func:`packed_causal_attention` runs one packing (the same for every layer of a
+    micro-batch, so it is built once per ``bounds`` and device and reused)."""
+
+    singles: tuple[tuple[int, int], ...]
+    """Segments that run alone: ``(start, end)``, in output order first."""
+    bins: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
+    """Padded bins: ``(count, width, gather index [count * width], kept rows [valid])``."""
+    inverse: torch.Tensor | None
+    """Permutation from the concatenated outputs back to packed order (None: already in order)."""
+
+
+_PLANS: dict[tuple[tuple[int, ...], str], _BinPlan] = {}
+
+
+def _bin_plan(bounds: tuple[int, ...], device: torch.device) -> _BinPlan:
+    key = (bounds, str(device))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    segments = list(zip(bounds, bounds[1:]))
+    lengths = [b - a for a, b in segments]
+    singles, bins, order = [], [], []
+    for members in length_bins(lengths):
+        if len(members) == 1:
+            a, b = segments[members[0]]
+            singles.append((a, b))
+            continue
+        width = lengths[members[0]]
+        offsets = torch.arange(width)
+        starts = torch.tensor([segments[m][0] for m in members])
+        ends = torch.tensor([segments[m][1] for m in members])
+        index = torch.minimum(starts[:, None] + offsets[None, :], ends[:, None] - 1)  # pad: repeat the last token
+        valid = (offsets[None, :] < (ends - starts)[:, None]).reshape(-1).nonzero().squeeze(1)
+        bins.append((len(members), width, index.reshape(-1).to(device), valid.to(device)))
+        order.append(index.reshape(-1)[valid])
+    order = [torch.arange(a, b) for a, b in singles] + order
+    flat = torch.cat(order)
+    inverse = None
+    if not torch.equal(flat, torch.arange(flat.numel())):
+        inverse = torch.empty_like(flat)
+        inverse[flat] = torch.arange(flat.numel())
+        inverse = inverse.to(device)
+    if len(_PLANS) >= 256:  # one entry per micro-batch packing; keep the cache small
+        _PLANS.clear()
+    plan = _PLANS[key] = _BinPlan(tuple(singles), tuple(bins), inverse)
+    return plan
+
+
 def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...],
                             dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """Causal attention within each packed segment ``[bounds[i], bounds[i+1])`` of dim -2.
 
     Segments of similar length (:func:`length_bins`) run as one batched kernel: each is padded
     at its end to the bin's longest, which causal attention makes exact (a real query never sees a
-    later, padded key; padded queries' outputs are dropped, so they get no gradient)."""
-    segments = list(zip(bounds, bounds[1:]))
-    if len(segments) == 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
-    lengths = [b - a for a, b in segments]
-    outs, order = [], []
-    for members in length_bins(lengths):
-        if len(members) == 1:
-            a, b = segments[members[0]]
-            outs.append(F.scaled_dot_product_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :],
-                                                       is_causal=True, dropout_p=dropout_p, scale=scale))
-            order.extend(range(a, b))
-            continue
-        width = lengths[members[0]]
-        offsets = torch.arange(width, device=q.device)
-        starts = torch.tensor([segments[m][0] for m in members], device=q.device)
-        ends = torch.tensor([segments[m][1] for m in members], device=q.device)
-        index = torch.minimum(starts[:, None] + offsets[None, :], ends[:, None] - 1)  # pad: repeat the last token
-        n = len(members)
+    later, padded key; padded queries' outputs are dropped, so they get no gradient). The bins'
+    gather indices are built once per packing (:func:`_bin_plan`) and ``q, k, v`` are gathered
+    in one ``index_select``."""
+    return _packed(torch.stack((q, k, v)), bounds, dropout_p, scale)
 
-        def rows(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, hd] -> [n * B, H, width, hd]
-            x = t.index_select(-2, index.reshape(-1)).unflatten(-2, (n, width))
-            return x.movedim(-3, 0).flatten(0, 1)
 
-        y = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=True, dropout_p=dropout_p,
-                                           scale=scale)
-        y = y.unflatten(0, (n, q.shape[0])).movedim(0, -3).flatten(-3, -2)  # [B, H, n * width, hd]
-        valid = (offsets[None, :] < (ends - starts)[:, None]).reshape(-1).nonzero().squeeze(1)
+def _packed(qkv: torch.Tensor, bounds: tuple[int, ...], dropout_p: float, scale: float | None) -> torch.Tensor:
+    """:func:`packed_causal_attention` of a stacked ``[3, B, H, T, hd]``."""
+    if len(bounds) == 2:
+        return F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True, dropout_p=dropout_p,
+                                              scale=scale)
+    plan = _bin_plan(bounds, qkv.device)
+    outs = []
+    for a, b in plan.singles:
+        x = qkv[..., a:b, :]
+        outs.append(F.scaled_dot_product_attention(x[0], x[1], x[2], is_causal=True, dropout_p=dropout_p,
+                                                   scale=scale))
+    batch = qkv.shape[1]
+    for n, width, index, valid in plan.bins:
+        x = qkv.index_select(-2, index).unflatten(-2, (n, width))  # [3, B, H, n, width, hd]
+        x = x.movedim(-3, 1).flatten(1, 2)  # [3, n * B, H, width, hd]
+        y = F.scaled_dot_product_attention(x[0], x[1], x[2], is_causal=True, dropout_p=dropout_p, scale=scale)
+        y = y.unflatten(0, (n, batch)).movedim(0, -3).flatten(-3, -2)  # [B, H, n * width, hd]
         outs.append(y.index_select(-2, valid))
-        order.extend(index.reshape(-1)[valid].tolist())
-    packed = torch.cat(outs, dim=-2)
-    if order == list(range(len(order))):
-        return packed
-    inverse = torch.empty(len(order), dtype=torch.long, device=q.device)
-    inverse[torch.tensor(order, device=q.device)] = torch.arange(len(order), device=q.device)
-    return packed.index_select(-2, inverse)
+    packed = torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
+    return packed if plan.inverse is None else packed.index_select(-2, plan.inverse)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,
@@ -186,8 +226,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: f
     if heads % d:
         raise SeqParError(f"seqpar: a group of {d} ranks cannot split {heads} attention heads; every planned "
                           f"group size must divide the head count")
+    if d == 1 and len(ctx.bounds) == 2:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+    qkv = torch.stack((q, k, v))
     if d == 1:
-        return packed_causal_attention(q, k, v, ctx.bounds, dropout_p, scale)
-    full = _gather_sequence(torch.stack((q, k, v)), ctx)
-    y = packed_causal_attention(full[0], full[1], full[2], ctx.bounds, dropout_p, scale)
-    return _gather_heads(y, ctx)
+        return _packed(qkv, ctx.bounds, dropout_p, scale)
+    return _gather_heads(_packed(_gather_sequence(qkv, ctx), ctx.bounds, dropout_p, scale), ctx)

@@ -2,6 +2,8 @@
 greedy fallback, and the documented error cases."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 import time
 
@@ -9,6 +11,7 @@ import pytest
 
 from dtrain.planner import ClusterSpec, CostModel, PlannerError, PlannerOptions, StepPlan, parse_model, plan_step
 from dtrain.planner import solve as solve_mod
+from dtrain.planner.cost import GROUP_KEY
 from dtrain.planner.milp import MilpResult
 from dtrain.planner.simulate import compare, sample_lengths, static_sp
 
@@ -38,7 +41,7 @@ def check_plan(plan: StepPlan, cost: CostModel) -> None:
             per_device = cost.model_state_bytes + cost.bytes_per_token * tokens / d
             assert per_device <= plan.memory_limit_bytes * (1 + 1e-9)  # memory never exceeded
             assert g.memory_bytes == pytest.approx(per_device)
-            assert g.time_s == pytest.approx(sum(cost.seq_time(plan.lengths[i], d) for i in g.sequences))
+            assert g.time_s == pytest.approx(cost.group_overhead(d) + sum(cost.seq_time(plan.lengths[i], d) for i in g.sequences))
         assert mb.time_s == pytest.approx(max(g.time_s for g in mb.groups))
         total += mb.time_s
     assert plan.step_time_s == pytest.approx(total)
@@ -165,3 +168,26 @@ def test_error_cases() -> None:
         parse_model("70x")
     with pytest.raises(PlannerError):
         PlannerOptions(solver="gurobi")
+
+
+def test_group_overhead_is_priced_and_trades_off_micro_batches() -> None:
+    """With a fixed cost c(d) per group and micro-batch (a runtime-calibrated cluster), every
+    group's time includes it, and the split pays for one micro-batch more only when it saves
+    more than c: on this batch the c-blind plan uses 3 micro-batches where memory needs 2, and
+    the c-aware one (c = 0.3 of a c-blind micro-batch) uses 2 and is faster under c."""
+    base = ClusterSpec(num_devices=8, devices_per_node=4)
+    model = parse_model("7b")
+    blind = CostModel(model, base)
+    lengths = [min(s, int(blind.tokens_per_device * 8)) for s in sample_lengths("longtail-mix", 64, seed=5)]
+    options = PlannerOptions(time_limit_s=0.3)
+    plan0 = plan_step(lengths, blind, options)
+    c = 0.3 * plan0.step_time_s / len(plan0.micro_batches)
+    aware = CostModel(model, dataclasses.replace(base, calibration={GROUP_KEY.format(d): c for d in (1, 2, 4, 8)}))
+    assert aware.group_overhead(4) == c and blind.group_overhead(4) == 0.0
+    assert aware.group_time([100, 200], 2) == pytest.approx(c + blind.seq_time(100, 2) + blind.seq_time(200, 2))
+    plan1 = plan_step(lengths, aware, options)
+    check_plan(plan1, aware)
+    k0 = math.ceil(sum(lengths) / (8 * blind.tokens_per_device * options.memory_fill))
+    assert len(plan0.micro_batches) == k0 + 1 and len(plan1.micro_batches) == k0
+    repriced = sum(max(aware.group_time(g.lengths, g.size) for g in mb.groups) for mb in plan0.micro_batches)
+    assert plan1.step_time_s < repriced
