@@ -50,6 +50,7 @@ from dtrain.offload.store import F32, TierStore, UnitStore
 from dtrain.partition import UnitSpec
 
 STAGING_BUFFERS = 2  # aligned buffers a read or write holds while its I/O runs
+STAGING_BYTES = 16 << 20  # per staging buffer: a part moves through it in pieces this large
 STEP_SLOTS = 2  # parts read ahead for the optimizer step, resident until written back
 GATHER_RESIDENT = 2  # the part being gathered and the one read ahead
 
@@ -76,7 +77,7 @@ class Part:
         self.tensor.untyped_storage().resize_(0)
         self.resident = False
 
-    def materialize(self) -> None:
+    def materialize(self) -> None:  # noqa: D102
         self.tensor.untyped_storage().resize_(self.nbytes)
         self.resident = True
 
@@ -103,10 +104,10 @@ class ParamTier:
             self.parts[shard.unit.index] = Part(shard.unit.index, tensor, nbytes, file, home)
         self.io = IOPool(io_threads)
         largest = max((round_up(p.nbytes) for p in self.parts.values()), default=0)
-        self.largest = largest
+        self.staging = min(largest, STAGING_BYTES)
         self.pool: queue.Queue = queue.Queue()
         for _ in range(STAGING_BUFFERS if self.parts else 0):
-            self.pool.put(aligned_buffer(largest))
+            self.pool.put(aligned_buffer(self.staging))
         self.ahead_reader = ThreadPoolExecutor(1, thread_name_prefix="dtrain-param-ahead")
         self.step_reader = ThreadPoolExecutor(1, thread_name_prefix="dtrain-param-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="dtrain-param-write")
@@ -120,6 +121,8 @@ class ParamTier:
         self.seen: dict[int, int] = {}
         self.read_bytes = self.write_bytes = 0
         self._reported = (0, 0)
+        self.ahead_hits = 0
+        self.resident_peak = 0
 
     def start(self) -> None:
         """Once the layout took the tier (``place_params``): the parts' values go to their files
@@ -129,26 +132,34 @@ class ParamTier:
                 self._write_locked(part)
 
     # ------------------------------------------------------------------ I/O
+    def _spans(self, part: Part) -> list[tuple[int, int, int]]:
+        """(file offset, aligned bytes, bytes of the part) per staging-buffer-sized span."""
+        total = round_up(part.nbytes)
+        return [(a, min(self.staging, total - a), min(self.staging, part.nbytes - a))
+                for a in range(0, total, self.staging)]
+
     def _read_locked(self, part: Part) -> None:
         buf = self.pool.get()
         try:
-            view = buf[:round_up(part.nbytes)]
-            self.io.read(part.file, view)
             part.materialize()
-            part.tensor.copy_(view[:part.nbytes].view(torch.float32))
+            raw = part.tensor.view(torch.uint8)
+            for offset, n, m in self._spans(part):
+                self.io.read(part.file, buf[:n], offset)
+                raw[offset:offset + m].copy_(buf[:m])
         finally:
             self.pool.put(buf)
         self.read_bytes += round_up(part.nbytes)
 
     def _write_locked(self, part: Part) -> None:
-        """Copy the part into a staging buffer, free it unless pinned, write the buffer to the file."""
+        """Write the part to its file through a staging buffer, then free it unless pinned."""
         buf = self.pool.get()
         try:
-            view = buf[:round_up(part.nbytes)]
-            view[:part.nbytes].view(torch.float32).copy_(part.tensor)
+            raw = part.tensor.view(torch.uint8)
+            for offset, n, m in self._spans(part):
+                buf[:m].copy_(raw[offset:offset + m])
+                self.io.write(part.file, buf[:n], offset)
             if part.pins == 0:
                 part.release()
-            self.io.write(part.file, view)
             part.dirty = False
         finally:
             self.pool.put(buf)
@@ -176,6 +187,7 @@ class ParamTier:
             self.ahead = None
             fut.result()
             pinned = index == spec.index  # the read-ahead's pin is this fetch's
+            self.ahead_hits += pinned
             if not pinned:  # a wrong guess: free it again
                 self._unpin(self.parts[index])
         if not pinned:
@@ -306,7 +318,7 @@ class ParamTier:
         if not self.parts:
             return 0
         largest = max(p.nbytes for p in self.parts.values())
-        return STAGING_BUFFERS * self.largest + min((GATHER_RESIDENT + STEP_SLOTS) * largest, self.part_bytes())
+        return STAGING_BUFFERS * self.staging + min((GATHER_RESIDENT + STEP_SLOTS) * largest, self.part_bytes())
 
     def disk_bytes(self) -> int:
         return sum(p.file.nbytes for p in self.parts.values())
@@ -328,19 +340,31 @@ class ParamTier:
 
 class ParamTierStore(TierStore):
     """The optimizer tier's store with the parameter parts brought in for each unit's step and
-    written back after it (the pipeline calls ``bring_in`` before and ``take_out`` after a step)."""
+    written back after it: the pipeline calls ``bring_in`` before and ``take_out`` after each step
+    of a unit, or of each chunk of a unit where the store cuts units into chunks (the part is then
+    brought in before the first and written back after the last)."""
 
     def __init__(self, *args: Any, params: ParamTier, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.params = params
 
-    def bring_in(self, unit: UnitStore, buf: torch.Tensor | None) -> None:
-        self.params.before_step(unit.spec.index)
-        super().bring_in(unit, buf)
+    @staticmethod
+    def _unit_and_ends(item: Any) -> tuple[UnitStore, bool, bool]:
+        unit = getattr(item, "unit", item)  # a chunk of a unit, or the unit
+        chunks = getattr(unit, "chunks", None) or [item]
+        return unit, item is chunks[0], item is chunks[-1]
 
-    def take_out(self, unit: UnitStore, buf: torch.Tensor | None) -> None:
-        super().take_out(unit, buf)
-        self.params.after_step(unit.spec.index)
+    def bring_in(self, item: Any, buf: torch.Tensor | None) -> Any:
+        unit, first, _ = self._unit_and_ends(item)
+        if first:
+            self.params.before_step(unit.spec.index)
+        return super().bring_in(item, buf)
+
+    def take_out(self, item: Any, buf: torch.Tensor | None) -> None:
+        super().take_out(item, buf)
+        unit, _, last = self._unit_and_ends(item)
+        if last:
+            self.params.after_step(unit.spec.index)
 
 
 def plan_param_tiers(config: Any, units: list[int], param_parts: int, tiers: dict[str, dict[str, int]],
@@ -360,7 +384,8 @@ def plan_param_tiers(config: Any, units: list[int], param_parts: int, tiers: dic
                            f"part), not zero.stage = {config.zero.stage}")
     parts = [F32 * n // param_parts for n in units]
     at_rest, largest = sum(parts), max(parts, default=0)
-    resident = STAGING_BUFFERS * round_up(largest) + min((GATHER_RESIDENT + STEP_SLOTS) * largest, at_rest)
+    resident = STAGING_BUFFERS * min(round_up(largest), STAGING_BYTES) + min((GATHER_RESIDENT + STEP_SLOTS) * largest,
+                                                                          at_rest)
     out = {t: dict(k) for t, k in tiers.items()}
     device = out.setdefault("device", {})
     device["params"] = max(0, device.get("params", 0) - at_rest) + resident
