@@ -342,3 +342,20 @@ def test_killed_rank_recovers_from_snapshot_under_offload(tmp_path):
         assert events and events[-1]["resumed_from_step"] >= 2 and "snapshot" in events[-1]["source"], events
         steps = [r for r in faulty if "step" in r and "event" not in r]
         assert all("snapshot_step" in r["plugins"] and "optim_overlap" in r["plugins"] for r in steps), steps[-1]
+
+
+def test_plan_memory_shows_params_on_nvme(capsys):
+    """``dtrain plan memory`` moves the parameter parts to ``nvme`` (no world needed)."""
+    import json
+
+    from dtrain.planner.cli import main
+
+    offload = ["--set", "offload.enabled=true", "--set", 'offload.params="nvme"', "--set", 'offload.dir="/tmp"']
+    assert main(["memory", "--model", "7b", "--set", "zero.stage=3", *offload, "--json"]) == 0
+    tiers = json.loads(capsys.readouterr().out)["bytes_per_rank"]
+    p = 6738149376 // 64 * 64  # 7b's parameters, as the planner counts them
+    assert abs(tiers["nvme"]["params"] - 4 * p / 64) < 64 * 33, tiers
+    assert 0 < tiers["device"]["params"] < tiers["nvme"]["params"] / 2, tiers
+    assert main(["memory", "--model", "7b", "--set", "zero.stage=2", *offload]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "zero.stage = 3" in err, err
