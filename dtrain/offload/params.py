@@ -46,6 +46,7 @@ import torch
 
 from dtrain.errors import UsageError
 from dtrain.offload.aio import DirectFile, IOPool, aligned_buffer, round_up
+from dtrain.offload.pipeline import OffloadError
 from dtrain.offload.store import F32, TierStore, UnitStore
 from dtrain.partition import UnitSpec
 
@@ -285,7 +286,9 @@ class ParamTier:
             except BaseException as exc:  # noqa: BLE001 - drain all, report the first
                 errors.append(exc)
         if errors:
-            raise errors[0]
+            exc = errors[0]
+            raise OffloadError(f"offload tier: {type(exc).__name__}: {exc}; the parameters in offload.dir are "
+                               f"incomplete, resume from the last checkpoint") from exc
 
     def abandon(self) -> None:
         """A step failed: drop the reads made for it (their units were never stepped)."""

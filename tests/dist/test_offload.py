@@ -22,7 +22,8 @@ without (steps inside backward), 10 steps with accumulation 2 equal the in-memor
 ``param_sha256`` and optimizer state bytes exactly; between steps no part is resident and
 ``layout.shards("param")`` says tier ``nvme``; a checkpoint saved by it loads into an in-memory
 run, an in-memory checkpoint loads into it, and it loads at world 1, each continuing to the
-uninterrupted bytes. ddp with it and a budget below its minimum are one-line errors.
+uninterrupted bytes. A failed parameter write mid-step is one OffloadError; ddp with it and a
+budget below its minimum are one-line errors.
 
 The same world-2 run (one spawn: starting a world costs more than these runs) then checks two
 things that are not bit-identical in kind:
@@ -111,6 +112,10 @@ def _usage_error(cfg: dict) -> str:
     return "no error"
 
 
+def _disk_full(*args):
+    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
 def _world2(root: str) -> dict:
     from dtrain.offload.pipeline import OffloadError
 
@@ -134,10 +139,7 @@ def _world2(root: str) -> dict:
     failing = _train(nvme3, SAVE_AT, SAVE_AT, load=ckpt)
     store = failing.plugins[1].store
 
-    def disk_full(*args):
-        raise OSError(errno.ENOSPC, "No space left on device (injected)")
-
-    store.io.write = disk_full
+    store.io.write = _disk_full
     from tests.dist.workloads import local_batch
 
     try:
@@ -176,6 +178,17 @@ def _params_on_nvme(root: str, ckpt: str) -> dict:
         out["p", clip] = _result(engine)
     out["p_to_memory"] = _result(_train(_config(3, None, 1.0, root), SAVE_AT, STEPS, load=ckpt_p))
     out["memory_to_p"] = _result(_train(_config(3, "nvme", 1.0, root, params="nvme"), SAVE_AT, STEPS, load=ckpt))
+    failing = _train(_config(3, "nvme", 1.0, root, params="nvme"), SAVE_AT, SAVE_AT, load=ckpt_p)
+    failing.plugins[1].params.io.write = _disk_full
+    from dtrain.offload.pipeline import OffloadError
+    from tests.dist.workloads import local_batch
+
+    try:
+        failing.train_step(local_batch(SAVE_AT, failing.runtime.rank, failing.runtime.world_size))
+        out["p_failed"] = "no error"
+    except OffloadError as exc:
+        out["p_failed"] = str(exc)
+    failing.plugins[1].teardown()
     out["p_ddp"] = _usage_error(_config(0, "nvme", None, root, params="nvme"))
     out["p_budget"] = _usage_error(_config(3, "nvme", None, root, params="nvme", memory_budget_gb=1e-5))
     return out
@@ -234,6 +247,7 @@ def _check_params_on_nvme(rank: int, out: dict) -> None:
         assert metrics["offload_param_read_bytes"] > 0 and metrics["offload_param_write_bytes"] > 0, metrics
     assert out["p_to_memory"] == out[3, 1.0, None], rank
     assert out["memory_to_p"] == out[3, 1.0, None], rank
+    assert "OSError" in out["p_failed"] and "resume from the last checkpoint" in out["p_failed"], out["p_failed"]
     assert "zero.stage = 3" in out["p_ddp"] and "\n" not in out["p_ddp"], out["p_ddp"]
     assert "needs at least" in out["p_budget"] and "\n" not in out["p_budget"], out["p_budget"]
 
