@@ -46,14 +46,11 @@ import torch
 
 from dtrain.errors import UsageError
 from dtrain.offload.aio import DirectFile, IOPool, aligned_buffer, round_up
+from dtrain.offload.param_plan import STAGING_BUFFERS, STEP_SLOTS, resident_bound, staging_bytes
 from dtrain.offload.pipeline import OffloadError
 from dtrain.offload.store import F32, TierStore, UnitStore
 from dtrain.partition import UnitSpec
 
-STAGING_BUFFERS = 2  # aligned buffers a read or write holds while its I/O runs
-STAGING_BYTES = 16 << 20  # per staging buffer: a part moves through it in pieces this large
-STEP_SLOTS = 2  # parts read ahead for the optimizer step, resident until written back
-GATHER_RESIDENT = 2  # the part being gathered and the one read ahead
 
 
 @dataclass(eq=False)
@@ -104,8 +101,7 @@ class ParamTier:
             home = torch.from_numpy(mapped)[:tensor.numel()]
             self.parts[shard.unit.index] = Part(shard.unit.index, tensor, nbytes, file, home)
         self.io = IOPool(io_threads)
-        largest = max((round_up(p.nbytes) for p in self.parts.values()), default=0)
-        self.staging = min(largest, STAGING_BYTES)
+        self.staging = staging_bytes([p.nbytes for p in self.parts.values()])
         self.pool: queue.Queue = queue.Queue()
         for _ in range(STAGING_BUFFERS if self.parts else 0):
             self.pool.put(aligned_buffer(self.staging))
@@ -318,10 +314,7 @@ class ParamTier:
     def resident_bytes(self) -> int:
         """The most the tier holds in memory at once: the staging buffers and the resident parts
         (the one gathered and the one read ahead, and STEP_SLOTS for the steps)."""
-        if not self.parts:
-            return 0
-        largest = max(p.nbytes for p in self.parts.values())
-        return STAGING_BUFFERS * self.staging + min((GATHER_RESIDENT + STEP_SLOTS) * largest, self.part_bytes())
+        return resident_bound([p.nbytes for p in self.parts.values()])
 
     def disk_bytes(self) -> int:
         return sum(p.file.nbytes for p in self.parts.values())
@@ -369,31 +362,3 @@ class ParamTierStore(TierStore):
         if last:
             self.params.after_step(unit.spec.index)
 
-
-def plan_param_tiers(config: Any, units: list[int], param_parts: int, tiers: dict[str, dict[str, int]],
-                     show: bool = True) -> dict[str, dict[str, int]]:
-    """``dtrain plan memory`` with ``offload.params = "nvme"``: move the parameter parts (``units``:
-    padded element counts, split into ``param_parts``) from the device to ``nvme``, leaving what
-    the tier keeps resident (:meth:`ParamTier.resident_bytes`), and print one line when ``show``."""
-    import dtrain.offload.config  # noqa: F401 - registers the section the planner read as deferred
-
-    cfg = config.offload
-    if not cfg.enabled or cfg.params != "nvme":
-        return tiers
-    if config.zero.stage != 3:
-        from dtrain.planner.errors import PlannerError
-
-        raise PlannerError(f'offload.params = "nvme" needs zero.stage = 3 (each rank rests only its parameter '
-                           f"part), not zero.stage = {config.zero.stage}")
-    parts = [F32 * n // param_parts for n in units]
-    at_rest, largest = sum(parts), max(parts, default=0)
-    resident = STAGING_BUFFERS * min(round_up(largest), STAGING_BYTES) + min((GATHER_RESIDENT + STEP_SLOTS) * largest,
-                                                                          at_rest)
-    out = {t: dict(k) for t, k in tiers.items()}
-    device = out.setdefault("device", {})
-    device["params"] = max(0, device.get("params", 0) - at_rest) + resident
-    out.setdefault("nvme", {})["params"] = at_rest
-    if show:  # decimal GB, as the planner's table prints them
-        print(f"offload.params = 'nvme': {len(parts)} units' parameter parts on nvme ({at_rest / 1e9:.3f} GB); "
-              f"resident at most {resident / 1e9:.3f} GB (staging buffers and the parts being gathered or stepped)")
-    return out
