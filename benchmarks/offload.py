@@ -9,6 +9,8 @@ Variants (each a fresh single-rank process, interleaved over ``--repeats`` round
 * ``nvme-serial``: the same with ``offload.overlap = false`` (every unit stepped after backward,
   ZeRO-Infinity's order);
 * ``nvme-cpuadam``: ``nvme`` with ``offload.cpu_adam = true`` (DeepSpeed's CPU Adam kernel);
+* ``nvme-params``: ``offload.optim`` and ``offload.params`` = "nvme", no budget (every unit's
+  state and parameter part in files, read for each gather and step, as ``ds-nvme-param`` does);
 * ``ds-cpu``, ``ds-nvme``, ``ds-nvme-param``: DeepSpeed ZeRO-3 with ``offload_optimizer`` cpu /
   nvme, and nvme with ``offload_param`` nvme too, stepping with its DeepSpeedCPUAdam (same model,
   data, AdamW hyperparameters; ``--no-deepspeed`` skips them; a variant that fails to start is
@@ -46,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 LR, WD = 1e-3, 0.01  # AdamW for every variant (DeepSpeed's from its config)
-VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-cpuadam")
+VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-cpuadam", "nvme-params")
 DS_VARIANTS = ("ds-cpu", "ds-nvme", "ds-nvme-param")
 
 
@@ -144,11 +146,12 @@ def _dtrain(model, variant: str, spec: dict):
     import dtrain
 
     cfg: dict = {"zero": {"stage": 3}, "train": {"clip_grad_norm": spec["clip"]}}
-    if variant in ("host", "nvme", "nvme-serial", "nvme-cpuadam"):
+    if variant in ("host", "nvme", "nvme-serial", "nvme-cpuadam", "nvme-params"):
         cfg["offload"] = {"enabled": True, "optim": "host" if variant == "host" else "nvme",
+                          "params": "nvme" if variant == "nvme-params" else "device",
                           "dir": spec["dir"], "overlap": variant != "nvme-serial",
                           "cpu_adam": variant == "nvme-cpuadam",
-                          "memory_budget_gb": spec["budget_gb"] if variant != "host" else None}
+                          "memory_budget_gb": spec["budget_gb"] if variant not in ("host", "nvme-params") else None}
     engine = dtrain.wrap(model, optimizer=lambda ps: __import__("torch").optim.AdamW(ps, lr=LR, weight_decay=WD),
                          config=cfg)
     sums: dict = {}

@@ -21,8 +21,9 @@ class OffloadConfig:
     optim: TierName = "host"
     """Where the element-wise optimizer state (Adam's moments) rests between steps."""
     params: TierName = "device"
-    """Where the parameters rest. Only "device" moves nothing; "host" is accepted on a CPU device
-    (the same memory); "nvme" is not implemented yet (a ConfigError)."""
+    """Where the parameters rest. "device" moves nothing; "host" is accepted on a CPU device (the
+    same memory); "nvme" (ZeRO-3, CPU device): each unit's parameter part rests in a file under
+    ``dir`` and is read for its gathers and its optimizer step (dtrain/offload/params.py)."""
     dir: str | None = None
     """Directory for the NVMe tier's state files (one sub-directory per run and rank)."""
     memory_budget_gb: float | None = None
@@ -45,14 +46,13 @@ class OffloadConfig:
 
     def validate(self) -> None:
         require(self.optim in ("device", "host", "nvme"), "offload.optim", self.optim, '"device", "host" or "nvme"')
-        require(self.params in ("device", "host"), "offload.params", self.params,
-                '"device" or "host" ("nvme" for parameters is not implemented yet)')
+        require(self.params in ("device", "host", "nvme"), "offload.params", self.params, '"device", "host" or "nvme"')
         require(self.malloc_mmap_mb >= 0, "offload.malloc_mmap_mb", self.malloc_mmap_mb, "a number of MB >= 0")
         require(self.io_threads >= 1, "offload.io_threads", self.io_threads, "an integer >= 1")
         require(self.memory_budget_gb is None or self.memory_budget_gb > 0, "offload.memory_budget_gb",
                 self.memory_budget_gb, "a positive number of GB, or omit it")
-        require(not (self.enabled and self.optim == "nvme" and not self.dir), "offload.dir", self.dir,
-                'a directory path when offload.optim = "nvme"')
+        require(not (self.enabled and "nvme" in (self.optim, self.params) and not self.dir), "offload.dir", self.dir,
+                'a directory path when offload.optim or offload.params is "nvme"')
 
 
 register_section("offload", OffloadConfig)

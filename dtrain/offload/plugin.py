@@ -38,6 +38,7 @@ from dtrain.errors import UsageError
 from dtrain.offload import cpu_adam
 from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
+from dtrain.offload.params import ParamTier, ParamTierStore
 from dtrain.offload.pipeline import StepPipeline
 from dtrain.offload.placement import UnitProfile, place_units
 from dtrain.offload.store import F32, TierStore
@@ -117,14 +118,16 @@ class OffloadPlugin(FirstOrderStep):
     def setup(self, engine: Any) -> None:
         super().setup(engine)
         self.cfg: OffloadConfig = engine.config.offload
-        if self.cfg.params == "host" and engine.device.type != "cpu":
-            raise UsageError('offload.params = "host" is not implemented on an accelerator yet; use "device"')
+        if self.cfg.params != "device" and engine.device.type != "cpu":
+            raise UsageError(f'offload.params = "{self.cfg.params}" is not implemented on an accelerator yet '
+                             f'(parameters stay on {engine.device}); use offload.params = "device"')
         if self.cfg.cpu_adam and engine.device.type != "cpu":
             raise UsageError(f"offload.cpu_adam = true steps host tensors, but this run's parameters are on "
                              f"{engine.device}; set offload.cpu_adam = false (the user's optimizer steps on the device)")
         if self.cfg.malloc_mmap_mb > 0:
             fix_malloc_mmap_threshold(int(self.cfg.malloc_mmap_mb * 2**20))
-        self.run_dir = check_offload_dir(self.cfg.dir, engine.comm.rank) if self.cfg.optim == "nvme" else None
+        self.run_dir: Path | None = None  # made at start-up (restore): a wrap failing before leaves nothing
+        self.params: ParamTier | None = None
         self.store: TierStore | None = None
         self.pipe: StepPipeline | None = None
         self.callback = False
@@ -141,8 +144,13 @@ class OffloadPlugin(FirstOrderStep):
     def _build(self) -> None:
         """Lay the tier out over the layout's optimizer pieces (first step: the layout exists now)."""
         layout, cfg = self.engine.layout, self.cfg
+        if "nvme" in (cfg.optim, cfg.params):
+            self.run_dir = check_offload_dir(cfg.dir, self.engine.comm.rank)
         keys = elementwise_state_keys(layout.optimizer)
         held = layout.state_bytes()
+        if cfg.params == "nvme":
+            self.params = self._param_tier()
+            held = dict(held, params=held["params"] - self.params.part_bytes() + self.params.resident_bytes())
         resident = held["params"] + held["grads"]
         elements = sum(p.hi - p.lo for _, p in layout.optimizer_pieces())
         optim_bytes = len(keys) * elements * F32
@@ -181,15 +189,36 @@ class OffloadPlugin(FirstOrderStep):
                     f"{self.engine.comm.rank} with offload.optim = {cfg.optim!r}: its state in memory is "
                     f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
         self.buffer_sets = max(1, min(self.buffer_sets, len(layout.unit_specs())))
-        self.store = TierStore(layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers)
+        args = (layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers)
+        self.store = TierStore(*args) if self.params is None else ParamTierStore(*args, params=self.params)
         self.pipe = StepPipeline(self.store)
         self.callback = layout.on_unit_reduced(self._on_reduced)
-        if cfg.optim != "device":
+        if cfg.optim != "device" or self.params is not None:
             layout.place_optim_state(cfg.optim, self._tier_report)
         self.resident = resident
         self.optimizer_name = cpu_adam.describe(layout.optimizer)
         if self.engine.comm.rank == 0:
             print(f"dtrain: offload tier {cfg.optim!r}: the optimizer is {self.optimizer_name}", file=sys.stderr)
+
+    def _param_tier(self) -> ParamTier:
+        """``offload.params = "nvme"``: the parameter parts go to their files now (one UsageError
+        line where the layout cannot, or the disk cannot hold them)."""
+        layout, cfg = self.engine.layout, self.cfg
+        need = sum(-(-s.nbytes // ALIGN) * ALIGN for s in layout.shards("param"))
+        free = shutil.disk_usage(self.run_dir).free
+        if need > free:
+            raise UsageError(f"offload.dir = {cfg.dir!r} has {free / GB:.2f} GB free; rank {self.engine.comm.rank} "
+                             f"needs {need / GB:.2f} GB for its parameters; free space or point offload.dir at a "
+                             f"larger disk")
+        tier = ParamTier(layout, self.run_dir, cfg.io_threads)
+        if not layout.place_params(tier):
+            tier.close()
+            raise UsageError(f'offload.params = "nvme" needs zero.stage = 3 (each rank rests only its parameter '
+                             f"part; layout {layout.name!r} keeps full parameters on every rank), with parameters "
+                             f'and optimizer state split alike and no zero.backward_params copy; use zero.stage = 3 '
+                             f'or offload.params = "device"')
+        tier.start()
+        return tier
 
     def _place(self, keys: list[str], budget: int, resident: int) -> tuple[dict[int, str], int]:
         """Which units keep their state resident under the budget (dtrain/offload/placement.py);
@@ -214,6 +243,8 @@ class OffloadPlugin(FirstOrderStep):
 
     def _on_reduced(self, unit: Any) -> None:
         if self.pipe is not None and self.pipe.active:
+            if self.params is not None and unit.index in self.store.units:
+                self.params.read_for_step(unit.index)
             self.pipe.submit(unit.index)
 
     # ------------------------------------------------------------------ step
@@ -222,6 +253,8 @@ class OffloadPlugin(FirstOrderStep):
             self._build()
         engine, layout, pipe = self.engine, self.engine.layout, self.pipe
         clip = engine.config.train.clip_grad_norm
+        if self.params is not None:
+            self.params.begin_step()
         losses = engine.step_loss(micro_batches)
         layout.zero_grad()
         last = len(micro_batches) - 1
@@ -247,8 +280,12 @@ class OffloadPlugin(FirstOrderStep):
                     pipe.begin(True)
                 pipe.go()
             pipe.join(backward_end)
+            if self.params is not None:
+                self.params.end_step()
         except BaseException:
             pipe.abort()
+            if self.params is not None:
+                self.params.abandon()
             raise
         layout.publish()
         return StepOutcome(losses.local_loss(), grad_norm)
@@ -271,7 +308,11 @@ class OffloadPlugin(FirstOrderStep):
         device = {"params": held["params"], "grads": held["grads"],
                   "optim": store.bytes_at_rest("device") + store.pool_bytes()}
         out = {"device": device}
-        out[store.tier] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
+        if store.tier != "device":
+            out[store.tier] = {"params": 0, "grads": 0, "optim": store.bytes_at_rest()}
+        if self.params is not None:  # the parts rest in their files; their staging and read-ahead stay
+            device["params"] += self.params.resident_bytes() - self.params.part_bytes()
+            out.setdefault("nvme", {"params": 0, "grads": 0, "optim": 0})["params"] = self.params.part_bytes()
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -287,17 +328,23 @@ class OffloadPlugin(FirstOrderStep):
                "offload_cpu_adam": float(self.cfg.cpu_adam)}
         if self.store.tier == "nvme":
             out["offload_direct_io"] = float(self.store.direct[0])
+        if self.params is not None:
+            out.update(self.params.metrics())
         return out
 
     def on_failure(self, exc: BaseException) -> None:
         if self.pipe is not None:
             self.pipe.abort()
+        if self.params is not None:
+            self.params.abandon()
 
     def teardown(self) -> None:
         if self.pipe is not None:
             self.pipe.close()
         if self.store is not None:
             self.store.close()
+        if self.params is not None:
+            self.params.close()
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -259,8 +259,10 @@ def run(args: argparse.Namespace) -> int:
     config = Config.load(args.config, args.set, defer_unknown_sections=True)
     levels = check_zero_config(config.zero, shape)
     tiers = state_bytes_per_rank(units, levels, root_unit=len(units) - 1)
+    from dtrain.offload.param_plan import plan_param_tiers
     from dtrain.offload.placement import plan_memory_tiers  # issue 14: the offload tier's per-unit choice
 
+    tiers = plan_param_tiers(config, units, levels.size("params"), tiers, show=not args.json)
     tiers = plan_memory_tiers(config, units, levels.size("optim"), tiers, show=not args.json)
     if args.json:
         print(json.dumps({"levels": levels.as_dict(), "bytes_per_rank": tiers}, sort_keys=True))

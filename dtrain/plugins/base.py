@@ -206,6 +206,13 @@ class LayoutPlugin(Plugin):
         ``shards("optim.<key>")`` say so, and ``state_bytes_by_tier`` returns ``report()``."""
         self._optim_tier, self._tier_report = tier, report
 
+    def place_params(self, tier: Any) -> bool:
+        """A tier plugin keeps each unit's parameter part on ``tier.name`` between uses
+        (dtrain/offload/params.py): the layout calls ``tier.fetch(spec)`` before it reads a unit's
+        part and ``tier.drop(spec)`` once it copied it out, and ``shards("param")``/``("master")``
+        carry ``tier.home(spec)`` and the tier. Returns False where the layout cannot (default)."""
+        return False
+
     # ------------------------------------------------------------- descriptors
     def unit_specs(self) -> "list[UnitSpec]":
         """Every unit's flat space (parameter names, shapes, offsets, groups, padded size)."""

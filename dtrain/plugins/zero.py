@@ -114,6 +114,7 @@ class FlatLayout(LayoutPlugin):
     shard_params: ClassVar[bool] = False
     level: str = "global"  # the data-parallel group the states are sharded over
     unit_reduced: Callable[[UnitSpec], None] | None = None  # on_unit_reduced's callback
+    param_tier: Any = None  # place_params' tier: the parameter parts rest there between uses
     last_micro: bool = True
 
     @classmethod
@@ -315,6 +316,26 @@ class FlatLayout(LayoutPlugin):
         self.unit_reduced = callback
         return True
 
+    def place_params(self, tier: Any) -> bool:
+        """ZeRO-3 only, with the parameter part also the master (params and optim split alike) and
+        no backward copy: the parts are read only by a gather's first step, ``full_parameters``
+        and the optimizer's step (which the tier brings them in for)."""
+        if not self.split_params or self.s_o != self.s_p or self.secondary:
+            return False
+        self.param_tier = tier
+        return True
+
+    def _gather_part(self, unit: FlatUnit, dtype: str) -> Chain:
+        """All-gather the unit from its parameter part; a param tier brings the part in for the
+        chain's first step (which copies it out) and drops it after."""
+        if self.param_tier is None:
+            return self._gather_chain(unit, unit.shard, self.s_p, dtype)
+        self.param_tier.fetch(unit.spec)
+        try:
+            return self._gather_chain(unit, unit.shard, self.s_p, dtype)
+        finally:
+            self.param_tier.drop(unit.spec)
+
     def _on_grad(self, p: torch.Tensor) -> None:
         unit = self.unit_of[id(p)]
         if self.split_grads:
@@ -503,8 +524,11 @@ class FlatLayout(LayoutPlugin):
                 tensor = unit.shard if self.split_params else unit.full
             else:
                 tensor = self.master[unit.index] if self.split_optim else unit.full
+            tier = "device"
+            if self.param_tier is not None and kind != "grad":  # at rest in the tier's file
+                tensor, tier = self.param_tier.home(unit.spec), self.param_tier.name
             pieces = (Piece(lo, hi, tensor),) if tensor is not None else ()
-            out.append(Shard(unit.spec, kind, level, parts, index, lo, hi, pieces, primary=primary))
+            out.append(Shard(unit.spec, kind, level, parts, index, lo, hi, pieces, tier=tier, primary=primary))
         return out
 
     # ------------------------------------------------------------- reporting
@@ -526,7 +550,7 @@ class FlatLayout(LayoutPlugin):
         for unit in self.units:
             gathered_here = self.split_params and not unit.materialized
             if gathered_here:
-                self._gather_chain(unit, unit.shard, self.s_p, "fp32").wait()
+                self._gather_part(unit, "fp32").wait()
             for s in unit.slots:
                 out[s.name] = s.param.detach().to("cpu", torch.float32, copy=True)
             if gathered_here:
@@ -617,7 +641,7 @@ class FlatLayout(LayoutPlugin):
                     f"the copy was not refreshed by this step's forward gather (the ZeRO++ #5059 race)")
             chain = self._gather_chain(unit, self.secondary[unit.index], self.s_b, self.gather_dtype)
         else:
-            chain = self._gather_chain(unit, unit.shard, self.s_p, self.gather_dtype)
+            chain = self._gather_part(unit, self.gather_dtype)
         if async_op:
             self.pending[unit] = chain
         else:

@@ -16,12 +16,23 @@ checkpoint with and without the tier (a world reshard) and compares exactly. Bad
 smaller than one unit (the message names the minimum), an unwritable ``offload.dir`` (root may
 write anywhere chmod forbids, so the test uses a path under /sys) and a file in its place.
 
-A second world-2 run checks two things that are not bit-identical in kind:
+``offload.params = "nvme"`` (ZeRO-3, same world): each rank's parameter parts rest in files and
+are read for every gather and step. With clipping (deferred steps, optimizer state on NVMe) and
+without (steps inside backward), 10 steps with accumulation 2 equal the in-memory run's
+``param_sha256`` and optimizer state bytes exactly; between steps no part is resident and
+``layout.shards("param")`` says tier ``nvme``; a checkpoint saved by it loads into an in-memory
+run, an in-memory checkpoint loads into it, and it loads at world 1, each continuing to the
+uninterrupted bytes. A failed parameter write mid-step is one OffloadError; ddp with it and a
+budget below its minimum are one-line errors.
+
+The same world-2 run (one spawn: starting a world costs more than these runs) then checks two
+things that are not bit-identical in kind:
 
 * **Mixed placement** (``offload.memory_budget_gb`` leaving room for some units' state beside
   the staging pool): some units stay resident, the rest go to NVMe, and the result is still
   bit-identical to the in-memory run (ddp with 14 small buckets, clipping, accumulation 2, 10 steps).
-* **``offload.cpu_adam``**: DeepSpeedCPUAdam against torch's AdamW (ZeRO-3, NVMe) and Adam
+* **``offload.cpu_adam``**: DeepSpeedCPUAdam against torch's AdamW (ZeRO-3, NVMe, against the
+  in-memory ZeRO-3 run with clipping above) and Adam
   (ddp, host tier), same hyperparameters (lr 3e-3, weight decay 0.1), 10 steps. Tolerance:
   max |param difference| <= 1e-4. Why: both compute Adam(W) in float32, but DeepSpeed's kernel
   fuses multiply-adds and keeps the bias-correction powers in float32 (built by repeated
@@ -101,6 +112,10 @@ def _usage_error(cfg: dict) -> str:
     return "no error"
 
 
+def _disk_full(*args):
+    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
 def _world2(root: str) -> dict:
     from dtrain.offload.pipeline import OffloadError
 
@@ -114,6 +129,8 @@ def _world2(root: str) -> dict:
                 if tier:
                     out["metrics", stage, clip, tier] = engine.plugins[1].metrics()
                     out["tiers", stage, clip, tier] = engine.layout.state_bytes_by_tier()
+                if (stage, clip, tier) == (3, 1.0, None):
+                    z3_clip_masters = _masters(engine)  # the cpu_adam (AdamW) reference
                 out[stage, clip, tier] = _result(engine)
     for stage in (1, 2):  # ZeRO-1/2 keep a separate master shard; the tier steps it the same way
         for tier in (None, "nvme"):
@@ -122,10 +139,7 @@ def _world2(root: str) -> dict:
     failing = _train(nvme3, SAVE_AT, SAVE_AT, load=ckpt)
     store = failing.plugins[1].store
 
-    def disk_full(*args):
-        raise OSError(errno.ENOSPC, "No space left on device (injected)")
-
-    store.io.write = disk_full
+    store.io.write = _disk_full
     from tests.dist.workloads import local_batch
 
     try:
@@ -142,19 +156,60 @@ def _world2(root: str) -> dict:
     afile = f"{root}/not-a-dir"
     open(afile, "w").close()
     out["file"] = _usage_error(_config(3, "nvme", None, afile))
+    out.update(_params_on_nvme(root, ckpt))
+    out.update(_placement_cpu_adam(root, z3_clip_masters))
     out["left_behind"] = sorted(n for n in os.listdir(root) if n.startswith("dtrain-offload-"))
     return out
 
 
+def _params_on_nvme(root: str, ckpt: str) -> dict:
+    """``offload.params = "nvme"`` under ZeRO-3: deferred steps (clipping, optimizer state on NVMe,
+    saving a checkpoint) and steps inside backward (no clipping, state in memory), loads both
+    ways, and the errors."""
+    out: dict = {}
+    ckpt_p = f"{root}/ckpt-params"
+    for clip, optim in ((1.0, "nvme"), (None, "host")):
+        engine = _train(_config(3, optim, clip, root, params="nvme"), 0, STEPS, save=ckpt_p if clip else None)
+        tier = engine.plugins[1].params
+        out["p_tiers", clip] = engine.layout.state_bytes_by_tier()
+        out["p_shard_tiers", clip] = sorted({s.tier for k in ("param", "master") for s in engine.layout.shards(k)})
+        out["p_resident", clip] = sum(p.tensor.untyped_storage().nbytes() for p in tier.parts.values())
+        out["p_metrics", clip] = engine.plugins[1].metrics()
+        out["p", clip] = _result(engine)
+    out["p_to_memory"] = _result(_train(_config(3, None, 1.0, root), SAVE_AT, STEPS, load=ckpt_p))
+    out["memory_to_p"] = _result(_train(_config(3, "nvme", 1.0, root, params="nvme"), SAVE_AT, STEPS, load=ckpt))
+    failing = _train(_config(3, "nvme", 1.0, root, params="nvme"), SAVE_AT, SAVE_AT, load=ckpt_p)
+    failing.plugins[1].params.io.write = _disk_full
+    from dtrain.offload.pipeline import OffloadError
+    from tests.dist.workloads import local_batch
+
+    try:
+        failing.train_step(local_batch(SAVE_AT, failing.runtime.rank, failing.runtime.world_size))
+        out["p_failed"] = "no error"
+    except OffloadError as exc:
+        out["p_failed"] = str(exc)
+    failing.plugins[1].teardown()
+    out["p_ddp"] = _usage_error(_config(0, "nvme", None, root, params="nvme"))
+    out["p_budget"] = _usage_error(_config(3, "nvme", None, root, params="nvme", memory_budget_gb=1e-5))
+    return out
+
+
 def _world1(root: str) -> dict:
-    return {tier: _result(_train(_config(3, tier, 1.0, root), SAVE_AT, STEPS, load=f"{root}/ckpt"))
-            for tier in (None, "nvme")}
+    out = {tier: _result(_train(_config(3, tier, 1.0, root), SAVE_AT, STEPS, load=f"{root}/ckpt"))
+           for tier in (None, "nvme")}
+    out["params"] = _result(_train(_config(3, "nvme", 1.0, root, params="nvme"), SAVE_AT, STEPS,
+                                   load=f"{root}/ckpt-params"))
+    return out
 
 
 def test_offload_bit_identical_checkpoints_and_errors(tmp_path):
+    """Also mixed per-unit placement and ``offload.cpu_adam`` in the same world (one spawn): the
+    cpu_adam half needs DeepSpeed's op (CI does not install DeepSpeed: there the request must be
+    a one-line error instead)."""
     root = str(tmp_path)
     results = run_world(_world2, 2, root, timeout_s=400)
     for rank, out in enumerate(results):
+        _check_placement_cpu_adam(rank, out)
         for stage in (0, 3):
             for clip in (1.0, None):
                 reference = out[stage, clip, None]
@@ -173,10 +228,28 @@ def test_offload_bit_identical_checkpoints_and_errors(tmp_path):
         assert "offload.dir" in out["readonly"] and "cannot hold" in out["readonly"], out["readonly"]
         assert "offload.dir" in out["file"], out["file"]
         assert out["left_behind"] == [], out["left_behind"]
+        _check_params_on_nvme(rank, out)
     # ZeRO-3 steps several units inside backward when nothing defers them.
     assert results[0]["metrics", 3, None, "host"]["optim_overlap"] > 0
     resharded = run_world(_world1, 1, root, timeout_s=300)[0]
     assert resharded["nvme"] == resharded[None]
+    assert resharded["params"] == resharded[None]  # a params-on-nvme checkpoint at world 1
+
+
+def _check_params_on_nvme(rank: int, out: dict) -> None:
+    for clip in (1.0, None):
+        assert out["p", clip] == out[3, clip, None], (rank, clip)  # parameters and optimizer state
+        tiers = out["p_tiers", clip]
+        assert tiers["nvme"]["params"] > 0, tiers
+        assert out["p_shard_tiers", clip] == ["nvme"], out["p_shard_tiers", clip]
+        assert out["p_resident", clip] == 0, (rank, clip, out["p_resident", clip])  # between steps: files only
+        metrics = out["p_metrics", clip]
+        assert metrics["offload_param_read_bytes"] > 0 and metrics["offload_param_write_bytes"] > 0, metrics
+    assert out["p_to_memory"] == out[3, 1.0, None], rank
+    assert out["memory_to_p"] == out[3, 1.0, None], rank
+    assert "OSError" in out["p_failed"] and "resume from the last checkpoint" in out["p_failed"], out["p_failed"]
+    assert "zero.stage = 3" in out["p_ddp"] and "\n" not in out["p_ddp"], out["p_ddp"]
+    assert "needs at least" in out["p_budget"] and "\n" not in out["p_budget"], out["p_budget"]
 
 
 def _masters(engine):
@@ -185,13 +258,20 @@ def _masters(engine):
     return torch.cat([p.flat().clone() for m in engine.layout.shards("master") for p in m.pieces])
 
 
-def _world2_placement_cpu_adam(root: str, with_deepspeed: bool) -> dict:
+def _placement_cpu_adam(root: str, ref_master) -> dict:
+    """Mixed placement, then cpu_adam where DeepSpeed imports (decided in the rank, which loads
+    the op anyway: importing DeepSpeed in the test process as well would cost seconds)."""
     import torch
 
     import dtrain
     from tests.dist import workloads
 
-    out: dict = {}
+    try:
+        import deepspeed  # noqa: F401
+        with_deepspeed = True
+    except ImportError:
+        with_deepspeed = False
+    out: dict = {"with_deepspeed": with_deepspeed}
     # ddp with 10 KB buckets (14 units): room for the parameters, gradients, the staging pool and
     # about half the moments.
     small = _config(0, None, 1.0, root)
@@ -212,8 +292,6 @@ def _world2_placement_cpu_adam(root: str, with_deepspeed: bool) -> dict:
         except dtrain.UsageError as exc:
             out["no_deepspeed"] = str(exc)
         return out
-    reference = _train(_config(3, None, 1.0, root), 0, STEPS)
-    ref_master = _masters(reference)
     fast = _train(_config(3, "nvme", 1.0, root, cpu_adam=True), 0, STEPS)
     out["cpu_adamw_class"] = [c.__name__ for c in type(fast.layout.optimizer).__mro__]
     out["cpu_adamw_metric"] = fast.plugins[1].metrics()["offload_cpu_adam"]
@@ -245,27 +323,18 @@ def _world2_placement_cpu_adam(root: str, with_deepspeed: bool) -> dict:
     return out
 
 
-def test_offload_mixed_placement_and_cpu_adam(tmp_path):
-    """Mixed per-unit placement is bit-identical everywhere; the cpu_adam half needs DeepSpeed's op
-    (CI does not install DeepSpeed: there the request must be a one-line error instead)."""
-    try:
-        import deepspeed  # noqa: F401
-        with_deepspeed = True
-    except ImportError:
-        with_deepspeed = False
-    root = str(tmp_path)
-    for rank, out in enumerate(run_world(_world2_placement_cpu_adam, 2, root, with_deepspeed, timeout_s=300)):
-        assert out["mixed_tiers"] == ["device", "nvme"], (rank, out["mixed_tiers"])
-        by_tier = out["mixed_by_tier"]
-        assert by_tier["nvme"]["optim"] > 0 and by_tier["device"]["optim"] > 0, by_tier
-        assert out["mixed"] == out["mixed_reference"], rank
-        if not with_deepspeed:
-            assert "offload.cpu_adam" in out["no_deepspeed"] and "\n" not in out["no_deepspeed"], out
-            continue
-        assert "DeepSpeedCPUAdam" in out["cpu_adamw_class"] and out["cpu_adamw_metric"] == 1.0, out
-        assert out["cpu_adamw_diff"] <= 1e-4, (rank, out["cpu_adamw_diff"])
-        assert out["cpu_adam_diff"] <= 1e-4, (rank, out["cpu_adam_diff"])
-        assert "offload.cpu_adam" in out["sgd"] and "SGD" in out["sgd"] and "\n" not in out["sgd"], out["sgd"]
+def _check_placement_cpu_adam(rank: int, out: dict) -> None:
+    assert out["mixed_tiers"] == ["device", "nvme"], (rank, out["mixed_tiers"])
+    by_tier = out["mixed_by_tier"]
+    assert by_tier["nvme"]["optim"] > 0 and by_tier["device"]["optim"] > 0, by_tier
+    assert out["mixed"] == out["mixed_reference"], rank
+    if not out["with_deepspeed"]:
+        assert "offload.cpu_adam" in out["no_deepspeed"] and "\n" not in out["no_deepspeed"], out
+        return
+    assert "DeepSpeedCPUAdam" in out["cpu_adamw_class"] and out["cpu_adamw_metric"] == 1.0, out
+    assert out["cpu_adamw_diff"] <= 1e-4, (rank, out["cpu_adamw_diff"])
+    assert out["cpu_adam_diff"] <= 1e-4, (rank, out["cpu_adam_diff"])
+    assert "offload.cpu_adam" in out["sgd"] and "SGD" in out["sgd"] and "\n" not in out["sgd"], out["sgd"]
 
 
 def _launch(tmp: Path, name: str, inject: list[str], sets: list[str]) -> tuple[int, list[dict], str]:
@@ -287,3 +356,20 @@ def test_killed_rank_recovers_from_snapshot_under_offload(tmp_path):
         assert events and events[-1]["resumed_from_step"] >= 2 and "snapshot" in events[-1]["source"], events
         steps = [r for r in faulty if "step" in r and "event" not in r]
         assert all("snapshot_step" in r["plugins"] and "optim_overlap" in r["plugins"] for r in steps), steps[-1]
+
+
+def test_plan_memory_shows_params_on_nvme(capsys):
+    """``dtrain plan memory`` moves the parameter parts to ``nvme`` (no world needed)."""
+    import json
+
+    from dtrain.planner.cli import main
+
+    offload = ["--set", "offload.enabled=true", "--set", 'offload.params="nvme"', "--set", 'offload.dir="/tmp"']
+    assert main(["memory", "--model", "7b", "--set", "zero.stage=3", *offload, "--json"]) == 0
+    tiers = json.loads(capsys.readouterr().out)["bytes_per_rank"]
+    p = 6738149376 // 64 * 64  # 7b's parameters, as the planner counts them
+    assert abs(tiers["nvme"]["params"] - 4 * p / 64) < 64 * 33, tiers
+    assert 0 < tiers["device"]["params"] < tiers["nvme"]["params"] / 2, tiers
+    assert main(["memory", "--model", "7b", "--set", "zero.stage=2", *offload]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "zero.stage = 3" in err, err
