@@ -39,7 +39,8 @@ from dtrain.offload import cpu_adam
 from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
 from dtrain.offload.pipeline import StepPipeline
-from dtrain.offload.placement import (CHUNK_BYTES_PER_KEY, MIN_CHUNK_BYTES_PER_KEY, POOL_SETS, UnitProfile, place_units,
+from dtrain.offload.placement import (CHUNK_BYTES_PER_KEY, MIN_CHUNK_BYTES_PER_KEY, POOL_SETS,
+                                      RESERVED_CHUNK_BYTES_PER_KEY, UnitProfile, place_units,
                                       staging_shape)
 from dtrain.offload.store import F32, TierStore
 from dtrain.plugins.base import OptimizerFactory, register
@@ -204,6 +205,7 @@ class OffloadPlugin(FirstOrderStep):
         self.placement = place_units([(s.name, _aligned_unit_bytes(layout, s, keys)) for s in specs],
                                      self.cfg.optim, budget, resident, POOL_SETS,
                                      set_cap_bytes=len(keys) * CHUNK_BYTES_PER_KEY,
+                                     set_reserve_bytes=len(keys) * RESERVED_CHUNK_BYTES_PER_KEY,
                                      min_set_bytes=len(keys) * MIN_CHUNK_BYTES_PER_KEY)
         chosen = {s.index: "device" for s in specs if self.placement.tiers[s.name] == "device"}
         return chosen, sum(_aligned_unit_bytes(layout, s, keys) for s in specs if s.index in chosen)
