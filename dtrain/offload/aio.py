@@ -64,7 +64,9 @@ class IOPool:
     """Reads and writes of whole aligned regions, split into ``CHUNK``-byte calls over ``threads``."""
 
     def __init__(self, threads: int) -> None:
+        """``threads`` for reads and as many for writes: a read never queues behind a slow write."""
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dtrain-offload-io")
+        self.write_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dtrain-offload-iow")
         self.read_bytes = 0
         self.write_bytes = 0
 
@@ -78,7 +80,8 @@ class IOPool:
         calls = []
         for buf, offset in regions:
             view = memoryview(buf.numpy())
-            calls += [self.pool.submit(_pwrite if write else _pread, f.fd, view[a:b], offset + a)
+            calls += [(self.write_pool if write else self.pool).submit(_pwrite if write else _pread, f.fd,
+                                                                      view[a:b], offset + a)
                       for a, b in self._chunks(buf.numel())]
         for c in calls:
             c.result()
@@ -103,6 +106,7 @@ class IOPool:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
+        self.write_pool.shutdown(wait=True)
 
 
 def _pread(fd: int, view: memoryview, offset: int) -> None:

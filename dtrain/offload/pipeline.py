@@ -5,7 +5,10 @@ Three single-thread executors, fed in the order the layout reports units reduced
 :class:`~dtrain.offload.store.Chunk` at a time (a whole unit, or an NVMe unit's chunk):
 
 * the *reader* takes a staging buffer set from the bounded pool (blocking while all are in use)
-  and reads chunk i+1's state while chunk i is stepped;
+  and reads chunk i+1's state while chunk i is stepped; at :meth:`StepPipeline.begin` it already
+  reads the first ``buffer_sets - 1`` chunks in the order the last step reported its units
+  (the state does not depend on this step's gradients), so the first reduced units find their
+  state in memory; one set stays free, so a different order cannot stall the pipeline;
 * the *stepper* waits for chunk i's read and for the step's "go" (at once when the update needs
   nothing more from the step; after the global norm is known when clipping), points the
   optimizer's state at the buffers and runs the user's optimizer on that chunk's pieces only;
@@ -70,6 +73,10 @@ class StepPipeline:
         self.pending: list[Future] = []
         """Writes of the last step still running (at most ``defer_writes``)."""
         self.active = False
+        self.order: list[int] = []
+        """The units in the order the last step reported them (the next step's read-ahead)."""
+        self.prefetched: dict[int, Future] = {}
+        """id(chunk) -> its read, issued at :meth:`begin` before the unit was reported."""
         self.stats = {"optim_s": 0.0, "hidden_s": 0.0, "read_wait_s": 0.0, "join_wait_s": 0.0}
         self.intervals: list[tuple[float, float]] = []
         self.profile: dict[int, tuple[float, float]] = {}
@@ -85,6 +92,14 @@ class StepPipeline:
         self._go.clear()
         if step_now:
             self._go.set()
+        ahead = len(self.store.pool) - 1
+        for index in self.order:
+            unit = self.store.units.get(index)
+            for chunk in unit.chunks if unit is not None and unit.tier == "nvme" else ():
+                if ahead <= 0:
+                    return
+                self.prefetched[id(chunk)] = self.reader.submit(self._read, chunk)
+                ahead -= 1
 
     def submit(self, unit_index: int) -> None:
         """The unit's gradient of this step is complete and reduced: read, step and write it."""
@@ -93,7 +108,9 @@ class StepPipeline:
             return
         self.submitted[unit_index] = time.perf_counter()
         for chunk in unit.chunks:
-            read = self.reader.submit(self._read, chunk) if unit.tier == "nvme" else None
+            read = None
+            if unit.tier == "nvme":
+                read = self.prefetched.pop(id(chunk), None) or self.reader.submit(self._read, chunk)
             self.steps.append(self.stepper.submit(self._step, chunk, read))
 
     def go(self) -> None:
@@ -117,6 +134,7 @@ class StepPipeline:
             errors += _wait(self.pending)
             self.pending = []
         self.active = False
+        self.order = list(self.submitted)
         self.stats["join_wait_s"] += time.perf_counter() - start
         if errors:
             raise _failed(errors[0])
@@ -140,6 +158,12 @@ class StepPipeline:
         """The step failed on the training thread: release the waiting steps without running them."""
         self._abort = True
         self._go.set()
+        for read in self.prefetched.values():  # read ahead for a unit that was never submitted
+            try:
+                self.free.put(read.result())
+            except BaseException:  # noqa: BLE001 - _read returned its buffer itself
+                pass
+        self.prefetched = {}
         _wait(self.steps)
         _wait(self.writes)
         _wait(self.pending)
