@@ -330,7 +330,7 @@ def _unit_range_bytes(layout: Any, spec: Any) -> int:
 
 
 def _aligned_unit_bytes(layout: Any, spec: Any, keys: list[str]) -> int:
-    """One unit's optimizer state on this rank as the tier stores it (4096-aligned per key); the
-    largest is one staging buffer set."""
+    """One unit's optimizer state on this rank as the tier stores it (4096-aligned per key): its
+    state file's size, and what keeping the unit resident costs the budget."""
     return -(-_unit_range_bytes(layout, spec) // ALIGN) * ALIGN * len(keys)
 

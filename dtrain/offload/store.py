@@ -25,7 +25,7 @@ matching view as ``.grad``, and a state dict of staging views plus copies of the
 state (Adam's ``step``); after the piece's last chunk is written, its state points at the file
 again and takes the scalars of that last sub-step. The optimizer does the same arithmetic per
 element on a view as on the whole tensor (element-wise ops; chunk starts keep the SIMD lane
-positions, 1024 | start), so this is bit-identical too (tests/unit/test_offload_chunks.py).
+positions, 1024 | start), so this is bit-identical too (tests/dist/test_offload_chunks.py).
 
 A state tensor that is not the at-rest one (first step: absent; after ``load``: a fresh tensor
 the checkpoint assembled) is *adopted*: copied into the staging buffers and written out, so a
