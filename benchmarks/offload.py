@@ -11,6 +11,9 @@ Variants (each a fresh single-rank process, interleaved over ``--repeats`` round
 * ``nvme-cpuadam``: ``nvme`` with ``offload.cpu_adam = true`` (DeepSpeed's CPU Adam kernel);
 * ``nvme-params``: ``offload.optim`` and ``offload.params`` = "nvme", no budget (every unit's
   state and parameter part in files, read for each gather and step, as ``ds-nvme-param`` does);
+* ``nvme-mmap1``: ``nvme`` with ``offload.malloc_mmap_mb = 1`` (glibc maps every block >= 1 MB
+  on its own: lower peak RSS, a page fault per page of every large temporary); the other offload
+  variants run with ``--malloc-mmap-mb`` (default 0: glibc's own dynamic threshold);
 * ``ds-cpu``, ``ds-nvme``, ``ds-nvme-param``: DeepSpeed ZeRO-3 with ``offload_optimizer`` cpu /
   nvme, and nvme with ``offload_param`` nvme too, stepping with its DeepSpeedCPUAdam (same model,
   data, AdamW hyperparameters; ``--no-deepspeed`` skips them; a variant that fails to start is
@@ -48,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 LR, WD = 1e-3, 0.01  # AdamW for every variant (DeepSpeed's from its config)
-VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-cpuadam", "nvme-params")
+VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-cpuadam", "nvme-mmap1", "nvme-params")
 DS_VARIANTS = ("ds-cpu", "ds-nvme", "ds-nvme-param")
 
 
@@ -146,11 +149,12 @@ def _dtrain(model, variant: str, spec: dict):
     import dtrain
 
     cfg: dict = {"zero": {"stage": 3}, "train": {"clip_grad_norm": spec["clip"]}}
-    if variant in ("host", "nvme", "nvme-serial", "nvme-cpuadam", "nvme-params"):
+    if variant in ("host", "nvme", "nvme-serial", "nvme-cpuadam", "nvme-mmap1", "nvme-params"):
         cfg["offload"] = {"enabled": True, "optim": "host" if variant == "host" else "nvme",
                           "params": "nvme" if variant == "nvme-params" else "device",
                           "dir": spec["dir"], "overlap": variant != "nvme-serial",
                           "cpu_adam": variant == "nvme-cpuadam",
+                          "malloc_mmap_mb": 1.0 if variant == "nvme-mmap1" else spec.get("malloc_mmap_mb", 0.0),
                           "memory_budget_gb": spec["budget_gb"] if variant not in ("host", "nvme-params") else None}
     engine = dtrain.wrap(model, optimizer=lambda ps: __import__("torch").optim.AdamW(ps, lr=LR, weight_decay=WD),
                          config=cfg)
@@ -259,6 +263,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--budget-gb", type=float, default=None)
     ap.add_argument("--clip", type=float, default=None)
+    ap.add_argument("--malloc-mmap-mb", type=float, default=0.0,
+                    help="offload.malloc_mmap_mb of the offload variants (0: glibc's dynamic threshold)")
     ap.add_argument("--dir", default=None, help="offload directory (default: a temporary one under /tmp)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run (a hung run is reported, not waited for)")
@@ -291,7 +297,7 @@ def main() -> None:
             for v in order:
                 spec = {"variant": v, "preset": preset, "steps": steps, "batch": args.batch, "dir": tmp,
                         "budget_gb": budget, "clip": args.clip, "timeout": args.timeout,
-                        "drop_caches": args.drop_caches}
+                        "drop_caches": args.drop_caches, "malloc_mmap_mb": args.malloc_mmap_mb}
                 res = _run(spec, find_free_port())
                 runs[v].append(res)
                 print(json.dumps({k: res.get(k) for k in ("variant", "step_s", "peak_rss", "error",
@@ -299,7 +305,7 @@ def main() -> None:
     report = {"preset": preset, "params": n, "budget_gb": budget, "moments_gb": 8 * n / 2**30,
               "drop_caches": args.drop_caches, "lr": LR, "weight_decay": WD, "disk": disk,
               "steps": steps, "repeats": repeats, "batch": args.batch, "machine": machine_info(("deepspeed",)),
-              "load_average": os.getloadavg(), "runs": runs, "median": {}}
+              "malloc_mmap_mb": args.malloc_mmap_mb, "load_average": os.getloadavg(), "runs": runs, "median": {}}
     for v, rs in runs.items():
         ok = [x for x in rs if "error" not in x]
         if not ok:
@@ -307,10 +313,35 @@ def main() -> None:
             continue
         report["median"][v] = {k: statistics.median(x[k] for x in ok) for k in ok[0]
                                if isinstance(ok[0][k], (int, float)) and k != "params"}
+    report["targets"] = _targets(report["median"], budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"offload{args.tag}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["median"], indent=1))
+    print(json.dumps(report["targets"], indent=1))
+
+
+def _targets(median: dict, budget_gb: float) -> dict:
+    """Issue 14's targets from the medians: speed ratios (higher is better) and the RSS limit."""
+    def step(v: str) -> float | None:
+        return median.get(v, {}).get("step_s")
+
+    out: dict = {}
+    for nvme in ("nvme", "nvme-cpuadam", "nvme-mmap1"):
+        if step(nvme):
+            if step("memory"):
+                out[f"{nvme} speed / memory (>= 0.7)"] = step("memory") / step(nvme)
+            if step("ds-nvme"):
+                out[f"{nvme} speed / ds-nvme (>= 2)"] = step("ds-nvme") / step(nvme)
+    if step("nvme") and step("nvme-serial"):
+        out["nvme speed / nvme-serial (>= 1.3)"] = step("nvme-serial") / step("nvme")
+    tiny = median.get("tiny", {}).get("peak_rss")
+    if tiny:
+        out["rss_limit_MiB"] = (tiny + 1.1 * budget_gb * 2**30) / 2**20
+        for v in ("nvme", "nvme-serial", "nvme-cpuadam", "nvme-mmap1"):
+            if median.get(v, {}).get("peak_rss"):
+                out[f"{v} peak_rss_MiB"] = median[v]["peak_rss"] / 2**20
+    return out
 
 
 if __name__ == "__main__":

@@ -64,35 +64,49 @@ class IOPool:
     """Reads and writes of whole aligned regions, split into ``CHUNK``-byte calls over ``threads``."""
 
     def __init__(self, threads: int) -> None:
+        """``threads`` for reads and as many for writes: a read never queues behind a slow write."""
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dtrain-offload-io")
+        self.write_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dtrain-offload-iow")
         self.read_bytes = 0
         self.write_bytes = 0
 
     def _chunks(self, nbytes: int) -> list[tuple[int, int]]:
         return [(a, min(a + CHUNK, nbytes)) for a in range(0, nbytes, CHUNK)]
 
-    def _run(self, f: DirectFile, buf: torch.Tensor, offset: int, write: bool) -> None:
-        view = memoryview(buf.numpy())
-        calls = [self.pool.submit(_pwrite if write else _pread, f.fd, view[a:b], offset + a)
-                 for a, b in self._chunks(buf.numel())]
+    def transfer(self, f: DirectFile, regions: list[tuple[torch.Tensor, int]], write: bool) -> None:
+        """Read (or write) each ``(buffer, file offset)`` region, all regions' ``CHUNK``-byte calls
+        in flight at once over the threads; blocks until every one is done. Buffers are aligned
+        and a multiple of 4096 bytes, offsets 4096-aligned."""
+        calls = []
+        for buf, offset in regions:
+            view = memoryview(buf.numpy())
+            calls += [(self.write_pool if write else self.pool).submit(_pwrite if write else _pread, f.fd,
+                                                                      view[a:b], offset + a)
+                      for a, b in self._chunks(buf.numel())]
         for c in calls:
             c.result()
+        moved = sum(buf.numel() for buf, _ in regions)
+        if write:
+            self.write_bytes += moved
+        else:
+            self.read_bytes += moved
 
-    def read(self, f: DirectFile, buf: torch.Tensor, offset: int = 0) -> None:
-        """Fill ``buf`` (aligned, a multiple of 4096 bytes) from ``f`` at ``offset``; blocks."""
-        self._run(f, buf, offset, write=False)
-        self.read_bytes += buf.numel()
+    def read(self, f: DirectFile, buf: torch.Tensor | list[tuple[torch.Tensor, int]], offset: int = 0) -> None:
+        """Fill ``buf`` (aligned, a multiple of 4096 bytes) from ``f`` at ``offset``, or each region
+        of a list of ``(buffer, offset)``; blocks."""
+        self.transfer(f, buf if isinstance(buf, list) else [(buf, offset)], write=False)
 
-    def write(self, f: DirectFile, buf: torch.Tensor, offset: int = 0) -> None:
-        """Write ``buf`` to ``f`` at ``offset``; blocks until the data reached the file."""
-        self._run(f, buf, offset, write=True)
-        self.write_bytes += buf.numel()
+    def write(self, f: DirectFile, buf: torch.Tensor | list[tuple[torch.Tensor, int]], offset: int = 0) -> None:
+        """Write ``buf`` to ``f`` at ``offset`` (or each ``(buffer, offset)`` region); blocks until
+        the data reached the file."""
+        self.transfer(f, buf if isinstance(buf, list) else [(buf, offset)], write=True)
 
     def submit(self, fn, *args) -> Future:
         return self.pool.submit(fn, *args)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
+        self.write_pool.shutdown(wait=True)
 
 
 def _pread(fd: int, view: memoryview, offset: int) -> None:

@@ -1,17 +1,24 @@
 """The optimizer inside backward: each unit is stepped on a worker thread once its gradient is
 reduced, with the NVMe tier's reads and writes pipelined around it.
 
-Three single-thread executors, fed in the order the layout reports units reduced:
+Three single-thread executors, fed in the order the layout reports units reduced, one
+:class:`~dtrain.offload.store.Chunk` at a time (a whole unit, or an NVMe unit's chunk):
 
 * the *reader* takes a staging buffer set from the bounded pool (blocking while all are in use)
-  and reads unit i+1's state file while unit i is stepped;
-* the *stepper* waits for unit i's read and for the step's "go" (at once when the update needs
+  and reads chunk i+1's state while chunk i is stepped; at :meth:`StepPipeline.begin` it already
+  reads the first ``buffer_sets - 1`` chunks in the order the last step reported its units
+  (the state does not depend on this step's gradients), so the first reduced units find their
+  state in memory; one set stays free, so a different order cannot stall the pipeline;
+* the *stepper* waits for chunk i's read and for the step's "go" (at once when the update needs
   nothing more from the step; after the global norm is known when clipping), points the
-  optimizer's state at the buffers and runs the user's optimizer on that unit's pieces only;
-* the *writer* writes unit i-1 back and returns its buffer set to the pool.
+  optimizer's state at the buffers and runs the user's optimizer on that chunk's pieces only;
+* the *writer* writes chunk i-1 back and returns its buffer set to the pool.
 
-So at most ``buffer_sets`` units' state is in memory, whatever the model size, and the only
-thread the training loop waits for is the last unit's step and write (:meth:`StepPipeline.join`).
+So at most ``buffer_sets`` chunks' state is in memory, whatever the model size. The training
+loop waits for every chunk's step (the parameters are then final) and for every write but the
+last ``defer_writes``: those finish behind the next step's forward and are waited for by
+:meth:`StepPipeline.drain` before anything reads the state again (the next update, a save, a
+load, an eval; the plugin calls it from ``before_update`` and ``settle``).
 Running the optimizer on a subset of its parameters gives each element the same arithmetic as
 one ``optimizer.step()`` over all of them (element-wise optimizers), so the result is bit-identical
 to the in-memory run. ``torch`` runs one intra-op thread per rank here, so the stepper is a second
@@ -26,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from dtrain.offload.store import TierStore, UnitStore
+from dtrain.offload.store import Chunk, TierStore
 
 
 class OffloadError(RuntimeError):
@@ -47,11 +54,12 @@ def step_subset(optimizer: torch.optim.Optimizer, per_group: list[list[torch.Ten
 
 
 class StepPipeline:
-    """One train step's per-unit optimizer steps (``begin`` -> ``submit`` per unit -> ``go`` -> ``join``)."""
+    """One train step's per-chunk optimizer steps (``begin`` -> ``submit`` per unit -> ``go`` -> ``join``)."""
 
-    def __init__(self, store: TierStore) -> None:
+    def __init__(self, store: TierStore, defer_writes: int = 0) -> None:
         self.store = store
         self.optimizer = store.optimizer
+        self.defer_writes = defer_writes
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="dtrain-offload-read")
         self.stepper = ThreadPoolExecutor(1, thread_name_prefix="dtrain-offload-step")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="dtrain-offload-write")
@@ -60,8 +68,15 @@ class StepPipeline:
             self.free.put(buf)
         self._go = threading.Event()
         self._abort = False
-        self.futures: list[Future] = []
+        self.steps: list[Future] = []
+        self.writes: list[Future] = []
+        self.pending: list[Future] = []
+        """Writes of the last step still running (at most ``defer_writes``)."""
         self.active = False
+        self.order: list[int] = []
+        """The units in the order the last step reported them (the next step's read-ahead)."""
+        self.prefetched: dict[int, Future] = {}
+        """id(chunk) -> its read, issued at :meth:`begin` before the unit was reported."""
         self.stats = {"optim_s": 0.0, "hidden_s": 0.0, "read_wait_s": 0.0, "join_wait_s": 0.0}
         self.intervals: list[tuple[float, float]] = []
         self.profile: dict[int, tuple[float, float]] = {}
@@ -77,6 +92,14 @@ class StepPipeline:
         self._go.clear()
         if step_now:
             self._go.set()
+        ahead = len(self.store.pool) - 1
+        for index in self.order:
+            unit = self.store.units.get(index)
+            for chunk in unit.chunks if unit is not None and unit.tier == "nvme" else ():
+                if ahead <= 0:
+                    return
+                self.prefetched[id(chunk)] = self.reader.submit(self._read, chunk)
+                ahead -= 1
 
     def submit(self, unit_index: int) -> None:
         """The unit's gradient of this step is complete and reduced: read, step and write it."""
@@ -84,32 +107,37 @@ class StepPipeline:
         if not self.active or unit is None or unit_index in self.submitted:
             return
         self.submitted[unit_index] = time.perf_counter()
-        read = self.reader.submit(self._read, unit) if unit.tier == "nvme" else None
-        self.futures.append(self.stepper.submit(self._step, unit, read))
+        for chunk in unit.chunks:
+            read = None
+            if unit.tier == "nvme":
+                read = self.prefetched.pop(id(chunk), None) or self.reader.submit(self._read, chunk)
+            self.steps.append(self.stepper.submit(self._step, chunk, read))
 
     def go(self) -> None:
         """The gradients are final (scaled and clipped): the deferred steps may run."""
         self._go.set()
 
     def join(self, backward_end: float) -> None:
-        """Wait for every unit's step and write, then step the placeholders; raises the first failure."""
+        """Wait for every chunk's step and all writes but the last ``defer_writes`` (at least
+        one write is waited for, so a failing disk fails this step), then step the placeholders;
+        raises the first failure."""
         for index in self.store.units:  # a unit the layout never reported (no callback support)
             self.submit(index)
         self._go.set()
         start = time.perf_counter()
-        errors = []
-        for fut in self.futures:
-            try:
-                fut.result()
-            except BaseException as exc:  # noqa: BLE001 - drain all, report the first
-                errors.append(exc)
-        self.futures = []
+        errors = _wait(self.steps)
+        writes, self.steps, self.writes = self.writes, [], []  # every write is submitted once its step is done
+        keep = 0 if errors else min(self.defer_writes, max(len(writes) - 1, 0))
+        errors += _wait(writes[:len(writes) - keep])
+        self.pending = writes[len(writes) - keep:]
+        if errors:
+            errors += _wait(self.pending)
+            self.pending = []
         self.active = False
+        self.order = list(self.submitted)
         self.stats["join_wait_s"] += time.perf_counter() - start
         if errors:
-            exc = errors[0]
-            raise OffloadError(f"offload tier: {type(exc).__name__}: {exc}; the optimizer state in "
-                               f"offload.dir is incomplete, resume from the last checkpoint") from exc
+            raise _failed(errors[0])
         if any(self.store.placeholders):
             step_subset(self.optimizer, self.store.placeholders)
         self.profile = {i: (max(0.0, backward_end - t), self.unit_s.get(i, 0.0)) for i, t in self.submitted.items()}
@@ -117,16 +145,29 @@ class StepPipeline:
             self.stats["optim_s"] += b - a
             self.stats["hidden_s"] += max(0.0, min(b, backward_end) - a)
 
+    def drain(self) -> None:
+        """Wait for the last step's deferred writes (the state is then at rest in the files)."""
+        if self.pending:
+            start = time.perf_counter()
+            errors, self.pending = _wait(self.pending), []
+            self.stats["join_wait_s"] += time.perf_counter() - start
+            if errors:
+                raise _failed(errors[0])
+
     def abort(self) -> None:
         """The step failed on the training thread: release the waiting steps without running them."""
         self._abort = True
         self._go.set()
-        for fut in self.futures:
+        for read in self.prefetched.values():  # read ahead for a unit that was never submitted
             try:
-                fut.result()
-            except BaseException:  # noqa: BLE001 - the training thread's own error is the one to report
+                self.free.put(read.result())
+            except BaseException:  # noqa: BLE001 - _read returned its buffer itself
                 pass
-        self.futures = []
+        self.prefetched = {}
+        _wait(self.steps)
+        _wait(self.writes)
+        _wait(self.pending)
+        self.steps, self.writes, self.pending = [], [], []
         self.active = False
 
     def close(self) -> None:
@@ -135,17 +176,17 @@ class StepPipeline:
             ex.shutdown(wait=True)
 
     # ----------------------------------------------------------------- worker threads
-    def _read(self, unit: UnitStore) -> torch.Tensor:
+    def _read(self, chunk: Chunk) -> torch.Tensor:
         buf = self.free.get()
         try:
             if not self._abort:
-                self.store.read(unit, buf)
+                self.store.read(chunk, buf)
         except BaseException:
             self.free.put(buf)
             raise
         return buf
 
-    def _step(self, unit: UnitStore, read: Future | None) -> None:
+    def _step(self, chunk: Chunk, read: Future | None) -> None:
         buf = None
         if read is not None:
             t0 = time.perf_counter()
@@ -156,24 +197,45 @@ class StepPipeline:
             if self._abort:
                 raise OffloadError("step aborted")
             t0 = time.perf_counter()
-            self.store.bring_in(unit, buf)
-            per_group: list[list[torch.Tensor]] = [[] for _ in self.optimizer.param_groups]
-            for piece in unit.pieces:
-                per_group[piece.group if piece.group is not None else 0].append(piece.tensor)
-            step_subset(self.optimizer, per_group)
-            self.store.take_out(unit, buf)
-            self.intervals.append((t0, time.perf_counter()))
-            self.unit_s[unit.spec.index] = self.intervals[-1][1] - t0
+            step_subset(self.optimizer, self.store.bring_in(chunk, buf))
+            self.store.take_out(chunk, buf)
+            t1 = time.perf_counter()
+            self.intervals.append((t0, t1))
+            index = chunk.unit.spec.index
+            self.unit_s[index] = self.unit_s.get(index, 0.0) + t1 - t0
         except BaseException:
+            for _, sub in chunk.subs.values():
+                self.optimizer.state.pop(sub, None)
+            chunk.subs = {}
             if buf is not None:
                 self.free.put(buf)
             raise
         if buf is not None:
-            self.futures.append(self.writer.submit(self._write, unit, buf))
+            self.writes.append(self.writer.submit(self._write, chunk, buf))
 
-    def _write(self, unit: UnitStore, buf: torch.Tensor) -> None:
+    def _write(self, chunk: Chunk, buf: torch.Tensor) -> None:
         try:
-            self.store.write(unit, buf)
-            self.store.settle(unit)
+            self.store.write(chunk, buf)
+            self.store.settle(chunk)
         finally:
             self.free.put(buf)
+
+
+def _wait(futures: list[Future]) -> list[BaseException]:
+    """Wait for all of ``futures``; their exceptions, in order."""
+    errors = []
+    for fut in futures:
+        try:
+            fut.result()
+        except BaseException as exc:  # noqa: BLE001 - drain all, report the first
+            errors.append(exc)
+    return errors
+
+
+def _failed(exc: BaseException) -> OffloadError:
+    if isinstance(exc, OffloadError):
+        return exc
+    err = OffloadError(f"offload tier: {type(exc).__name__}: {exc}; the optimizer state in offload.dir is "
+                       f"incomplete, resume from the last checkpoint")
+    err.__cause__ = exc
+    return err

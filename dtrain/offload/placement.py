@@ -11,8 +11,11 @@ copies at ``host_gbps``, NVMe reads and writes at ``nvme_read_gbps``/``nvme_writ
 is not hidden is *exposed* and adds to the step. Greedy rule:
 
 1. Every unit starts off the device: on host memory while ``host_budget`` lasts (units with the
-   shortest hiding window first), else on NVMe (then the staging pool, ``min(3, units on NVMe)`` times the largest NVMe
-   unit, is charged to the device budget).
+   shortest hiding window first), else on NVMe (then the staging pool is charged to the device
+   budget: the NVMe tier streams each unit in chunks, so the pool is ``pool_sets`` buffer sets of
+   one chunk; see :func:`staging_shape`). Units coming back to the device leave room for a pool
+   of ``set_reserve_bytes`` sets (1 MiB chunks); what room is left after them grows the chunks
+   up to ``set_cap_bytes`` per set.
 2. Units are brought back to the device in order of exposed seconds saved per byte, while the
    device budget (``budget - resident``, resident = parameters + gradients) allows.
 3. Budget still left keeps more units resident, shortest hiding window first (resident state is
@@ -71,19 +74,60 @@ def transfer_s(state_bytes: int, tier: str, host_gbps: float, nvme_read_gbps: fl
 
 
 
-def _pool_bytes(units: list[UnitProfile], tiers: dict[str, str], pool_sets: int) -> int:
-    """The staging pool the NVMe units need: up to ``pool_sets`` buffer sets of the largest of them."""
+POOL_SETS = 4
+"""Staging buffer sets of the NVMe tier: read chunk i+1 (and i+2), step chunk i, write chunk i-1."""
+CHUNK_BYTES_PER_KEY = 4 << 20
+"""The largest chunk the NVMe tier streams, per state key (one 4 MiB read or write per key)."""
+RESERVED_CHUNK_BYTES_PER_KEY = 1 << 20
+"""The chunk the placement keeps room for before it keeps units' state resident (a resident unit
+moves nothing; 1 MiB calls still pipeline well)."""
+MIN_CHUNK_BYTES_PER_KEY = 64 << 10
+"""The smallest chunk worth a pipeline stage; below it the pool has fewer sets."""
+ALIGN = 4096  # dtrain.offload.aio.ALIGN (this module stays torch-free)
+F32 = 4
+
+
+def staging_shape(room_bytes: int | None, keys: int, largest_unit_elems: int,
+                  pool_sets: int = POOL_SETS) -> tuple[int, int]:
+    """``(buffer sets, elements per chunk)`` of the NVMe tier's staging pool: ``pool_sets`` sets of
+    ``keys`` x 4096-aligned chunk strides in ``room_bytes`` (None: no budget, full-size chunks),
+    chunks of at most :data:`CHUNK_BYTES_PER_KEY` and never larger than the largest unit.
+    Smaller chunks before fewer sets (the pipeline needs the sets; the disk does not need large
+    calls); a multiple of 1024 elements, so every chunk starts 4096-aligned in its unit's file.
+    Raises ValueError when not even one set of the smallest chunk fits."""
+    unit_elems = -(-max(largest_unit_elems, 1) // 1024) * 1024
+    cap = min(CHUNK_BYTES_PER_KEY // F32, unit_elems)
+    if room_bytes is None:
+        return pool_sets, cap
+    for sets in range(pool_sets, 0, -1):
+        elems = min(cap, room_bytes // (sets * keys * ALIGN) * 1024)
+        if elems >= min(cap, MIN_CHUNK_BYTES_PER_KEY // F32) or (sets == 1 and elems >= 1024):
+            return sets, elems
+    raise ValueError(f"{room_bytes} bytes cannot hold one staging buffer set ({keys} x {ALIGN} bytes)")
+
+
+def _pool_bytes(units: list[UnitProfile], tiers: dict[str, str], pool_sets: int, set_cap_bytes: int) -> int:
+    """The staging pool the NVMe units want: ``pool_sets`` chunk-sized buffer sets (a set at most
+    ``set_cap_bytes``, at most the largest NVMe unit; no more sets than chunks)."""
     on_nvme = [u.state_bytes for u in units if tiers[u.name] == "nvme"]
-    return min(pool_sets, len(on_nvme)) * max(on_nvme, default=0)
+    if not on_nvme:
+        return 0
+    one = min(max(on_nvme), set_cap_bytes)
+    return min(pool_sets, -(-sum(on_nvme) // one)) * one
 
 
 def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes: int, compute_s: float, *,
                      host_budget_bytes: int = 0, host_gbps: float = 10.0, nvme_read_gbps: float = 2.0,
-                     nvme_write_gbps: float = 1.0, pool_sets: int = 3) -> Placement:
+                     nvme_write_gbps: float = 1.0, pool_sets: int = POOL_SETS,
+                     set_cap_bytes: int = 2 * CHUNK_BYTES_PER_KEY,
+                     set_reserve_bytes: int = 2 * RESERVED_CHUNK_BYTES_PER_KEY,
+                     min_set_bytes: int = 2 * MIN_CHUNK_BYTES_PER_KEY) -> Placement:
     """Tier per unit under ``budget_bytes`` of device memory (see the module docstring).
+    ``set_cap_bytes``/``set_reserve_bytes``/``min_set_bytes``: the largest staging buffer set, the
+    one kept room for, and the smallest (all state keys of one chunk; defaults: Adam's two keys).
 
     Raises ValueError when even everything off the device does not fit: the message names the
-    minimum budget (resident state plus one NVMe staging buffer set)."""
+    minimum budget (resident state plus the smallest NVMe staging buffer set)."""
     def exposed(u: UnitProfile, tier: str) -> float:
         return max(0.0, transfer_s(u.state_bytes, tier, host_gbps, nvme_read_gbps, nvme_write_gbps) + u.optim_s
                    - u.window_s) if tier != "device" else max(0.0, u.optim_s - u.window_s)
@@ -96,17 +140,22 @@ def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes
         else:
             tiers[u.name] = "nvme"
 
-    def pool(t: dict[str, str]) -> int:
-        return _pool_bytes(units, t, pool_sets)
-
-    minimum = resident_bytes + (max((u.state_bytes for u in units), default=0) if "nvme" in tiers.values() else 0)
+    smallest = min(min_set_bytes, max((u.state_bytes for u in units), default=0))
+    minimum = resident_bytes + (smallest if "nvme" in tiers.values() else 0)
     if budget_bytes < minimum:
         raise ValueError(f"a device budget of {budget_bytes / GB:.4f} GB is below the minimum {minimum / GB:.4f} GB "
-                         f"(parameters and gradients + one unit's optimizer state)")
+                         f"(parameters and gradients + the smallest staging buffer set)")
     notes = []
-    while pool(tiers) + resident_bytes > budget_bytes and pool_sets > 1:
-        pool_sets -= 1
-        notes.append(f"staging pool cut to {pool_sets} buffer set(s) to fit the budget")
+    reserve_sets = pool_sets  # fewer sets to keep room for when even the reserved pool does not fit
+    while reserve_sets > 1 and _pool_bytes(units, tiers, reserve_sets, set_reserve_bytes) + resident_bytes > budget_bytes:
+        reserve_sets -= 1
+
+    def pool(t: dict[str, str]) -> int:  # the pool kept room for while units come back
+        return _pool_bytes(units, t, reserve_sets, set_reserve_bytes)
+
+    if _pool_bytes(units, tiers, pool_sets, set_cap_bytes) + resident_bytes > budget_bytes:
+        notes.append(f"staging pool cut to {(budget_bytes - resident_bytes) / 2**20:.1f} MiB (smaller chunks) "
+                     f"to fit the budget")
     device_used = resident_bytes
     gains = sorted((u for u in units),
                    key=lambda u: -(exposed(u, tiers[u.name]) - exposed(u, "device")) / max(u.state_bytes, 1))
@@ -124,7 +173,8 @@ def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes
             device_used += u.state_bytes
     exposed_s = {u.name: exposed(u, tiers[u.name]) for u in units}
     by = lambda tier: sum(u.state_bytes for u in units if tiers[u.name] == tier)  # noqa: E731
-    return Placement(tiers, exposed_s, device_used + pool(tiers), by("host"), by("nvme"),
+    staging = min(budget_bytes - device_used, _pool_bytes(units, tiers, pool_sets, set_cap_bytes))
+    return Placement(tiers, exposed_s, device_used + staging, by("host"), by("nvme"),
                      compute_s + sum(exposed_s.values()), notes)
 
 
@@ -151,7 +201,9 @@ def nominal_profiles(unit_bytes_in_reduction_order: list[tuple[str, int]], nvme_
 
 
 def place_units(unit_bytes_in_reduction_order: list[tuple[str, int]], tier: str, budget_bytes: int | None,
-                resident_bytes: int, pool_sets: int = 3) -> Placement:
+                resident_bytes: int, pool_sets: int = POOL_SETS, set_cap_bytes: int = 2 * CHUNK_BYTES_PER_KEY,
+                set_reserve_bytes: int = 2 * RESERVED_CHUNK_BYTES_PER_KEY,
+                min_set_bytes: int = 2 * MIN_CHUNK_BYTES_PER_KEY) -> Placement:
     """The tier's per-unit choice as the ``offload`` plugin applies it and ``dtrain plan memory``
     shows it: every unit on ``tier`` ("host" or "nvme") when there is no budget, else
     :func:`choose_placement` over :func:`nominal_profiles` (units kept resident while the budget
@@ -160,10 +212,13 @@ def place_units(unit_bytes_in_reduction_order: list[tuple[str, int]], tier: str,
     if budget_bytes is None:
         tiers = {u.name: tier for u in units}
         by = lambda t: sum(u.state_bytes for u in units if tiers[u.name] == t)  # noqa: E731
-        return Placement(tiers, {u.name: 0.0 for u in units}, resident_bytes + _pool_bytes(units, tiers, pool_sets),
+        return Placement(tiers, {u.name: 0.0 for u in units},
+                         resident_bytes + _pool_bytes(units, tiers, pool_sets, set_cap_bytes),
                          by("host"), by("nvme"), 0.0)
     host = sum(u.state_bytes for u in units) if tier == "host" else 0
-    return choose_placement(units, budget_bytes, resident_bytes, 0.0, host_budget_bytes=host, pool_sets=pool_sets)
+    return choose_placement(units, budget_bytes, resident_bytes, 0.0, host_budget_bytes=host, pool_sets=pool_sets,
+                            set_cap_bytes=set_cap_bytes, set_reserve_bytes=set_reserve_bytes,
+                            min_set_bytes=min_set_bytes)
 
 
 def plan_memory_tiers(config, units: list[int], optim_parts: int, tiers: dict[str, dict[str, int]],

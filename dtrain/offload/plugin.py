@@ -40,13 +40,14 @@ from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
 from dtrain.offload.params import ParamTier, ParamTierStore
 from dtrain.offload.pipeline import StepPipeline
-from dtrain.offload.placement import UnitProfile, place_units
+from dtrain.offload.placement import (CHUNK_BYTES_PER_KEY, MIN_CHUNK_BYTES_PER_KEY, POOL_SETS,
+                                      RESERVED_CHUNK_BYTES_PER_KEY, UnitProfile, place_units,
+                                      staging_shape)
 from dtrain.offload.store import F32, TierStore
 from dtrain.plugins.base import OptimizerFactory, register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
 
 GB = 2**30
-DEFAULT_BUFFER_SETS = 3  # read i+1, step i, write i-1
 M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
@@ -155,24 +156,29 @@ class OffloadPlugin(FirstOrderStep):
         elements = sum(p.hi - p.lo for _, p in layout.optimizer_pieces())
         optim_bytes = len(keys) * elements * F32
         on_cpu = self.engine.device.type == "cpu"
-        self.buffer_sets = DEFAULT_BUFFER_SETS
+        self.buffer_sets = POOL_SETS
+        chunk_elems = None
         unit_tiers: dict[int, str] = {}
         self.placement = None
         if cfg.optim == "nvme":
-            set_bytes = max((_aligned_unit_bytes(layout, s, keys) for s in layout.unit_specs()), default=0)
-            minimum = resident + set_bytes
+            largest_elems = max((_unit_range_bytes(layout, s) // F32 for s in layout.unit_specs()), default=0)
+            minimum = resident + len(keys) * min(MIN_CHUNK_BYTES_PER_KEY, -(-largest_elems * F32 // ALIGN) * ALIGN)
+            room = None
             if cfg.memory_budget_gb is not None:
                 budget = int(cfg.memory_budget_gb * GB)
                 if budget < minimum:
                     raise UsageError(
                         f"offload.memory_budget_gb = {cfg.memory_budget_gb} is too small for rank "
                         f"{self.engine.comm.rank}: it needs at least {minimum / GB:.4f} GB (parameters and "
-                        f"gradients {resident / GB:.4f} GB + one unit's optimizer state {set_bytes / GB:.4f} GB); "
-                        f"raise offload.memory_budget_gb, use more ranks or smaller units (zero.bucket_mb)")
+                        f"gradients {resident / GB:.4f} GB + the smallest staging buffer set "
+                        f"{(minimum - resident) / GB:.4f} GB); raise offload.memory_budget_gb, use more ranks or "
+                        f"offload the parameters")
                 unit_tiers, kept = self._place(keys, budget, resident)
-                largest = max((_aligned_unit_bytes(layout, s, keys) for s in layout.unit_specs()
-                               if s.index not in unit_tiers), default=0)
-                self.buffer_sets = max(1, min(DEFAULT_BUFFER_SETS, (budget - resident - kept) // max(largest, 1)))
+                room = budget - resident - kept
+                largest_elems = max((_unit_range_bytes(layout, s) // F32 for s in layout.unit_specs()
+                                     if s.index not in unit_tiers), default=0)
+            if largest_elems:  # some unit on NVMe
+                self.buffer_sets, chunk_elems = staging_shape(room, len(keys), largest_elems)
             free = shutil.disk_usage(self.run_dir).free
             need = sum(_aligned_unit_bytes(layout, s, keys) for s in layout.unit_specs())
             if need > free:
@@ -188,10 +194,9 @@ class OffloadPlugin(FirstOrderStep):
                     f"offload.memory_budget_gb = {cfg.memory_budget_gb} is too small for rank "
                     f"{self.engine.comm.rank} with offload.optim = {cfg.optim!r}: its state in memory is "
                     f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
-        self.buffer_sets = max(1, min(self.buffer_sets, len(layout.unit_specs())))
-        args = (layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers)
+        args = (layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers, chunk_elems)
         self.store = TierStore(*args) if self.params is None else ParamTierStore(*args, params=self.params)
-        self.pipe = StepPipeline(self.store)
+        self.pipe = StepPipeline(self.store, defer_writes=max(0, self.buffer_sets - 1))
         self.callback = layout.on_unit_reduced(self._on_reduced)
         if cfg.optim != "device" or self.params is not None:
             layout.place_optim_state(cfg.optim, self._tier_report)
@@ -226,7 +231,10 @@ class OffloadPlugin(FirstOrderStep):
         layout = self.engine.layout
         specs = list(reversed(layout.unit_specs()))  # backward reduces the last units first
         self.placement = place_units([(s.name, _aligned_unit_bytes(layout, s, keys)) for s in specs],
-                                     self.cfg.optim, budget, resident, DEFAULT_BUFFER_SETS)
+                                     self.cfg.optim, budget, resident, POOL_SETS,
+                                     set_cap_bytes=len(keys) * CHUNK_BYTES_PER_KEY,
+                                     set_reserve_bytes=len(keys) * RESERVED_CHUNK_BYTES_PER_KEY,
+                                     min_set_bytes=len(keys) * MIN_CHUNK_BYTES_PER_KEY)
         chosen = {s.index: "device" for s in specs if self.placement.tiers[s.name] == "device"}
         return chosen, sum(_aligned_unit_bytes(layout, s, keys) for s in specs if s.index in chosen)
 
@@ -264,6 +272,7 @@ class OffloadPlugin(FirstOrderStep):
                 layout.start_micro_step(i, i == last)
                 objective = engine.forward_objective(micro, i, losses)
                 if i == last and self.cfg.overlap:
+                    pipe.drain()  # the last step's deferred writes ran behind this forward
                     engine.before_update()
                     step_now = clip is None and not losses.scales_after_backward
                     pipe.begin(step_now)
@@ -276,6 +285,7 @@ class OffloadPlugin(FirstOrderStep):
             if not step_now:
                 grad_norm = scale_and_clip(layout, losses.finish(), clip)
                 if not self.cfg.overlap:
+                    pipe.drain()
                     engine.before_update()
                     pipe.begin(True)
                 pipe.go()
@@ -332,6 +342,16 @@ class OffloadPlugin(FirstOrderStep):
             out.update(self.params.metrics())
         return out
 
+    def before_update(self) -> None:
+        """A load (or another plugin) is about to change the state: the deferred writes land first."""
+        if self.pipe is not None:
+            self.pipe.drain()
+
+    def settle(self) -> None:
+        """A save, an eval or ``full_parameters`` reads the state: the deferred writes land first."""
+        if self.pipe is not None:
+            self.pipe.drain()
+
     def on_failure(self, exc: BaseException) -> None:
         if self.pipe is not None:
             self.pipe.abort()
@@ -356,7 +376,7 @@ def _unit_range_bytes(layout: Any, spec: Any) -> int:
 
 
 def _aligned_unit_bytes(layout: Any, spec: Any, keys: list[str]) -> int:
-    """One unit's optimizer state on this rank as the tier stores it (4096-aligned per key); the
-    largest is one staging buffer set."""
+    """One unit's optimizer state on this rank as the tier stores it (4096-aligned per key): its
+    state file's size, and what keeping the unit resident costs the budget."""
     return -(-_unit_range_bytes(layout, spec) // ALIGN) * ALIGN * len(keys)
 

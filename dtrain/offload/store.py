@@ -16,6 +16,17 @@ Each unit has its own tier (:func:`dtrain.offload.placement.place_units` keeps s
 ``device``-resident under ``offload.memory_budget_gb``); only the NVMe units have files and use
 the staging pool, which is sized from the largest of them.
 
+**Chunks.** An NVMe unit is streamed in :class:`Chunk` s of at most ``chunk_elems`` elements
+(a multiple of 1024, so each chunk starts 4096-aligned in every key's stride of the file): the
+staging pool holds a few chunk-sized buffer sets, not whole units, so a small budget still gets a
+read / step / write pipeline. A piece (one optimizer parameter) that a chunk boundary cuts is
+stepped as *sub-parameters*: a flat view of the parameter's elements in the chunk, its gradient's
+matching view as ``.grad``, and a state dict of staging views plus copies of the piece's scalar
+state (Adam's ``step``); after the piece's last chunk is written, its state points at the file
+again and takes the scalars of that last sub-step. The optimizer does the same arithmetic per
+element on a view as on the whole tensor (element-wise ops; chunk starts keep the SIMD lane
+positions, 1024 | start), so this is bit-identical too (tests/dist/test_offload_chunks.py).
+
 A state tensor that is not the at-rest one (first step: absent; after ``load``: a fresh tensor
 the checkpoint assembled) is *adopted*: copied into the staging buffers and written out, so a
 load or a reshard needs nothing from the tier. State files are scratch: a checkpoint never points
@@ -23,6 +34,7 @@ at them, so a failed write can always be recovered from the last checkpoint.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +86,8 @@ class UnitStore:
     """Between ``bring_in`` and ``settle``: the optimizer's state points at working tensors."""
     at_rest: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     """(id(piece tensor), key) -> the tensor the optimizer state holds between steps."""
+    chunks: list["Chunk"] = field(default_factory=list)
+    """What one pipeline stage moves and steps: the whole unit, or (NVMe) ``chunk_elems`` slices."""
 
     @property
     def stride(self) -> int:
@@ -89,13 +103,69 @@ class UnitStore:
         base = self.keys.index(key) * (self.stride // F32) + piece.lo - self.lo
         return flat[base:base + piece.hi - piece.lo].view(piece.tensor.shape)
 
+    def split(self, chunk_elems: int | None) -> None:
+        """Cut the unit into chunks of ``chunk_elems`` elements (None: one chunk)."""
+        step = chunk_elems or (self.hi - self.lo)
+        self.chunks = []
+        for a in range(self.lo, self.hi, max(step, 1)):
+            b = min(a + step, self.hi)
+            parts = [Part(p, max(a, p.lo) - p.lo, min(b, p.hi) - p.lo) for p in self.pieces if p.lo < b and p.hi > a]
+            if parts:
+                self.chunks.append(Chunk(self, a, b, parts))
+
+
+@dataclass(eq=False)
+class Part:
+    """Elements ``[x, y)`` (piece-local) of one piece inside a chunk."""
+
+    piece: Piece
+    x: int
+    y: int
+
+    @property
+    def whole(self) -> bool:
+        return self.x == 0 and self.y == self.piece.hi - self.piece.lo
+
+    @property
+    def last(self) -> bool:
+        """The piece's last chunk: its state is complete once this chunk is written."""
+        return self.y == self.piece.hi - self.piece.lo
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Elements ``[a, b)`` of a unit's shard range: one read, one optimizer call, one write."""
+
+    unit: UnitStore
+    a: int
+    b: int
+    parts: list[Part]
+    subs: dict[int, tuple[Part, torch.Tensor]] = field(default_factory=dict)
+    """id(sub-parameter) -> (its part, the sub-parameter), while a cut piece is being stepped."""
+    scalars: dict[int, dict] = field(default_factory=dict)
+    """id(piece tensor) -> a cut piece's non-element-wise state after its sub-step (``step``)."""
+    stepped: dict[int, list[str]] = field(default_factory=dict)
+    """id(piece tensor) -> the element-wise keys its sub-step left in the staging buffers."""
+
+    def view(self, flat: torch.Tensor, set_stride: int, part: Part, key: str) -> torch.Tensor:
+        """``part``'s ``key`` in a staging buffer set (``flat``: float32, one ``set_stride`` per key), flat."""
+        base = self.unit.keys.index(key) * (set_stride // F32) + part.piece.lo + part.x - self.a
+        return flat[base:base + part.y - part.x]
+
+    def regions(self, buf: torch.Tensor, set_stride: int) -> list[tuple[torch.Tensor, int]]:
+        """(staging bytes, file offset) per key: the aligned extents one read or write moves."""
+        u, n = self.unit, round_up((self.b - self.a) * F32)
+        return [(buf[k * set_stride:k * set_stride + n], k * u.stride + (self.a - u.lo) * F32)
+                for k in range(len(u.keys))]
+
 
 class TierStore:
     """Every unit's :class:`UnitStore`, the staging buffer pool and the I/O threads."""
 
     def __init__(self, layout, tier: str, keys: list[str], directory: Path | None, io_threads: int,
-                 buffer_sets: int, unit_tiers: dict[int, str] | None = None) -> None:
-        """``tier``: the offload tier; ``unit_tiers``: unit index -> tier where it differs (resident units)."""
+                 buffer_sets: int, unit_tiers: dict[int, str] | None = None, chunk_elems: int | None = None) -> None:
+        """``tier``: the offload tier; ``unit_tiers``: unit index -> tier where it differs (resident
+        units); ``chunk_elems``: elements per NVMe chunk (a multiple of 1024; None: whole units)."""
         self.layout, self.tier, self.keys = layout, tier, keys
         self.optimizer = layout.optimizer
         by_unit: dict[int, list[Piece]] = {}
@@ -113,11 +183,15 @@ class TierStore:
         on_cpu = self._device().type == "cpu"
         for u in self.units.values():
             u.moves = u.tier == "nvme" or (u.tier == "host" and not on_cpu)
+            cut = u.tier == "nvme" and all(p.tensor.is_contiguous() for p in u.pieces)
+            u.split(chunk_elems if cut else None)
         nvme = [u for u in self.units.values() if u.tier == "nvme"]
         self.io = IOPool(io_threads) if nvme else None
         self.directory = directory
         self.buffer_sets = buffer_sets if nvme else 0
-        self.set_bytes = max((u.stride * len(keys) for u in nvme), default=0)
+        self.set_stride = max((round_up((c.b - c.a) * F32) for u in nvme for c in u.chunks), default=0)
+        """Bytes per key in a staging buffer set: the largest chunk, 4096-aligned."""
+        self.set_bytes = self.set_stride * len(keys)
         self.pool: list[torch.Tensor] = []
         if nvme:
             assert directory is not None
@@ -144,55 +218,101 @@ class TierStore:
         buffered = [f for f in files if not f.direct]
         return (not buffered, buffered[0].why_buffered if buffered else "")
 
-    # ------------------------------------------------------------ one unit's step
-    def owns(self, unit: UnitStore) -> bool:
-        """Whether any of the unit's state is at rest in the tier (else there is nothing to read)."""
-        state = self.optimizer.state
-        return any(state.get(p.tensor, {}).get(k) is unit.at_rest.get((id(p.tensor), k))
-                   and (id(p.tensor), k) in unit.at_rest for p in unit.pieces for k in self.keys)
+    # ----------------------------------------------------------- one chunk's step
+    def _ours(self, unit: UnitStore, piece: Piece, key: str, current) -> bool:
+        return current is not None and unit.at_rest.get((id(piece.tensor), key)) is current
 
-    def read(self, unit: UnitStore, buf: torch.Tensor) -> None:
-        """Fill the staging buffer set ``buf`` with the unit's file (nvme; blocks)."""
-        if self.owns(unit):
-            self.io.read(unit.file, buf[:unit.stride * len(self.keys)])
+    def read(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        """Fill the staging buffer set ``buf`` with the chunk's part of its unit's file (nvme; blocks);
+        nothing when none of its state rests in the file yet (first step, a fresh load)."""
+        unit, state = chunk.unit, self.optimizer.state
+        if any(self._ours(unit, part.piece, k, state.get(part.piece.tensor, {}).get(k))
+               for part in chunk.parts for k in self.keys):
+            self.io.read(unit.file, chunk.regions(buf, self.set_stride))
 
-    def bring_in(self, unit: UnitStore, buf: torch.Tensor | None) -> None:
-        """Point the optimizer's state of the unit's pieces at working tensors before its step."""
-        if not unit.moves:
-            return
-        unit.stepping = True
+    def bring_in(self, chunk: Chunk, buf: torch.Tensor | None) -> list[list[torch.Tensor]]:
+        """Point the optimizer's state of the chunk's pieces at working tensors; returns, per param
+        group, the tensors to step (the pieces, or sub-parameters of the cut ones)."""
+        unit = chunk.unit
+        per_group: list[list[torch.Tensor]] = [[] for _ in self.optimizer.param_groups]
         flat = buf.view(torch.float32) if buf is not None else None
         state = self.optimizer.state
-        for piece in unit.pieces:
+        if unit.moves:
+            unit.stepping = True
+        for part in chunk.parts:
+            piece = part.piece
+            group = per_group[piece.group if piece.group is not None else 0]
+            if not unit.moves:
+                group.append(piece.tensor)
+                continue
+            st = state[piece.tensor]
+            if part.whole:
+                for key in self.keys:
+                    current = st.get(key)
+                    if current is None:
+                        continue  # first step (or a fresh optimizer after a load): the optimizer initialises it
+                    if unit.tier == "nvme":
+                        work = chunk.view(flat, self.set_stride, part, key).view(piece.tensor.shape)
+                        if not self._ours(unit, piece, key, current):
+                            work.copy_(current.reshape(work.shape))
+                        if piece.tensor.device.type != "cpu":
+                            work = work.to(piece.tensor.device, non_blocking=True)
+                    else:  # host tier on an accelerator
+                        work = current.to(piece.tensor.device, non_blocking=True)
+                    st[key] = work
+                group.append(piece.tensor)
+                continue
+            grad = piece.tensor.grad
+            if grad is None:
+                continue  # the optimizer would skip the piece: so do its sub-parameters
+            sub = piece.tensor.detach().view(-1)[part.x:part.y]
+            sub.grad = grad.reshape(-1)[part.x:part.y]
+            sub_state = {}
+            for key, current in st.items():
+                if key in self.keys:
+                    work = chunk.view(flat, self.set_stride, part, key)
+                    if not self._ours(unit, piece, key, current):
+                        work.copy_(current.reshape(-1)[part.x:part.y])
+                    if piece.tensor.device.type != "cpu":
+                        work = work.to(piece.tensor.device, non_blocking=True)
+                    sub_state[key] = work
+                else:
+                    sub_state[key] = current.clone() if torch.is_tensor(current) else copy.deepcopy(current)
+            state[sub] = sub_state
+            chunk.subs[id(sub)] = (part, sub)
+            group.append(sub)
+        return per_group
+
+    def take_out(self, chunk: Chunk, buf: torch.Tensor | None) -> None:
+        """After the chunk's step: copy its state into the at-rest place (nvme: into ``buf``, which
+        the caller then writes; the state points back at the file in :meth:`settle`)."""
+        unit = chunk.unit
+        if not unit.moves:
+            return
+        flat = buf.view(torch.float32) if buf is not None else None
+        state = self.optimizer.state
+        for part, sub in chunk.subs.values():
+            sub_state = state.pop(sub)
+            for key in self.keys:
+                current = sub_state.get(key)
+                if current is not None:
+                    home = chunk.view(flat, self.set_stride, part, key)
+                    if current.data_ptr() != home.data_ptr():
+                        home.copy_(current.reshape(-1))
+            chunk.stepped[id(part.piece.tensor)] = [k for k in self.keys if k in sub_state]
+            chunk.scalars[id(part.piece.tensor)] = {k: v for k, v in sub_state.items() if k not in self.keys}
+        chunk.subs = {}
+        for part in chunk.parts:
+            if not part.whole:
+                continue
+            piece = part.piece
             st = state[piece.tensor]
             for key in self.keys:
                 current = st.get(key)
                 if current is None:
-                    continue  # first step (or a fresh optimizer after a load): the optimizer initialises it
-                ours = unit.at_rest.get((id(piece.tensor), key)) is current
+                    continue
                 if unit.tier == "nvme":
-                    work = unit.views(flat, piece, key)
-                    if not ours:
-                        work.copy_(current.reshape(work.shape))
-                    if piece.tensor.device.type != "cpu":
-                        work = work.to(piece.tensor.device, non_blocking=True)
-                    st[key] = work
-                else:  # host tier on an accelerator
-                    st[key] = current.to(piece.tensor.device, non_blocking=True)
-
-    def take_out(self, unit: UnitStore, buf: torch.Tensor | None) -> None:
-        """After the unit's step: copy the state into its at-rest place (nvme: into ``buf``, which
-        the caller then writes; the at-rest views are set by :meth:`settle` once it is written)."""
-        if not unit.moves:
-            return
-        flat = buf.view(torch.float32) if buf is not None else None
-        state = self.optimizer.state
-        for piece in unit.pieces:
-            st = state[piece.tensor]
-            for key in self.keys:
-                current = st[key]
-                if unit.tier == "nvme":
-                    home = unit.views(flat, piece, key)
+                    home = chunk.view(flat, self.set_stride, part, key).view(piece.tensor.shape)
                 else:
                     home = unit.at_rest.get((id(piece.tensor), key))
                     if home is None:
@@ -206,17 +326,31 @@ class TierStore:
         if unit.tier == "host":
             unit.stepping = False
 
-    def write(self, unit: UnitStore, buf: torch.Tensor) -> None:
-        """Write the staging buffer set back to the unit's file (blocks)."""
-        self.io.write(unit.file, buf[:unit.stride * len(self.keys)])
+    def write(self, chunk: Chunk, buf: torch.Tensor) -> None:
+        """Write the staging buffer set back to the chunk's part of its unit's file (blocks)."""
+        self.io.write(chunk.unit.file, chunk.regions(buf, self.set_stride))
 
-    def settle(self, unit: UnitStore) -> None:
-        """The unit's file holds its state: the optimizer's state points at the file's map again."""
-        state = self.optimizer.state
-        for piece in unit.pieces:
-            for key in self.keys:
-                dict.__setitem__(state[piece.tensor], key, unit.at_rest[(id(piece.tensor), key)])
-        unit.stepping = False
+    def settle(self, chunk: Chunk) -> None:
+        """The chunk is in its unit's file: its pieces' state points at the file's map again (a cut
+        piece once its last chunk is written, with the scalars of that last sub-step)."""
+        unit, state = chunk.unit, self.optimizer.state
+        for part in chunk.parts:
+            piece = part.piece
+            st = state[piece.tensor]
+            if part.whole:
+                keys = [k for k in self.keys if k in st]
+            elif part.last and id(piece.tensor) in chunk.stepped:
+                keys = chunk.stepped.pop(id(piece.tensor))
+                for k, v in chunk.scalars.pop(id(piece.tensor)).items():
+                    dict.__setitem__(st, k, v)
+            else:
+                continue
+            for key in keys:
+                dict.__setitem__(st, key, unit.at_rest[(id(piece.tensor), key)])
+        chunk.stepped.clear()
+        chunk.scalars.clear()
+        if chunk is unit.chunks[-1]:
+            unit.stepping = False
 
     # ------------------------------------------------------------------ accounting
     def bytes_at_rest(self, tier: str | None = None) -> int:
