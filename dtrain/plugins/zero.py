@@ -459,13 +459,14 @@ class FlatLayout(LayoutPlugin):
     def _gather_step(self, holder: torch.Tensor, base: int, unit: FlatUnit, small: int, big: int,
                      source: torch.Tensor | None = None) -> Handle:
         """One level step of an all-gather inside ``holder`` (unit elements from ``base``); its input
-        is ``source`` when given (this rank's part at ``big``, held elsewhere), else a copy of that part
-        of ``holder``."""
+        is ``source`` when given (this rank's part at ``big``, held elsewhere), else that part of
+        ``holder`` itself: the part sits at this rank's place in the step's output (parts nest), an
+        in-place all-gather."""
         out_lo, out_hi = self._rng(unit, small)
         in_lo, in_hi = self._rng(unit, big)
         level, peers = self._group(small, big)
         if source is None:
-            source = holder[in_lo - base:in_hi - base].clone()
+            source = holder[in_lo - base:in_hi - base]
         return self.comm.all_gather(holder[out_lo - base:out_hi - base], source, level, peers=peers, async_op=True)
 
     def _refresh_backward_copy(self, unit: FlatUnit) -> None:
@@ -607,10 +608,9 @@ class FlatLayout(LayoutPlugin):
         def step(small: int, big: int) -> Handle:
             level, peers = self._group(small, big)
             (o_lo, o_hi), (i_lo, i_hi) = self._rng(unit, small), self._rng(unit, big)
-            first = self.comm.all_gather(codes[o_lo:o_hi], codes[i_lo:i_hi].clone(), level, peers=peers,
-                                         async_op=True)
+            first = self.comm.all_gather(codes[o_lo:o_hi], codes[i_lo:i_hi], level, peers=peers, async_op=True)
             second = self.comm.all_gather(scales[o_lo // per * blocks:o_hi // per * blocks],
-                                          scales[i_lo // per * blocks:i_hi // per * blocks].clone(),
+                                          scales[i_lo // per * blocks:i_hi // per * blocks],
                                           level, peers=peers, async_op=True)
             first.wait()
             return second
