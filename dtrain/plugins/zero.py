@@ -123,8 +123,10 @@ class FlatLayout(LayoutPlugin):
 
     def setup(self, engine: Any) -> None:
         super().setup(engine)
-        keep_mb = engine.config.zero.malloc_keep_mb
-        if keep_mb > 0 and engine.device.type == "cpu" and not any(getattr(p, "name", None) == "offload" for p in engine.plugins):
+        keep_mb = getattr(getattr(getattr(engine, "config", None), "zero", None), "malloc_keep_mb", 0)
+        device = getattr(getattr(engine, "device", None), "type", None)
+        offload = any(getattr(p, "name", None) == "offload" for p in getattr(engine, "plugins", ()))
+        if keep_mb > 0 and device == "cpu" and not offload:
             keep_freed_memory(int(keep_mb * 2**20))  # runs before every other plugin's setup
 
     def wrap_model(self, model: nn.Module, factory: OptimizerFactory) -> None:
