@@ -16,7 +16,10 @@ a host and ``global`` ones cross the link. Variants (docs/hierarchical.md):
   node here), ``auto`` (``zero.preset = "auto"``, the planner's choice at start-up);
 * peers, same model/data/optimizer (their runners are benchmarks/zero.py's): ``deepspeed-zero3``,
   ``deepspeed-hpz`` (ZeRO++ ``zero_hpz_partition_size = 2``, i.e. one host), ``deepspeed-hpz-int8``
-  (plus ``zero_quantized_weights``), ``fsdp2-hsdp`` (``fully_shard`` on a 2-D DeviceMesh,
+  (plus ``zero_quantized_weights``), ``deepspeed-hpz-live`` (hpZ with ``stage3_max_live_parameters`` and
+  ``stage3_max_reuse_distance`` at 1000, so DeepSpeed releases each module's parameters after the
+  forward and its backward really re-gathers from the secondary copy; with the defaults it keeps
+  this model gathered from forward to backward), ``fsdp2-hsdp`` (``fully_shard`` on a 2-D DeviceMesh,
   replicate = hosts, shard = ranks per host). A variant that cannot run here is kept in the
   results with the error line it gave.
 
@@ -37,6 +40,14 @@ to n_embd 384, 7.25M parameters) puts ~72 MB per step each way on the link under
 the link matters at both rates while each rate stays a separate invocation of under ~20 minutes
 on 2 cores (3 rounds: ~14 min at 1 Gbit, ~20 min at 100 Mbit with --steps 5). ``bench`` (24M,
 vocab 256) is heavier still.
+
+Tokens per step (``--batch``, sequences of the preset's block size, split over the 4 ranks) set how
+much compute each parameter byte on the link is set against. The default (8 x 128) is the regime
+of the earlier figures; ``--batch 4`` (one 128-token sequence per rank, as when fine-tuning with
+small per-device batches over a slow link) makes communication a larger share of the step. Every
+table says which it is (preset, parameters, tokens per step and per rank) and the **link share**
+of each variant: the busier host's transmitted bytes per step at the link rate, over the step time
+(the time the step would spend on the link if nothing else ran).
 
 Variants are interleaved in a rotated order, repeated, and medians reported. Writes
 benchmarks/results/hierarchical.json (``--json`` to change it; ``--quick``: hierarchical_quick.json).
@@ -75,6 +86,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deepspeed-zero3": {"deepspeed": {}},
     "deepspeed-hpz": {"deepspeed": {"zero_hpz_partition_size": NPROC}},
     "deepspeed-hpz-int8": {"deepspeed": {"zero_hpz_partition_size": NPROC, "zero_quantized_weights": True}},
+    # hpZ with parameters released after the forward, so its backward re-gathers from the secondary copy
+    "deepspeed-hpz-live": {"deepspeed": {"zero_hpz_partition_size": NPROC, "stage3_max_live_parameters": 1000,
+                                         "stage3_max_reuse_distance": 1000}},
     "fsdp2-hsdp": {"fsdp2": {"mesh": (NODES, NPROC)}},
 }
 # where the peers keep each kind, in dtrain's level names (for the tables)
@@ -82,6 +96,7 @@ PEER_LEVELS = {
     "deepspeed-zero3": ("global", "global", "global", "global", "fp32"),
     "deepspeed-hpz": ("global", "global", "global", "node", "fp32"),
     "deepspeed-hpz-int8": ("global", "global", "global", "node", "int8"),
+    "deepspeed-hpz-live": ("global", "global", "global", "node", "fp32"),
     "fsdp2-hsdp": ("node", "node", "node", "node", "fp32"),
 }
 LR = 3e-3
@@ -92,6 +107,12 @@ def model_config(preset: str) -> Any:
 
     base, overrides = PRESETS[preset]
     return GPTConfig.preset(base, **overrides)
+
+
+def parse_rate_bits(rate: str) -> int:
+    from dtrain.netns import parse_rate_bits as parse
+
+    return parse(rate)
 
 
 def link_bytes(ifname: str = "eth0") -> dict[str, int]:
@@ -205,7 +226,7 @@ def run_once(hosts: Any, name: str, rate: str, rep: int, port: int, args: argpar
     with log.open("w") as err:
         codes = netns.wait_all(netns.spawn_ranks(hosts, NPROC, cmd, port=port, env={"DS_ACCELERATOR": "cpu"},
                                                  stdout=err, stderr=err), timeout_s=args.timeout_s)
-    run: dict[str, Any] = {"loadavg_1m": round(load, 2), "wall_s": round(time.perf_counter() - start, 1)}
+    run: dict[str, Any] = {"loadavg_1m": round(load, 2), "wall_s": round(time.perf_counter() - start, 1), "rate": rate}
     if codes != [0] * (NODES * NPROC):
         run.update(ok=False, error=f"exit codes {codes}: {_error_line(log)}")
         return run
@@ -225,7 +246,11 @@ def merge_ranks(out: Path, args: argparse.Namespace, run: dict[str, Any]) -> dic
     tx = sum(h["after"]["tx"] - h["before"]["tx"] for h in hosts_link) / measured
     rx = sum(h["after"]["rx"] - h["before"]["rx"] for h in hosts_link) / measured
     zero = ranks[0]
-    run.update(ok=True, step_s=statistics.median(per_step[w:]), step_times_s=per_step,
+    busiest = max(h["after"]["tx"] - h["before"]["tx"] for h in hosts_link) / measured  # one direction
+    link_s = busiest * 8 / parse_rate_bits(run["rate"]) if run.get("rate") else None
+    step_s = statistics.median(per_step[w:])
+    run.update(ok=True, step_s=step_s, step_times_s=per_step,
+               link_s_per_step=link_s, link_share=None if link_s is None else link_s / step_s,
                losses=[statistics.fmean(r["losses"][i] for r in ranks) for i in range(args.steps)],
                link_bytes_per_step=tx, link_rx_bytes_per_step=rx,
                bytes_per_step=zero["comm_bytes_per_step"],
@@ -236,6 +261,11 @@ def merge_ranks(out: Path, args: argparse.Namespace, run: dict[str, Any]) -> dic
                                     for k in ("params", "grads", "optim")},
                **{k: zero[k] for k in ("framework", "levels", "gather_dtype", "n_params")})
     return run
+
+
+def _median_known(values: Any) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -254,6 +284,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "link_bytes_per_step": statistics.median(r["link_bytes_per_step"] for r in ok),
             "link_bytes_all": [r["link_bytes_per_step"] for r in ok],
             "link_rx_bytes_per_step": statistics.median(r["link_rx_bytes_per_step"] for r in ok),
+            "link_s_per_step": _median_known(r.get("link_s_per_step") for r in ok),
+            "link_share": _median_known(r.get("link_share") for r in ok),
             "bytes_per_step": first["bytes_per_step"],
             "comm_global_bytes_per_step_all_ranks": first["comm_global_bytes_per_step_all_ranks"],
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ok),
@@ -306,18 +338,30 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _regime(doc: dict[str, Any]) -> str:
+    """The workload in words: model preset, parameters, tokens per step and per rank."""
+    n = next((s.get("n_params") for r in doc["rates"].values() for s in r.values() if s.get("n_params")), None)
+    per_rank = doc["tokens_per_step"] // (NODES * NPROC)
+    size = f", {n / 1e6:.2f}M parameters" if n else ""
+    return f"preset {doc['model']['preset']}{size}, {doc['tokens_per_step']} tokens/step, {per_rank} per rank"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The BENCHMARKS.md tables of one results file: per rate, every variant, then the targets."""
     mb = 1e6
     lines = []
     for rate, summary in doc["rates"].items():
-        lines += [f"**{rate}** ({doc['model']['preset']}, {doc['tokens_per_step']} tokens/step)", "",
+        lines += [f"**{rate}** ({_regime(doc)})", "",
                   "| variant | levels p/g/o/b, gather | ms/step median (all) | vs zero3 | link MB/step | vs zero3 | "
-                  "dtrain global MB/rank | peak RSS MiB | state MiB p/g/o (storage) | final loss |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "link share | dtrain global MB/rank | peak RSS MiB | state MiB p/g/o (storage) | final loss |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in summary.items():
             if s["status"] != "ok":
-                lines.append(f"| {name} | | failed: {s['error'].replace('|', '/')[:160]} | | | | | | | |")
+                lines.append(f"| {name} | | failed: {s['error'].replace('|', '/')[:160]} | | | | | | | | |")
                 continue
             lv = s["levels"]
             levels = "/".join(lv[k] for k in ("params", "grads", "optim", "backward_params")) + f", {s['gather_dtype']}"
@@ -326,7 +370,8 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {levels} | {s['step_s_median'] * 1e3:.0f} ({', '.join(f'{t * 1e3:.0f}' for t in s['step_s_all'])}) "
                 f"| {s.get('speedup_vs_zero3', 0):.2f}x | {s['link_bytes_per_step'] / mb:.1f} | "
-                f"{s.get('link_bytes_vs_zero3', 0):.2f} | {glob} | {s['peak_rss_bytes'] / 2**20:.0f} | "
+                f"{s.get('link_bytes_vs_zero3', 0):.2f} | {_pct(s.get('link_share'))} | {glob} | "
+                f"{s['peak_rss_bytes'] / 2**20:.0f} | "
                 f"{st['params'] / 2**20:.1f}/{st['grads'] / 2**20:.1f}/{st['optim'] / 2**20:.1f} | {s['final_loss']:.4f} |")
         lines += ["", "| target | variant | value | limit | met |", "|---|---|---|---|---|"]
         for key, t in doc["targets"].get(rate, {}).items():
@@ -352,7 +397,8 @@ def rebuild(args: argparse.Namespace) -> int:
         for name in args.variants.split(","):
             for out in sorted(Path(args.tmp).glob(f"{rate}-{name}-[0-9]*")):
                 if out.is_dir() and (out / "stderr.log").exists():
-                    runs.setdefault(name, []).append(merge_ranks(out, args, {"loadavg_1m": None, "run_dir": out.name}))
+                    runs.setdefault(name, []).append(merge_ranks(out, args, {"loadavg_1m": None, "run_dir": out.name,
+                                                                               "rate": rate}))
         doc["rates"][rate] = summarize(runs)
         doc["targets"][rate] = targets(doc["rates"][rate])
     write_json(args.json, doc)
@@ -421,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         "rates": {}, "targets": {},
     }
     port = 29700 + (os.getpid() % 200) * 10
+    print(f"model: preset {args.preset} ({cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}); "
+          f"{results['tokens_per_step']} tokens/step = {args.batch} x {cfg.block_size}, "
+          f"{results['tokens_per_step'] // (NODES * NPROC)} per rank; link share = the busier host's tx bytes "
+          f"per step at the link rate / step time", flush=True)
     for rate in args.rates.split(","):
         runs: dict[str, list[dict[str, Any]]] = {}
         with netns.create_hosts(NODES, rate, prefix="dtrain-h") as hosts:
@@ -431,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                 if run["ok"]:
                     print(f"{rate:>8} {name:>18} #{rep}: step {run['step_s'] * 1e3:8.1f} ms  link "
                           f"{run['link_bytes_per_step'] / 1e6:7.2f} MB/step  comm global "
-                          f"{run['bytes_per_step'].get('global', 0) / 1e6:6.2f} MB/rank  "
-                          f"loss {run['losses'][-1]:.4f}  load {run['loadavg_1m']:.1f}", flush=True)
+                          f"{run['bytes_per_step'].get('global', 0) / 1e6:6.2f} MB/rank  link share "
+                          f"{_pct(run['link_share'])}  loss {run['losses'][-1]:.4f}  load {run['loadavg_1m']:.1f}",
+                          flush=True)
                 else:
                     print(f"{rate:>8} {name:>18} #{rep}: FAILED {run['error']}", flush=True)
         results["rates"][rate] = summarize(runs)
@@ -446,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{rate:>8} {name:>18}: failed: {s['error']}")
                 continue
             print(f"{rate:>8} {name:>18}: {s['step_s_median'] * 1e3:8.1f} ms/step  x{s.get('speedup_vs_zero3', 0):.2f}  "
+                  f"link share {_pct(s.get('link_share'))}  "
                   f"link {s['link_bytes_per_step'] / 1e6:7.2f} MB/step x{s.get('link_bytes_vs_zero3', 0):.2f}  "
                   f"rss {s['peak_rss_bytes'] / 2**20:6.0f} MiB  loss {s['final_loss']:.4f}")
         for key, t in results["targets"][rate].items():

@@ -123,6 +123,16 @@ class Comm:
         n = self.size(level, peers)
         if n == 1:
             output.copy_(input)
+        elif n == 2 and _gloo_pair(input, output):
+            # a pair swaps the halves it does not keep and adds: one send and one receive, no full-size buffer
+            me = self.group_ranks(level, peers).index(self.rank)
+            halves, received = input.view(2, -1), torch.empty_like(output).view(-1)
+            handle = self._issue("reduce_scatter", level, peers, _nbytes(input) // 2, True,
+                                 lambda g: self._swap(halves[1 - me], received, level, peers, g))
+            handle.then = lambda: torch.add(halves[me], received, out=output.view(-1))
+            if not async_op:
+                handle.wait()
+            return handle
         elif dist.get_backend() == "gloo":
             chunks = torch.empty_like(input)
             handle = self._issue("reduce_scatter", level, peers, (n - 1) * _nbytes(input) // n, True,
@@ -140,6 +150,15 @@ class Comm:
         n = self.size(level, peers)
         if n == 1 and output.data_ptr() != input.data_ptr():
             output.copy_(input)
+        if n == 2 and _gloo_pair(output, input):
+            # gloo's all-gather fills a temporary of the output's size and copies it out; a pair sends its
+            # part and receives the other straight into ``output``
+            me = self.group_ranks(level, peers).index(self.rank)
+            halves = output.view(2, -1)
+            if halves[me].data_ptr() != input.data_ptr():
+                halves[me].copy_(input.view(-1))
+            return self._issue("all_gather", level, peers, _nbytes(output) // 2, async_op,
+                               lambda g: self._swap(input.view(-1), halves[1 - me], level, peers, g))
         return self._issue("all_gather", level, peers, (n - 1) * _nbytes(output) // max(n, 1), async_op,
                            lambda g: _all_gather_flat(output, input, group=g, async_op=True))
 
@@ -188,6 +207,13 @@ class Comm:
         return self._issue("all_to_all_single", level, False, sent, async_op,
                            lambda g: dist.all_to_all_single(output, input, out_splits, in_splits,
                                                             group=g, async_op=True))
+
+    def _swap(self, send: torch.Tensor, recv: torch.Tensor, level: Level, peers: bool | str,
+              group: dist.ProcessGroup | None) -> "_Works":
+        """Send ``send`` to the other rank of a 2-rank group and receive its tensor into ``recv``."""
+        ranks = self.group_ranks(level, peers)
+        other = ranks[1 - ranks.index(self.rank)]
+        return _Works([dist.isend(send, dst=other, group=group), dist.irecv(recv, src=other, group=group)])
 
     def barrier(self, level: Level = "global") -> None:
         self.all_reduce(torch.zeros(1, device=self._device_hint()), level)
@@ -239,6 +265,24 @@ class Comm:
 # torch >= 2.13 renames the flat-tensor collectives; older releases only have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _Works:
+    """The point-to-point works that make up one collective, waited for as one."""
+
+    def __init__(self, works: list[dist.Work]) -> None:
+        self.works = works
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        done = [w.wait(timeout=timeout) if timeout is not None else w.wait() for w in self.works]
+        return all(ok is not False for ok in done)
+
+
+def _gloo_pair(whole: torch.Tensor, half: torch.Tensor) -> bool:
+    """A 2-rank all-gather (into ``whole``) or reduce-scatter (of ``whole``) that :meth:`Comm._swap` can
+    do on gloo: contiguous tensors, ``half`` one half of ``whole``."""
+    return (dist.get_backend() == "gloo" and whole.is_contiguous() and half.is_contiguous()
+            and whole.numel() == 2 * half.numel())
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

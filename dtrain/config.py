@@ -89,10 +89,15 @@ class ZeroConfig:
     """Level of the copy the backward all-gather reads (hpZ's secondary copy); default: params."""
     gather_dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     """Wire type of parameter all-gathers (the master stays fp32); auto: bf16 under train.precision = bf16."""
+    malloc_keep_mb: float = 1024.0
+    """CPU runs: glibc keeps up to this many MiB of freed heap for reuse instead of returning it to the
+    kernel at every free (dtrain/hostmem.py: ZeRO-3 regrows its gathered units each step); 0 = glibc's
+    defaults. Not applied under the offload plugin, which sets its own (offload.malloc_mmap_mb)."""
 
     def validate(self) -> None:
         _require(self.stage in (0, 1, 2, 3), "zero.stage", self.stage, "0 (ddp), 1, 2 or 3")
         _require(self.bucket_mb > 0, "zero.bucket_mb", self.bucket_mb, "a positive number of MiB")
+        _require(self.malloc_keep_mb >= 0, "zero.malloc_keep_mb", self.malloc_keep_mb, "a number of MiB >= 0")
         _require(self.preset in (None, "hsdp", "hpz", "frontier3", "auto"), "zero.preset", self.preset,
                  "one of hsdp, hpz, frontier3, auto (or omit it)")
         for kind in ("params", "grads", "optim", "backward_params"):

@@ -62,6 +62,7 @@ from torch.utils._pytree import tree_flatten
 from dtrain.checkpoint import _persistent_buffers
 from dtrain.comm import Handle
 from dtrain.hierarchy import INT8_BLOCK, KINDS, chain_index, resolve_levels
+from dtrain.hostmem import keep_freed_memory
 from dtrain.partition import (FlatUnit, Piece, Shard, UnitSpec, bucket_units, module_units, param_group_index,
                               trainable_params)
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, register
@@ -121,6 +122,14 @@ class FlatLayout(LayoutPlugin):
     def stage(cls) -> int:
         return 3 if cls.shard_params else 2 if cls.shard_grads else 1 if cls.shard_optim else 0
 
+    def setup(self, engine: Any) -> None:
+        super().setup(engine)
+        keep_mb = getattr(getattr(getattr(engine, "config", None), "zero", None), "malloc_keep_mb", 0)
+        device = getattr(getattr(engine, "device", None), "type", None)
+        offload = any(getattr(p, "name", None) == "offload" for p in getattr(engine, "plugins", ()))
+        if keep_mb > 0 and device == "cpu" and not offload:
+            keep_freed_memory(int(keep_mb * 2**20))  # runs before every other plugin's setup
+
     def wrap_model(self, model: nn.Module, factory: OptimizerFactory) -> None:
         engine = self.engine
         self.comm, self.device, self.model = engine.comm, engine.device, model
@@ -160,6 +169,7 @@ class FlatLayout(LayoutPlugin):
             for _, p in named:
                 p.register_post_accumulate_grad_hook(self._on_grad)
         self.ready = {u.index: 0 for u in self.units}
+        self.filled: dict[int, set[int]] = {}  # split grads: offsets of the slots written into grad_full
         self.reduced: set[int] = set()
         self.inflight: list[tuple[FlatUnit, Chain]] = []
         self.reduce_now = True
@@ -339,10 +349,14 @@ class FlatLayout(LayoutPlugin):
     def _on_grad(self, p: torch.Tensor) -> None:
         unit = self.unit_of[id(p)]
         if self.split_grads:
-            if unit.grad_full is None:
-                unit.grad_full = torch.zeros(unit.padded, device=self.device)
+            if unit.grad_full is None:  # every slot is written below or zeroed in _reduce: only the tail here
+                unit.grad_full = torch.empty(unit.padded, device=self.device)
+                unit.grad_full[unit.numel:].zero_()
+                self.filled[unit.index] = set()
             slot = unit.slot_of[id(p)]
-            unit.grad_full[slot.offset:slot.offset + slot.numel].copy_(p.grad.reshape(-1))
+            # pre-divided by the data-parallel size in the same pass as the copy (the reduction is a mean)
+            torch.div(p.grad.reshape(-1), self.s_d, out=unit.grad_full[slot.offset:slot.offset + slot.numel])
+            self.filled[unit.index].add(slot.offset)
             p.grad = None
         self.ready[unit.index] += 1
         if self.ready[unit.index] == len(unit.slots) and self.reduce_now:
@@ -383,7 +397,13 @@ class FlatLayout(LayoutPlugin):
         buf = unit.grad_full
         if buf is None:  # no parameter of this unit received a gradient
             buf = torch.zeros(unit.padded, device=self.device)
-        buf.div_(self.s_d)
+        elif self.split_grads:  # already divided in _on_grad; zero the slots no gradient reached
+            filled = self.filled.pop(unit.index)
+            for s in unit.slots:
+                if s.offset not in filled:
+                    buf[s.offset:s.offset + s.numel].zero_()
+        else:
+            buf.div_(self.s_d)
         state = {"cur": buf}
         if self.split_grads:
             unit.grad_full = None
@@ -459,13 +479,18 @@ class FlatLayout(LayoutPlugin):
                     h.wait()
         self._sync_step_buffers()
 
-    def _gather_step(self, holder: torch.Tensor, base: int, unit: FlatUnit, small: int, big: int) -> Handle:
-        """One level step of an all-gather inside ``holder`` (unit elements from ``base``)."""
+    def _gather_step(self, holder: torch.Tensor, base: int, unit: FlatUnit, small: int, big: int,
+                     source: torch.Tensor | None = None) -> Handle:
+        """One level step of an all-gather inside ``holder`` (unit elements from ``base``); its input
+        is ``source`` when given (this rank's part at ``big``, held elsewhere), else that part of
+        ``holder`` itself: the part sits at this rank's place in the step's output (parts nest), an
+        in-place all-gather."""
         out_lo, out_hi = self._rng(unit, small)
         in_lo, in_hi = self._rng(unit, big)
         level, peers = self._group(small, big)
-        return self.comm.all_gather(holder[out_lo - base:out_hi - base], holder[in_lo - base:in_hi - base].clone(),
-                                    level, peers=peers, async_op=True)
+        if source is None:
+            source = holder[in_lo - base:in_hi - base]
+        return self.comm.all_gather(holder[out_lo - base:out_hi - base], source, level, peers=peers, async_op=True)
 
     def _refresh_backward_copy(self, unit: FlatUnit) -> None:
         """The last step of a forward gather (hpZ): keep this rank's part of the gathered unit at the
@@ -578,9 +603,15 @@ class FlatLayout(LayoutPlugin):
             return self._gather_int8(unit, source, size)
         wire = full if dtype == "fp32" else torch.empty(unit.padded, dtype=torch.bfloat16, device=self.device)
         lo, hi = self._rng(unit, size)
-        steps: list[Callable[[], Handle | None]] = [lambda: _local(wire[lo:hi].copy_, source)]
-        for small, big in reversed(self._steps(1, size)):
-            steps.append(lambda small=small, big=big: self._gather_step(wire, 0, unit, small, big))
+        gathers = list(reversed(self._steps(1, size)))
+        steps: list[Callable[[], Handle | None]] = []
+        if not gathers:
+            steps.append(lambda: _local(wire[lo:hi].copy_, source))
+        for i, (small, big) in enumerate(gathers):
+            # the first step's input is this rank's part itself (no copy into the wire buffer first)
+            first = None if i else (lambda: source if dtype == "fp32" else source.to(wire.dtype))
+            steps.append(lambda small=small, big=big, first=first:
+                         self._gather_step(wire, 0, unit, small, big, first() if first else None))
         if wire is not full:
             steps.append(lambda: _local(full.copy_, wire))
         if size == self.s_p and unit.index in self.secondary:
@@ -603,10 +634,9 @@ class FlatLayout(LayoutPlugin):
         def step(small: int, big: int) -> Handle:
             level, peers = self._group(small, big)
             (o_lo, o_hi), (i_lo, i_hi) = self._rng(unit, small), self._rng(unit, big)
-            first = self.comm.all_gather(codes[o_lo:o_hi], codes[i_lo:i_hi].clone(), level, peers=peers,
-                                         async_op=True)
+            first = self.comm.all_gather(codes[o_lo:o_hi], codes[i_lo:i_hi], level, peers=peers, async_op=True)
             second = self.comm.all_gather(scales[o_lo // per * blocks:o_hi // per * blocks],
-                                          scales[i_lo // per * blocks:i_hi // per * blocks].clone(),
+                                          scales[i_lo // per * blocks:i_hi // per * blocks],
                                           level, peers=peers, async_op=True)
             first.wait()
             return second
