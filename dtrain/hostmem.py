@@ -1,4 +1,5 @@
-"""How freed host memory is kept for reuse (glibc's malloc policy), for layouts that regrow buffers.
+"""glibc's malloc policy for host memory: kept for reuse (ZeRO-3's regrown buffers) or mapped per
+block (the offload tier's lean setting, ``offload.malloc_mmap_mb``).
 
 ZeRO-3 frees every unit's gathered parameters once the unit has run and allocates them again for
 the next use (and its gradient buffers once reduced), tens of MB per unit, every step. With glibc's
@@ -18,12 +19,25 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """``mallopt(param, value)`` for each pair; False off glibc or when glibc refuses one."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return all([bool(libc.mallopt(param, value)) for param, value in settings])
+    except (OSError, AttributeError):
+        return False
+
+
 def keep_freed_memory(nbytes: int) -> bool:
     """Serve blocks below ``nbytes`` from the heap (``M_MMAP_THRESHOLD``) and give freed heap back to
     the kernel only beyond ``nbytes`` free at its top (``M_TRIM_THRESHOLD``). Process-wide; a later
-    ``mallopt`` (``offload.malloc_mmap_mb``) overrides the mmap threshold. False off glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes)) and bool(libc.mallopt(M_TRIM_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        return False
+    :func:`map_large_blocks` overrides the mmap threshold. False off glibc."""
+    return _mallopt((M_MMAP_THRESHOLD, nbytes), (M_TRIM_THRESHOLD, nbytes))
+
+
+def map_large_blocks(nbytes: int) -> bool:
+    """Blocks of ``nbytes`` or more are mmapped on their own and returned to the OS when freed
+    (``M_MMAP_THRESHOLD``). Fixing it also stops glibc from raising the threshold (up to 32 MB) each
+    time a large block is freed, which leaves a step's temporaries cached in worker threads' arenas:
+    lower peak RSS, at a page fault per page of every large temporary. False off glibc."""
+    return _mallopt((M_MMAP_THRESHOLD, nbytes))

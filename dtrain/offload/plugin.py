@@ -21,8 +21,6 @@ run's, so the result is bit-identical. With gradient accumulation only the last 
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -35,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from dtrain.errors import UsageError
+from dtrain.hostmem import map_large_blocks
 from dtrain.offload import cpu_adam
 from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
@@ -48,7 +47,6 @@ from dtrain.plugins.base import OptimizerFactory, register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
 
 GB = 2**30
-M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
 def elementwise_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
@@ -96,18 +94,6 @@ def check_offload_dir(directory: str, rank: int) -> Path:
     return run_dir
 
 
-def fix_malloc_mmap_threshold(nbytes: int) -> bool:
-    """glibc's ``mallopt(M_MMAP_THRESHOLD, nbytes)``: blocks of ``nbytes`` or more are mmapped and
-    returned to the OS when freed. Setting it also stops glibc from raising the threshold (up to
-    32 MB) each time a large block is freed, which otherwise leaves every step's temporaries (the
-    optimizer's, the staging copies) cached in the worker threads' arenas. False off glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):
-        return False
-
-
 @register
 class OffloadPlugin(FirstOrderStep):
     """Optimizer state on host/NVMe, stepped per unit while backward continues (docs/offload.md)."""
@@ -126,7 +112,7 @@ class OffloadPlugin(FirstOrderStep):
             raise UsageError(f"offload.cpu_adam = true steps host tensors, but this run's parameters are on "
                              f"{engine.device}; set offload.cpu_adam = false (the user's optimizer steps on the device)")
         if self.cfg.malloc_mmap_mb > 0:
-            fix_malloc_mmap_threshold(int(self.cfg.malloc_mmap_mb * 2**20))
+            map_large_blocks(int(self.cfg.malloc_mmap_mb * 2**20))
         self.run_dir: Path | None = None  # made at start-up (restore): a wrap failing before leaves nothing
         self.params: ParamTier | None = None
         self.store: TierStore | None = None
