@@ -47,7 +47,7 @@ import torch
 from dtrain.errors import UsageError
 from dtrain.offload.aio import DirectFile, IOPool, aligned_buffer, round_up
 from dtrain.offload.param_plan import STAGING_BUFFERS, STEP_SLOTS, resident_bound, staging_bytes
-from dtrain.offload.pipeline import OffloadError
+from dtrain.offload.pipeline import OffloadError, wait_all
 from dtrain.offload.store import F32, TierStore, UnitStore
 from dtrain.partition import UnitSpec
 
@@ -275,12 +275,7 @@ class ParamTier:
     def flush(self) -> None:
         """Wait for every write-back of this step; raises the first failure."""
         writes, self.writes = self.writes, []
-        errors = []
-        for fut in writes:
-            try:
-                fut.result()
-            except BaseException as exc:  # noqa: BLE001 - drain all, report the first
-                errors.append(exc)
+        errors = wait_all(writes)
         if errors:
             exc = errors[0]
             raise OffloadError(f"offload tier: {type(exc).__name__}: {exc}; the parameters in offload.dir are "

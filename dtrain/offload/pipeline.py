@@ -125,13 +125,13 @@ class StepPipeline:
             self.submit(index)
         self._go.set()
         start = time.perf_counter()
-        errors = _wait(self.steps)
+        errors = wait_all(self.steps)
         writes, self.steps, self.writes = self.writes, [], []  # every write is submitted once its step is done
         keep = 0 if errors else min(self.defer_writes, max(len(writes) - 1, 0))
-        errors += _wait(writes[:len(writes) - keep])
+        errors += wait_all(writes[:len(writes) - keep])
         self.pending = writes[len(writes) - keep:]
         if errors:
-            errors += _wait(self.pending)
+            errors += wait_all(self.pending)
             self.pending = []
         self.active = False
         self.order = list(self.submitted)
@@ -149,7 +149,7 @@ class StepPipeline:
         """Wait for the last step's deferred writes (the state is then at rest in the files)."""
         if self.pending:
             start = time.perf_counter()
-            errors, self.pending = _wait(self.pending), []
+            errors, self.pending = wait_all(self.pending), []
             self.stats["join_wait_s"] += time.perf_counter() - start
             if errors:
                 raise _failed(errors[0])
@@ -164,9 +164,9 @@ class StepPipeline:
             except BaseException:  # noqa: BLE001 - _read returned its buffer itself
                 pass
         self.prefetched = {}
-        _wait(self.steps)
-        _wait(self.writes)
-        _wait(self.pending)
+        wait_all(self.steps)
+        wait_all(self.writes)
+        wait_all(self.pending)
         self.steps, self.writes, self.pending = [], [], []
         self.active = False
 
@@ -221,7 +221,7 @@ class StepPipeline:
             self.free.put(buf)
 
 
-def _wait(futures: list[Future]) -> list[BaseException]:
+def wait_all(futures: list[Future]) -> list[BaseException]:
     """Wait for all of ``futures``; their exceptions, in order."""
     errors = []
     for fut in futures:

@@ -116,9 +116,22 @@ def _disk_full(*args):
     raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
 
-def _world2(root: str) -> dict:
+def _step_error(engine, io) -> str:
+    """The error of one step whose writes through ``io`` all fail (the disk filled up mid-run)."""
     from dtrain.offload.pipeline import OffloadError
+    from tests.dist.workloads import local_batch
 
+    io.write = _disk_full
+    try:
+        engine.train_step(local_batch(SAVE_AT, engine.runtime.rank, engine.runtime.world_size))
+        return "no error"
+    except OffloadError as exc:
+        return str(exc)
+    finally:
+        engine.plugins[1].teardown()
+
+
+def _world2(root: str) -> dict:
     out: dict = {}
     ckpt = f"{root}/ckpt"
     for stage in (0, 3):
@@ -137,17 +150,7 @@ def _world2(root: str) -> dict:
             out[stage, None, tier] = _result(_train(_config(stage, tier, None, root), 0, STEPS))
     nvme3 = _config(3, "nvme", 1.0, root)
     failing = _train(nvme3, SAVE_AT, SAVE_AT, load=ckpt)
-    store = failing.plugins[1].store
-
-    store.io.write = _disk_full
-    from tests.dist.workloads import local_batch
-
-    try:
-        failing.train_step(local_batch(SAVE_AT, failing.runtime.rank, failing.runtime.world_size))
-        out["failed"] = "no error"
-    except OffloadError as exc:
-        out["failed"] = str(exc)
-    failing.plugins[1].teardown()
+    out["failed"] = _step_error(failing, failing.plugins[1].store.io)
     out["recovered"] = _result(_train(nvme3, SAVE_AT, STEPS, load=ckpt))
     out["ddp_host_from_z3"] = _result(_train(_config(0, "host", 1.0, root), SAVE_AT, STEPS, load=ckpt))
     out["ddp_mem_from_z3"] = _result(_train(_config(0, None, 1.0, root), SAVE_AT, STEPS, load=ckpt))
@@ -179,16 +182,7 @@ def _params_on_nvme(root: str, ckpt: str) -> dict:
     out["p_to_memory"] = _result(_train(_config(3, None, 1.0, root), SAVE_AT, STEPS, load=ckpt_p))
     out["memory_to_p"] = _result(_train(_config(3, "nvme", 1.0, root, params="nvme"), SAVE_AT, STEPS, load=ckpt))
     failing = _train(_config(3, "nvme", 1.0, root, params="nvme"), SAVE_AT, SAVE_AT, load=ckpt_p)
-    failing.plugins[1].params.io.write = _disk_full
-    from dtrain.offload.pipeline import OffloadError
-    from tests.dist.workloads import local_batch
-
-    try:
-        failing.train_step(local_batch(SAVE_AT, failing.runtime.rank, failing.runtime.world_size))
-        out["p_failed"] = "no error"
-    except OffloadError as exc:
-        out["p_failed"] = str(exc)
-    failing.plugins[1].teardown()
+    out["p_failed"] = _step_error(failing, failing.plugins[1].params.io)
     out["p_ddp"] = _usage_error(_config(0, "nvme", None, root, params="nvme"))
     out["p_budget"] = _usage_error(_config(3, "nvme", None, root, params="nvme", memory_budget_gb=1e-5))
     return out
