@@ -362,8 +362,9 @@ def _int8_gather(walk: _Walk, key: str, value: Any) -> None:
 
 # ------------------------------------------------------------------ offload tier (docs/offload.md)
 _OFFLOAD_TIERS = {"cpu": "host", "nvme": "nvme"}
-_PARAM_OFFLOAD = ('parameter offload (offload.params = "host" | "nvme") is not implemented for accelerator '
-                  'devices; remove the key (optimizer state offload, offload_optimizer or cpu_offload, does map)')
+_PARAM_OFFLOAD = ('parameter offload is not mapped from a DeepSpeed config; remove the key and set '
+                  'offload.params = "nvme" with zero.stage = 3 in dtrain\'s config (CPU devices; optimizer state '
+                  'offload, offload_optimizer or cpu_offload, does map)')
 
 
 def _offload_off(value: Any) -> bool:

@@ -336,15 +336,17 @@ class FlatLayout(LayoutPlugin):
         return True
 
     def _gather_part(self, unit: FlatUnit, dtype: str) -> Chain:
-        """All-gather the unit from its parameter part; a param tier brings the part in for the
-        chain's first step (which copies it out) and drops it after."""
+        """All-gather the unit from its parameter part; a param tier brings the part in, a copy of it
+        feeds the gather and the part is dropped at once (the chain's collectives read their input
+        asynchronously, so they must not read the part itself once it is dropped)."""
         if self.param_tier is None:
             return self._gather_chain(unit, unit.shard, self.s_p, dtype)
         self.param_tier.fetch(unit.spec)
         try:
-            return self._gather_chain(unit, unit.shard, self.s_p, dtype)
+            source = unit.shard.clone()
         finally:
             self.param_tier.drop(unit.spec)
+        return self._gather_chain(unit, source, self.s_p, dtype)
 
     def _on_grad(self, p: torch.Tensor) -> None:
         unit = self.unit_of[id(p)]

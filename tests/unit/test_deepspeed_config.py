@@ -26,8 +26,8 @@ from dtrain.topology import Shape
 DATA = Path(__file__).resolve().parents[1] / "data" / "deepspeed"
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET_5E8_MB = 5e8 * 4 / 2**20  # 5e8 fp32 elements
-PARAM_OFFLOAD = ('parameter offload (offload.params = "host" | "nvme") is not implemented for accelerator devices; '
-                 'remove the key')
+PARAM_OFFLOAD = ('parameter offload is not mapped from a DeepSpeed config; remove the key and set '
+                 'offload.params = "nvme" with zero.stage = 3')
 
 
 def _errors(source, world_size=None) -> list[str]:
