@@ -59,11 +59,13 @@ def _status(code: Any) -> int:
 
 
 def parse_rank_event(line: str) -> dict[str, Any] | None:
-    """The event a rank-event line carries, or None for any other line."""
-    if not line.startswith(RANK_EVENT_PREFIX):
+    """The event a rank-event line carries, or None for any other line. The prefix may follow other
+    text on the line: a progress bar the rank was drawing when it failed ends without a newline."""
+    start = line.find(RANK_EVENT_PREFIX)
+    if start < 0:
         return None
     try:
-        event = json.loads(line[len(RANK_EVENT_PREFIX):])
+        event = json.loads(line[start + len(RANK_EVENT_PREFIX):])
     except json.JSONDecodeError:
         return None
     return event if isinstance(event, dict) else None
