@@ -119,6 +119,15 @@ def test_followers_take_rank_events_out_of_the_output(tmp_path: Path) -> None:
     assert followers.events == {}
 
 
+def test_a_rank_event_after_an_unfinished_progress_bar_is_still_an_event() -> None:
+    """A rank that fails while drawing its progress bar leaves the bar's line without a newline, so
+    its event line starts after the bar's text; it must not reach the user as raw JSON."""
+    event = {"failed_at": 3.0, "status": 2, "line": "dtrain: error: bad"}
+    line = f"\r  0%|          | 0/2 [00:00<?, ?step/s]{bootstrap.RANK_EVENT_PREFIX}{json.dumps(event)}"
+    assert bootstrap.parse_rank_event(line) == event
+    assert bootstrap.parse_rank_event("  0%|          | 0/2 [00:00<?, ?step/s]") is None
+
+
 def test_first_failure_is_by_time_not_loudness_or_rank() -> None:
     # rank 0 only saw the knock-on gloo error: its event is later than rank 1's
     both = {0: RankExit(0, 1, 10.0, alive_at=9.0), 1: RankExit(1, 1, 10.0, alive_at=9.0)}
