@@ -1,4 +1,4 @@
-"""Per-kind zero levels on 2 namespaced hosts x 2 ranks, side by side with DeepSpeed and FSDP2.
+"""Per-kind zero levels on namespaced hosts (default 2 x 2 ranks), side by side with DeepSpeed and FSDP2.
 
     python benchmarks/hierarchical.py                      # 1 Gbit and 100 Mbit, 3 repeats
     python benchmarks/hierarchical.py --rates 100mbit --json benchmarks/results/hierarchical_100mbit.json
@@ -49,6 +49,14 @@ table says which it is (preset, parameters, tokens per step and per rank) and th
 of each variant: the busier host's transmitted bytes per step at the link rate, over the step time
 (the time the step would spend on the link if nothing else ran).
 
+``--block`` sets the tokens per sequence (default: the preset's 128): ``--batch 4 --block 64`` (64 tokens
+per rank) is the link-bound regime a GPU cluster on a 1 Gbit link is in (a GPU computes ~10^3-10^4x
+faster than one of these cores, so its compute per parameter byte sent is far smaller than here).
+``--nodes``/``--nproc`` change the topology (default 2 hosts x 2 ranks; 2 x 4 and 4 x 2 fit in
+memory, but 8 ranks on 2 cores make their step times a measure of CPU sharing, so use them for
+the bytes). Each rank record also keeps ``comm_wait_s_per_step``: the seconds the rank's training
+thread spent blocked in collectives per step, per ``op@group`` (``Comm.wait_s``).
+
 Variants are interleaved in a rotated order, repeated, and medians reported. Writes
 benchmarks/results/hierarchical.json (``--json`` to change it; ``--quick``: hierarchical_quick.json).
 """
@@ -75,22 +83,34 @@ PRESETS: dict[str, tuple[str, dict[str, int]]] = {
     "bench": ("bench", {"vocab_size": 256}),
 }
 
-# name -> framework and its settings; dtrain: the ``zero`` config section
-VARIANTS: dict[str, dict[str, Any]] = {
-    "zero3": {"dtrain": {"stage": 3}},
-    "hsdp": {"dtrain": {"preset": "hsdp"}},
-    "hpz": {"dtrain": {"preset": "hpz"}},
-    "hpz-int8": {"dtrain": {"preset": "hpz", "gather_dtype": "int8"}},
-    "frontier3": {"dtrain": {"preset": "frontier3"}},
-    "auto": {"dtrain": {"preset": "auto"}},
-    "deepspeed-zero3": {"deepspeed": {}},
-    "deepspeed-hpz": {"deepspeed": {"zero_hpz_partition_size": NPROC}},
-    "deepspeed-hpz-int8": {"deepspeed": {"zero_hpz_partition_size": NPROC, "zero_quantized_weights": True}},
-    # hpZ with parameters released after the forward, so its backward re-gathers from the secondary copy
-    "deepspeed-hpz-live": {"deepspeed": {"zero_hpz_partition_size": NPROC, "stage3_max_live_parameters": 1000,
-                                         "stage3_max_reuse_distance": 1000}},
-    "fsdp2-hsdp": {"fsdp2": {"mesh": (NODES, NPROC)}},
-}
+# name -> framework and its settings; dtrain: the ``zero`` config section (rebuilt by set_topology)
+VARIANTS: dict[str, dict[str, Any]] = {}
+
+
+def set_topology(nodes: int, nproc: int) -> None:
+    """Hosts and ranks per host of this invocation (``--nodes``/``--nproc``); the peers' settings
+    that name a host's size follow it."""
+    global NODES, NPROC
+    NODES, NPROC = nodes, nproc
+    VARIANTS.clear()
+    VARIANTS.update({
+        "zero3": {"dtrain": {"stage": 3}},
+        "hsdp": {"dtrain": {"preset": "hsdp"}},
+        "hpz": {"dtrain": {"preset": "hpz"}},
+        "hpz-int8": {"dtrain": {"preset": "hpz", "gather_dtype": "int8"}},
+        "frontier3": {"dtrain": {"preset": "frontier3"}},
+        "auto": {"dtrain": {"preset": "auto"}},
+        "deepspeed-zero3": {"deepspeed": {}},
+        "deepspeed-hpz": {"deepspeed": {"zero_hpz_partition_size": nproc}},
+        "deepspeed-hpz-int8": {"deepspeed": {"zero_hpz_partition_size": nproc, "zero_quantized_weights": True}},
+        # hpZ with parameters released after the forward, so its backward re-gathers from the secondary copy
+        "deepspeed-hpz-live": {"deepspeed": {"zero_hpz_partition_size": nproc, "stage3_max_live_parameters": 1000,
+                                             "stage3_max_reuse_distance": 1000}},
+        "fsdp2-hsdp": {"fsdp2": {"mesh": (nodes, nproc)}},
+    })
+
+
+set_topology(NODES, NPROC)
 # where the peers keep each kind, in dtrain's level names (for the tables)
 PEER_LEVELS = {
     "deepspeed-zero3": ("global", "global", "global", "global", "fp32"),
@@ -180,13 +200,14 @@ def worker(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     step, state_bytes, facts = _build(args.variant, model, args.batch // world)
     engine = facts.pop("engine", None)
-    times, losses, link, comm_before = [], [], {}, {}
+    times, losses, link, comm_before, wait_before = [], [], {}, {}, {}
     for i in range(args.steps):
         if i == args.warmup:
             dist.barrier()
             link["before"] = link_bytes() if local_rank == 0 else None
             comm_before = dict(engine.comm.bytes_sent) if engine else {}
-        batch = batch_for(data, i, 0, args.batch, model.cfg.block_size, rank, world)
+            wait_before = dict(engine.comm.wait_s) if engine else {}
+        batch = batch_for(data, i, 0, args.batch, args.block or model.cfg.block_size, rank, world)
         clock = Stopwatch()
         losses.append(step(batch, i == args.steps - 1, clock))
         times.append(clock.stop())
@@ -195,9 +216,12 @@ def worker(args: argparse.Namespace) -> None:
     measured = args.steps - args.warmup
     comm = ({k: (v - comm_before.get(k, 0)) / measured for k, v in engine.comm.bytes_sent.items()}
             if engine else {})
+    waits = ({k: (v - wait_before.get(k, 0.0)) / measured for k, v in engine.comm.wait_s.items()}
+             if engine else {})
     write_json(Path(args.out) / f"r{rank}.json", {
         "rank": rank, "node": rank // int(os.environ["LOCAL_WORLD_SIZE"]), "step_times_s": times,
         "losses": losses, "link": link if local_rank == 0 else None, "comm_bytes_per_step": comm,
+        "comm_wait_s_per_step": waits,
         "peak_rss_bytes": peak_rss_bytes(), "state_bytes_storage": state_bytes(),
         "state_bytes": engine.state_bytes() if engine else None, "n_params": n_params, **facts})
     dist.barrier()
@@ -220,7 +244,8 @@ def run_once(hosts: Any, name: str, rate: str, rep: int, port: int, args: argpar
         old.unlink()
     log = out / "stderr.log"
     cmd = [str(Path(__file__).resolve()), "--worker", "--variant", name, "--out", str(out), "--preset", args.preset,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+           "--block", str(args.block), "--nodes", str(NODES), "--nproc", str(NPROC)]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with log.open("w") as err:
@@ -345,9 +370,11 @@ def _pct(x: float | None) -> str:
 def _regime(doc: dict[str, Any]) -> str:
     """The workload in words: model preset, parameters, tokens per step and per rank."""
     n = next((s.get("n_params") for r in doc["rates"].values() for s in r.values() if s.get("n_params")), None)
-    per_rank = doc["tokens_per_step"] // (NODES * NPROC)
+    topo = doc.get("topology", {"nodes": NODES, "nproc_per_node": NPROC})
+    per_rank = doc["tokens_per_step"] // (topo["nodes"] * topo["nproc_per_node"])
     size = f", {n / 1e6:.2f}M parameters" if n else ""
-    return f"preset {doc['model']['preset']}{size}, {doc['tokens_per_step']} tokens/step, {per_rank} per rank"
+    return (f"{topo['nodes']} hosts x {topo['nproc_per_node']} ranks, preset {doc['model']['preset']}{size}, "
+            f"{doc['tokens_per_step']} tokens/step, {per_rank} per rank")
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -390,7 +417,7 @@ def rebuild(args: argparse.Namespace) -> int:
     doc.update(args={k: v for k, v in vars(args).items() if k not in ("worker", "variant", "out")},
                rebuilt_from_runs=True, model={"preset": args.preset, "config": {
                    k: getattr(model_config(args.preset), k) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}},
-               batch=args.batch, tokens_per_step=args.batch * model_config(args.preset).block_size,
+               batch=args.batch, tokens_per_step=args.batch * (args.block or model_config(args.preset).block_size),
                optimizer=f"torch.optim.AdamW(lr={LR})", precision="fp32", topology={"nodes": NODES, "nproc_per_node": NPROC})
     for rate in args.rates.split(","):
         runs: dict[str, list[dict[str, Any]]] = {}
@@ -416,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="mid", choices=sorted(PRESETS), help="GPT size (see the module docstring)")
     p.add_argument("--steps", type=int, default=8, help="steps per run, warm-up included")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8, help="global batch (sequences of the preset's block size)")
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences of --block tokens)")
+    p.add_argument("--block", type=int, default=0, help="tokens per sequence (default: the preset's block size, 128)")
+    p.add_argument("--nodes", type=int, default=2, help="simulated hosts (network namespaces)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks per host")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="1 Gbit, 1 repeat, 5 steps")
     p.add_argument("--timeout-s", type=float, default=600, help="per run")
@@ -426,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(an invocation cut short); --rates/--variants/--steps/--warmup/--preset/--batch as it ran")
     p.add_argument("--markdown", nargs="+", metavar="JSON", help="print the tables of results files and exit")
     args = p.parse_args(argv)
+    set_topology(args.nodes, args.nproc)
     if args.from_runs:  # rebuild the results of an invocation cut short from its runs' rank files
         return rebuild(args)
     if args.markdown:
@@ -462,13 +493,14 @@ def main(argv: list[str] | None = None) -> int:
         "topology": {"nodes": NODES, "nproc_per_node": NPROC},
         "model": {"preset": args.preset, "config": {k: getattr(cfg, k) for k in
                                                     ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}},
-        "batch": args.batch, "tokens_per_step": args.batch * cfg.block_size,
+        "batch": args.batch, "block": args.block or cfg.block_size,
+        "tokens_per_step": args.batch * (args.block or cfg.block_size),
         "optimizer": f"torch.optim.AdamW(lr={LR})", "precision": "fp32",
         "rates": {}, "targets": {},
     }
     port = 29700 + (os.getpid() % 200) * 10
     print(f"model: preset {args.preset} ({cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}); "
-          f"{results['tokens_per_step']} tokens/step = {args.batch} x {cfg.block_size}, "
+          f"{results['tokens_per_step']} tokens/step = {args.batch} x {args.block or cfg.block_size}, "
           f"{results['tokens_per_step'] // (NODES * NPROC)} per rank; link share = the busier host's tx bytes "
           f"per step at the link rate / step time", flush=True)
     for rate in args.rates.split(","):

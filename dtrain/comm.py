@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
@@ -53,10 +54,13 @@ class Handle:
         if self.work is None:
             return
         work, self.work = self.work, None
+        start = time.perf_counter()
         try:
             ok = work.wait(timeout=datetime.timedelta(seconds=self.comm.timeout_s))
         except RuntimeError as exc:
             raise self.comm.failure(self, exc) from exc
+        finally:
+            self.comm.wait_s[f"{self.op}@{self.level}"] += time.perf_counter() - start
         if ok is False:
             raise self.comm.failure(self, None)
         if self.then is not None:
@@ -71,6 +75,8 @@ class Comm:
         self.topology = topology
         self.timeout_s = timeout_s
         self.bytes_sent: dict[str, int] = defaultdict(int)
+        self.wait_s: dict[str, float] = defaultdict(float)
+        """Seconds callers spent blocked in :meth:`Handle.wait`, per ``op@group``."""
         self._seq = 0
         self._lock = threading.Lock()  # plugins may issue collectives from a background thread
 

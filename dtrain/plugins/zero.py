@@ -95,14 +95,19 @@ class Chain:
         self.steps = list(steps)
         self.handle = self.steps.pop(0)() if self.steps else None
 
-    def wait(self) -> None:
+    def advance(self) -> None:
+        """Wait for the step in flight and start the next collective one (local steps run on the
+        way). Called at points every rank reaches in the same order, so the collectives of all
+        chains reach each group in the same order on every rank."""
         if self.handle is not None:
             self.handle.wait()
-        while self.steps:
-            handle = self.steps.pop(0)()
-            if handle is not None:
-                handle.wait()
-        self.handle = None
+            self.handle = None
+        while self.steps and self.handle is None:
+            self.handle = self.steps.pop(0)()
+
+    def wait(self) -> None:
+        while self.handle is not None or self.steps:
+            self.advance()
 
 
 class StaleCopyError(RuntimeError):
@@ -416,6 +421,11 @@ class FlatLayout(LayoutPlugin):
                 steps.extend(self._finish_steps(unit, after, self.s_g))
         else:
             steps = self._finish_steps(unit, state, 1)
+        # the chains reduced earlier move to their next level step now, one unit of backward after
+        # they started: their later (cross-node) steps then overlap the backward instead of blocking
+        # it when the chain is completed
+        for _, earlier in self.inflight:
+            earlier.advance()
         self.inflight.append((unit, Chain(steps)))
         if self.split_grads or self.unit_reduced is not None:
             while len(self.inflight) > MAX_INFLIGHT:
@@ -688,9 +698,15 @@ class FlatLayout(LayoutPlugin):
     def _pre_forward(self, unit: FlatUnit) -> None:
         if unit not in self.order:
             self.order.append(unit)
-        self._gather(unit)
         nxt = self._neighbour(unit, +1)
-        if self.engine.config.zero.prefetch and nxt is not None:
+        prefetch = self.engine.config.zero.prefetch and nxt is not None
+        if prefetch and unit in self.pending:
+            # the unit's first (widest) gather step is done before the next unit's starts, and the next
+            # one's starts before this unit's narrower steps: the slowest link never waits for them
+            self.pending[unit].advance()
+            self._gather(nxt, async_op=True)
+        self._gather(unit)
+        if prefetch:
             self._gather(nxt, async_op=True)
 
     def _post_forward(self, unit: FlatUnit, output: Any) -> None:
