@@ -37,29 +37,34 @@ def _gather_dtype(name: str, variant: dict) -> str:
 
 def _is_dtrain(variant: dict) -> bool:
     levels = variant.get("levels")
-    return isinstance(levels, dict) and {"params", "grads", "optim", "backward_params"} <= set(levels)
+    return variant.get("framework", "dtrain") == "dtrain" and isinstance(levels, dict) and {"params", "grads", "optim", "backward_params"} <= set(levels)
 
 
 def compare(results: dict, cluster_path: str) -> dict:
     """Predicted vs measured for every rate and dtrain variant of ``results``."""
 
     from dtrain.hierarchy import resolve_levels
-    from dtrain.models import GPT, GPTConfig
+    from dtrain.models import GPT
     from dtrain.planner.calibrate import gpt_shape
     from dtrain.planner.cluster import ClusterSpec, load_cluster
     from dtrain.planner.layout import layout_units, predict_step
     from dtrain.topology import Shape
     from types import SimpleNamespace
 
+    sys.path.insert(0, str(HERE))
+    from hierarchical import model_config  # the benchmark's presets (``mid`` is ``small`` widened)
+
     args = results.get("args", {})
     preset = args.get("preset") or "small"
-    nodes, nproc = int(args.get("nodes", 2)), int(args.get("nproc", 2))
+    topology = results.get("topology", {})
+    nodes = int(topology.get("nodes", args.get("nodes", 2)))
+    nproc = int(topology.get("nproc_per_node", args.get("nproc", 2)))
     world = nodes * nproc
-    cfg = GPTConfig.preset(preset, vocab_size=256) if preset == "small" else GPTConfig.preset(preset)
-    tokens_per_rank = int(args.get("batch", 8)) * cfg.block_size / world
+    cfg = model_config(preset)
+    tokens_per_rank = results.get("tokens_per_step", int(args.get("batch", 8)) * cfg.block_size) / world
     shape = Shape.of(world, 0, nodes)
     units = layout_units(GPT(cfg), shape)
-    flops = gpt_shape(preset, cfg.vocab_size).dense_flops_per_token
+    flops = gpt_shape(cfg).dense_flops_per_token
     cluster = load_cluster(cluster_path)
     cluster = ClusterSpec(**{**cluster.__dict__, "num_devices": world, "devices_per_node": nproc})
     out: dict = {"cluster": cluster_path, "preset": preset, "world": world, "tokens_per_rank": tokens_per_rank,

@@ -162,7 +162,8 @@ def _ring(op: str, nbytes: int, n: int) -> int:
 
 def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_units: Sequence[int] | None = None,
                 grad_accum: int = 1, gather_dtype: str = "fp32", clip: bool = False,
-                counts: dict[str, int] | None = None) -> dict[str, int]:
+                counts: dict[str, int] | None = None,
+                phases: dict[str, dict[str, list[int]]] | None = None) -> dict[str, int]:
     """Bytes one rank sends per optimizer step, per level, for the layout's own collectives.
 
     ``units`` are the padded element counts of every unit; ``backward_units`` those re-gathered
@@ -170,19 +171,30 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
     Ring costs (docs/hierarchical.md): a step over ``n`` ranks moving ``M`` bytes costs
     ``(n-1)/n * M`` for all-gather (M: output) and reduce-scatter (M: input), twice that for an
     all-reduce, filed under the smallest level holding the group (:meth:`Shape.level_of_ranks`).
-    ``counts``, when given, receives the number of collectives per level (for latency terms).
+    ``counts``, when given, receives the number of collectives per level (for latency terms);
+    ``phases``, when given, receives ``phase -> level -> [bytes, collectives]`` for the phase of the
+    step each collective runs in: ``forward`` (parameter gathers), ``backward`` (backward gathers
+    and every gradient reduction, issued as units finish) and ``update`` (publishing the updated
+    parameters and the clipping norm, after the backward).
     """
     counts = counts if counts is not None else {}
     out: dict[str, int] = {}
+    phase = "backward"
+
+    def file(level: str, nbytes: int, times: int) -> None:
+        out[level] = out.get(level, 0) + nbytes
+        counts[level] = counts.get(level, 0) + times
+        if phases is not None:
+            slot = phases.setdefault(phase, {}).setdefault(level, [0, 0])
+            slot[0] += nbytes
+            slot[1] += times
     chain = levels.chain()
     s_p, s_g, s_o, s_b, s_d = (levels.size(k) for k in (*KINDS, "dp"))
     gb = GATHER_BYTES[gather_dtype]
 
     def add(small: int, big: int, op: str, nbytes: int, times: int = 1) -> None:
         if big // small > 1 and nbytes:
-            level = shape.level_of_ranks(step_groups(shape, small, big))
-            out[level] = out.get(level, 0) + times * _ring(op, nbytes, big // small)
-            counts[level] = counts.get(level, 0) + times
+            file(shape.level_of_ranks(step_groups(shape, small, big)), times * _ring(op, nbytes, big // small), times)
 
     def steps(lo: int, hi: int) -> list[tuple[int, int]]:
         used = [s for s in chain if lo <= s <= hi]
@@ -201,23 +213,25 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
 
     for padded in units:
         f = 4 * padded
+        phase = "backward"
         if s_g > 1:  # every micro-step: reduce-scatter up to the grads level
             for small, big in steps(1, s_g):
                 add(small, big, "reduce_scatter", f // small, grad_accum)
         for small, big in steps(s_g, s_o):  # once: on to the optim level
             add(small, big, "reduce_scatter", f // small)
         if s_d > s_o:  # the optim level's replicas: all-reduce across its peers
-            level = shape.level_of_ranks(list(range(0, s_d, s_o)))
-            out[level] = out.get(level, 0) + _ring("all_reduce", f // s_o, s_d // s_o)
-            counts[level] = counts.get(level, 0) + 1
+            file(shape.level_of_ranks(list(range(0, s_d, s_o))), _ring("all_reduce", f // s_o, s_d // s_o), 1)
+        phase = "update"
         for small, big in steps(s_p, s_o):  # publish the updated master down to the params level
             add(small, big, "all_gather", f // small)
+        phase = "forward"
         if s_p > 1:  # forward gathers, every micro-step
             param_gather(padded, s_p, grad_accum)
+    phase = "backward"
     if s_p > 1 and s_b > 1:  # backward gathers from the backward copy
         for padded in (units if backward_units is None else backward_units):
             param_gather(padded, s_b, grad_accum)
     if clip and s_o > 1:
-        level = shape.level_of_ranks(list(range(s_o)))
-        out[level] = out.get(level, 0) + _ring("all_reduce", 8, s_o)
+        phase = "update"
+        file(shape.level_of_ranks(list(range(s_o))), _ring("all_reduce", 8, s_o), 0)
     return out

@@ -350,13 +350,15 @@ LAYOUT_SEQS = (1, 2, 4)  # sequences of block_size tokens per rank for the compu
 LAYOUT_TRAIN_SEQS = 2  # per rank, for the overlap fit (benchmarks/hierarchical.py's default: 8 over 4)
 
 
-def gpt_shape(preset: str = LAYOUT_PRESET, vocab: int = 256) -> Any:
-    """The planner's :class:`~dtrain.planner.shapes.ModelShape` of ``GPTConfig.preset(preset)``."""
+def gpt_shape(preset: Any = LAYOUT_PRESET, vocab: int = 256) -> Any:
+    """The planner's :class:`~dtrain.planner.shapes.ModelShape` of ``GPTConfig.preset(preset)``
+    (or of ``preset`` itself when it is a ``GPTConfig``)."""
     from dtrain.models import GPTConfig
     from dtrain.planner.shapes import ModelShape
 
-    cfg = GPTConfig.preset(preset, vocab_size=vocab)
-    return ModelShape(f"gpt-{preset}", layers=cfg.n_layer, hidden=cfg.n_embd, heads=cfg.n_head,
+    cfg = preset if isinstance(preset, GPTConfig) else GPTConfig.preset(preset, vocab_size=vocab)
+    name = f"gpt-{preset}" if isinstance(preset, str) else f"gpt-{cfg.n_layer}x{cfg.n_embd}"
+    return ModelShape(name, layers=cfg.n_layer, hidden=cfg.n_embd, heads=cfg.n_head,
                       vocab=cfg.vocab_size, ffn=4 * cfg.n_embd, tied_embeddings=True)
 
 
@@ -447,8 +449,9 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
     Fits (least squares of the relative residual, as the sequence-parallel calibration above):
     per level, ``t = latency + bytes_sent / bandwidth`` over the three collectives and the message
     sizes; ``t = step_overhead_s + flops / rate`` over the plain training steps; then the overlap
-    ``phi`` from the flat ZeRO-3 steps: ``t = c + m - phi min(c, m)`` with ``c`` and ``m``
-    predicted by the fitted model (clipped to [0, 1]). Returns the report as a dict."""
+    ``phi`` from the flat ZeRO-3 steps: ``t = c + m - phi * h`` with ``c``, ``m`` and ``h`` (what
+    full overlap would hide, forward and backward phase by phase) predicted by the fitted model
+    (clipped to [0, 1]). Returns the report as a dict."""
     import json
 
     from dtrain import netns
@@ -507,10 +510,13 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
     zero3 = resolve_levels(SimpleNamespace(stage=3, preset=None, params=None, grads=None, optim=None,
                                            backward_params=None), shape)
     units = run["units"]
-    _, comm_s = predict(units, zero3, shape, base)
-    compute_s = StepModel(rate, overhead).compute_s(shape_model.dense_flops_per_token, LAYOUT_TRAIN_SEQS * _block_size())
+    _, phase_comm = predict(units, zero3, shape, base)
+    comm_s = sum(phase_comm.values())
+    model = StepModel(rate, overhead, 1.0)
+    compute_s = model.compute_s(shape_model.dense_flops_per_token, LAYOUT_TRAIN_SEQS * _block_size())
     measured = run["zero3_step_s"]
-    phi = (compute_s + comm_s - measured) / max(min(compute_s, comm_s), 1e-12)
+    # measured = compute + comm - phi * (what phi = 1 would hide), per phase (planner/layout.py)
+    phi = (compute_s + comm_s - measured) / max(model.hidden_s(compute_s, phase_comm), 1e-12)
     phi = min(1.0, max(0.0, phi))
     calibration = {"method": "dtrain plan calibrate --layout", "net": net, "nodes": nodes, "nproc": nproc,
                    "reference_model": f"GPT preset {LAYOUT_PRESET!r}, vocab 256", "step_overhead_s": overhead,

@@ -11,8 +11,13 @@ Every valid assignment of (params, grads, optim, backward_params) to the cluster
   the ranks' issue order);
 * compute ``c``: ``step_overhead_s + tokens_per_rank * dense_flops_per_token / (linear_TFLOPS
   1e12)``, the same for every assignment;
-* step ``t = c + m - overlap * min(c, m)``: ``overlap`` = 0 is the plain sum (nothing hidden),
-  1 is ``max(c, m)`` (everything hidden behind the longer one).
+* step, phase by phase (:func:`dtrain.hierarchy.step_volume` files each collective under the
+  phase it runs in): ``t = o + sum over forward, backward of (c_ph + m_ph - overlap * min(c_ph,
+  m_ph)) + m_update``, with ``o`` the per-step overhead, the compute split 1 : 2 between forward
+  and backward (the FLOP ratio), and the update's collectives (publishing parameters) exposed.
+  ``overlap`` = 0 is the plain sum (nothing hidden), 1 hides each phase's communication behind
+  its compute up to the longer of the two. An assignment whose cross-node traffic is all in the
+  backward (HSDP) can hide less of it than one that spreads it over both phases (hpZ).
 
 ``dtrain plan calibrate --layout`` measures all of these on 2 namespaced hosts (docs/hierarchical.md,
 "Predicting the step time"); an uncalibrated cluster file has ``step_overhead_s`` = 0 and
@@ -102,7 +107,7 @@ class StepModel:
 
     flops_per_s: float  # effective training FLOP rate of one rank (cluster linear_TFLOPS)
     step_overhead_s: float = 0.0  # per step, whatever the tokens (kernel launches, optimizer, Python)
-    overlap: float = 0.0  # 0: compute + comm; 1: max(compute, comm)
+    overlap: float = 0.0  # per phase, 0: compute + comm; 1: max(compute, comm)
 
     @classmethod
     def of(cls, cluster: ClusterSpec) -> "StepModel":
@@ -115,34 +120,47 @@ class StepModel:
             return 0.0
         return self.step_overhead_s + tokens_per_rank * flops_per_token / self.flops_per_s
 
-    def step_s(self, compute_s: float, comm_s: float) -> float:
-        return compute_s + comm_s - self.overlap * min(compute_s, comm_s)
+    def phase_compute(self, compute_s: float) -> dict[str, float]:
+        """The compute of a step by phase: forward and backward at 1 : 2 after the fixed overhead."""
+        work = max(0.0, compute_s - self.step_overhead_s)
+        return {"forward": work / 3, "backward": 2 * work / 3}
+
+    def hidden_s(self, compute_s: float, phase_comm: Mapping[str, float]) -> float:
+        """Communication seconds the overlap hides behind compute (forward and backward only)."""
+        work = self.phase_compute(compute_s)
+        return self.overlap * sum(min(work[ph], phase_comm.get(ph, 0.0)) for ph in work)
+
+    def step_s(self, compute_s: float, phase_comm: Mapping[str, float]) -> float:
+        return compute_s + sum(phase_comm.values()) - self.hidden_s(compute_s, phase_comm)
 
 
 def predict_step(units: Sequence[int], levels: Levels, shape: Shape, cluster: ClusterSpec, *,
                  flops_per_token: float = 0.0, tokens_per_rank: float = 0.0, grad_accum: int = 1,
                  gather_dtype: str = "fp32") -> dict[str, Any]:
     """Predicted ``step_s`` = compute + communication - overlap (module docstring), with its parts."""
-    volume, comm = predict(units, levels, shape, cluster, grad_accum, gather_dtype)
+    volume, phase_comm = predict(units, levels, shape, cluster, grad_accum, gather_dtype)
     model = StepModel.of(cluster)
     compute = model.compute_s(flops_per_token, tokens_per_rank)
-    return {"step_s": model.step_s(compute, comm), "compute_s": compute, "comm_s": comm, "bytes_per_level": volume}
+    return {"step_s": model.step_s(compute, phase_comm), "compute_s": compute, "comm_s": sum(phase_comm.values()),
+            "comm_s_by_phase": phase_comm, "bytes_per_level": volume}
 
 
 def predict(units: Sequence[int], levels: Levels, shape: Shape, cluster: ClusterSpec, grad_accum: int = 1,
-            gather_dtype: str = "fp32") -> tuple[dict[str, int], float]:
-    """Bytes per level and predicted communication seconds of one step."""
-    counts: dict[str, int] = {}
+            gather_dtype: str = "fp32") -> tuple[dict[str, int], dict[str, float]]:
+    """Bytes per level and predicted communication seconds of one step per phase (forward,
+    backward, update)."""
+    phases: dict[str, dict[str, list[int]]] = {}
     volume = step_volume(units, levels, shape, backward_units=units[:-1], grad_accum=grad_accum,
-                         gather_dtype=gather_dtype, counts=counts)
+                         gather_dtype=gather_dtype, phases=phases)
     node = shape.size("node")
-    time = 0.0
-    for level, nbytes in volume.items():
-        inside = shape.size(level) <= node
-        bw = (cluster.intra_node_GBps if inside else cluster.inter_node_GBps) * GB
-        lat = (cluster.intra_node_latency_us if inside else cluster.inter_node_latency_us) * 1e-6
-        time += nbytes / bw + counts.get(level, 0) * lat
-    return volume, time
+    seconds = {"forward": 0.0, "backward": 0.0, "update": 0.0}
+    for phase, per_level in phases.items():
+        for level, (nbytes, count) in per_level.items():
+            inside = shape.size(level) <= node
+            bw = (cluster.intra_node_GBps if inside else cluster.inter_node_GBps) * GB
+            lat = (cluster.intra_node_latency_us if inside else cluster.inter_node_latency_us) * 1e-6
+            seconds[phase] += nbytes / bw + count * lat
+    return volume, seconds
 
 
 def plan_layouts(units: Sequence[int], shape: Shape, cluster: ClusterSpec, memory_bytes: float | None = None,
@@ -181,8 +199,8 @@ def choose_levels(layout: Any, shape: Shape) -> dict[str, str]:
     shape, with the model's real units (:func:`layout_units`) and the cluster file named by the
     environment variable ``DTRAIN_CLUSTER`` (default: the planner's default, cluster/a100_8x8.toml).
     The token count is not known at start-up, so the compute term is left out: it is the same for
-    every assignment, and ``t = c + m - overlap min(c, m)`` never decreases in ``m`` for a fixed
-    ``c``, so the order by communication is the order by step time."""
+    every assignment; with it left out no communication is hidden, so the ranking is by the
+    step's communication time."""
     import os
 
     path = os.environ.get("DTRAIN_CLUSTER")

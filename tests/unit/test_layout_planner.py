@@ -33,9 +33,14 @@ def test_step_model_arithmetic():
     assert (m.flops_per_s, m.step_overhead_s, m.overlap) == (1e10, 0.05, 0.5)
     assert m.compute_s(1e6, 1000) == pytest.approx(0.05 + 0.1, rel=1e-12)
     assert m.compute_s(1e6, 0) == 0.0  # no tokens: communication only
-    assert m.step_s(0.3, 0.1) == pytest.approx(0.3 + 0.1 - 0.05, rel=1e-12)
-    assert StepModel(1.0, overlap=0.0).step_s(0.3, 0.1) == pytest.approx(0.4)  # plain sum
-    assert StepModel(1.0, overlap=1.0).step_s(0.3, 0.1) == pytest.approx(0.3)  # max
+    # overhead 0.05, then forward 0.25/3 and backward 0.5/3 of compute; each phase hides half of min(c, m)
+    assert m.step_s(0.3, {"forward": 0.05, "backward": 0.05}) == pytest.approx(0.3 + 0.1 - 0.05, rel=1e-12)
+    assert m.step_s(0.3, {"update": 0.1}) == pytest.approx(0.4, rel=1e-12)  # publishing is never hidden
+    assert StepModel(1.0, overlap=0.0).step_s(0.3, {"backward": 0.1}) == pytest.approx(0.4)  # plain sum
+    full = StepModel(1.0, overlap=1.0)
+    assert full.step_s(0.3, {"forward": 0.1, "backward": 0.2}) == pytest.approx(0.3)  # max, phase by phase
+    # the same communication all in the backward hides only up to the backward's compute
+    assert full.step_s(0.3, {"backward": 0.3}) == pytest.approx(0.4)
     uncalibrated = StepModel.of(ClusterSpec(name="u", num_devices=4, devices_per_node=2))
     assert (uncalibrated.step_overhead_s, uncalibrated.overlap) == (0.0, 0.0)
 
@@ -49,7 +54,15 @@ def test_predict_step_prices_the_volume_formula_per_level():
     comm = (volume["node"] / 1e9 + counts["node"] * 100e-6 + volume["global"] / 0.1e9 + counts["global"] * 1e-3)
     assert p["bytes_per_level"] == volume and p["comm_s"] == pytest.approx(comm, rel=1e-12)
     assert p["compute_s"] == pytest.approx(0.15, rel=1e-12)
-    assert p["step_s"] == pytest.approx(0.15 + comm - 0.5 * min(0.15, comm), rel=1e-12)
+    phases: dict = {}
+    step_volume(units, hpz, SHAPE, backward_units=units[:-1], phases=phases)
+    assert set(phases) == {"forward", "backward"}  # hpZ publishes nothing: params and optim share a level
+    by_phase = {ph: sum(b / (1e9 if lvl == "node" else 0.1e9) + n * (100e-6 if lvl == "node" else 1e-3)
+                        for lvl, (b, n) in per.items()) for ph, per in phases.items()}
+    assert p["comm_s_by_phase"]["forward"] == pytest.approx(by_phase["forward"], rel=1e-12)
+    assert p["comm_s_by_phase"]["backward"] == pytest.approx(by_phase["backward"], rel=1e-12)
+    hidden = 0.5 * (min(0.1 / 3, by_phase["forward"]) + min(0.2 / 3, by_phase["backward"]))
+    assert p["step_s"] == pytest.approx(0.15 + comm - hidden, rel=1e-12)
     # the ranking uses the step time; compute is the same for all, so with overlap 0 the order is comm's
     cands = plan_layouts(units, SHAPE, CLUSTER, flops_per_token=1e6, tokens_per_rank=1000)
     assert [c.time_s for c in cands] == sorted(c.time_s for c in cands)
@@ -95,9 +108,10 @@ def test_plan_layout_cli_prints_step_time(tmp_path, capsys):
     assert main([*argv, "--tokens-per-step", "4000", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     for c in out["candidates"]:
-        assert c["predicted_step_s"] == pytest.approx(
-            c["predicted_compute_s"] + c["predicted_step_comm_s"]
-            - 0.5 * min(c["predicted_compute_s"], c["predicted_step_comm_s"]), rel=1e-12)
+        # overlap 0.5 hides, phase by phase, at most half of the work after the 0.05 s overhead
+        plain = c["predicted_compute_s"] + c["predicted_step_comm_s"]
+        most_hidden = 0.5 * min(c["predicted_compute_s"] - 0.05, c["predicted_step_comm_s"])
+        assert plain - most_hidden - 1e-12 <= c["predicted_step_s"] < plain
         assert c["predicted_compute_s"] > 0.05
     assert main([*argv, "--tokens-per-step", "-1"]) == 2
     assert "--tokens-per-step" in capsys.readouterr().err
