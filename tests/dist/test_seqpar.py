@@ -13,7 +13,9 @@ One ``run_world`` at world 4 (gloo) checks, in order:
    the ranks sum per-token losses and gradients in another order, and the all-to-alls regroup the
    heads, so gradients differ by a few ulps (relative ~1e-7); one SGD step at lr 0.5 moves a
    parameter by lr * g: we allow atol 2e-6 on parameters, while the three steps move them by more
-   than 1e-2 (asserted), so a wrong weighting of any group's tokens would show.
+   than 1e-2 (asserted), so a wrong weighting of any group's tokens would show. Under ZeRO-2 the
+   planner runs with ``seqpar.solver = "greedy"`` (the others ``highs``), and each run's solver is
+   checked to be the one the planner was called with.
 3. **Groups created = distinct rank blocks used** (of 2 to world-1 ranks; the world uses WORLD):
    ``torch.distributed.new_group`` is counted over the steps.
 4. **10 AdamW steps with seqpar (planner, lookahead 1) equal ddp without it** over the same
@@ -186,12 +188,20 @@ def _worker() -> dict:
     later = _sequences(2, 12)
     plans = [[[(2, [0, 1]), (1, [2]), (1, [3])], [(4, [4])]],
              [[(2, [0, 1])], [(1, [2]), (1, [3]), (2, [4])]]]
+    import dtrain.planner
+
+    solvers: list[str] = []
+    real_plan_step = dtrain.planner.plan_step
+    dtrain.planner.plan_step = lambda lengths, cost, options, *a, **kw: (
+        solvers.append(options.solver) or real_plan_step(lengths, cost, options, *a, **kw))
     for stage in (0, 1, 2, 3):
         model = _model()
         ref = copy.deepcopy(model)
         start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        solvers.clear()
         config = {"train": {"loss_norm": "tokens"}, "zero": {"stage": stage},
-                  "seqpar": {"enabled": True, "lookahead": 0, "max_tokens_per_rank": 64, "solver_time_s": 0.3}}
+                  "seqpar": {"enabled": True, "lookahead": 0, "max_tokens_per_rank": 64, "solver_time_s": 0.3,
+                             "solver": "greedy" if stage == 2 else "highs"}}
         engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.5), config=config)
         if stage == 0:
             out["attention_fp64"] = _attention_fp64(engine.comm)
@@ -209,7 +219,9 @@ def _worker() -> dict:
         out[f"diffs_stage{stage}"] = diffs
         out[f"moved_stage{stage}"] = max((p.detach() - start[n]).abs().max().item() for n, p in ref.named_parameters())
         out[f"used_stage{stage}"] = sorted(engine_plugin(engine).groups_used)
+        out[f"solvers_stage{stage}"] = sorted(set(solvers))
         engine.close()
+    dtrain.planner.plan_step = real_plan_step
     out["errors"], out["capped_sizes"], out["used_errors"] = _errors(seqs)
     out["created"] = [tuple(r) for r in created]
     out["multi_used"] = sorted({r for key in ("used_stage0", "used_stage1", "used_stage2", "used_stage3", "used_errors") for r in out[key] if 1 < len(r) < WORLD})
@@ -254,6 +266,8 @@ def test_seqpar_world4():
     for stage in (0, 1, 2, 3):
         assert max(r[f"diffs_stage{stage}"]) < 2e-6, (stage, r[f"diffs_stage{stage}"])
         assert r[f"moved_stage{stage}"] > 1e-2, r[f"moved_stage{stage}"]  # the tolerance is tiny next to the update
+        # seqpar.solver reaches the planner (stage 2 plans with the greedy heuristics only)
+        assert r[f"solvers_stage{stage}"] == (["greedy"] if stage == 2 else ["highs"]), r[f"solvers_stage{stage}"]
     assert sorted(set(r["created"])) == r["multi_used"] and len(r["created"]) == len(r["multi_used"]), r
     assert r["ten_steps"] < 5e-5 and r["moved"] > 1e-2, (r["ten_steps"], r["moved"])
     too_long, heads, world = r["errors"]
