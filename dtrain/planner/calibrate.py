@@ -362,7 +362,10 @@ def gpt_shape(preset: Any = LAYOUT_PRESET, vocab: int = 256) -> Any:
                       vocab=cfg.vocab_size, ffn=4 * cfg.n_embd, tied_embeddings=True)
 
 
-def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int) -> None:
+LAYOUT_FIT_PRESETS = ("hpz", "hsdp")  # timed beside flat ZeRO-3 for the compute-scale and overlap fit
+
+
+def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int, model_kwargs: dict | None = None) -> None:
     """One rank: (1) plain fwd+bwd+AdamW of the reference GPT at several batch sizes, every rank
     at once; (2) ``Comm`` all-gathers, reduce-scatters and all-reduces inside a node, across the
     whole world and across the node peers (the groups the zero layout uses); (3) flat ZeRO-3
@@ -378,8 +381,9 @@ def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int) -> 
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = GPTConfig.preset(LAYOUT_PRESET, vocab_size=256)
+    cfg = GPTConfig(**model_kwargs) if model_kwargs else GPTConfig.preset(LAYOUT_PRESET, vocab_size=256)
     model = GPT(cfg)
+    initial = copy.deepcopy(model)
     plain = copy.deepcopy(model)
     engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4), config={"zero": {"stage": 3}})
     comm = engine.comm
@@ -436,13 +440,26 @@ def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int) -> 
         times.append(time.perf_counter() - t0)
     result["zero3_step_s"] = statistics.median(times[2:])
     result["units"] = [u.padded for u in engine.layout.units] if hasattr(engine.layout, "units") else None
+    result["steps_s"] = {"zero3": result["zero3_step_s"]}
+    for preset in LAYOUT_FIT_PRESETS:
+        other = dtrain.wrap(copy.deepcopy(initial), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
+                            config={"zero": {"preset": preset}})
+        times = []
+        for step in range(steps):
+            b = batch(LAYOUT_TRAIN_SEQS, step)
+            comm.barrier()
+            t0 = time.perf_counter()
+            other.train_step(b)
+            times.append(time.perf_counter() - t0)
+        result["steps_s"][preset] = statistics.median(times[2:])
+        other.close()
     if comm.rank == 0:
         Path(out).write_text(json.dumps(result))
     engine.close()
 
 
 def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, net: str = "bw=1gbit",
-                     quick: bool = False, timeout_s: float = 900) -> dict[str, Any]:
+                     quick: bool = False, timeout_s: float = 900, model: Any = None) -> dict[str, Any]:
     """Measure per-level bandwidth and latency, the compute rate and the overlap on ``nodes``
     namespaced hosts of ``nproc`` ranks joined by a ``net`` link, and write a cluster TOML.
 
@@ -474,8 +491,11 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
     repeats, steps = (3, 5) if quick else (5, 8)
     with tempfile.TemporaryDirectory() as tmp:
         res_path = os.path.join(tmp, "layout.json")
+        model_kwargs = None if model is None else {
+            "vocab_size": model.vocab, "n_layer": model.layers, "n_head": model.heads, "n_embd": model.hidden,
+            "block_size": _block_size()}
         argv = ["-m", "dtrain.planner.calibrate", "--layout-worker", res_path, json.dumps(msg_bytes),
-                str(repeats), str(steps)]
+                str(repeats), str(steps), json.dumps(model_kwargs)]
         with netns.create_hosts(nodes, spec["rate"], burst=spec.get("burst"), latency=spec.get("latency", "50ms"),
                                 prefix="dtrain-cal") as hosts:
             codes = netns.wait_all(netns.spawn_ranks(hosts, nproc, argv, port=29480), timeout_s=timeout_s)
@@ -495,7 +515,7 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
     intra_bw, intra_lat = fits.get("node", next(iter(fits.values())))
     inter_bw, inter_lat = fits.get("global", (intra_bw, intra_lat))
     # compute: t = overhead + flops / rate
-    shape_model = gpt_shape()
+    shape_model = model if model is not None else gpt_shape()
     tokens = {int(k): int(k) * _block_size() for k in run["compute"]}
     flops = np.asarray([tokens[int(k)] * shape_model.dense_flops_per_token for k in run["compute"]])
     inv_rate, overhead = _fit(flops, np.asarray(list(run["compute"].values()), dtype=np.float64))
@@ -505,31 +525,31 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
                        intra_node_latency_us=intra_lat * 1e6, inter_node_latency_us=inter_lat * 1e6,
                        bytes_per_element=4, memory_GiB=round((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
                                                              / 1024**3 / (nodes * nproc), 2), reserve_GiB=0.5)
-    # overlap, from the flat ZeRO-3 steps
+    # compute scale and overlap, from the training steps of flat ZeRO-3, hpZ and HSDP
     shape = Shape.of(nodes * nproc, 0, nodes)
-    zero3 = resolve_levels(SimpleNamespace(stage=3, preset=None, params=None, grads=None, optim=None,
-                                           backward_params=None), shape)
     units = run["units"]
-    _, phase_comm = predict(units, zero3, shape, base)
-    comm_s = sum(phase_comm.values())
-    model = StepModel(rate, overhead, 1.0)
-    compute_s = model.compute_s(shape_model.dense_flops_per_token, LAYOUT_TRAIN_SEQS * _block_size())
-    measured = run["zero3_step_s"]
-    # measured = compute + comm - phi * (what phi = 1 would hide), per phase (planner/layout.py)
-    phi = (compute_s + comm_s - measured) / max(model.hidden_s(compute_s, phase_comm), 1e-12)
-    phi = min(1.0, max(0.0, phi))
+    tokens_per_rank = LAYOUT_TRAIN_SEQS * _block_size()
+    assignments = []
+    for name, measured in run.get("steps_s", {"zero3": run["zero3_step_s"]}).items():
+        zcfg = {"stage": 3, "preset": None} if name == "zero3" else {"stage": 0, "preset": name}
+        levels = resolve_levels(SimpleNamespace(params=None, grads=None, optim=None, backward_params=None, **zcfg),
+                                shape)
+        assignments.append((name, predict(units, levels, shape, base)[1], measured))
+    scale, phi, fit = fit_step_model(rate, overhead, shape_model.dense_flops_per_token, tokens_per_rank, assignments)
     calibration = {"method": "dtrain plan calibrate --layout", "net": net, "nodes": nodes, "nproc": nproc,
-                   "reference_model": f"GPT preset {LAYOUT_PRESET!r}, vocab 256", "step_overhead_s": overhead,
-                   "comm_overlap": phi, "zero3_measured_s": measured, "zero3_compute_s": compute_s,
-                   "zero3_comm_s": comm_s,
+                   "reference_model": (f"GPT preset {LAYOUT_PRESET!r}, vocab 256" if model is None else
+                                       f"GPT {shape_model.name}"), "step_overhead_s": overhead,
+                   "plain_compute_GFLOPS": rate / 1e9, "compute_scale": scale, "comm_overlap": phi,
+                   **{f"{name}_{k}": v for name, row in fit.items() for k, v in row.items()},
                    **{f"fit_max_rel_error_{k}": round(v, 4) for k, v in fit_errors.items()}}
+    base = replace(base, linear_TFLOPS=rate / scale / 1e12)
     cluster = replace(base, description=f"measured by `dtrain plan calibrate --layout --nodes {nodes} --nproc {nproc} "
                       f"--net {net}` (gloo over dtrain/netns.py hosts)", calibration=calibration)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(cluster.to_toml())
     report = {"out_path": str(out_path), "seconds": time.perf_counter() - t_start,
               "levels": {k: {"GBps": v[0] / 1e9, "latency_us": v[1] * 1e6} for k, v in fits.items()},
-              "compute_GFLOPS": rate / 1e9, **calibration, "raw": run}
+              "compute_GFLOPS": rate / scale / 1e9, **calibration, "raw": run}
     return report
 
 
@@ -541,10 +561,38 @@ def layout_summary(report: dict[str, Any]) -> str:
                      f"(fit max error {100 * report[f'fit_max_rel_error_{level}']:.0f}%)")
     lines.append(f"  compute: {report['compute_GFLOPS']:.2f} GFLOP/s per rank + {report['step_overhead_s'] * 1e3:.1f} "
                  f"ms per step")
-    lines.append(f"  flat ZeRO-3 step: measured {report['zero3_measured_s'] * 1e3:.0f} ms = compute "
-                 f"{report['zero3_compute_s'] * 1e3:.0f} + comm {report['zero3_comm_s'] * 1e3:.0f} ms with overlap "
-                 f"{report['comm_overlap']:.2f}")
+    lines.append(f"  compute under training x{report['compute_scale']:.2f} of the plain steps' "
+                 f"({report['plain_compute_GFLOPS']:.2f} GFLOP/s), overlap {report['comm_overlap']:.2f}")
+    for name in ("zero3", *LAYOUT_FIT_PRESETS):
+        if f"{name}_measured_s" in report:
+            lines.append(f"  {name:>6} step: measured {report[f'{name}_measured_s'] * 1e3:.0f} ms, predicted "
+                         f"{report[f'{name}_predicted_s'] * 1e3:.0f} ms")
     return "\n".join(lines)
+
+
+def fit_step_model(rate: float, overhead: float, flops_per_token: float, tokens_per_rank: float,
+                   assignments: list[tuple[str, dict[str, float], float]]) -> tuple[float, float, dict]:
+    """The compute scale ``k`` (training computes at ``rate / k``: on shared CPUs the traffic's own
+    work slows the compute down) and the overlap ``phi`` that make the step model of
+    dtrain/planner/layout.py best fit the measured steps of ``assignments`` ((name, predicted
+    communication seconds by phase, measured seconds)): the least largest relative error over a grid
+    of ``k`` in [0.5, 4] and ``phi`` in [0, 1]. Returns ``(k, phi, {name: measured, predicted})``."""
+    from dtrain.planner.layout import StepModel
+
+    best: tuple[float, float, float] | None = None
+    for k in np.arange(0.5, 4.0001, 0.01):
+        compute = StepModel(rate / k, overhead).compute_s(flops_per_token, tokens_per_rank)
+        for phi in np.arange(0.0, 1.0001, 0.01):
+            model = StepModel(rate / k, overhead, float(phi))
+            worst = max(abs(model.step_s(compute, comm) / measured - 1) for _, comm, measured in assignments)
+            if best is None or worst < best[0] - 1e-12:
+                best = (worst, float(k), float(phi))
+    _, k, phi = best
+    model = StepModel(rate / k, overhead, phi)
+    compute = model.compute_s(flops_per_token, tokens_per_rank)
+    fit = {name: {"measured_s": measured, "predicted_s": model.step_s(compute, comm)}
+           for name, comm, measured in assignments}
+    return round(k, 2), round(phi, 2), fit
 
 
 def _block_size() -> int:
@@ -558,4 +606,5 @@ if __name__ == "__main__":  # a rank of `calibrate_layout` (spawned inside a nam
     import sys
 
     if sys.argv[1:2] == ["--layout-worker"]:
-        _layout_worker(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        _layout_worker(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+                       json.loads(sys.argv[6]) if len(sys.argv) > 6 else None)

@@ -85,6 +85,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--nodes", type=int, default=2, help="--layout: simulated hosts")
     cal.add_argument("--nproc", type=int, default=2, help="--layout: ranks per host")
     cal.add_argument("--net", default="bw=1gbit", help="--layout: inter-host link, bw=RATE[,latency=T][,burst=B]")
+    cal.add_argument("--model", metavar="SPEC", help="--layout: the GPT to time (layers=..,hidden=..,heads=..,vocab=..; "
+                     "default the example's small GPT): calibrate on the model you will plan for")
     cal.add_argument("--seqpar", metavar="SAMPLES.json", help="instead of measuring one layer, fit the cost "
                      "model to timed seqpar runtime groups (dtrain/seqpar/calibrate.py; benchmarks/seqpar.py "
                      "writes them) and write --out")
@@ -140,7 +142,11 @@ def _calibrate(args: argparse.Namespace) -> int:
 
         if args.out == str(REPO_CLUSTER_DIR / "cpu_local.toml"):
             raise PlannerError("--layout writes a cluster file of its own: pass --out, e.g. cluster/netns_1gbit.toml")
-        result = calibrate_layout(args.out, nodes=args.nodes, nproc=args.nproc, net=args.net, quick=args.quick)
+        from dtrain.planner.shapes import parse_model
+
+        model = parse_model(args.model) if args.model else None
+        result = calibrate_layout(args.out, nodes=args.nodes, nproc=args.nproc, net=args.net, quick=args.quick,
+                                  model=model)
         print(json.dumps({k: v for k, v in result.items() if k != "raw"}, sort_keys=True) if args.json
               else layout_summary(result))
         return 0
