@@ -101,6 +101,11 @@ class OffloadPlugin(FirstOrderStep):
     name = "offload"
     slot: ClassVar[str] = "step"
     Config = OffloadConfig
+    defer_serial_writes: bool = False
+    """With ``offload.overlap = false``: let the last writes finish behind the next forward as the
+    overlapped step does (the second session's intermediate order; benchmarks/offload.py's
+    ``nvme-serial-defer``). False (the default) is ZeRO-Infinity's order: every write lands
+    inside the step."""
 
     def setup(self, engine: Any) -> None:
         super().setup(engine)
@@ -182,7 +187,8 @@ class OffloadPlugin(FirstOrderStep):
                     f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
         args = (layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers, chunk_elems)
         self.store = TierStore(*args) if self.params is None else ParamTierStore(*args, params=self.params)
-        self.pipe = StepPipeline(self.store, defer_writes=max(0, self.buffer_sets - 1))
+        defer = cfg.overlap or self.defer_serial_writes
+        self.pipe = StepPipeline(self.store, defer_writes=max(0, self.buffer_sets - 1) if defer else 0)
         self.callback = layout.on_unit_reduced(self._on_reduced)
         if cfg.optim != "device" or self.params is not None:
             layout.place_optim_state(cfg.optim, self._tier_report)
@@ -270,7 +276,7 @@ class OffloadPlugin(FirstOrderStep):
             grad_norm = None
             if not step_now:
                 grad_norm = scale_and_clip(layout, losses.finish(), clip)
-                if not self.cfg.overlap:
+                if not self.cfg.overlap:  # ZeRO-Infinity's order: reads start now, after backward
                     pipe.drain()
                     engine.before_update()
                     pipe.begin(True)
