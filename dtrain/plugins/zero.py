@@ -95,6 +95,18 @@ class Chain:
         self.steps = list(steps)
         self.handle = self.steps.pop(0)() if self.steps else None
 
+    def poll(self) -> bool:
+        """Advance without blocking: run the next steps while the current collective has completed;
+        True once the whole chain is done."""
+        while self.handle is None or _completed(self.handle):
+            if self.handle is not None:
+                self.handle.wait()  # completed: returns at once (and runs the handle's local ``then``)
+                self.handle = None
+            if not self.steps:
+                return True
+            self.handle = self.steps.pop(0)()
+        return False
+
     def wait(self) -> None:
         if self.handle is not None:
             self.handle.wait()
@@ -420,6 +432,9 @@ class FlatLayout(LayoutPlugin):
         if self.split_grads or self.unit_reduced is not None:
             while len(self.inflight) > MAX_INFLIGHT:
                 self._complete(*self.inflight.pop(0))
+        if self.unit_reduced is not None:  # report finished reductions now, not MAX_INFLIGHT units later
+            while self.inflight and self.inflight[0][1].poll():
+                self._complete(*self.inflight.pop(0))
 
     def _complete(self, unit: FlatUnit, chain: Chain) -> None:
         chain.wait()
@@ -710,6 +725,15 @@ class FlatLayout(LayoutPlugin):
         prev = self._neighbour(unit, -1)
         if self.engine.config.zero.prefetch and prev is not None and prev.index not in self.reduced:
             self._gather(prev, async_op=True, backward=True)
+
+
+def _completed(handle: Handle) -> bool:
+    """The collective behind ``handle`` has finished (waiting on it would not block)."""
+    work = handle.work
+    if work is None:
+        return True
+    is_completed = getattr(work, "is_completed", None)
+    return bool(is_completed()) if is_completed is not None else False
 
 
 def _local(fn: Callable[..., Any], *args: Any) -> None:
