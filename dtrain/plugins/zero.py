@@ -62,7 +62,7 @@ from torch.utils._pytree import tree_flatten
 from dtrain.checkpoint import _persistent_buffers
 from dtrain.comm import Handle
 from dtrain.hierarchy import INT8_BLOCK, KINDS, chain_index, resolve_levels
-from dtrain.hostmem import keep_freed_memory
+from dtrain.hostmem import default_policy, keep_freed_memory
 from dtrain.partition import (FlatUnit, Piece, Shard, UnitSpec, bucket_units, module_units, param_group_index,
                               trainable_params)
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, register
@@ -136,11 +136,9 @@ class FlatLayout(LayoutPlugin):
 
     def setup(self, engine: Any) -> None:
         super().setup(engine)
-        keep_mb = getattr(getattr(getattr(engine, "config", None), "zero", None), "malloc_keep_mb", 0)
-        device = getattr(getattr(engine, "device", None), "type", None)
-        offload = any(getattr(p, "name", None) == "offload" for p in getattr(engine, "plugins", ()))
-        if keep_mb > 0 and device == "cpu" and not offload:
-            keep_freed_memory(int(keep_mb * 2**20))  # runs before every other plugin's setup
+        keep_mb = engine.config.zero.malloc_keep_mb
+        if keep_mb > 0 and engine.device.type == "cpu":  # the default; a plugin may claim another
+            default_policy(lambda: keep_freed_memory(int(keep_mb * 2**20)))
 
     def wrap_model(self, model: nn.Module, factory: OptimizerFactory) -> None:
         engine = self.engine
