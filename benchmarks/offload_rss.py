@@ -104,3 +104,5 @@ if plugin is not None:
     print("pool MiB", round(st.pool_bytes()/MiB, 1), "resident state MiB", round(st.bytes_at_rest("device")/MiB, 1))
 print("autograd saved bytes (unique storages, last step) MiB", round(saved["bytes"]/MiB, 1))
 print("gathered at finish_backward MiB", round(live.get("gathered_before_fb", 0)/MiB, 1), "rss at end of backward", round(live.get("rss_end_bwd", 0)/MiB, 1))
+engine.close()
+__import__("shutil").rmtree(tmp, ignore_errors=True)

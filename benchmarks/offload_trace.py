@@ -47,3 +47,5 @@ import statistics; print("steps", [round(t,3) for t in times], "median", round(s
 print("units", [(u.spec.index, u.spec.name, u.tier, len(u.chunks), u.hi-u.lo) for u in plugin.store.units.values()])
 for t, name, kw in ev:
     print(f"{t*1000:7.1f} {name} {kw.get('u','')}")
+engine.close()
+__import__("shutil").rmtree(tmp, ignore_errors=True)
