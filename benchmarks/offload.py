@@ -6,8 +6,12 @@ Variants (each a fresh single-rank process, interleaved over ``--repeats`` round
 * ``memory``: dtrain ZeRO-3 in memory (the speed limit);
 * ``host``: ``offload.optim = "host"`` (on a CPU device only the per-unit step inside backward);
 * ``nvme``: ``offload.optim = "nvme"`` under ``--budget-gb``, O_DIRECT state files in ``--dir``;
-* ``nvme-serial``: the same with ``offload.overlap = false`` (every unit stepped after backward,
-  ZeRO-Infinity's order);
+* ``nvme-serial``: the same with ``offload.overlap = false``: ZeRO-Infinity's order (reads start
+  after backward, chunks pipelined read / step / write among themselves, every write done before
+  the step returns; docs/offload.md, "ZeRO-Infinity's order");
+* ``nvme-serial-defer``: ``nvme-serial`` whose last writes finish behind the next forward (the
+  plugin's ``defer_serial_writes``: what ``offload.overlap = false`` meant before the fourth
+  session; reported beside, so the baseline's change is visible);
 * ``nvme-cpuadam``: ``nvme`` with ``offload.cpu_adam = true`` (DeepSpeed's CPU Adam kernel);
 * ``nvme-params``: ``offload.optim`` and ``offload.params`` = "nvme", no budget (every unit's
   state and parameter part in files, read for each gather and step, as ``ds-nvme-param`` does);
@@ -51,7 +55,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 LR, WD = 1e-3, 0.01  # AdamW for every variant (DeepSpeed's from its config)
-VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-cpuadam", "nvme-mmap1", "nvme-params")
+VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-serial-defer", "nvme-cpuadam", "nvme-mmap1",
+            "nvme-params")
 DS_VARIANTS = ("ds-cpu", "ds-nvme", "ds-nvme-param")
 
 
@@ -149,15 +154,18 @@ def _dtrain(model, variant: str, spec: dict):
     import dtrain
 
     cfg: dict = {"zero": {"stage": 3}, "train": {"clip_grad_norm": spec["clip"]}}
-    if variant in ("host", "nvme", "nvme-serial", "nvme-cpuadam", "nvme-mmap1", "nvme-params"):
+    serial = variant.startswith("nvme-serial")
+    if variant in ("host", "nvme", "nvme-serial", "nvme-serial-defer", "nvme-cpuadam", "nvme-mmap1", "nvme-params"):
         cfg["offload"] = {"enabled": True, "optim": "host" if variant == "host" else "nvme",
                           "params": "nvme" if variant == "nvme-params" else "device",
-                          "dir": spec["dir"], "overlap": variant != "nvme-serial",
+                          "dir": spec["dir"], "overlap": not serial,
                           "cpu_adam": variant == "nvme-cpuadam",
                           "malloc_mmap_mb": 1.0 if variant == "nvme-mmap1" else spec.get("malloc_mmap_mb", 0.0),
                           "memory_budget_gb": spec["budget_gb"] if variant not in ("host", "nvme-params") else None}
     engine = dtrain.wrap(model, optimizer=lambda ps: __import__("torch").optim.AdamW(ps, lr=LR, weight_decay=WD),
                          config=cfg)
+    if variant == "nvme-serial-defer":
+        next(p for p in engine.plugins if p.name == "offload").defer_serial_writes = True
     sums: dict = {}
 
     def step(batch):
@@ -335,10 +343,12 @@ def _targets(median: dict, budget_gb: float) -> dict:
                 out[f"{nvme} speed / ds-nvme (>= 2)"] = step("ds-nvme") / step(nvme)
     if step("nvme") and step("nvme-serial"):
         out["nvme speed / nvme-serial (>= 1.3)"] = step("nvme-serial") / step("nvme")
+    if step("nvme") and step("nvme-serial-defer"):
+        out["nvme speed / nvme-serial-defer (old baseline)"] = step("nvme-serial-defer") / step("nvme")
     tiny = median.get("tiny", {}).get("peak_rss")
     if tiny:
         out["rss_limit_MiB"] = (tiny + 1.1 * budget_gb * 2**30) / 2**20
-        for v in ("nvme", "nvme-serial", "nvme-cpuadam", "nvme-mmap1"):
+        for v in ("nvme", "nvme-serial", "nvme-serial-defer", "nvme-cpuadam", "nvme-mmap1"):
             if median.get(v, {}).get("peak_rss"):
                 out[f"{v} peak_rss_MiB"] = median[v]["peak_rss"] / 2**20
     return out

@@ -279,6 +279,9 @@ class _Works:
     def __init__(self, works: list[dist.Work]) -> None:
         self.works = works
 
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
         done = [w.wait(timeout=timeout) if timeout is not None else w.wait() for w in self.works]
         return all(ok is not False for ok in done)

@@ -41,8 +41,9 @@ class OffloadConfig:
     (~50-70 MB on the benchmark) for a page fault per page of every large temporary (~0.15 s of a
     0.3 s step there). Process-wide; 0 (the default) leaves glibc's own dynamic threshold."""
     overlap: bool = True
-    """Step each unit while backward continues; False steps every unit after backward (the order
-    ZeRO-Infinity uses), for comparison."""
+    """Step each unit while backward continues; False is ZeRO-Infinity's order, for comparison: every
+    unit read, stepped and written after backward (chunks pipelined among themselves), all writes
+    done before the step returns (docs/offload.md)."""
 
     def validate(self) -> None:
         require(self.optim in ("device", "host", "nvme"), "offload.optim", self.optim, '"device", "host" or "nvme"')

@@ -16,7 +16,8 @@ Three single-thread executors, fed in the order the layout reports units reduced
 
 So at most ``buffer_sets`` chunks' state is in memory, whatever the model size. The training
 loop waits for every chunk's step (the parameters are then final) and for every write but the
-last ``defer_writes``: those finish behind the next step's forward and are waited for by
+last ``defer_writes`` (0 under ``offload.overlap = false``, ZeRO-Infinity's order: every write
+lands inside the step): those finish behind the next step's forward and are waited for by
 :meth:`StepPipeline.drain` before anything reads the state again (the next update, a save, a
 load, an eval; the plugin calls it from ``before_update`` and ``settle``).
 Running the optimizer on a subset of its parameters gives each element the same arithmetic as

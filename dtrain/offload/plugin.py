@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from dtrain.errors import UsageError
-from dtrain.hostmem import map_large_blocks
+from dtrain.hostmem import claim_policy, limit_arenas, map_large_blocks
 from dtrain.offload import cpu_adam
 from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
@@ -47,6 +47,10 @@ from dtrain.plugins.base import OptimizerFactory, register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
 
 GB = 2**30
+MALLOC_ARENAS = 1
+"""glibc arenas while the tier runs (``M_ARENA_MAX``): its reader, stepper, writer and I/O threads
+would each get an arena that keeps its own freed blocks (9 arenas measured); one shared arena cut
+the benchmark's peak RSS by ~20 MiB at the same step time (BENCHMARKS.md, offload, fourth session)."""
 
 
 def elementwise_state_keys(optimizer: torch.optim.Optimizer) -> list[str]:
@@ -101,6 +105,11 @@ class OffloadPlugin(FirstOrderStep):
     name = "offload"
     slot: ClassVar[str] = "step"
     Config = OffloadConfig
+    defer_serial_writes: bool = False
+    """With ``offload.overlap = false``: let the last writes finish behind the next forward as the
+    overlapped step does (the second session's intermediate order; benchmarks/offload.py's
+    ``nvme-serial-defer``). False (the default) is ZeRO-Infinity's order: every write lands
+    inside the step."""
 
     def setup(self, engine: Any) -> None:
         super().setup(engine)
@@ -111,8 +120,10 @@ class OffloadPlugin(FirstOrderStep):
         if self.cfg.cpu_adam and engine.device.type != "cpu":
             raise UsageError(f"offload.cpu_adam = true steps host tensors, but this run's parameters are on "
                              f"{engine.device}; set offload.cpu_adam = false (the user's optimizer steps on the device)")
-        if self.cfg.malloc_mmap_mb > 0:
-            map_large_blocks(int(self.cfg.malloc_mmap_mb * 2**20))
+        limit_arenas(MALLOC_ARENAS)  # before the tier's threads exist: they share the heap's free memory
+        if self.cfg.malloc_mmap_mb > 0:  # the lean policy, stated over the layout's default (dtrain/hostmem.py)
+            mmap_bytes = int(self.cfg.malloc_mmap_mb * 2**20)
+            claim_policy(self.name, lambda: map_large_blocks(mmap_bytes))
         self.run_dir: Path | None = None  # made at start-up (restore): a wrap failing before leaves nothing
         self.params: ParamTier | None = None
         self.store: TierStore | None = None
@@ -182,7 +193,8 @@ class OffloadPlugin(FirstOrderStep):
                     f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
         args = (layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers, chunk_elems)
         self.store = TierStore(*args) if self.params is None else ParamTierStore(*args, params=self.params)
-        self.pipe = StepPipeline(self.store, defer_writes=max(0, self.buffer_sets - 1))
+        defer = cfg.overlap or self.defer_serial_writes
+        self.pipe = StepPipeline(self.store, defer_writes=max(0, self.buffer_sets - 1) if defer else 0)
         self.callback = layout.on_unit_reduced(self._on_reduced)
         if cfg.optim != "device" or self.params is not None:
             layout.place_optim_state(cfg.optim, self._tier_report)
@@ -270,7 +282,7 @@ class OffloadPlugin(FirstOrderStep):
             grad_norm = None
             if not step_now:
                 grad_norm = scale_and_clip(layout, losses.finish(), clip)
-                if not self.cfg.overlap:
+                if not self.cfg.overlap:  # ZeRO-Infinity's order: reads start now, after backward
                     pipe.drain()
                     engine.before_update()
                     pipe.begin(True)

@@ -62,7 +62,7 @@ from torch.utils._pytree import tree_flatten
 from dtrain.checkpoint import _persistent_buffers
 from dtrain.comm import Handle
 from dtrain.hierarchy import INT8_BLOCK, KINDS, chain_index, resolve_levels
-from dtrain.hostmem import keep_freed_memory
+from dtrain.hostmem import default_policy, keep_freed_memory
 from dtrain.partition import (FlatUnit, Piece, Shard, UnitSpec, bucket_units, module_units, param_group_index,
                               trainable_params)
 from dtrain.plugins.base import LayoutPlugin, OptimizerFactory, register
@@ -86,14 +86,27 @@ class OptView:
 
 
 class Chain:
-    """Dependent collectives run one after another: the first starts now, the rest on :meth:`wait`.
+    """Dependent collectives run one after another: the first starts now (after any local steps
+    before it), the rest on :meth:`advance` or :meth:`wait`.
 
     Each step is a callable issuing one asynchronous collective (or doing local work) and returning
     its handle (or None); a step may read what the previous ones produced."""
 
     def __init__(self, steps: list[Callable[[], Handle | None]]) -> None:
         self.steps = list(steps)
-        self.handle = self.steps.pop(0)() if self.steps else None
+        self.handle = None
+        while self.steps and self.handle is None:  # local steps up to the first collective
+            self.handle = self.steps.pop(0)()
+
+    def done(self) -> bool:
+        """Every step has run and the last collective has completed (never starts a collective: a
+        rank must not start one because its own transfer happened to finish first)."""
+        if self.steps:
+            return False
+        if self.handle is not None and _completed(self.handle):
+            self.handle.wait()  # completed: returns at once, running the handle's local ``then``
+            self.handle = None
+        return self.handle is None
 
     def advance(self) -> None:
         """Wait for the step in flight and start the next collective one (local steps run on the
@@ -129,11 +142,9 @@ class FlatLayout(LayoutPlugin):
 
     def setup(self, engine: Any) -> None:
         super().setup(engine)
-        keep_mb = getattr(getattr(getattr(engine, "config", None), "zero", None), "malloc_keep_mb", 0)
-        device = getattr(getattr(engine, "device", None), "type", None)
-        offload = any(getattr(p, "name", None) == "offload" for p in getattr(engine, "plugins", ()))
-        if keep_mb > 0 and device == "cpu" and not offload:
-            keep_freed_memory(int(keep_mb * 2**20))  # runs before every other plugin's setup
+        keep_mb = engine.config.zero.malloc_keep_mb
+        if keep_mb > 0 and engine.device.type == "cpu":  # the default; a plugin may claim another
+            default_policy(lambda: keep_freed_memory(int(keep_mb * 2**20)))
 
     def wrap_model(self, model: nn.Module, factory: OptimizerFactory) -> None:
         engine = self.engine
@@ -429,6 +440,9 @@ class FlatLayout(LayoutPlugin):
         self.inflight.append((unit, Chain(steps)))
         if self.split_grads or self.unit_reduced is not None:
             while len(self.inflight) > MAX_INFLIGHT:
+                self._complete(*self.inflight.pop(0))
+        if self.unit_reduced is not None:  # report finished reductions now, not MAX_INFLIGHT units later
+            while self.inflight and self.inflight[0][1].done():
                 self._complete(*self.inflight.pop(0))
 
     def _complete(self, unit: FlatUnit, chain: Chain) -> None:
@@ -726,6 +740,15 @@ class FlatLayout(LayoutPlugin):
         prev = self._neighbour(unit, -1)
         if self.engine.config.zero.prefetch and prev is not None and prev.index not in self.reduced:
             self._gather(prev, async_op=True, backward=True)
+
+
+def _completed(handle: Handle) -> bool:
+    """The collective behind ``handle`` has finished (waiting on it would not block)."""
+    work = handle.work
+    if work is None:
+        return True
+    is_completed = getattr(work, "is_completed", None)
+    return bool(is_completed()) if is_completed is not None else False
 
 
 def _local(fn: Callable[..., Any], *args: Any) -> None:

@@ -10,11 +10,18 @@ through ``layout.shards``. A cut piece's sub-step that used a stale ``step``, sk
 wrote a chunk to the wrong offset or lost a deferred write changes them. The clipped run also
 saves at step 5 (a save must wait for the deferred writes) and a fresh chunked run resumes from
 that checkpoint and must end on the same bytes.
+
+``offload.overlap = false`` (ZeRO-Infinity's order, no clipping) runs the same chunked stream after
+backward: the same bytes, and after every ``train_step`` no write is pending (every write landed
+inside the step), where the overlapped run leaves its last writes to the next forward; and the
+layout reports each unit to the tier as soon as its reduction has completed (here at once: the
+first report comes when one unit is reduced, not after three).
 """
 import pytest
 
 from tests.dist.harness import run_world
 from tests.dist.test_offload import SAVE_AT, STEPS, _config, _result, _train
+from tests.dist.workloads import local_batch
 
 pytestmark = pytest.mark.dist
 
@@ -33,6 +40,22 @@ def _world1(root: str) -> dict:
                                sum(not p.whole for u in store.units.values() for c in u.chunks for p in c.parts))
         out["nvme", clip] = _result(engine)
     out["resumed"] = _result(_train(_config(3, "nvme", 1.0, root), SAVE_AT, STEPS, load=f"{root}/ckpt"))
+    for overlap in (False, True):
+        engine = _train(_config(3, "nvme", None, root, overlap=overlap), 0, 1)
+        layout, report = engine.layout, engine.layout.unit_reduced
+        seen: list[int] = []  # how many units were reduced when each unit was reported
+
+        def spy(unit, report=report, layout=layout, seen=seen):
+            seen.append(len(layout.reduced))
+            report(unit)
+        layout.unit_reduced = spy
+        pending = []
+        for step in range(1, STEPS):
+            engine.train_step(local_batch(step, 0, 1))
+            pending.append(len(engine.plugins[1].pipe.pending))
+        out["pending", overlap] = pending
+        out["reported_at", overlap] = seen[:len(engine.plugins[1].store.units)]
+        out["overlap", overlap] = _result(engine)
     return out
 
 
@@ -43,3 +66,8 @@ def test_chunked_nvme_tier_is_bit_identical(tmp_path):
         assert chunks > 4 * units and cut > units, out["chunks", clip]
         assert out["nvme", clip] == out["memory", clip], clip
     assert out["resumed"] == out["memory", 1.0]
+    assert out["overlap", False] == out["overlap", True] == out["memory", None]
+    assert out["pending", False] == [0] * (len(out["pending", False])), out["pending", False]
+    assert min(out["pending", True]) > 0, out["pending", True]
+    # a finished reduction is reported at once (world 1: each is done when issued), not two units later
+    assert out["reported_at", True][:2] == [1, 2], out["reported_at", True]
