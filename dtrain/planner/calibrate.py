@@ -431,27 +431,23 @@ def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int, mod
             ):
                 result["collectives"].append({"level": name, "group": n, "peers": peers, "op": op,
                                               "bytes_sent": sent, "s": timed(fn)})
-    times = []
-    for step in range(steps):
-        b = batch(LAYOUT_TRAIN_SEQS, step)
-        comm.barrier()
-        t0 = time.perf_counter()
-        engine.train_step(b)
-        times.append(time.perf_counter() - t0)
-    result["zero3_step_s"] = statistics.median(times[2:])
-    result["units"] = [u.padded for u in engine.layout.units] if hasattr(engine.layout, "units") else None
-    result["steps_s"] = {"zero3": result["zero3_step_s"]}
-    for preset in LAYOUT_FIT_PRESETS:
-        other = dtrain.wrap(copy.deepcopy(initial), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
-                            config={"zero": {"preset": preset}})
+    def training_step_s(trainer: Any) -> float:
         times = []
         for step in range(steps):
             b = batch(LAYOUT_TRAIN_SEQS, step)
             comm.barrier()
             t0 = time.perf_counter()
-            other.train_step(b)
+            trainer.train_step(b)
             times.append(time.perf_counter() - t0)
-        result["steps_s"][preset] = statistics.median(times[2:])
+        return statistics.median(times[2:])
+
+    result["zero3_step_s"] = training_step_s(engine)
+    result["units"] = [u.padded for u in engine.layout.units] if hasattr(engine.layout, "units") else None
+    result["steps_s"] = {"zero3": result["zero3_step_s"]}
+    for preset in LAYOUT_FIT_PRESETS:
+        other = dtrain.wrap(copy.deepcopy(initial), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
+                            config={"zero": {"preset": preset}})
+        result["steps_s"][preset] = training_step_s(other)
         other.close()
     if comm.rank == 0:
         Path(out).write_text(json.dumps(result))

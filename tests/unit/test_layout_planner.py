@@ -127,3 +127,21 @@ def test_calibrate_layout_bad_input_is_one_line(capsys):
     assert main(["calibrate", "--layout", "--net", "bw=fast", "--out", "/tmp/x.toml"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fast" in err
+
+
+def test_calibration_fits_compute_scale_and_overlap_over_assignments():
+    """``fit_step_model`` recovers the compute scale and overlap that generated three assignments'
+    step times (noiseless, on its grid: 0.01 steps), from communication split differently by phase."""
+    from dtrain.planner.calibrate import fit_step_model
+
+    rate, overhead, flops, tokens = 1e10, 0.02, 1e6, 200.0
+    truth = StepModel(rate / 1.5, overhead, 0.4)
+    compute = truth.compute_s(flops, tokens)
+    phases = {"zero3": {"forward": 0.05, "backward": 0.08, "update": 0.0},
+              "hpz": {"forward": 0.03, "backward": 0.04, "update": 0.0},
+              "hsdp": {"forward": 0.0, "backward": 0.09, "update": 0.01}}
+    measured = [(name, comm, truth.step_s(compute, comm)) for name, comm in phases.items()]
+    scale, phi, fit = fit_step_model(rate, overhead, flops, tokens, measured)
+    assert (scale, phi) == (1.5, 0.4)
+    for name, comm, t in measured:
+        assert fit[name]["predicted_s"] == pytest.approx(t, rel=1e-9)
