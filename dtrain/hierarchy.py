@@ -175,17 +175,19 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
     ``phases``, when given, receives ``phase -> level -> [bytes, collectives]`` for the phase of the
     step each collective runs in: ``forward`` (parameter gathers), ``backward`` (backward gathers
     and every gradient reduction, issued as units finish) and ``update`` (publishing the updated
-    parameters and the clipping norm, after the backward).
+    parameters and the clipping norm, after the backward); a level step over peer ranks (one per
+    block of the step's smaller size) is filed as ``"<level>/peers"``: across nodes every hop of
+    such a group crosses the link, and the ranks of a node share it, unlike a ring over whole nodes.
     """
     counts = counts if counts is not None else {}
     out: dict[str, int] = {}
     phase = "backward"
 
-    def file(level: str, nbytes: int, times: int) -> None:
+    def file(level: str, nbytes: int, times: int, stride: int = 1) -> None:
         out[level] = out.get(level, 0) + nbytes
         counts[level] = counts.get(level, 0) + times
-        if phases is not None:
-            slot = phases.setdefault(phase, {}).setdefault(level, [0, 0])
+        if phases is not None:  # a group of peers (one rank per block of ``stride``) is priced apart
+            slot = phases.setdefault(phase, {}).setdefault(level + ("/peers" if stride > 1 else ""), [0, 0])
             slot[0] += nbytes
             slot[1] += times
     chain = levels.chain()
@@ -194,7 +196,8 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
 
     def add(small: int, big: int, op: str, nbytes: int, times: int = 1) -> None:
         if big // small > 1 and nbytes:
-            file(shape.level_of_ranks(step_groups(shape, small, big)), times * _ring(op, nbytes, big // small), times)
+            file(shape.level_of_ranks(step_groups(shape, small, big)), times * _ring(op, nbytes, big // small), times,
+                 small)
 
     def steps(lo: int, hi: int) -> list[tuple[int, int]]:
         used = [s for s in chain if lo <= s <= hi]
@@ -220,7 +223,7 @@ def step_volume(units: Sequence[int], levels: Levels, shape: Shape, *, backward_
         for small, big in steps(s_g, s_o):  # once: on to the optim level
             add(small, big, "reduce_scatter", f // small)
         if s_d > s_o:  # the optim level's replicas: all-reduce across its peers
-            file(shape.level_of_ranks(list(range(0, s_d, s_o))), _ring("all_reduce", f // s_o, s_d // s_o), 1)
+            file(shape.level_of_ranks(list(range(0, s_d, s_o))), _ring("all_reduce", f // s_o, s_d // s_o), 1, s_o)
         phase = "update"
         for small, big in steps(s_p, s_o):  # publish the updated master down to the params level
             add(small, big, "all_gather", f // small)

@@ -501,13 +501,16 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
     # per-level bandwidth and latency
     fits: dict[str, tuple[float, float]] = {}
     fit_errors: dict[str, float] = {}
-    for level in sorted({c["level"] for c in run["collectives"]}):
-        pts = [c for c in run["collectives"] if c["level"] == level]
+    def key(c: dict) -> str:  # peer groups are fitted apart: a node's ranks share its link there
+        return c["level"] + ("/peers" if c["peers"] else "")
+
+    for level in sorted({key(c) for c in run["collectives"]}):
+        pts = [c for c in run["collectives"] if key(c) == level]
         x = np.asarray([c["bytes_sent"] for c in pts], dtype=np.float64)
         y = np.asarray([c["s"] for c in pts], dtype=np.float64)
         inv_bw, lat = _fit(x, y)
         fits[level] = (1.0 / inv_bw, lat)
-        fit_errors[level] = float(np.max(np.abs((lat + x * inv_bw - y) / y)))
+        fit_errors[level.replace("/", "_")] = float(np.max(np.abs((lat + x * inv_bw - y) / y)))
     intra_bw, intra_lat = fits.get("node", next(iter(fits.values())))
     inter_bw, inter_lat = fits.get("global", (intra_bw, intra_lat))
     # compute: t = overhead + flops / rate
@@ -521,6 +524,11 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
                        intra_node_latency_us=intra_lat * 1e6, inter_node_latency_us=inter_lat * 1e6,
                        bytes_per_element=4, memory_GiB=round((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
                                                              / 1024**3 / (nodes * nproc), 2), reserve_GiB=0.5)
+    peer_fits = {f"{'intra' if k.split('/')[0] == 'node' else 'inter'}_node_peers": v
+                 for k, v in fits.items() if k.endswith("/peers")}
+    peer_figures = {f"{name}_{unit}": value for name, (bw, lat) in peer_fits.items()
+                    for unit, value in (("GBps", bw / 1e9), ("latency_us", lat * 1e6))}
+    base = replace(base, calibration=peer_figures)
     # compute scale and overlap, from the training steps of flat ZeRO-3, hpZ and HSDP
     shape = Shape.of(nodes * nproc, 0, nodes)
     units = run["units"]
@@ -536,6 +544,7 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
                    "reference_model": (f"GPT preset {LAYOUT_PRESET!r}, vocab 256" if model is None else
                                        f"GPT {shape_model.name}"), "step_overhead_s": overhead,
                    "plain_compute_GFLOPS": rate / 1e9, "compute_scale": scale, "comm_overlap": phi,
+                   **peer_figures,
                    **{f"{name}_{k}": v for name, row in fit.items() for k, v in row.items()},
                    **{f"fit_max_rel_error_{k}": round(v, 4) for k, v in fit_errors.items()}}
     base = replace(base, linear_TFLOPS=rate / scale / 1e12)
@@ -554,7 +563,7 @@ def layout_summary(report: dict[str, Any]) -> str:
              f"{report['nproc']}); wrote {report['out_path']}"]
     for level, v in report["levels"].items():
         lines.append(f"  {level:>7}: {v['GBps'] * 1e3:8.1f} MB/s, latency {v['latency_us']:7.0f} us "
-                     f"(fit max error {100 * report[f'fit_max_rel_error_{level}']:.0f}%)")
+                     f"(fit max error {100 * report['fit_max_rel_error_' + level.replace('/', '_')]:.0f}%)")
     lines.append(f"  compute: {report['compute_GFLOPS']:.2f} GFLOP/s per rank + {report['step_overhead_s'] * 1e3:.1f} "
                  f"ms per step")
     lines.append(f"  compute under training x{report['compute_scale']:.2f} of the plain steps' "

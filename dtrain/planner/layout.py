@@ -7,7 +7,9 @@ Every valid assignment of (params, grads, optim, backward_params) to the cluster
 
 * communication ``m``: per level, bytes / the level's bandwidth plus one latency per collective,
   intra-node levels at the cluster file's ``intra_node_GBps`` / ``intra_node_latency_us`` and
-  levels spanning nodes at the inter-node figures; levels are summed (they share the CPUs and
+  levels spanning nodes at the inter-node figures (collectives over peer groups, one rank per
+  node or block, at the ``*_node_peers_*`` figures of its ``[calibration]`` table when present:
+  the ranks of a node share its link); levels are summed (they share the CPUs and
   the ranks' issue order);
 * compute ``c``: ``step_overhead_s + tokens_per_rank * dense_flops_per_token / (linear_TFLOPS
   1e12)``, the same for every assignment;
@@ -153,13 +155,18 @@ def predict(units: Sequence[int], levels: Levels, shape: Shape, cluster: Cluster
     volume = step_volume(units, levels, shape, backward_units=units[:-1], grad_accum=grad_accum,
                          gather_dtype=gather_dtype, phases=phases)
     node = shape.size("node")
+    cal = cluster.calibration or {}
     seconds = {"forward": 0.0, "backward": 0.0, "update": 0.0}
     for phase, per_level in phases.items():
-        for level, (nbytes, count) in per_level.items():
-            inside = shape.size(level) <= node
-            bw = (cluster.intra_node_GBps if inside else cluster.inter_node_GBps) * GB
-            lat = (cluster.intra_node_latency_us if inside else cluster.inter_node_latency_us) * 1e-6
-            seconds[phase] += nbytes / bw + count * lat
+        for key, (nbytes, count) in per_level.items():
+            level, _, peers = key.partition("/")
+            side = "intra" if shape.size(level) <= node else "inter"
+            bw = getattr(cluster, f"{side}_node_GBps")
+            lat = getattr(cluster, f"{side}_node_latency_us")
+            if peers:  # peer groups, where calibrated on their own (dtrain plan calibrate --layout)
+                bw = cal.get(f"{side}_node_peers_GBps", bw)
+                lat = cal.get(f"{side}_node_peers_latency_us", lat)
+            seconds[phase] += nbytes / (bw * GB) + count * lat * 1e-6
     return volume, seconds
 
 
