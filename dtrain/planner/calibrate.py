@@ -483,7 +483,7 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
     if reason:
         raise PlannerError(f"--layout needs the slow-link harness (dtrain/netns.py): {reason}")
     t_start = time.perf_counter()
-    msg_bytes = [1 << 16, 1 << 20, 1 << 22] if quick else [1 << 16, 1 << 18, 1 << 20, 1 << 22]
+    msg_bytes = [1 << 16, 1 << 20, 1 << 22] if quick else [1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24]
     repeats, steps = (3, 5) if quick else (5, 8)
     with tempfile.TemporaryDirectory() as tmp:
         res_path = os.path.join(tmp, "layout.json")
