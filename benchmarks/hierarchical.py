@@ -111,6 +111,14 @@ def set_topology(nodes: int, nproc: int) -> None:
 
 
 set_topology(NODES, NPROC)
+
+
+def variant_spec(name: str) -> dict[str, Any]:
+    """A named variant, or ``levels:P/G/O/B`` (any assignment, e.g. the planner's pick)."""
+    if name.startswith("levels:"):
+        p, g, o, b = name.split(":", 1)[1].split("/")
+        return {"dtrain": {"params": p, "grads": g, "optim": o, "backward_params": b}}
+    return VARIANTS[name]
 # where the peers keep each kind, in dtrain's level names (for the tables)
 PEER_LEVELS = {
     "deepspeed-zero3": ("global", "global", "global", "global", "fp32"),
@@ -151,7 +159,7 @@ def _build(name: str, model: Any, batch_per_rank: int) -> tuple[Any, Any, dict[s
 
     import zero as zero_bench  # benchmarks/zero.py: the peers' runners and the step clock
 
-    spec = VARIANTS[name]
+    spec = variant_spec(name)
     if "dtrain" in spec:
         import dtrain
         from dtrain.metrics import layout_storage_bytes
@@ -238,7 +246,7 @@ def run_once(hosts: Any, name: str, rate: str, rep: int, port: int, args: argpar
     """One variant in fresh rank processes; the ranks' records merged into one run record."""
     from dtrain import netns
 
-    out = Path(args.tmp) / f"{rate}-{name}-{rep}"
+    out = Path(args.tmp) / f"{rate}-{name.replace(':', '_').replace('/', '-')}-{rep}"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("r*.json"):
         old.unlink()
@@ -299,7 +307,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     for name, rs in runs.items():
         ok = [r for r in rs if r["ok"]]
         if not ok:
-            summary[name] = {"status": "failed", "error": rs[0]["error"], "framework": next(iter(VARIANTS[name])),
+            summary[name] = {"status": "failed", "error": rs[0]["error"], "framework": next(iter(variant_spec(name))),
                              "loadavg_1m": [r["loadavg_1m"] for r in rs]}
             continue
         first = ok[0]
@@ -466,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(args)
         return 0
     names = [n for n in args.variants.split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and not (n.startswith("levels:") and n.count("/") == 3)]
     if unknown:
         print(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}", file=sys.stderr)
         return 2

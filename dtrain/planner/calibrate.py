@@ -347,7 +347,7 @@ def calibrate(out_path: str | Path, max_degree: int = 2, quick: bool = False) ->
 # measured on simulated hosts (dtrain/netns.py) by the code paths training uses.
 LAYOUT_PRESET = "small"  # the reference model: examples/train_gpt.py's GPT (vocab 256)
 LAYOUT_SEQS = (1, 2, 4)  # sequences of block_size tokens per rank for the compute fit
-LAYOUT_TRAIN_SEQS = 2  # per rank, for the overlap fit (benchmarks/hierarchical.py's default: 8 over 4)
+LAYOUT_TRAIN_SEQS = (1, 2)  # per rank, for the compute-scale and overlap fit (hierarchical.py: 4 or 8 over 4)
 
 
 def gpt_shape(preset: Any = LAYOUT_PRESET, vocab: int = 256) -> Any:
@@ -416,6 +416,7 @@ def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int, mod
             opt.step()
 
         result["compute"][seqs] = timed(plain_step)
+    result["optim_s"] = timed(opt.step)  # the full model's optimizer step alone (its gradients are set)
     for level, peers in (("node", False), ("global", False), ("node", True)):
         n = comm.size(level, peers)
         if n == 1:
@@ -431,23 +432,24 @@ def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int, mod
             ):
                 result["collectives"].append({"level": name, "group": n, "peers": peers, "op": op,
                                               "bytes_sent": sent, "s": timed(fn)})
-    def training_step_s(trainer: Any) -> float:
+    def training_step_s(trainer: Any, seqs: int) -> float:
         times = []
         for step in range(steps):
-            b = batch(LAYOUT_TRAIN_SEQS, step)
+            b = batch(seqs, step)
             comm.barrier()
             t0 = time.perf_counter()
             trainer.train_step(b)
             times.append(time.perf_counter() - t0)
         return statistics.median(times[2:])
 
-    result["zero3_step_s"] = training_step_s(engine)
+    result["steps_s"] = {f"zero3@{seqs}": training_step_s(engine, seqs) for seqs in LAYOUT_TRAIN_SEQS}
+    result["zero3_step_s"] = result["steps_s"][f"zero3@{LAYOUT_TRAIN_SEQS[-1]}"]
     result["units"] = [u.padded for u in engine.layout.units] if hasattr(engine.layout, "units") else None
-    result["steps_s"] = {"zero3": result["zero3_step_s"]}
     for preset in LAYOUT_FIT_PRESETS:
         other = dtrain.wrap(copy.deepcopy(initial), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
                             config={"zero": {"preset": preset}})
-        result["steps_s"][preset] = training_step_s(other)
+        for seqs in LAYOUT_TRAIN_SEQS:
+            result["steps_s"][f"{preset}@{seqs}"] = training_step_s(other, seqs)
         other.close()
     if comm.rank == 0:
         Path(out).write_text(json.dumps(result))
@@ -528,22 +530,30 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
                  for k, v in fits.items() if k.endswith("/peers")}
     peer_figures = {f"{name}_{unit}": value for name, (bw, lat) in peer_fits.items()
                     for unit, value in (("GBps", bw / 1e9), ("latency_us", lat * 1e6))}
-    base = replace(base, calibration=peer_figures)
+    # the plain steps' fixed part holds a full-model optimizer step: priced per element instead
+    optim_full = float(run.get("optim_s", 0.0))
+    optim_pp = optim_full / max(sum(run["units"]), 1)
+    overhead = max(0.0, overhead - optim_full)
+    base = replace(base, calibration={**peer_figures, "optim_s_per_param": optim_pp})
     # compute scale and overlap, from the training steps of flat ZeRO-3, hpZ and HSDP
     shape = Shape.of(nodes * nproc, 0, nodes)
     units = run["units"]
-    tokens_per_rank = LAYOUT_TRAIN_SEQS * _block_size()
+    tokens_per_rank = LAYOUT_TRAIN_SEQS[-1] * _block_size()
     assignments = []
-    for name, measured in run.get("steps_s", {"zero3": run["zero3_step_s"]}).items():
+    for key, measured in run["steps_s"].items():
+        name, _, seqs = key.partition("@")
         zcfg = {"stage": 3, "preset": None} if name == "zero3" else {"stage": 0, "preset": name}
         levels = resolve_levels(SimpleNamespace(params=None, grads=None, optim=None, backward_params=None, **zcfg),
                                 shape)
-        assignments.append((name, predict(units, levels, shape, base)[1], measured))
+        optim = optim_pp * sum(units) / levels.size("optim")
+        assignments.append((f"{name}_{seqs}seq", predict(units, levels, shape, base)[1], measured, optim,
+                            int(seqs) * _block_size()))
     scale, phi, fit = fit_step_model(rate, overhead, shape_model.dense_flops_per_token, tokens_per_rank, assignments)
     calibration = {"method": "dtrain plan calibrate --layout", "net": net, "nodes": nodes, "nproc": nproc,
                    "reference_model": (f"GPT preset {LAYOUT_PRESET!r}, vocab 256" if model is None else
                                        f"GPT {shape_model.name}"), "step_overhead_s": overhead,
                    "plain_compute_GFLOPS": rate / 1e9, "compute_scale": scale, "comm_overlap": phi,
+                   "optim_s_per_param": optim_pp, "optim_full_model_s": optim_full,
                    **peer_figures,
                    **{f"{name}_{k}": v for name, row in fit.items() for k, v in row.items()},
                    **{f"fit_max_rel_error_{k}": round(v, 4) for k, v in fit_errors.items()}}
@@ -568,35 +578,40 @@ def layout_summary(report: dict[str, Any]) -> str:
                  f"ms per step")
     lines.append(f"  compute under training x{report['compute_scale']:.2f} of the plain steps' "
                  f"({report['plain_compute_GFLOPS']:.2f} GFLOP/s), overlap {report['comm_overlap']:.2f}")
-    for name in ("zero3", *LAYOUT_FIT_PRESETS):
+    for name in (f"{p}_{n}seq" for p in ("zero3", *LAYOUT_FIT_PRESETS) for n in LAYOUT_TRAIN_SEQS):
         if f"{name}_measured_s" in report:
-            lines.append(f"  {name:>6} step: measured {report[f'{name}_measured_s'] * 1e3:.0f} ms, predicted "
+            lines.append(f"  {name:>10} step: measured {report[f'{name}_measured_s'] * 1e3:.0f} ms, predicted "
                          f"{report[f'{name}_predicted_s'] * 1e3:.0f} ms")
     return "\n".join(lines)
 
 
 def fit_step_model(rate: float, overhead: float, flops_per_token: float, tokens_per_rank: float,
-                   assignments: list[tuple[str, dict[str, float], float]]) -> tuple[float, float, dict]:
+                   assignments: list[tuple]) -> tuple[float, float, dict]:
     """The compute scale ``k`` (training computes at ``rate / k``: on shared CPUs the traffic's own
     work slows the compute down) and the overlap ``phi`` that make the step model of
     dtrain/planner/layout.py best fit the measured steps of ``assignments`` ((name, predicted
-    communication seconds by phase, measured seconds)): the least largest relative error over a grid
+    communication seconds by phase, measured seconds[, the optimizer's exposed seconds[, tokens per
+    rank]])): the
+    least largest relative error over a grid
     of ``k`` in [0.5, 4] and ``phi`` in [0, 1]. Returns ``(k, phi, {name: measured, predicted})``."""
     from dtrain.planner.layout import StepModel
 
+    def tokens(a: tuple) -> float:
+        return a[4] if len(a) > 4 else tokens_per_rank
+
+    def predicted(model: Any, a: tuple) -> float:
+        return model.step_s(model.compute_s(flops_per_token, tokens(a)), a[1]) + (a[3] if len(a) > 3 else 0.0)
+
     best: tuple[float, float, float] | None = None
     for k in np.arange(0.5, 4.0001, 0.01):
-        compute = StepModel(rate / k, overhead).compute_s(flops_per_token, tokens_per_rank)
         for phi in np.arange(0.0, 1.0001, 0.01):
             model = StepModel(rate / k, overhead, float(phi))
-            worst = max(abs(model.step_s(compute, comm) / measured - 1) for _, comm, measured in assignments)
+            worst = max(abs(predicted(model, a) / a[2] - 1) for a in assignments)
             if best is None or worst < best[0] - 1e-12:
                 best = (worst, float(k), float(phi))
     _, k, phi = best
     model = StepModel(rate / k, overhead, phi)
-    compute = model.compute_s(flops_per_token, tokens_per_rank)
-    fit = {name: {"measured_s": measured, "predicted_s": model.step_s(compute, comm)}
-           for name, comm, measured in assignments}
+    fit = {a[0]: {"measured_s": a[2], "predicted_s": predicted(model, a)} for a in assignments}
     return round(k, 2), round(phi, 2), fit
 
 

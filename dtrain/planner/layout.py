@@ -12,7 +12,9 @@ Every valid assignment of (params, grads, optim, backward_params) to the cluster
   the ranks of a node share its link); levels are summed (they share the CPUs and
   the ranks' issue order);
 * compute ``c``: ``step_overhead_s + tokens_per_rank * dense_flops_per_token / (linear_TFLOPS
-  1e12)``, the same for every assignment;
+  1e12)``, the same for every assignment, plus the optimizer's step of this rank's optim part
+  (``optim_s_per_param`` of the calibration x the parameters / the optim level's size), which
+  runs after the backward and is never hidden;
 * step, phase by phase (:func:`dtrain.hierarchy.step_volume` files each collective under the
   phase it runs in): ``t = o + sum over forward, backward of (c_ph + m_ph - overlap * min(c_ph,
   m_ph)) + m_update``, with ``o`` the per-step overhead, the compute split 1 : 2 between forward
@@ -108,14 +110,15 @@ class StepModel:
     """The compute side of a step and how communication overlaps it (from the cluster file)."""
 
     flops_per_s: float  # effective training FLOP rate of one rank (cluster linear_TFLOPS)
-    step_overhead_s: float = 0.0  # per step, whatever the tokens (kernel launches, optimizer, Python)
+    step_overhead_s: float = 0.0  # per step, whatever the tokens (kernel launches, Python)
     overlap: float = 0.0  # per phase, 0: compute + comm; 1: max(compute, comm)
+    optim_s_per_param: float = 0.0  # the optimizer's step per element of the optim part (0: in the overhead)
 
     @classmethod
     def of(cls, cluster: ClusterSpec) -> "StepModel":
         cal = cluster.calibration or {}
         return cls(cluster.linear_TFLOPS * 1e12, float(cal.get("step_overhead_s", 0.0)),
-                   min(1.0, max(0.0, float(cal.get("comm_overlap", 0.0)))))
+                   min(1.0, max(0.0, float(cal.get("comm_overlap", 0.0)))), float(cal.get("optim_s_per_param", 0.0)))
 
     def compute_s(self, flops_per_token: float, tokens_per_rank: float) -> float:
         if tokens_per_rank <= 0:
@@ -143,8 +146,12 @@ def predict_step(units: Sequence[int], levels: Levels, shape: Shape, cluster: Cl
     volume, phase_comm = predict(units, levels, shape, cluster, grad_accum, gather_dtype)
     model = StepModel.of(cluster)
     compute = model.compute_s(flops_per_token, tokens_per_rank)
-    return {"step_s": model.step_s(compute, phase_comm), "compute_s": compute, "comm_s": sum(phase_comm.values()),
-            "comm_s_by_phase": phase_comm, "bytes_per_level": volume}
+    # the optimizer steps this rank's optim part after the backward: exposed, and smaller the wider
+    # the optimizer state is sharded
+    optim = model.optim_s_per_param * sum(units) / levels.size("optim")
+    return {"step_s": model.step_s(compute, phase_comm) + optim, "compute_s": compute + optim,
+            "optim_s": optim, "comm_s": sum(phase_comm.values()), "comm_s_by_phase": phase_comm,
+            "bytes_per_level": volume}
 
 
 def predict(units: Sequence[int], levels: Levels, shape: Shape, cluster: ClusterSpec, grad_accum: int = 1,
