@@ -80,6 +80,10 @@ class ZeroConfig:
     users expect), the mean of floating-point buffers, or each rank its own (checkpoints keep rank 0's)."""
     preset: str | None = None
     """Per-kind levels by name: "hsdp", "hpz", "frontier3", or "auto" (the planner); docs/hierarchical.md."""
+    auto_tokens_per_step: int = 0
+    """zero.preset = "auto": tokens one optimizer step trains over all ranks (global batch x sequence
+    length), so the planner can weigh compute against communication; 0 = not known (it ranks by
+    communication and the optimizer's step alone)."""
     params: str | None = None
     """Topology level the working parameters are split over ("rank" = unsplit, "node", "global", a
     declared level); with grads, optim and backward_params it overrides zero.stage and zero.preset."""
@@ -98,6 +102,9 @@ class ZeroConfig:
         _require(self.stage in (0, 1, 2, 3), "zero.stage", self.stage, "0 (ddp), 1, 2 or 3")
         _require(self.bucket_mb > 0, "zero.bucket_mb", self.bucket_mb, "a positive number of MiB")
         _require(self.malloc_keep_mb >= 0, "zero.malloc_keep_mb", self.malloc_keep_mb, "a number of MiB >= 0")
+        _require(isinstance(self.auto_tokens_per_step, int) and not isinstance(self.auto_tokens_per_step, bool)
+                 and self.auto_tokens_per_step >= 0, "zero.auto_tokens_per_step", self.auto_tokens_per_step,
+                 "an integer >= 0 (tokens per optimizer step over all ranks; 0 = unknown)")
         _require(self.preset in (None, "hsdp", "hpz", "frontier3", "auto"), "zero.preset", self.preset,
                  "one of hsdp, hpz, frontier3, auto (or omit it)")
         for kind in ("params", "grads", "optim", "backward_params"):

@@ -212,9 +212,9 @@ def choose_levels(layout: Any, shape: Shape) -> dict[str, str]:
     """``zero.preset = "auto"`` at start-up: the planner's fastest assignment for this model on this
     shape, with the model's real units (:func:`layout_units`) and the cluster file named by the
     environment variable ``DTRAIN_CLUSTER`` (default: the planner's default, cluster/a100_8x8.toml).
-    The token count is not known at start-up, so the compute term is left out: it is the same for
-    every assignment; with it left out no communication is hidden, so the ranking is by the
-    step's communication time."""
+    ``zero.auto_tokens_per_step`` gives the tokens of one step (the batch is not known at start-up);
+    without it the compute term is left out, nothing is hidden, and the ranking is by the step's
+    communication and optimizer time."""
     import os
 
     path = os.environ.get("DTRAIN_CLUSTER")
@@ -223,7 +223,10 @@ def choose_levels(layout: Any, shape: Shape) -> dict[str, str]:
                              "devices_per_node": shape.size("node")})
     zcfg = getattr(getattr(getattr(layout, "engine", None), "config", None), "zero", None)
     units = layout_units(layout.model, shape, getattr(zcfg, "unit_classes", None) or ())
-    best = plan_layouts(units, shape, cluster)[0]
+    tokens = getattr(zcfg, "auto_tokens_per_step", 0) or 0
+    # dense training FLOPs per token: 6 per trainable parameter (forward 2, backward 4)
+    flops = 6.0 * sum(p.numel() for p in layout.model.parameters() if p.requires_grad) if tokens else 0.0
+    best = plan_layouts(units, shape, cluster, flops_per_token=flops, tokens_per_rank=tokens / shape.world_size)[0]
     return best.levels.as_dict()
 
 

@@ -25,7 +25,7 @@ def test_toml_json_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("data,match", [
-    ({"zero": {"stag": 3}}, r"unknown key 'zero.stag' in zero; allowed keys: backward_params, bucket_mb, gather_dtype, grads, malloc_keep_mb, optim, params, prefetch, preset, stage, sync_buffers, unit_classes"),
+    ({"zero": {"stag": 3}}, r"unknown key 'zero.stag' in zero; allowed keys: auto_tokens_per_step, backward_params, bucket_mb, gather_dtype, grads, malloc_keep_mb, optim, params, prefetch, preset, stage, sync_buffers, unit_classes"),
     ({"zeroo": {}}, r"unknown key 'zeroo' in config"),
     ({"zero": {"stage": "3"}}, r"zero.stage must be int, got str"),
     ({"zero": {"stage": 4}}, r"zero.stage = 4 is not allowed; expected 0 \(ddp\), 1, 2 or 3"),

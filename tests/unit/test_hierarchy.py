@@ -123,3 +123,24 @@ def test_auto_preset_picks_a_valid_assignment():
     chosen = choose_levels(SimpleNamespace(model=make_model()), SHAPE4)
     levels = resolve_levels(zero(preset="auto"), SHAPE4, auto=chosen)
     assert levels.as_dict() == chosen
+
+
+def test_auto_preset_weighs_compute_when_given_the_tokens_per_step(monkeypatch):
+    """``zero.auto_tokens_per_step`` reaches the planner as tokens per rank and 6 FLOPs per
+    trainable parameter per token; 0 leaves the compute term out; a bad value is one line."""
+    import dtrain.planner.layout as layout
+    from dtrain.config import ConfigError, ZeroConfig
+    from tests.dist.workloads import make_model
+
+    model = make_model()
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    seen = []
+    real = layout.plan_layouts
+    monkeypatch.setattr(layout, "plan_layouts", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    for tokens in (0, 4096):
+        engine = SimpleNamespace(config=SimpleNamespace(zero=ZeroConfig(preset="auto", auto_tokens_per_step=tokens)))
+        layout.choose_levels(SimpleNamespace(model=model, engine=engine), SHAPE4)
+    assert seen[0]["flops_per_token"] == 0.0 and seen[0]["tokens_per_rank"] == 0.0
+    assert seen[1]["flops_per_token"] == 6.0 * n and seen[1]["tokens_per_rank"] == 4096 / 4
+    with pytest.raises(ConfigError, match="zero.auto_tokens_per_step"):
+        ZeroConfig(auto_tokens_per_step=-1).validate()

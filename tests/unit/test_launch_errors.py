@@ -39,7 +39,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Comp
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--set", "zero.stgae=1"], "unknown key 'zero.stgae' in zero; allowed keys: backward_params, bucket_mb"),
+    (["--set", "zero.stgae=1"], "unknown key 'zero.stgae' in zero; allowed keys: auto_tokens_per_step, backward_params, bucket_mb"),
     (["--set", "zero.stage=seven"], "zero.stage must be int, got str 'seven'"),
     (["--set", "zero.stage=7"], "zero.stage = 7 is not allowed; expected 0 (ddp), 1, 2 or 3"),
     (["--config", "{bad}"], "is not valid toml"),
