@@ -153,7 +153,7 @@ def link_bytes(ifname: str = "eth0") -> dict[str, int]:
     raise RuntimeError(f"no interface {ifname} in /proc/net/dev")
 
 
-def _build(name: str, model: Any, batch_per_rank: int) -> tuple[Any, Any, dict[str, Any]]:
+def _build(name: str, model: Any, batch_per_rank: int, tokens_per_step: int = 0) -> tuple[Any, Any, dict[str, Any]]:
     """(step(batch, measure, clock) -> loss, state_bytes() -> storage figures, facts) for one variant."""
     import torch
 
@@ -164,8 +164,10 @@ def _build(name: str, model: Any, batch_per_rank: int) -> tuple[Any, Any, dict[s
         import dtrain
         from dtrain.metrics import layout_storage_bytes
 
-        engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.AdamW(p, lr=LR),
-                             config={"zero": spec["dtrain"]})
+        zero = dict(spec["dtrain"])
+        if zero.get("preset") == "auto":  # the planner weighs compute against communication with the step's tokens
+            zero["auto_tokens_per_step"] = tokens_per_step
+        engine = dtrain.wrap(model, optimizer=lambda p: torch.optim.AdamW(p, lr=LR), config={"zero": zero})
         facts = {"framework": "dtrain", "engine": engine, "levels": engine.layout.levels.as_dict(),
                  "gather_dtype": getattr(engine.layout, "gather_dtype", "fp32")}
         return ((lambda batch, measure, clock: float(engine.train_step(batch))),
@@ -206,7 +208,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = GPT(model_config(args.preset))
     n_params = sum(p.numel() for p in model.parameters())
-    step, state_bytes, facts = _build(args.variant, model, args.batch // world)
+    step, state_bytes, facts = _build(args.variant, model, args.batch // world,
+                                        args.batch * (args.block or model.cfg.block_size))
     engine = facts.pop("engine", None)
     times, losses, link, comm_before, wait_before = [], [], {}, {}, {}
     for i in range(args.steps):
