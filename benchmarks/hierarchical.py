@@ -13,7 +13,8 @@ a host and ``global`` ones cross the link. Variants (docs/hierarchical.md):
 * dtrain: ``zero3`` (flat ZeRO-3: every kind at ``global``), ``hsdp`` (every kind at ``node``),
   ``hpz`` (ZeRO-3 plus a node-level backward copy), ``hpz-int8`` (the same with int8 all-gathers),
   ``frontier3`` (params and grads at ``node``, optimizer state at ``global``; no level below the
-  node here), ``auto`` (``zero.preset = "auto"``, the planner's choice at start-up);
+  node here), ``auto`` (``zero.preset = "auto"``, the planner's choice at start-up, told the step's tokens
+  through ``zero.auto_tokens_per_step``; ``DTRAIN_CLUSTER`` names the cluster file);
 * peers, same model/data/optimizer (their runners are benchmarks/zero.py's): ``deepspeed-zero3``,
   ``deepspeed-hpz`` (ZeRO++ ``zero_hpz_partition_size = 2``, i.e. one host), ``deepspeed-hpz-int8``
   (plus ``zero_quantized_weights``), ``deepspeed-hpz-live`` (hpZ with ``stage3_max_live_parameters`` and
