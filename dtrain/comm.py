@@ -50,6 +50,14 @@ class Handle:
     ranks: list[int]
     then: Callable[[], None] | None = None  # local work that completes the collective's result
 
+    def completed(self) -> bool:
+        """The collective has finished, so :meth:`wait` would not block (works without a completion
+        query count as unfinished)."""
+        if self.work is None:
+            return True
+        is_completed = getattr(self.work, "is_completed", None)
+        return bool(is_completed()) if is_completed is not None else False
+
     def wait(self) -> None:
         if self.work is None:
             return

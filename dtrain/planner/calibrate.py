@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -368,8 +368,9 @@ LAYOUT_FIT_PRESETS = ("hpz", "hsdp")  # timed beside flat ZeRO-3 for the compute
 def _layout_worker(out: str, msg_bytes: list[int], repeats: int, steps: int, model_kwargs: dict | None = None) -> None:
     """One rank: (1) plain fwd+bwd+AdamW of the reference GPT at several batch sizes, every rank
     at once; (2) ``Comm`` all-gathers, reduce-scatters and all-reduces inside a node, across the
-    whole world and across the node peers (the groups the zero layout uses); (3) flat ZeRO-3
-    training steps of the reference model. Rank 0 writes the medians (slowest rank) as JSON."""
+    whole world and across the node peers (the groups the zero layout uses); (3) training steps of
+    the reference model under flat ZeRO-3 and ``LAYOUT_FIT_PRESETS``. Rank 0 writes the medians
+    (slowest rank) as JSON."""
     import copy
     import json
     import statistics
@@ -539,15 +540,16 @@ def calibrate_layout(out_path: str | Path, *, nodes: int = 2, nproc: int = 2, ne
     shape = Shape.of(nodes * nproc, 0, nodes)
     units = run["units"]
     tokens_per_rank = LAYOUT_TRAIN_SEQS[-1] * _block_size()
+    optimizer = StepModel(rate, overhead, optim_s_per_param=optim_pp)
     assignments = []
     for key, measured in run["steps_s"].items():
         name, _, seqs = key.partition("@")
         zcfg = {"stage": 3, "preset": None} if name == "zero3" else {"stage": 0, "preset": name}
         levels = resolve_levels(SimpleNamespace(params=None, grads=None, optim=None, backward_params=None, **zcfg),
                                 shape)
-        optim = optim_pp * sum(units) / levels.size("optim")
-        assignments.append((f"{name}_{seqs}seq", predict(units, levels, shape, base)[1], measured, optim,
-                            int(seqs) * _block_size()))
+        assignments.append(FitSample(f"{name}_{seqs}seq", predict(units, levels, shape, base)[1], measured,
+                                     optimizer.optim_s(units, levels),
+                                     int(seqs) * _block_size()))
     scale, phi, fit = fit_step_model(rate, overhead, shape_model.dense_flops_per_token, tokens_per_rank, assignments)
     calibration = {"method": "dtrain plan calibrate --layout", "net": net, "nodes": nodes, "nproc": nproc,
                    "reference_model": (f"GPT preset {LAYOUT_PRESET!r}, vocab 256" if model is None else
@@ -585,33 +587,41 @@ def layout_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class FitSample(NamedTuple):
+    """One measured training step for :func:`fit_step_model`."""
+
+    name: str
+    phase_comm: dict[str, float]  # predicted communication seconds by phase
+    measured_s: float
+    optim_s: float = 0.0  # the optimizer's exposed seconds (StepModel.optim_s)
+    tokens_per_rank: float | None = None  # None: fit_step_model's default
+
+
 def fit_step_model(rate: float, overhead: float, flops_per_token: float, tokens_per_rank: float,
-                   assignments: list[tuple]) -> tuple[float, float, dict]:
+                   assignments: Sequence[tuple]) -> tuple[float, float, dict]:
     """The compute scale ``k`` (training computes at ``rate / k``: on shared CPUs the traffic's own
     work slows the compute down) and the overlap ``phi`` that make the step model of
-    dtrain/planner/layout.py best fit the measured steps of ``assignments`` ((name, predicted
-    communication seconds by phase, measured seconds[, the optimizer's exposed seconds[, tokens per
-    rank]])): the
-    least largest relative error over a grid
-    of ``k`` in [0.5, 4] and ``phi`` in [0, 1]. Returns ``(k, phi, {name: measured, predicted})``."""
+    dtrain/planner/layout.py best fit the measured steps ``assignments`` (:class:`FitSample`, or
+    tuples in its field order): the least largest relative error over a grid of ``k`` in [0.5, 4]
+    and ``phi`` in [0, 1]. Returns ``(k, phi, {name: measured, predicted})``."""
     from dtrain.planner.layout import StepModel
 
-    def tokens(a: tuple) -> float:
-        return a[4] if len(a) > 4 else tokens_per_rank
+    samples = [FitSample(*a) for a in assignments]
 
-    def predicted(model: Any, a: tuple) -> float:
-        return model.step_s(model.compute_s(flops_per_token, tokens(a)), a[1]) + (a[3] if len(a) > 3 else 0.0)
+    def predicted(model: Any, a: FitSample) -> float:
+        tokens = tokens_per_rank if a.tokens_per_rank is None else a.tokens_per_rank
+        return model.step_s(model.compute_s(flops_per_token, tokens), a.phase_comm) + a.optim_s
 
     best: tuple[float, float, float] | None = None
     for k in np.arange(0.5, 4.0001, 0.01):
         for phi in np.arange(0.0, 1.0001, 0.01):
             model = StepModel(rate / k, overhead, float(phi))
-            worst = max(abs(predicted(model, a) / a[2] - 1) for a in assignments)
+            worst = max(abs(predicted(model, a) / a.measured_s - 1) for a in samples)
             if best is None or worst < best[0] - 1e-12:
                 best = (worst, float(k), float(phi))
     _, k, phi = best
     model = StepModel(rate / k, overhead, phi)
-    fit = {a[0]: {"measured_s": a[2], "predicted_s": predicted(model, a)} for a in assignments}
+    fit = {a.name: {"measured_s": a.measured_s, "predicted_s": predicted(model, a)} for a in samples}
     return round(k, 2), round(phi, 2), fit
 
 

@@ -138,6 +138,11 @@ class StepModel:
     def step_s(self, compute_s: float, phase_comm: Mapping[str, float]) -> float:
         return compute_s + sum(phase_comm.values()) - self.hidden_s(compute_s, phase_comm)
 
+    def optim_s(self, units: Sequence[int], levels: Levels) -> float:
+        """The optimizer's step of this rank's optim part: after the backward, never hidden, and
+        smaller the wider the optimizer state is sharded."""
+        return self.optim_s_per_param * sum(units) / levels.size("optim")
+
 
 def predict_step(units: Sequence[int], levels: Levels, shape: Shape, cluster: ClusterSpec, *,
                  flops_per_token: float = 0.0, tokens_per_rank: float = 0.0, grad_accum: int = 1,
@@ -146,9 +151,7 @@ def predict_step(units: Sequence[int], levels: Levels, shape: Shape, cluster: Cl
     volume, phase_comm = predict(units, levels, shape, cluster, grad_accum, gather_dtype)
     model = StepModel.of(cluster)
     compute = model.compute_s(flops_per_token, tokens_per_rank)
-    # the optimizer steps this rank's optim part after the backward: exposed, and smaller the wider
-    # the optimizer state is sharded
-    optim = model.optim_s_per_param * sum(units) / levels.size("optim")
+    optim = model.optim_s(units, levels)
     return {"step_s": model.step_s(compute, phase_comm) + optim, "compute_s": compute + optim,
             "optim_s": optim, "comm_s": sum(phase_comm.values()), "comm_s_by_phase": phase_comm,
             "bytes_per_level": volume}

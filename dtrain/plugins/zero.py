@@ -103,7 +103,7 @@ class Chain:
         rank must not start one because its own transfer happened to finish first)."""
         if self.steps:
             return False
-        if self.handle is not None and _completed(self.handle):
+        if self.handle is not None and self.handle.completed():
             self.handle.wait()  # completed: returns at once, running the handle's local ``then``
             self.handle = None
         return self.handle is None
@@ -714,13 +714,14 @@ class FlatLayout(LayoutPlugin):
             self.order.append(unit)
         nxt = self._neighbour(unit, +1)
         prefetch = self.engine.config.zero.prefetch and nxt is not None
-        if prefetch and unit in self.pending:
+        early = prefetch and unit in self.pending
+        if early:
             # the unit's first (widest) gather step is done before the next unit's starts, and the next
             # one's starts before this unit's narrower steps: the slowest link never waits for them
             self.pending[unit].advance()
             self._gather(nxt, async_op=True)
         self._gather(unit)
-        if prefetch:
+        if prefetch and not early:
             self._gather(nxt, async_op=True)
 
     def _post_forward(self, unit: FlatUnit, output: Any) -> None:
@@ -740,15 +741,6 @@ class FlatLayout(LayoutPlugin):
         prev = self._neighbour(unit, -1)
         if self.engine.config.zero.prefetch and prev is not None and prev.index not in self.reduced:
             self._gather(prev, async_op=True, backward=True)
-
-
-def _completed(handle: Handle) -> bool:
-    """The collective behind ``handle`` has finished (waiting on it would not block)."""
-    work = handle.work
-    if work is None:
-        return True
-    is_completed = getattr(work, "is_completed", None)
-    return bool(is_completed()) if is_completed is not None else False
 
 
 def _local(fn: Callable[..., Any], *args: Any) -> None:
