@@ -54,6 +54,11 @@ class DirectFile:
                 raise
             os.ftruncate(self.fd, self.nbytes)
 
+    def mapped(self) -> torch.Tensor:
+        """The whole file as a flat fp32 tensor mapped from the page cache (for reading and writing
+        state at rest, e.g. by checkpoints, without a copy in memory)."""
+        return torch.from_numpy(np.memmap(self.path, dtype=np.float32, mode="r+", shape=(self.nbytes // 4,)))
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dtrain.errors import UsageError
@@ -97,8 +96,7 @@ class ParamTier:
                                  f"tensor of its own; unit {shard.unit.name} is not; use offload.params = \"device\"")
             nbytes = tensor.numel() * F32
             file = DirectFile(str(directory / f"u{shard.unit.index}.param"), nbytes)
-            mapped = np.memmap(file.path, dtype=np.float32, mode="r+", shape=(round_up(nbytes) // F32,))
-            home = torch.from_numpy(mapped)[:tensor.numel()]
+            home = file.mapped()[:tensor.numel()]
             self.parts[shard.unit.index] = Part(shard.unit.index, tensor, nbytes, file, home)
         self.io = IOPool(io_threads)
         self.staging = staging_bytes([p.nbytes for p in self.parts.values()])

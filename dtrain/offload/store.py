@@ -38,7 +38,6 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dtrain.offload.aio import DirectFile, IOPool, aligned_buffer, round_up
@@ -197,8 +196,7 @@ class TierStore:
             assert directory is not None
             for u in nvme:
                 u.file = DirectFile(str(directory / f"u{u.spec.index}.state"), u.stride * len(keys))
-                n = u.stride * len(keys) // F32
-                mapped = torch.from_numpy(np.memmap(u.file.path, dtype=np.float32, mode="r+", shape=(n,)))
+                mapped = u.file.mapped()[:u.stride * len(keys) // F32]
                 for piece in u.pieces:
                     for key in keys:
                         u.at_rest[(id(piece.tensor), key)] = u.views(mapped, piece, key)
