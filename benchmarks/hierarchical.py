@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS and not (n.startswith("levels:") and n.count("/") == 3)]
     if unknown:
-        print(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}", file=sys.stderr)
+        print(f"unknown variants {unknown}; choose from {','.join(VARIANTS)} or levels:PARAMS/GRADS/OPTIM/BACKWARD", file=sys.stderr)
         return 2
     if args.quick:
         args.rates, args.repeats, args.steps, args.warmup = args.rates.split(",")[0], 1, 5, 2
