@@ -1,7 +1,8 @@
 """Where the offload run's peak RSS goes (a diagnostic, not a timed benchmark; BENCHMARKS.md,
 offload, fourth session): a 0.5 ms RSS poller labelled by step phase, glibc's ``mallinfo2()``
 (in use, free kept in the heap, mmapped) and arena count at the peak of steps 2-7, and the live
-bytes the layout and tier account for. One rank, ``mid`` GPT, batch 1, the benchmark's budget::
+bytes the layout and tier account for. One rank, ``mid`` GPT (``PRESET=deep``: the 12-layer one), batch 1,
+the benchmark's budget::
 
     PYTHONPATH=$PWD python benchmarks/offload_rss.py nvme|serial|memory|tiny
     POLICY=keep=1024,arena=1 TRIM=2 ... # claim a malloc policy first (keep/mmap/trim MB, arena
@@ -37,7 +38,7 @@ MiB = 2**20
 mode = sys.argv[1] if len(sys.argv) > 1 else "nvme"
 policy = os.environ.get("POLICY", "")
 tmp = tempfile.mkdtemp(dir="/tmp")
-model = _model("tiny" if mode == "tiny" else "mid"); n = sum(p.numel() for p in model.parameters())
+model = _model("tiny" if mode == "tiny" else os.environ.get("PRESET", "mid")); n = sum(p.numel() for p in model.parameters())
 budget = (8*n + 8*n/3)/2**30
 cfg = {"zero": {"stage": 3}}
 if mode != "memory" and mode != "tiny":

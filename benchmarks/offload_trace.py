@@ -1,7 +1,7 @@
 """Trace offload steps (a diagnostic; BENCHMARKS.md, offload, fourth session): forward's end,
 each unit's report (``submit``), each chunk's read / step / write interval and the join, in ms
-from the step's start, for the last of ``TSTEPS`` steps (default 6). One rank, ``mid`` GPT, the
-benchmark's budget::
+from the step's start, for the last of ``TSTEPS`` steps (default 6). One rank, ``mid`` GPT
+(``PRESET=deep``: the 12-layer one), the benchmark's budget::
 
     PYTHONPATH=$PWD TSTEPS=11 python benchmarks/offload_trace.py overlap|serial [batch]
 """
@@ -17,7 +17,7 @@ from dtrain.offload import pipeline as P
 overlap = sys.argv[1] != "serial" if len(sys.argv) > 1 else True
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 tmp = tempfile.mkdtemp(dir="/tmp")
-model = _model("mid"); n = sum(p.numel() for p in model.parameters())
+model = _model(os.environ.get("PRESET", "mid")); n = sum(p.numel() for p in model.parameters())
 budget = (8*n + 8*n/3)/2**30
 cfg = {"zero":{"stage":3},"offload":{"enabled":True,"optim":"nvme","dir":tmp,"overlap":overlap,"memory_budget_gb":budget}}
 engine = dtrain.wrap(model, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01), config=cfg)

@@ -144,6 +144,9 @@ class FlatUnit:
     shard: torch.Tensor | None = field(default=None, repr=False)
     grad_full: torch.Tensor | None = field(default=None, repr=False)
     grad_shard: torch.Tensor | None = field(default=None, repr=False)
+    whole: bool = False
+    """The layout's part of this unit is the whole unit and ``full`` is that part itself (one holder
+    of the parameters, e.g. ZeRO-3 at world 1): nothing to gather, nothing to release."""
 
     def __post_init__(self) -> None:
         self.slot_of = {id(s.param): s for s in self.slots}
@@ -194,7 +197,8 @@ class FlatUnit:
     # use. Parameters (and tensors autograd saved from them) keep pointing at the same storage.
     def release(self) -> None:
         assert self.full is not None
-        self.full.untyped_storage().resize_(0)
+        if not self.whole:
+            self.full.untyped_storage().resize_(0)
 
     def materialize(self) -> None:
         assert self.full is not None

@@ -14,8 +14,8 @@ is not hidden is *exposed* and adds to the step. Greedy rule:
    shortest hiding window first), else on NVMe (then the staging pool is charged to the device
    budget: the NVMe tier streams each unit in chunks, so the pool is ``pool_sets`` buffer sets of
    one chunk; see :func:`staging_shape`). Units coming back to the device leave room for a pool
-   of ``set_reserve_bytes`` sets (1 MiB chunks); what room is left after them grows the chunks
-   up to ``set_cap_bytes`` per set.
+   of ``set_reserve_bytes`` sets (full-size chunks by default); what room is left after them
+   grows the chunks up to ``set_cap_bytes`` per set.
 2. Units are brought back to the device in order of exposed seconds saved per byte, while the
    device budget (``budget - resident``, resident = parameters + gradients) allows.
 3. Budget still left keeps more units resident, shortest hiding window first (resident state is
@@ -77,10 +77,11 @@ def transfer_s(state_bytes: int, tier: str, host_gbps: float, nvme_read_gbps: fl
 POOL_SETS = 4
 """Staging buffer sets of the NVMe tier: read chunk i+1 (and i+2), step chunk i, write chunk i-1."""
 CHUNK_BYTES_PER_KEY = 4 << 20
-"""The largest chunk the NVMe tier streams, per state key (one 4 MiB read or write per key)."""
-RESERVED_CHUNK_BYTES_PER_KEY = 1 << 20
-"""The chunk the placement keeps room for before it keeps units' state resident (a resident unit
-moves nothing; 1 MiB calls still pipeline well)."""
+"""The chunk the NVMe tier streams, per state key (one 4 MiB read or write per key), and the one
+the placement keeps room for before it keeps units' state resident. Each chunk costs a fixed
+~1-2 ms of hand-offs and I/O completion on a busy host beside its transfer, so smaller chunks
+starve the pipeline: with 1 MiB chunks kept room for (and more units resident) the overlapped
+step was 1.1-1.3x slower (docs/offload.md, "Chunks and the staging pool")."""
 MIN_CHUNK_BYTES_PER_KEY = 64 << 10
 """The smallest chunk worth a pipeline stage; below it the pool has fewer sets."""
 ALIGN = 4096  # dtrain.offload.aio.ALIGN (this module stays torch-free)
@@ -119,12 +120,12 @@ def _pool_bytes(units: list[UnitProfile], tiers: dict[str, str], pool_sets: int,
 def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes: int, compute_s: float, *,
                      host_budget_bytes: int = 0, host_gbps: float = 10.0, nvme_read_gbps: float = 2.0,
                      nvme_write_gbps: float = 1.0, pool_sets: int = POOL_SETS,
-                     set_cap_bytes: int = 2 * CHUNK_BYTES_PER_KEY,
-                     set_reserve_bytes: int = 2 * RESERVED_CHUNK_BYTES_PER_KEY,
+                     set_cap_bytes: int = 2 * CHUNK_BYTES_PER_KEY, set_reserve_bytes: int | None = None,
                      min_set_bytes: int = 2 * MIN_CHUNK_BYTES_PER_KEY) -> Placement:
     """Tier per unit under ``budget_bytes`` of device memory (see the module docstring).
     ``set_cap_bytes``/``set_reserve_bytes``/``min_set_bytes``: the largest staging buffer set, the
-    one kept room for, and the smallest (all state keys of one chunk; defaults: Adam's two keys).
+    one kept room for (None: the largest) and the smallest (all state keys of one chunk; defaults:
+    Adam's two keys).
 
     Raises ValueError when even everything off the device does not fit: the message names the
     minimum budget (resident state plus the smallest NVMe staging buffer set)."""
@@ -146,6 +147,7 @@ def choose_placement(units: list[UnitProfile], budget_bytes: int, resident_bytes
         raise ValueError(f"a device budget of {budget_bytes / GB:.4f} GB is below the minimum {minimum / GB:.4f} GB "
                          f"(parameters and gradients + the smallest staging buffer set)")
     notes = []
+    set_reserve_bytes = set_cap_bytes if set_reserve_bytes is None else set_reserve_bytes
     reserve_sets = pool_sets  # fewer sets to keep room for when even the reserved pool does not fit
     while reserve_sets > 1 and _pool_bytes(units, tiers, reserve_sets, set_reserve_bytes) + resident_bytes > budget_bytes:
         reserve_sets -= 1
@@ -202,8 +204,7 @@ def nominal_profiles(unit_bytes_in_reduction_order: list[tuple[str, int]], nvme_
 
 def place_units(unit_bytes_in_reduction_order: list[tuple[str, int]], tier: str, budget_bytes: int | None,
                 resident_bytes: int, pool_sets: int = POOL_SETS, set_cap_bytes: int = 2 * CHUNK_BYTES_PER_KEY,
-                set_reserve_bytes: int = 2 * RESERVED_CHUNK_BYTES_PER_KEY,
-                min_set_bytes: int = 2 * MIN_CHUNK_BYTES_PER_KEY) -> Placement:
+                set_reserve_bytes: int | None = None, min_set_bytes: int = 2 * MIN_CHUNK_BYTES_PER_KEY) -> Placement:
     """The tier's per-unit choice as the ``offload`` plugin applies it and ``dtrain plan memory``
     shows it: every unit on ``tier`` ("host" or "nvme") when there is no budget, else
     :func:`choose_placement` over :func:`nominal_profiles` (units kept resident while the budget

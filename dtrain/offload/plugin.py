@@ -39,9 +39,8 @@ from dtrain.offload.aio import ALIGN, aligned_buffer
 from dtrain.offload.config import OffloadConfig
 from dtrain.offload.params import ParamTier, ParamTierStore
 from dtrain.offload.pipeline import StepPipeline
-from dtrain.offload.placement import (CHUNK_BYTES_PER_KEY, MIN_CHUNK_BYTES_PER_KEY, POOL_SETS,
-                                      RESERVED_CHUNK_BYTES_PER_KEY, UnitProfile, place_units,
-                                      staging_shape)
+from dtrain.offload.placement import (CHUNK_BYTES_PER_KEY, MIN_CHUNK_BYTES_PER_KEY, POOL_SETS, UnitProfile,
+                                      place_units, staging_shape)
 from dtrain.offload.store import F32, TierStore
 from dtrain.plugins.base import OptimizerFactory, register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
@@ -193,8 +192,8 @@ class OffloadPlugin(FirstOrderStep):
                     f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
         args = (layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers, chunk_elems)
         self.store = TierStore(*args) if self.params is None else ParamTierStore(*args, params=self.params)
-        defer = cfg.overlap or self.defer_serial_writes
-        self.pipe = StepPipeline(self.store, defer_writes=max(0, self.buffer_sets - 1) if defer else 0)
+        self.pipe = StepPipeline(self.store)
+        self.set_overlap(cfg.overlap)
         self.callback = layout.on_unit_reduced(self._on_reduced)
         if cfg.optim != "device" or self.params is not None:
             layout.place_optim_state(cfg.optim, self._tier_report)
@@ -202,6 +201,15 @@ class OffloadPlugin(FirstOrderStep):
         self.optimizer_name = cpu_adam.describe(layout.optimizer)
         if self.engine.comm.rank == 0:
             print(f"dtrain: offload tier {cfg.optim!r}: the optimizer is {self.optimizer_name}", file=sys.stderr)
+
+    def set_overlap(self, overlap: bool) -> None:
+        """``offload.overlap`` from the next step on: the overlapped step or ZeRO-Infinity's order
+        (the same state, files and pool either way; benchmarks/offload.py alternates the two in
+        one process to compare them on the same machine state)."""
+        self.cfg.overlap = overlap
+        if self.pipe is not None:
+            defer = overlap or self.defer_serial_writes
+            self.pipe.defer_writes = max(0, self.buffer_sets - 1) if defer else 0
 
     def _param_tier(self) -> ParamTier:
         """``offload.params = "nvme"``: the parameter parts go to their files now (one UsageError
@@ -231,7 +239,6 @@ class OffloadPlugin(FirstOrderStep):
         self.placement = place_units([(s.name, _aligned_unit_bytes(layout, s, keys)) for s in specs],
                                      self.cfg.optim, budget, resident, POOL_SETS,
                                      set_cap_bytes=len(keys) * CHUNK_BYTES_PER_KEY,
-                                     set_reserve_bytes=len(keys) * RESERVED_CHUNK_BYTES_PER_KEY,
                                      min_set_bytes=len(keys) * MIN_CHUNK_BYTES_PER_KEY)
         chosen = {s.index: "device" for s in specs if self.placement.tiers[s.name] == "device"}
         return chosen, sum(_aligned_unit_bytes(layout, s, keys) for s in specs if s.index in chosen)

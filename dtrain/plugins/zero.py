@@ -210,6 +210,9 @@ class FlatLayout(LayoutPlugin):
         self.split_params = self.s_p > 1 or (alone and self.shard_params)
         self.split_grads = self.s_g > 1 or (alone and self.shard_grads)
         self.split_optim = self.s_o > 1 or (alone and self.shard_optim)
+        # one holder of the whole gradient (world 1): autograd's gradients are added into it at once,
+        # with no per-unit staging buffer to reduce from
+        self.direct_grads = self.split_grads and self.s_g == 1 and self.s_d == 1
         self.chain = lv.chain()
         self.name_of = {1: "rank", self.s_d: self.level}
         for kind in KINDS:
@@ -279,7 +282,10 @@ class FlatLayout(LayoutPlugin):
         unit.bind(full)
         p_lo, p_hi = self._rng(unit, self.s_p)
         o_lo, o_hi = self._rng(unit, self.s_o)
-        unit.shard = full[p_lo:p_hi].clone() if self.split_params else None
+        # One holder of the whole unit (ZeRO-3 at world 1) gathers it in fp32 into the same values:
+        # the part is the parameters' own buffer, not a second copy of the model
+        unit.whole = self.split_params and self.s_p == 1 and self.gather_dtype == "fp32"
+        unit.shard = (full if unit.whole else full[p_lo:p_hi].clone()) if self.split_params else None
         # The optimizer steps views of the parameters it owns: no separate fp32 copy.
         holder, base = (unit.shard, p_lo) if self.split_params else (full, 0)
         self.master[unit.index] = holder[o_lo - base:o_hi - base]
@@ -348,6 +354,11 @@ class FlatLayout(LayoutPlugin):
         and the optimizer's step (which the tier brings them in for)."""
         if not self.split_params or self.s_o != self.s_p or self.secondary:
             return False
+        for unit in self.units:  # the tier frees the part between uses: the parameters need their own buffer
+            if unit.whole:
+                unit.whole = False
+                unit.bind(unit.full.clone())
+                unit.release()
         self.param_tier = tier
         return True
 
@@ -366,7 +377,11 @@ class FlatLayout(LayoutPlugin):
 
     def _on_grad(self, p: torch.Tensor) -> None:
         unit = self.unit_of[id(p)]
-        if self.split_grads:
+        if self.direct_grads:
+            slot = unit.slot_of[id(p)]
+            unit.grad_shard[slot.offset:slot.offset + slot.numel].add_(p.grad.reshape(-1))
+            p.grad = None
+        elif self.split_grads:
             if unit.grad_full is None:  # every slot is written below or zeroed in _reduce: only the tail here
                 unit.grad_full = torch.empty(unit.padded, device=self.device)
                 unit.grad_full[unit.numel:].zero_()
@@ -413,7 +428,9 @@ class FlatLayout(LayoutPlugin):
         if self.split_params:
             unit.release()
         buf = unit.grad_full
-        if buf is None:  # no parameter of this unit received a gradient
+        if self.direct_grads:  # already in the master gradient (_on_grad)
+            buf = unit.grad_shard
+        elif buf is None:  # no parameter of this unit received a gradient
             buf = torch.zeros(unit.padded, device=self.device)
         elif self.split_grads:  # already divided in _on_grad; zero the slots no gradient reached
             filled = self.filled.pop(unit.index)
@@ -423,7 +440,9 @@ class FlatLayout(LayoutPlugin):
         else:
             buf.div_(self.s_d)
         state = {"cur": buf}
-        if self.split_grads:
+        if self.direct_grads:
+            steps = []
+        elif self.split_grads:
             unit.grad_full = None
             steps = self._reduce_steps(unit, state, 1, self.s_g)
             steps.append(lambda: _local(unit.grad_shard.add_, state["cur"]))

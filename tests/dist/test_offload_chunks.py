@@ -15,7 +15,9 @@ that checkpoint and must end on the same bytes.
 backward: the same bytes, and after every ``train_step`` no write is pending (every write landed
 inside the step), where the overlapped run leaves its last writes to the next forward; and the
 layout reports each unit to the tier as soon as its reduction has completed (here at once: the
-first report comes when one unit is reduced, not after three).
+first report comes when one unit is reduced, not after three). Switching between the two orders
+between steps (``OffloadPlugin.set_overlap``, what ``benchmarks/offload.py --variants
+nvme-alternate`` does) keeps the bytes, and each step leaves pending only what its own order leaves.
 """
 import pytest
 
@@ -56,6 +58,14 @@ def _world1(root: str) -> dict:
         out["pending", overlap] = pending
         out["reported_at", overlap] = seen[:len(engine.plugins[1].store.units)]
         out["overlap", overlap] = _result(engine)
+    engine = _train(_config(3, "nvme", None, root), 0, 1)  # set_overlap between steps (the benchmark's A/B)
+    plugin, pending = engine.plugins[1], []
+    for step in range(1, STEPS):
+        plugin.set_overlap(step % 2 == 0)
+        engine.train_step(local_batch(step, 0, 1))
+        pending.append((step % 2 == 0, len(plugin.pipe.pending)))
+    out["pending", "alternate"] = pending
+    out["overlap", "alternate"] = _result(engine)
     return out
 
 
@@ -68,6 +78,9 @@ def test_chunked_nvme_tier_is_bit_identical(tmp_path):
     assert out["resumed"] == out["memory", 1.0]
     assert out["overlap", False] == out["overlap", True] == out["memory", None]
     assert out["pending", False] == [0] * (len(out["pending", False])), out["pending", False]
+    # switching order between steps keeps the bytes, and each step leaves what its own order leaves
+    assert out["overlap", "alternate"] == out["memory", None]
+    assert all((n > 0) == overlapped for overlapped, n in out["pending", "alternate"]), out["pending", "alternate"]
     assert min(out["pending", True]) > 0, out["pending", True]
     # a finished reduction is reported at once (world 1: each is done when issued), not two units later
     assert out["reported_at", True][:2] == [1, 2], out["reported_at", True]
