@@ -31,10 +31,12 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 
 from dtrain.offload.store import Chunk, TierStore
+from dtrain.partition import UnitSpec
 
 
 class OffloadError(RuntimeError):
@@ -80,6 +82,9 @@ class StepPipeline:
         """id(chunk) -> its read, issued at :meth:`begin` before the unit was reported."""
         self.stats = {"optim_s": 0.0, "hidden_s": 0.0, "read_wait_s": 0.0, "join_wait_s": 0.0}
         self.intervals: list[tuple[float, float]] = []
+        self.on_unit_stepped: Callable[[UnitSpec], Any] | None = None
+        """Called on the stepper thread once a unit's last chunk is stepped (its gradient is then
+        consumed: the plugin hands it to ``layout.release_grad``)."""
         self.profile: dict[int, tuple[float, float]] = {}
         """The last step's per unit: (backward time left after it was reported reduced, optimizer seconds)."""
 
@@ -204,6 +209,8 @@ class StepPipeline:
             self.intervals.append((t0, t1))
             index = chunk.unit.spec.index
             self.unit_s[index] = self.unit_s.get(index, 0.0) + t1 - t0
+            if self.on_unit_stepped is not None and chunk is chunk.unit.chunks[-1]:
+                self.on_unit_stepped(chunk.unit.spec)
         except BaseException:
             for _, sub in chunk.subs.values():
                 self.optimizer.state.pop(sub, None)

@@ -81,7 +81,7 @@ CHUNK_BYTES_PER_KEY = 4 << 20
 the placement keeps room for before it keeps units' state resident. Each chunk costs a fixed
 ~1-2 ms of hand-offs and I/O completion on a busy host beside its transfer, so smaller chunks
 starve the pipeline: with 1 MiB chunks kept room for (and more units resident) the overlapped
-step was 1.1-1.3x slower (docs/offload.md, "Chunks and the staging pool")."""
+step was 1.05-1.5x slower (docs/offload.md, "Chunks and the staging pool")."""
 MIN_CHUNK_BYTES_PER_KEY = 64 << 10
 """The smallest chunk worth a pipeline stage; below it the pool has fewer sets."""
 ALIGN = 4096  # dtrain.offload.aio.ALIGN (this module stays torch-free)

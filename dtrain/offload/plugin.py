@@ -193,6 +193,7 @@ class OffloadPlugin(FirstOrderStep):
         args = (layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers, chunk_elems)
         self.store = TierStore(*args) if self.params is None else ParamTierStore(*args, params=self.params)
         self.pipe = StepPipeline(self.store)
+        self.pipe.on_unit_stepped = layout.release_grad  # a stepped unit's gradient is not needed until its next one
         self.set_overlap(cfg.overlap)
         self.callback = layout.on_unit_reduced(self._on_reduced)
         if cfg.optim != "device" or self.params is not None:

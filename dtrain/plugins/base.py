@@ -213,6 +213,12 @@ class LayoutPlugin(Plugin):
         carry ``tier.home(spec)`` and the tier. Returns False where the layout cannot (default)."""
         return False
 
+    def release_grad(self, spec: "UnitSpec") -> bool:
+        """A tier plugin has stepped ``spec``'s unit with this step's gradient: the layout may free
+        the unit's gradient until its next gradient arrives (it comes back zeroed, before anything
+        reads it). Returns False where the layout keeps it (default)."""
+        return False
+
     # ------------------------------------------------------------- descriptors
     def unit_specs(self) -> "list[UnitSpec]":
         """Every unit's flat space (parameter names, shapes, offsets, groups, padded size)."""

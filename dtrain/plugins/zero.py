@@ -175,6 +175,7 @@ class FlatLayout(LayoutPlugin):
             use_comm_sync_batchnorm(model, self.comm, self.level)
         self.master: dict[int, torch.Tensor] = {}
         self.master_grad: dict[int, torch.Tensor | None] = {}
+        self.grad_released: set[int] = set()  # units whose gradient storage release_grad freed
         self.secondary: dict[int, torch.Tensor] = {}
         self.version = 0  # publishes of the parameters so far
         self.secondary_version: dict[int, int] = {}
@@ -378,6 +379,7 @@ class FlatLayout(LayoutPlugin):
     def _on_grad(self, p: torch.Tensor) -> None:
         unit = self.unit_of[id(p)]
         if self.direct_grads:
+            self._grad_back(unit)
             slot = unit.slot_of[id(p)]
             unit.grad_shard[slot.offset:slot.offset + slot.numel].add_(p.grad.reshape(-1))
             p.grad = None
@@ -423,8 +425,27 @@ class FlatLayout(LayoutPlugin):
         steps.append(store)
         return steps
 
+    def release_grad(self, spec: UnitSpec) -> bool:
+        """Split gradients only: the unit's gradient part is this layout's alone (ddp and ZeRO-1
+        hand views of the whole gradient to the parameters' ``.grad``, which autograd writes)."""
+        if not self.split_grads or not self.allocate_grads:
+            return False
+        self.units[spec.index].grad_shard.untyped_storage().resize_(0)
+        self.grad_released.add(spec.index)
+        return True
+
+    def _grad_back(self, unit: FlatUnit) -> None:
+        """A released gradient part gets its storage back, zeroed (what ``zero_grad`` left it)."""
+        if unit.index in self.grad_released:
+            self.grad_released.discard(unit.index)
+            grad = unit.grad_shard
+            grad.untyped_storage().resize_(grad.numel() * grad.element_size())
+            grad.zero_()
+
     def _reduce(self, unit: FlatUnit) -> None:
         self.reduced.add(unit.index)
+        if self.split_grads:
+            self._grad_back(unit)
         if self.split_params:
             unit.release()
         buf = unit.grad_full
@@ -490,6 +511,8 @@ class FlatLayout(LayoutPlugin):
         """The reduced gradient this rank is responsible for (padding is zero)."""
         if not self.allocate_grads:
             raise RuntimeError("this layout holds no gradients: the step strategy set allocate_grads = False")
+        for unit in self.units:  # read between steps: released parts come back zeroed
+            self._grad_back(unit)
         if self.split_optim:
             return [self.master_grad[u.index] for u in self.units]
         return [u.grad_full for u in self.units]
@@ -549,7 +572,8 @@ class FlatLayout(LayoutPlugin):
         if not self.allocate_grads:
             return
         for u in self.units:
-            (u.grad_shard if self.split_grads else u.grad_full).zero_()
+            if u.index not in self.grad_released:  # a released part comes back zeroed when first written
+                (u.grad_shard if self.split_grads else u.grad_full).zero_()
 
     # ------------------------------------------------------------ descriptors
     def unit_specs(self) -> list[UnitSpec]:

@@ -18,6 +18,8 @@ layout reports each unit to the tier as soon as its reduction has completed (her
 first report comes when one unit is reduced, not after three). Switching between the two orders
 between steps (``OffloadPlugin.set_overlap``, what ``benchmarks/offload.py --variants
 nvme-alternate`` does) keeps the bytes, and each step leaves pending only what its own order leaves.
+Between steps no gradient part holds storage: the tier hands each stepped unit's gradient to
+``layout.release_grad``, and the bytes above show it comes back zeroed when next written.
 """
 import pytest
 
@@ -51,11 +53,14 @@ def _world1(root: str) -> dict:
             seen.append(len(layout.reduced))
             report(unit)
         layout.unit_reduced = spy
-        pending = []
+        pending, grad_bytes = [], []
         for step in range(1, STEPS):
             engine.train_step(local_batch(step, 0, 1))
             pending.append(len(engine.plugins[1].pipe.pending))
+            grad_bytes.append(sum(piece.tensor.untyped_storage().nbytes()
+                                  for shard in layout.shards("grad") for piece in shard.pieces))
         out["pending", overlap] = pending
+        out["grad_bytes", overlap] = grad_bytes
         out["reported_at", overlap] = seen[:len(engine.plugins[1].store.units)]
         out["overlap", overlap] = _result(engine)
     engine = _train(_config(3, "nvme", None, root), 0, 1)  # set_overlap between steps (the benchmark's A/B)
@@ -78,6 +83,8 @@ def test_chunked_nvme_tier_is_bit_identical(tmp_path):
     assert out["resumed"] == out["memory", 1.0]
     assert out["overlap", False] == out["overlap", True] == out["memory", None]
     assert out["pending", False] == [0] * (len(out["pending", False])), out["pending", False]
+    # every stepped unit's gradient is released (layout.release_grad) and comes back zeroed when next written
+    assert out["grad_bytes", False] == out["grad_bytes", True] == [0] * (STEPS - 1), out["grad_bytes", True]
     # switching order between steps keeps the bytes, and each step leaves what its own order leaves
     assert out["overlap", "alternate"] == out["memory", None]
     assert all((n > 0) == overlapped for overlapped, n in out["pending", "alternate"]), out["pending", "alternate"]
