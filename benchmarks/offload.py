@@ -63,6 +63,7 @@ LR, WD = 1e-3, 0.01  # AdamW for every variant (DeepSpeed's from its config)
 VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-serial-defer", "nvme-cpuadam", "nvme-mmap1",
             "nvme-params", "nvme-alternate")
 DS_VARIANTS = ("ds-cpu", "ds-nvme", "ds-nvme-param")
+PRESETS = ("tiny", "small", "bench", "mid", "deep")  # GPTConfig's presets and the two cut in _model
 ALT_BLOCK = 3
 
 
@@ -287,7 +288,7 @@ def main() -> None:
     ap.add_argument("--drop-caches", action="store_true",
                     help="drop the page cache before every step (root; /proc/sys/vm/drop_caches)")
     ap.add_argument("--variants", default=None, help=f"comma list out of {','.join(VARIANTS + DS_VARIANTS)}")
-    ap.add_argument("--preset", default=None)
+    ap.add_argument("--preset", default=None, help=f"model: one of {','.join(PRESETS)} (default mid)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--batch", type=int, default=4)
@@ -312,6 +313,13 @@ def main() -> None:
     variants = VARIANTS + (() if args.no_deepspeed else DS_VARIANTS)
     if args.variants:
         variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in variants if v not in VARIANTS + DS_VARIANTS]
+    if unknown or preset not in PRESETS or not variants:
+        what = (f"unknown variants {unknown}; choose from {','.join(VARIANTS + DS_VARIANTS)}" if unknown else
+                "--variants names none" if not variants else
+                f"unknown preset {preset!r}; choose one of {','.join(PRESETS)}")
+        print(f"benchmarks/offload.py: {what}", file=sys.stderr)
+        sys.exit(2)
     model = _model(preset)
     n = sum(p.numel() for p in model.parameters())
     del model
