@@ -16,8 +16,12 @@ A rank killed while its copy is in flight loses that snapshot, and restores the 
 
 Restore order at start-up: the newest step held in memory (rebuilding lost nodes from parity,
 and any shard whose checksum fails), else the newest complete step of the disk tier
-(``snapshot.persist_dir``), else nothing (the engine then tries ``checkpoint.dir``). A snapshot
-written by another run, world size or configuration is refused.
+(``snapshot.persist_dir``: the newest step every rank listed complete, since a surviving node's
+snapshot process may finish writing one while the ranks look), else nothing (the engine then
+tries ``checkpoint.dir``). Unless the step came from memory, the surviving snapshot processes drop
+what they held (steps newer than the one restored, which the run would otherwise snapshot a
+second time and hang on). A snapshot written by another run, world size or configuration is
+refused.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from dtrain.snapshot import blob as blobs
 from dtrain.snapshot.client import DaemonClient, node_dir, run_dir
 from dtrain.snapshot.coding import GroupLayout
 from dtrain.snapshot.daemon import SLOTS
-from dtrain.snapshot.recovery import choose_in_memory, persisted_steps
+from dtrain.snapshot.recovery import agreed_steps, choose_in_memory, persisted_steps
 from dtrain.snapshot.secret import SECRET_VAR, SecretError, job_secret, key_check
 from dtrain.snapshot.slots import SlotMaps
 
@@ -142,8 +146,11 @@ class SnapshotPlugin(Plugin):
 
     def restore(self) -> str | None:
         self._start()
-        how = self._restore_memory() or self._restore_disk()
-        if how is None and self.is_node_leader:
+        memory = self._restore_memory()
+        how = memory or self._restore_disk()
+        if memory is None and self.is_node_leader:
+            # a surviving node's snapshot process still holds the steps it had before the failure,
+            # newer than a step restored from disk: the run would snapshot those steps again
             self.client.call("keep", step=None)
         self.comm.barrier()
         return how
@@ -205,7 +212,11 @@ class SnapshotPlugin(Plugin):
     def _restore_disk(self) -> str | None:
         if not self.cfg.persist_dir:
             return None
-        for step, index in persisted_steps(self.cfg.persist_dir, self.nodes):
+        listed = persisted_steps(self.cfg.persist_dir, self.nodes)
+        common = agreed_steps(self.comm.all_gather_json([step for step, _ in listed]))
+        for step, index in listed:
+            if step not in common:
+                continue
             other = {n: i["fingerprint"] for n, i in index.items() if i["fingerprint"] != self.fingerprint}
             if other:
                 raise blobs.SnapshotMismatch(

@@ -3,8 +3,8 @@
 :func:`choose_in_memory` works on the daemons' status reports alone (pure, unit-tested): a node's
 data for step ``s`` is *available* when its daemon holds it, or *rebuildable* when every stripe it
 contributed to still has ``k`` blocks among the surviving daemons' data chunks and parity. A step
-is restorable when that holds for every node; otherwise the disk tier (:func:`persisted_steps`)
-is next, then a disk checkpoint.
+is restorable when that holds for every node; otherwise the disk tier (:func:`persisted_steps`,
+restricted to the steps every rank listed: :func:`agreed_steps`) is next, then a disk checkpoint.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from dtrain.snapshot.coding import GroupLayout
 
-__all__ = ["choose_in_memory", "persisted_steps"]
+__all__ = ["agreed_steps", "choose_in_memory", "persisted_steps"]
 
 
 def _has_data(status: dict[str, Any] | None, step: int) -> bool:
@@ -60,3 +60,13 @@ def persisted_steps(directory: str | Path, nodes: int) -> list[tuple[int, dict[i
             continue  # incomplete (a node has not finished writing it) or not ours
         out.append((step, index))
     return out
+
+
+def agreed_steps(listed_by_rank: list[list[int]]) -> set[int]:
+    """The persisted steps every rank found complete. Ranks list the disk tier one by one, and a
+    daemon that outlived the failure may finish writing a step between two listings; a rank that
+    saw it would load a newer step than the others and the run would hang in its next collective.
+    So the ranks restore only from steps all of them saw."""
+    if not listed_by_rank:
+        return set()
+    return set.intersection(*(set(steps) for steps in listed_by_rank))

@@ -18,7 +18,7 @@ from dtrain.faults.spec import FaultSpecError, check_fits, expand_chaos, parse
 from dtrain.snapshot import blob as blobs
 from dtrain.snapshot.coding import GroupLayout, chunk_bounds, decode_chunk, encode_parity
 from dtrain.snapshot.daemon import _BufferPool
-from dtrain.snapshot.recovery import choose_in_memory
+from dtrain.snapshot.recovery import agreed_steps, choose_in_memory, persisted_steps
 from dtrain.snapshot.slots import SlotMaps
 
 
@@ -83,6 +83,26 @@ def test_restore_picks_newest_step_every_node_can_have_back():
     assert choose_in_memory(statuses, groups) == (4, [1])
     statuses[0] = _status(0, {})  # two of three nodes lost: more than m, nothing in memory
     assert choose_in_memory(statuses, groups) == (None, [])
+
+
+def test_disk_tier_restores_only_steps_every_rank_listed(tmp_path):
+    """A daemon that outlived the failure finishes writing step 8 between two ranks' listings (the
+    three-node test's intermittent hang: rank 2 loaded step 8, ranks 0 and 1 step 6, and the next
+    collective never completed): the ranks agree on step 6."""
+    def persist(step: int, nodes: range) -> None:
+        d = tmp_path / f"step-{step:09d}"
+        d.mkdir(exist_ok=True)
+        for n in nodes:
+            (d / f"node{n}.json").write_text('{"fingerprint": "f", "table": []}')
+
+    persist(6, range(3))
+    persist(8, range(2))  # node 2's index of step 8 not written yet
+    early = [step for step, _ in persisted_steps(tmp_path, 3)]
+    persist(8, range(2, 3))  # ... and now it is
+    late = [step for step, _ in persisted_steps(tmp_path, 3)]
+    assert early == [6] and late == [8, 6]
+    assert agreed_steps([early, early, late]) == {6}
+    assert agreed_steps([late, late, late]) == {8, 6} and agreed_steps([]) == set()
 
 
 def test_fault_specs_parse_and_explain_errors():
