@@ -13,8 +13,11 @@ Variants (each a fresh single-rank process, interleaved over ``--repeats`` round
   plugin's ``defer_serial_writes``: what ``offload.overlap = false`` meant before the fourth
   session; reported beside, so the baseline's change is visible);
 * ``nvme-cpuadam``: ``nvme`` with ``offload.cpu_adam = true`` (DeepSpeed's CPU Adam kernel);
-* ``nvme-params``: ``offload.optim`` and ``offload.params`` = "nvme", no budget (every unit's
-  state and parameter part in files, read for each gather and step, as ``ds-nvme-param`` does);
+* ``nvme-aio``: ``nvme`` with ``offload.io = "async_io"`` (DeepSpeed's libaio op moves the state;
+  ``nvme`` runs ``offload.io = "auto"``, whose start-up probe picks the faster engine: each
+  result's ``io_engine`` says which ran);
+* ``nvme-params``: ``offload.optim`` and ``offload.params`` = "nvme" under ``--budget-gb`` (each
+  unit's parameter part in a file, read for each gather and step, as ``ds-nvme-param`` does);
 * ``nvme-mmap1``: ``nvme`` with ``offload.malloc_mmap_mb = 1`` (glibc maps every block >= 1 MB
   on its own: lower peak RSS, a page fault per page of every large temporary); the other offload
   variants run with ``--malloc-mmap-mb`` (default 0: glibc's own dynamic threshold);
@@ -61,7 +64,7 @@ sys.path.insert(0, str(HERE.parent))
 
 LR, WD = 1e-3, 0.01  # AdamW for every variant (DeepSpeed's from its config)
 VARIANTS = ("tiny", "memory", "host", "nvme", "nvme-serial", "nvme-serial-defer", "nvme-cpuadam", "nvme-mmap1",
-            "nvme-params", "nvme-alternate")
+            "nvme-params", "nvme-alternate", "nvme-aio")
 DS_VARIANTS = ("ds-cpu", "ds-nvme", "ds-nvme-param")
 PRESETS = ("tiny", "small", "bench", "mid", "deep")  # GPTConfig's presets and the two cut in _model
 ALT_BLOCK = 3
@@ -165,13 +168,13 @@ def _dtrain(model, variant: str, spec: dict):
     cfg: dict = {"zero": {"stage": 3}, "train": {"clip_grad_norm": spec["clip"]}}
     serial = variant.startswith("nvme-serial")
     if variant in ("host", "nvme", "nvme-serial", "nvme-serial-defer", "nvme-cpuadam", "nvme-mmap1", "nvme-params",
-                   "nvme-alternate"):
+                   "nvme-alternate", "nvme-aio"):
         cfg["offload"] = {"enabled": True, "optim": "host" if variant == "host" else "nvme",
                           "params": "nvme" if variant == "nvme-params" else "device",
                           "dir": spec["dir"], "overlap": not serial,
-                          "cpu_adam": variant == "nvme-cpuadam",
+                          "cpu_adam": variant == "nvme-cpuadam", "io": "async_io" if variant == "nvme-aio" else "auto",
                           "malloc_mmap_mb": 1.0 if variant == "nvme-mmap1" else spec.get("malloc_mmap_mb", 0.0),
-                          "memory_budget_gb": spec["budget_gb"] if variant not in ("host", "nvme-params") else None}
+                          "memory_budget_gb": spec["budget_gb"] if variant != "host" else None}
     engine = dtrain.wrap(model, optimizer=lambda ps: __import__("torch").optim.AdamW(ps, lr=LR, weight_decay=WD),
                          config=cfg)
     plugin = next((p for p in engine.plugins if p.name == "offload"), None)
@@ -201,6 +204,8 @@ def _dtrain(model, variant: str, spec: dict):
         if modes[True] and modes[False]:
             on, off = statistics.median(modes[True]), statistics.median(modes[False])
             agg.update(step_s_overlap=on, step_s_serial=off, overlap_speedup=off / on)
+        if plugin is not None and plugin.run_dir is not None:
+            agg["io_engine"] = plugin.io.describe()
         return {"state_bytes_by_tier": tiers, **agg}
 
     return step, extra
@@ -339,7 +344,8 @@ def main() -> None:
                 res = _run(spec, find_free_port())
                 runs[v].append(res)
                 print(json.dumps({k: res.get(k) for k in ("variant", "step_s", "peak_rss", "error",
-                                                          "optim_overlap", "offload_direct_io")}), flush=True)
+                                                          "optim_overlap", "offload_direct_io", "io_engine")}),
+                      flush=True)
     report = {"preset": preset, "params": n, "budget_gb": budget, "moments_gb": 8 * n / 2**30,
               "drop_caches": args.drop_caches, "lr": LR, "weight_decay": WD, "disk": disk,
               "steps": steps, "repeats": repeats, "batch": args.batch, "machine": machine_info(("deepspeed",)),
@@ -365,7 +371,7 @@ def _targets(median: dict, budget_gb: float) -> dict:
         return median.get(v, {}).get("step_s")
 
     out: dict = {}
-    for nvme in ("nvme", "nvme-cpuadam", "nvme-mmap1"):
+    for nvme in ("nvme", "nvme-cpuadam", "nvme-mmap1", "nvme-aio"):
         if step(nvme):
             if step("memory"):
                 out[f"{nvme} speed / memory (>= 0.7)"] = step("memory") / step(nvme)
@@ -376,12 +382,14 @@ def _targets(median: dict, budget_gb: float) -> dict:
     alt = median.get("nvme-alternate", {})
     if alt.get("overlap_speedup"):
         out["nvme-alternate: overlapped / ZeRO-Infinity order, same process (>= 1.3)"] = alt["overlap_speedup"]
+    if step("nvme") and step("nvme-aio"):
+        out["nvme speed / nvme-aio (offload.io auto against async_io)"] = step("nvme-aio") / step("nvme")
     if step("nvme") and step("nvme-serial-defer"):
         out["nvme speed / nvme-serial-defer (old baseline)"] = step("nvme-serial-defer") / step("nvme")
     tiny = median.get("tiny", {}).get("peak_rss")
     if tiny:
         out["rss_limit_MiB"] = (tiny + 1.1 * budget_gb * 2**30) / 2**20
-        for v in ("nvme", "nvme-serial", "nvme-serial-defer", "nvme-cpuadam", "nvme-mmap1"):
+        for v in ("nvme", "nvme-serial", "nvme-serial-defer", "nvme-cpuadam", "nvme-mmap1", "nvme-aio"):
             if median.get(v, {}).get("peak_rss"):
                 out[f"{v} peak_rss_MiB"] = median[v]["peak_rss"] / 2**20
     return out

@@ -30,7 +30,12 @@ class OffloadConfig:
     """Per-rank budget for resident training state (parameters, gradients, state kept in memory and
     the NVMe staging buffers). None: no check, three staging buffer sets."""
     io_threads: int = 2
-    """Threads issuing the NVMe tier's reads and writes (preadv/pwritev)."""
+    """Threads issuing the NVMe tier's reads and writes (preadv/pwritev), per direction."""
+    io: Literal["auto", "async_io", "threads"] = "auto"
+    """The NVMe tier's I/O engine: "threads" (a pool of preadv/pwritev calls), "async_io"
+    (DeepSpeed's libaio op; one UsageError line where it cannot run) or "auto": the op where it
+    loads and a start-up probe on ``dir`` finds it faster than the pool, else the pool
+    (dtrain/offload/aio.py)."""
     cpu_adam: bool = False
     """Step with DeepSpeed's DeepSpeedCPUAdam instead of the factory's torch Adam/AdamW (same
     hyperparameters; equal within a tolerance, not bit-identical). Its op must load and the
@@ -49,6 +54,7 @@ class OffloadConfig:
         require(self.optim in ("device", "host", "nvme"), "offload.optim", self.optim, '"device", "host" or "nvme"')
         require(self.params in ("device", "host", "nvme"), "offload.params", self.params, '"device", "host" or "nvme"')
         require(self.malloc_mmap_mb >= 0, "offload.malloc_mmap_mb", self.malloc_mmap_mb, "a number of MB >= 0")
+        require(self.io in ("auto", "async_io", "threads"), "offload.io", self.io, '"auto", "async_io" or "threads"')
         require(self.io_threads >= 1, "offload.io_threads", self.io_threads, "an integer >= 1")
         require(self.memory_budget_gb is None or self.memory_budget_gb > 0, "offload.memory_budget_gb",
                 self.memory_budget_gb, "a positive number of GB, or omit it")

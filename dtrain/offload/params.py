@@ -24,7 +24,7 @@ and its values are in the file. A part is *resident* while it is used:
 
 Each part has a lock held across its read or write, so a read never sees a file older than the
 values in memory; the I/O is the optimizer tier's (:class:`~dtrain.offload.aio.DirectFile`,
-:class:`~dtrain.offload.aio.IOPool`: aligned ``O_DIRECT`` ``preadv``/``pwritev``, 4096-aligned
+:class:`~dtrain.offload.aio.IOPool` or ``AsyncIO``, per ``offload.io``: aligned ``O_DIRECT``, 4096-aligned
 staging buffers; a part is copied between its staging buffer and its storage).
 
 Descriptors: ``layout.shards("param")``/``("master")`` return, for each unit, a view of a memory
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from dtrain.errors import UsageError
-from dtrain.offload.aio import DirectFile, IOPool, aligned_buffer, round_up
+from dtrain.offload.aio import DirectFile, IOChoice, round_up
 from dtrain.offload.param_plan import STAGING_BUFFERS, STEP_SLOTS, resident_bound, staging_bytes
 from dtrain.offload.pipeline import OffloadError, wait_all
 from dtrain.offload.store import F32, TierStore, UnitStore
@@ -84,7 +84,7 @@ class ParamTier:
 
     name = "nvme"
 
-    def __init__(self, layout: Any, directory: Path, io_threads: int) -> None:
+    def __init__(self, layout: Any, directory: Path, io: IOChoice) -> None:
         self.parts: dict[int, Part] = {}
         for shard in layout.shards("param"):
             tensor = shard.pieces[0].tensor if len(shard.pieces) == 1 else None
@@ -98,11 +98,12 @@ class ParamTier:
             file = DirectFile(str(directory / f"u{shard.unit.index}.param"), nbytes)
             home = file.mapped()[:tensor.numel()]
             self.parts[shard.unit.index] = Part(shard.unit.index, tensor, nbytes, file, home)
-        self.io = IOPool(io_threads)
         self.staging = staging_bytes([p.nbytes for p in self.parts.values()])
+        buffers = STAGING_BUFFERS if self.parts else 0
+        self.io = io.engine(buffers * self.staging)
         self.pool: queue.Queue = queue.Queue()
-        for _ in range(STAGING_BUFFERS if self.parts else 0):
-            self.pool.put(aligned_buffer(self.staging))
+        for _ in range(buffers):
+            self.pool.put(self.io.buffer(self.staging))
         self.ahead_reader = ThreadPoolExecutor(1, thread_name_prefix="dtrain-param-ahead")
         self.step_reader = ThreadPoolExecutor(1, thread_name_prefix="dtrain-param-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="dtrain-param-write")

@@ -87,12 +87,16 @@ class StepPipeline:
         consumed: the plugin hands it to ``layout.release_grad``)."""
         self.profile: dict[int, tuple[float, float]] = {}
         """The last step's per unit: (backward time left after it was reported reduced, optimizer seconds)."""
+        self.unstepped: dict[int, int] = {}
+        """Units reported this step and not yet stepped -> their gradient bytes (:meth:`wait_unstepped`)."""
+        self._stepped = threading.Condition()
 
     # --------------------------------------------------------------- training thread
     def begin(self, step_now: bool) -> None:
         """Accept units for this step; ``step_now``: step each at once (else wait for :meth:`go`)."""
         self.active, self._abort = True, False
         self.intervals = []
+        self.unstepped = {}
         self.submitted: dict[int, float] = {}  # unit index -> when it was reported reduced
         self.unit_s: dict[int, float] = {}
         self._go.clear()
@@ -107,17 +111,28 @@ class StepPipeline:
                 self.prefetched[id(chunk)] = self.reader.submit(self._read, chunk)
                 ahead -= 1
 
-    def submit(self, unit_index: int) -> None:
-        """The unit's gradient of this step is complete and reduced: read, step and write it."""
+    def submit(self, unit_index: int, grad_bytes: int = 0) -> None:
+        """The unit's gradient of this step (``grad_bytes``) is complete and reduced: read, step
+        and write it."""
         unit = self.store.units.get(unit_index)
         if not self.active or unit is None or unit_index in self.submitted:
             return
         self.submitted[unit_index] = time.perf_counter()
+        with self._stepped:
+            self.unstepped[unit_index] = grad_bytes
         for chunk in unit.chunks:
             read = None
             if unit.tier == "nvme":
                 read = self.prefetched.pop(id(chunk), None) or self.reader.submit(self._read, chunk)
             self.steps.append(self.stepper.submit(self._step, chunk, read))
+
+    def wait_unstepped(self, limit: int) -> None:
+        """Block until the reported units not yet stepped hold at most ``limit`` gradient bytes
+        (the budget's gradient window: backward waits for the stepper instead of piling up
+        gradients). Only while the steps run (``go``), else nothing could free them."""
+        with self._stepped:
+            while self._go.is_set() and not self._abort and sum(self.unstepped.values()) > limit:
+                self._stepped.wait()
 
     def go(self) -> None:
         """The gradients are final (scaled and clipped): the deferred steps may run."""
@@ -164,6 +179,8 @@ class StepPipeline:
         """The step failed on the training thread: release the waiting steps without running them."""
         self._abort = True
         self._go.set()
+        with self._stepped:
+            self._stepped.notify_all()
         for read in self.prefetched.values():  # read ahead for a unit that was never submitted
             try:
                 self.free.put(read.result())
@@ -194,11 +211,11 @@ class StepPipeline:
 
     def _step(self, chunk: Chunk, read: Future | None) -> None:
         buf = None
-        if read is not None:
-            t0 = time.perf_counter()
-            buf = read.result()
-            self.stats["read_wait_s"] += time.perf_counter() - t0
         try:
+            if read is not None:
+                t0 = time.perf_counter()
+                buf = read.result()
+                self.stats["read_wait_s"] += time.perf_counter() - t0
             self._go.wait()
             if self._abort:
                 raise OffloadError("step aborted")
@@ -209,9 +226,12 @@ class StepPipeline:
             self.intervals.append((t0, t1))
             index = chunk.unit.spec.index
             self.unit_s[index] = self.unit_s.get(index, 0.0) + t1 - t0
-            if self.on_unit_stepped is not None and chunk is chunk.unit.chunks[-1]:
-                self.on_unit_stepped(chunk.unit.spec)
+            if chunk is chunk.unit.chunks[-1]:
+                if self.on_unit_stepped is not None:
+                    self.on_unit_stepped(chunk.unit.spec)
+                self._done_stepping(index)
         except BaseException:
+            self._done_stepping(chunk.unit.spec.index)
             for _, sub in chunk.subs.values():
                 self.optimizer.state.pop(sub, None)
             chunk.subs = {}
@@ -220,6 +240,11 @@ class StepPipeline:
             raise
         if buf is not None:
             self.writes.append(self.writer.submit(self._write, chunk, buf))
+
+    def _done_stepping(self, index: int) -> None:
+        with self._stepped:
+            if self.unstepped.pop(index, None) is not None:
+                self._stepped.notify_all()
 
     def _write(self, chunk: Chunk, buf: torch.Tensor) -> None:
         try:

@@ -64,6 +64,28 @@ class Placement:
     notes: list[str] = field(default_factory=list)
 
 
+GRAD_WINDOW_UNITS = 3
+"""Units' gradient parts the budget counts under the gradient window (docs/offload.md): at one time
+a step holds the units reported and not yet stepped (backward waits while they exceed the largest
+unit), the unit backward is filling, and one filled early and reported last (a root unit whose
+first gradients come at backward's start, e.g. a final norm beside a tied embedding)."""
+
+
+def grad_window_applies(config) -> bool:
+    """Whether the budget counts the gradients as a window: a budget is set, and every unit is
+    stepped inside backward and its gradient can be freed after (overlap on, no clipping, one
+    micro-batch, the batch-mean loss, ZeRO-2/3: split gradients). The plugin also needs the layout
+    to accept ``release_grad``. Without a budget nothing is held back (no wait)."""
+    train, off = config.train, config.offload
+    return (off.memory_budget_gb is not None and off.overlap and train.clip_grad_norm is None
+            and train.grad_accum == 1 and train.loss_norm == "batch" and config.zero.stage >= 2)
+
+
+def grad_window_bytes(unit_grad_bytes: list[int]) -> int:
+    """The gradient bytes the budget counts under the window: the largest units' parts."""
+    return sum(sorted(unit_grad_bytes, reverse=True)[:GRAD_WINDOW_UNITS])
+
+
 def transfer_s(state_bytes: int, tier: str, host_gbps: float, nvme_read_gbps: float, nvme_write_gbps: float) -> float:
     """Seconds to bring a unit's state in and write it back from ``tier``."""
     if tier == "device":
@@ -223,11 +245,12 @@ def place_units(unit_bytes_in_reduction_order: list[tuple[str, int]], tier: str,
 
 
 def plan_memory_tiers(config, units: list[int], optim_parts: int, tiers: dict[str, dict[str, int]],
-                      show: bool = True) -> dict[str, dict[str, int]]:
+                      show: bool = True, grad_parts: int = 1) -> dict[str, dict[str, int]]:
     """``dtrain plan memory`` with an enabled ``offload`` section: re-split the optimizer state of
     ``tiers`` (bytes per tier and kind, all on the device) the way the plugin places it, per unit
     (``units``: element counts in ZeRO-3's order, the root last; ``optim_parts``: ranks sharing
-    the optimizer state), and print the per-unit choice when ``show``."""
+    the optimizer state; ``grad_parts``: ranks sharing the gradients), and print the per-unit
+    choice when ``show``."""
     import dtrain.offload.config  # noqa: F401 - registers the section the planner read as deferred
 
     cfg = config.offload
@@ -239,7 +262,20 @@ def plan_memory_tiers(config, units: list[int], optim_parts: int, tiers: dict[st
     resident = device.get("params", 0) + device.get("grads", 0)
     budget = None if cfg.memory_budget_gb is None else int(cfg.memory_budget_gb * GB)
     try:
-        placement = place_units(list(reversed(per_unit)), cfg.optim, budget, resident)
+        try:
+            placement = place_units(list(reversed(per_unit)), cfg.optim, budget, resident)
+        except ValueError:  # too small for every gradient: a window of them, where the steps allow one
+            window = grad_window_bytes([4 * n // grad_parts for n in units])
+            if not (grad_window_applies(config) and cfg.optim == "nvme" and window < device.get("grads", 0)):
+                raise
+            tiers = {t: dict(k) for t, k in tiers.items()}
+            device = tiers["device"]
+            device["grads"] = window
+            resident = device.get("params", 0) + window
+            placement = place_units(list(reversed(per_unit)), cfg.optim, budget, resident)
+            if show:
+                print(f"offload: the budget is too small for every gradient; the steps run inside backward, so "
+                      f"it counts the {GRAD_WINDOW_UNITS} largest units' at once ({window / 1e9:.3f} GB)")
     except ValueError as exc:
         from dtrain.planner.errors import PlannerError
 

@@ -22,25 +22,26 @@ run's, so the result is bit-identical. With gradient accumulation only the last 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from dtrain.errors import UsageError
 from dtrain.hostmem import claim_policy, limit_arenas, map_large_blocks
 from dtrain.offload import cpu_adam
-from dtrain.offload.aio import ALIGN, aligned_buffer
+from dtrain.offload.aio import ALIGN, AsyncIO, AsyncIOUnavailable, IOChoice, aligned_buffer
 from dtrain.offload.config import OffloadConfig
 from dtrain.offload.params import ParamTier, ParamTierStore
 from dtrain.offload.pipeline import StepPipeline
 from dtrain.offload.placement import (CHUNK_BYTES_PER_KEY, MIN_CHUNK_BYTES_PER_KEY, POOL_SETS, UnitProfile,
-                                      place_units, staging_shape)
+                                      grad_window_applies, grad_window_bytes, place_units, staging_shape)
 from dtrain.offload.store import F32, TierStore
 from dtrain.plugins.base import OptimizerFactory, register
 from dtrain.plugins.step import FirstOrderStep, StepOutcome, scale_and_clip
@@ -141,13 +142,16 @@ class OffloadPlugin(FirstOrderStep):
     def _build(self) -> None:
         """Lay the tier out over the layout's optimizer pieces (first step: the layout exists now)."""
         layout, cfg = self.engine.layout, self.cfg
+        self.io = IOChoice(cfg.io, cfg.io_threads)
         if "nvme" in (cfg.optim, cfg.params):
             self.run_dir = check_offload_dir(cfg.dir, self.engine.comm.rank)
+            self._io_call(self.io.resolve, self.run_dir)
         keys = elementwise_state_keys(layout.optimizer)
         held = layout.state_bytes()
         if cfg.params == "nvme":
             self.params = self._param_tier()
             held = dict(held, params=held["params"] - self.params.part_bytes() + self.params.resident_bytes())
+        self.grad_window: GradWindow | None = None
         resident = held["params"] + held["grads"]
         elements = sum(p.hi - p.lo for _, p in layout.optimizer_pieces())
         optim_bytes = len(keys) * elements * F32
@@ -158,16 +162,22 @@ class OffloadPlugin(FirstOrderStep):
         self.placement = None
         if cfg.optim == "nvme":
             largest_elems = max((_unit_range_bytes(layout, s) // F32 for s in layout.unit_specs()), default=0)
-            minimum = resident + len(keys) * min(MIN_CHUNK_BYTES_PER_KEY, -(-largest_elems * F32 // ALIGN) * ALIGN)
+            smallest_set = len(keys) * min(MIN_CHUNK_BYTES_PER_KEY, -(-largest_elems * F32 // ALIGN) * ALIGN)
             room = None
             if cfg.memory_budget_gb is not None:
                 budget = int(cfg.memory_budget_gb * GB)
+                if budget < resident + smallest_set:  # too small for every gradient: count a window of them
+                    self.grad_window = self._grad_window()
+                    if self.grad_window is not None:
+                        resident = held["params"] + self.grad_window.counted
+                minimum = resident + smallest_set
                 if budget < minimum:
+                    grads = "a window of the gradients" if self.grad_window else "gradients"
                     raise UsageError(
                         f"offload.memory_budget_gb = {cfg.memory_budget_gb} is too small for rank "
                         f"{self.engine.comm.rank}: it needs at least {minimum / GB:.4f} GB (parameters and "
-                        f"gradients {resident / GB:.4f} GB + the smallest staging buffer set "
-                        f"{(minimum - resident) / GB:.4f} GB); raise offload.memory_budget_gb, use more ranks or "
+                        f"{grads} {resident / GB:.4f} GB + the smallest staging buffer set "
+                        f"{smallest_set / GB:.4f} GB); raise offload.memory_budget_gb, use more ranks or "
                         f"offload the parameters")
                 unit_tiers, kept = self._place(keys, budget, resident)
                 room = budget - resident - kept
@@ -190,10 +200,11 @@ class OffloadPlugin(FirstOrderStep):
                     f"offload.memory_budget_gb = {cfg.memory_budget_gb} is too small for rank "
                     f"{self.engine.comm.rank} with offload.optim = {cfg.optim!r}: its state in memory is "
                     f"{in_memory / GB:.4f} GB; raise the budget or use offload.optim = \"nvme\"")
-        args = (layout, cfg.optim, keys, self.run_dir, cfg.io_threads, self.buffer_sets, unit_tiers, chunk_elems)
-        self.store = TierStore(*args) if self.params is None else ParamTierStore(*args, params=self.params)
+        args = (layout, cfg.optim, keys, self.run_dir, self.io, self.buffer_sets, unit_tiers, chunk_elems)
+        self.store = self._io_call(TierStore if self.params is None else
+                                   functools.partial(ParamTierStore, params=self.params), *args)
         self.pipe = StepPipeline(self.store)
-        self.pipe.on_unit_stepped = layout.release_grad  # a stepped unit's gradient is not needed until its next one
+        self.pipe.on_unit_stepped = self._stepped  # a stepped unit's gradient is not needed until its next one
         self.set_overlap(cfg.overlap)
         self.callback = layout.on_unit_reduced(self._on_reduced)
         if cfg.optim != "device" or self.params is not None:
@@ -201,12 +212,24 @@ class OffloadPlugin(FirstOrderStep):
         self.resident = resident
         self.optimizer_name = cpu_adam.describe(layout.optimizer)
         if self.engine.comm.rank == 0:
-            print(f"dtrain: offload tier {cfg.optim!r}: the optimizer is {self.optimizer_name}", file=sys.stderr)
+            io = f"; NVMe I/O: {self.io.describe()}" if self.run_dir is not None else ""
+            print(f"dtrain: offload tier {cfg.optim!r}: the optimizer is {self.optimizer_name}{io}", file=sys.stderr)
+
+    def _io_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; offload.io = "async_io" failing to run (the op does not load, the staging
+        buffers cannot be page-locked) is one UsageError line."""
+        try:
+            return fn(*args)
+        except AsyncIOUnavailable as exc:
+            raise UsageError(f'offload.io = "async_io" cannot run on rank {self.engine.comm.rank}: {exc}; fix '
+                             f'that or set offload.io = "auto" (the preadv/pwritev thread pool where the op '
+                             f'cannot run)') from None
 
     def set_overlap(self, overlap: bool) -> None:
         """``offload.overlap`` from the next step on: the overlapped step or ZeRO-Infinity's order
         (the same state, files and pool either way; benchmarks/offload.py alternates the two in
-        one process to compare them on the same machine state)."""
+        one process to compare them on the same machine state). A budget laid out with the
+        overlap counted the gradients as a window; ZeRO-Infinity's order holds them all."""
         self.cfg.overlap = overlap
         if self.pipe is not None:
             defer = overlap or self.defer_serial_writes
@@ -222,7 +245,7 @@ class OffloadPlugin(FirstOrderStep):
             raise UsageError(f"offload.dir = {cfg.dir!r} has {free / GB:.2f} GB free; rank {self.engine.comm.rank} "
                              f"needs {need / GB:.2f} GB for its parameters; free space or point offload.dir at a "
                              f"larger disk")
-        tier = ParamTier(layout, self.run_dir, cfg.io_threads)
+        tier = self._io_call(ParamTier, layout, self.run_dir, self.io)
         if not layout.place_params(tier):
             tier.close()
             raise UsageError(f'offload.params = "nvme" needs zero.stage = 3 (each rank rests only its parameter '
@@ -259,7 +282,34 @@ class OffloadPlugin(FirstOrderStep):
         if self.pipe is not None and self.pipe.active:
             if self.params is not None and unit.index in self.store.units:
                 self.params.read_for_step(unit.index)
-            self.pipe.submit(unit.index)
+            window = self.grad_window
+            self.pipe.submit(unit.index, window.unit_bytes.get(unit.index, 0) if window else 0)
+            if window is not None:
+                window.sample()
+                self.pipe.wait_unstepped(window.limit)
+
+    def _stepped(self, spec: Any) -> None:
+        """The stepper finished ``spec``'s unit: its gradient goes back to the layout."""
+        if self.grad_window is not None:
+            self.grad_window.sample()
+        self.engine.layout.release_grad(spec)
+
+    def _grad_window(self) -> "GradWindow | None":
+        """For a budget too small for every gradient (docs/offload.md, "Gradient window"): a window
+        of them, where every unit is stepped inside backward and its gradient freed after (overlap
+        on, no clipping, one micro-batch, the batch-mean loss, and a layout that frees stepped
+        gradients). The gradients are freed now (they come back zeroed when written), so step 1
+        holds no more."""
+        if not grad_window_applies(self.engine.config):
+            return None
+        layout = self.engine.layout
+        probes = {s.unit.index: s.pieces[0].tensor for s in layout.shards("grad") if s.pieces}
+        unit_bytes = {s.unit.index: sum(p.tensor.numel() * p.tensor.element_size() for p in s.pieces)
+                      for s in layout.shards("grad")}
+        released = [layout.release_grad(spec) for spec in layout.unit_specs()]
+        if not released or not all(released):
+            return None
+        return GradWindow(unit_bytes, probes)
 
     # ------------------------------------------------------------------ step
     def run(self, micro_batches: list[Any]) -> StepOutcome:
@@ -344,8 +394,11 @@ class OffloadPlugin(FirstOrderStep):
                "offload_cpu_adam": float(self.cfg.cpu_adam)}
         if self.store.tier == "nvme":
             out["offload_direct_io"] = float(self.store.direct[0])
+            out["offload_async_io"] = float(isinstance(self.store.io, AsyncIO))
         if self.params is not None:
             out.update(self.params.metrics())
+        if self.grad_window is not None:
+            out.update(self.grad_window.metrics())
         return out
 
     def before_update(self) -> None:
@@ -386,3 +439,30 @@ def _aligned_unit_bytes(layout: Any, spec: Any, keys: list[str]) -> int:
     state file's size, and what keeping the unit resident costs the budget."""
     return -(-_unit_range_bytes(layout, spec) // ALIGN) * ALIGN * len(keys)
 
+
+class GradWindow:
+    """The budget's gradient window: the bytes it counts, the wait limit, the measured peak."""
+
+    def __init__(self, unit_bytes: dict[int, int], probes: dict[int, torch.Tensor]) -> None:
+        self.unit_bytes = unit_bytes
+        self.probes = probes
+        """Per unit, one view of its gradient part (storage freed while released)."""
+        self.counted = grad_window_bytes(list(unit_bytes.values()))
+        self.limit = max(unit_bytes.values(), default=0)
+        self.peak = 0
+        self.warned = False
+
+    def sample(self) -> None:
+        """Note the gradient bytes held now (before a unit's release and at each report: between
+        them gradients only come back, so the step's peak is one of these moments)."""
+        live = sum(self.unit_bytes[i] for i, t in self.probes.items() if t.untyped_storage().nbytes())
+        self.peak = max(self.peak, live)
+
+    def metrics(self) -> dict[str, float]:
+        peak, self.peak = self.peak, 0
+        if peak > self.counted and not self.warned:
+            self.warned = True
+            print(f"dtrain: offload: this step held {peak / 2**20:.1f} MiB of gradients at once, above the "
+                  f"{self.counted / 2**20:.1f} MiB offload.memory_budget_gb counts for them (the model's units fill "
+                  f"their gradients out of order); leave room in the budget for it", file=sys.stderr)
+        return {"offload_grad_peak_bytes": float(peak), "offload_grad_window_bytes": float(self.counted)}

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from dtrain.offload.aio import DirectFile, IOPool, aligned_buffer, round_up
+from dtrain.offload.aio import DirectFile, IOChoice, IOPool, round_up
 from dtrain.partition import Piece, UnitSpec
 
 F32 = 4
@@ -161,7 +161,7 @@ class Chunk:
 class TierStore:
     """Every unit's :class:`UnitStore`, the staging buffer pool and the I/O threads."""
 
-    def __init__(self, layout, tier: str, keys: list[str], directory: Path | None, io_threads: int,
+    def __init__(self, layout, tier: str, keys: list[str], directory: Path | None, io: IOChoice,
                  buffer_sets: int, unit_tiers: dict[int, str] | None = None, chunk_elems: int | None = None) -> None:
         """``tier``: the offload tier; ``unit_tiers``: unit index -> tier where it differs (resident
         units); ``chunk_elems``: elements per NVMe chunk (a multiple of 1024; None: whole units)."""
@@ -185,7 +185,7 @@ class TierStore:
             cut = u.tier == "nvme" and all(p.tensor.is_contiguous() for p in u.pieces)
             u.split(chunk_elems if cut else None)
         nvme = [u for u in self.units.values() if u.tier == "nvme"]
-        self.io = IOPool(io_threads) if nvme else None
+        self.io: IOPool | None = None
         self.directory = directory
         self.buffer_sets = buffer_sets if nvme else 0
         self.set_stride = max((round_up((c.b - c.a) * F32) for u in nvme for c in u.chunks), default=0)
@@ -200,7 +200,8 @@ class TierStore:
                 for piece in u.pieces:
                     for key in keys:
                         u.at_rest[(id(piece.tensor), key)] = u.views(mapped, piece, key)
-            self.pool = [aligned_buffer(self.set_bytes) for _ in range(self.buffer_sets)]
+            self.io = io.engine(self.set_bytes * self.buffer_sets)
+            self.pool = [self.io.buffer(self.set_bytes) for _ in range(self.buffer_sets)]
         for u in self.units.values():
             if u.moves:
                 for piece in u.pieces:

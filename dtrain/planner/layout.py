@@ -301,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
     from dtrain.offload.placement import plan_memory_tiers  # issue 14: the offload tier's per-unit choice
 
     tiers = plan_param_tiers(config, units, levels.size("params"), tiers, show=not args.json)
-    tiers = plan_memory_tiers(config, units, levels.size("optim"), tiers, show=not args.json)
+    tiers = plan_memory_tiers(config, units, levels.size("optim"), tiers, show=not args.json,
+                              grad_parts=levels.size("grads"))
     if args.json:
         print(json.dumps({"levels": levels.as_dict(), "bytes_per_rank": tiers}, sort_keys=True))
         return 0

@@ -371,6 +371,10 @@ class FlatLayout(LayoutPlugin):
             return self._gather_chain(unit, unit.shard, self.s_p, dtype)
         self.param_tier.fetch(unit.spec)
         try:
+            if self.s_p == 1 and dtype == "fp32":  # one rank holds it all: the part is the unit, copy it in now
+                unit.materialize()
+                unit.full.copy_(unit.shard)
+                return Chain([])
             source = unit.shard.clone()
         finally:
             self.param_tier.drop(unit.spec)
@@ -772,8 +776,10 @@ class FlatLayout(LayoutPlugin):
             for t in tree_flatten(output)[0]:
                 if torch.is_tensor(t) and t.requires_grad:
                     t.register_hook(lambda grad, u=unit: self._pre_backward(u))
-        # backward starts at the root; with backward_params = rank every unit stays gathered
-        keep = torch.is_grad_enabled() and (unit.module is self.model or self.s_b == 1)
+        # backward starts at the root; with backward_params = rank every unit stays gathered, except
+        # at world 1 under a parameter tier (there s_b is 1 by necessity, and the tier is for memory)
+        keep_all = self.s_b == 1 and not (self.param_tier is not None and self.s_d == 1)
+        keep = torch.is_grad_enabled() and (unit.module is self.model or keep_all)
         if not keep and unit not in self.pending:
             unit.release()
 

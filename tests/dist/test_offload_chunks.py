@@ -21,10 +21,12 @@ nvme-alternate`` does) keeps the bytes, and each step leaves pending only what i
 Between steps no gradient part holds storage: the tier hands each stepped unit's gradient to
 ``layout.release_grad``, and the bytes above show it comes back zeroed when next written.
 """
+import os
+
 import pytest
 
 from tests.dist.harness import run_world
-from tests.dist.test_offload import SAVE_AT, STEPS, _config, _result, _train
+from tests.dist.test_offload import SAVE_AT, STEPS, _config, _result, _train, _usage_error
 from tests.dist.workloads import local_batch
 
 pytestmark = pytest.mark.dist
@@ -91,3 +93,61 @@ def test_chunked_nvme_tier_is_bit_identical(tmp_path):
     assert min(out["pending", True]) > 0, out["pending", True]
     # a finished reduction is reported at once (world 1: each is done when issued), not two units later
     assert out["reported_at", True][:2] == [1, 2], out["reported_at", True]
+
+
+def _async_io_world1(root: str) -> dict:
+    """The same chunked stream through each I/O engine (offload.io), and the engine's errors."""
+    import dtrain.offload.aio as aio
+    import dtrain.offload.placement as placement
+
+    placement.CHUNK_BYTES_PER_KEY = 4096  # 4096-byte regions: the op's smallest aligned request
+    out: dict = {"memory": _result(_train(_config(3, None, None, root), 0, STEPS))}
+    for io in ("async_io", "threads"):
+        engine = _train(_config(3, "nvme", None, root, io=io), 0, STEPS)
+        out["engine", io] = (type(engine.plugins[1].store.io).__name__, engine.plugins[1].metrics()["offload_async_io"])
+        out[io] = _result(engine)
+    engine = _train(_config(3, "nvme", 1.0, root, io="async_io", params="nvme"), 0, STEPS)
+    out["params_engine"] = type(engine.plugins[1].params.io).__name__
+    out["params"] = _result(engine)
+    out["params_memory"] = _result(_train(_config(3, None, 1.0, root), 0, STEPS))
+    real = aio.lockable_bytes
+    aio.lockable_bytes = lambda: 4096  # staging buffers cannot be locked: "async_io" errs, "auto" takes the pool
+    out["locked_error"] = _usage_error(_config(3, "nvme", None, root, io="async_io"))
+    aio.IOChoice.resolve = lambda self, directory: setattr(self, "name", "async_io")  # as if the probe chose it
+    engine = _train(_config(3, "nvme", None, root, io="auto"), 0, 1)
+    out["locked_auto"] = (type(engine.plugins[1].store.io).__name__, engine.plugins[1].io.why)
+    engine.close()
+    aio.lockable_bytes = real
+
+    def missing() -> None:
+        raise aio.AsyncIOUnavailable("deepspeed is not importable (ImportError)")
+    aio.load_async_io = missing
+    out["missing_error"] = _usage_error(_config(3, "nvme", None, root, io="async_io"))
+    out["left_behind"] = sorted(n for n in os.listdir(root) if n.startswith("dtrain-offload-"))
+    return out
+
+
+def test_async_io_engine_is_bit_identical(tmp_path):
+    """``offload.io = "async_io"`` (DeepSpeed's libaio op) moves the same bytes as the thread pool:
+    optimizer state in 4096-byte regions, and parameter parts (``offload.params = "nvme"``, with
+    clipping), each equal to the in-memory run. Where the op cannot run, "async_io" is one
+    UsageError line naming why (buffers past RLIMIT_MEMLOCK, deepspeed missing) and "auto" runs
+    the thread pool and says why. Skips where DeepSpeed's op does not load (CI installs no
+    DeepSpeed; tests/unit/test_offload_aio.py covers the choice there)."""
+    from dtrain.offload.aio import AsyncIOUnavailable, load_async_io
+
+    try:
+        load_async_io()
+    except AsyncIOUnavailable as exc:
+        pytest.skip(f"DeepSpeed's async_io op does not load here: {exc}")
+    out = run_world(_async_io_world1, 1, str(tmp_path), timeout_s=300)[0]
+    assert out["async_io"] == out["threads"] == out["memory"]
+    assert out["engine", "async_io"] == ("AsyncIO", 1.0) and out["engine", "threads"] == ("IOPool", 0.0)
+    assert out["params_engine"] == "AsyncIO" and out["params"] == out["params_memory"]
+    for key, why in (("locked_error", "RLIMIT_MEMLOCK allows 0 MiB (raise it with ulimit -l)"),
+                     ("missing_error", "deepspeed is not importable")):
+        msg = out[key]
+        assert msg.startswith('offload.io = "async_io" cannot run on rank 0: ') and why in msg, msg
+        assert "\n" not in msg and 'offload.io = "auto"' in msg, msg
+    assert out["locked_auto"][0] == "IOPool" and "RLIMIT_MEMLOCK" in out["locked_auto"][1], out["locked_auto"]
+    assert out["left_behind"] == []
