@@ -1,5 +1,6 @@
 """The README's "Your own model in 10 lines" runs as written, under `dtrain launch --nproc 2`, and
-learns (a loss printed per epoch on rank 0; the last below the first); its tuple batch reaches the
+learns (the epoch's mean loss printed on rank 0; the last below the first: the mean, since one batch's
+loss on random labels rose across the three epochs in one run of many); its tuple batch reaches the
 model as ``model(x)`` and the loss as ``loss_fn(output, (x, y))``. The checkpoint it saves loads
 into a plain model. The block is read from README.md, so the test fails when the README's example
 breaks.
