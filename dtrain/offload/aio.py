@@ -107,6 +107,10 @@ class IOPool:
                       for a, b in self._chunks(buf.numel())]
         for c in calls:
             c.result()
+        self._count(regions, write)
+
+    def _count(self, regions: list[tuple[torch.Tensor, int]], write: bool) -> None:
+        """Add a finished transfer's bytes to ``read_bytes`` or ``write_bytes``."""
         moved = sum(buf.numel() for buf, _ in regions)
         if write:
             self.write_bytes += moved
@@ -186,11 +190,7 @@ class AsyncIO(IOPool):
             where = failed if failed is not None else regions[0][1]
             raise OSError(errno.EIO, f"async_io {what} of {f.path} at offset {where} failed "
                                      f"({done} of {len(regions)} requests completed)")
-        moved = sum(buf.numel() for buf, _ in regions)
-        if write:
-            self.write_bytes += moved
-        else:
-            self.read_bytes += moved
+        self._count(regions, write)
 
     def shutdown(self) -> None:
         super().shutdown()

@@ -228,8 +228,9 @@ class OffloadPlugin(FirstOrderStep):
     def set_overlap(self, overlap: bool) -> None:
         """``offload.overlap`` from the next step on: the overlapped step or ZeRO-Infinity's order
         (the same state, files and pool either way; benchmarks/offload.py alternates the two in
-        one process to compare them on the same machine state). A budget laid out with the
-        overlap counted the gradients as a window; ZeRO-Infinity's order holds them all."""
+        one process to compare them on the same machine state). A budget too small for every
+        gradient was laid out with a window of them (the overlap's), which ZeRO-Infinity's order,
+        holding them all until the update, exceeds."""
         self.cfg.overlap = overlap
         if self.pipe is not None:
             defer = overlap or self.defer_serial_writes
@@ -303,9 +304,9 @@ class OffloadPlugin(FirstOrderStep):
         if not grad_window_applies(self.engine.config):
             return None
         layout = self.engine.layout
-        probes = {s.unit.index: s.pieces[0].tensor for s in layout.shards("grad") if s.pieces}
-        unit_bytes = {s.unit.index: sum(p.tensor.numel() * p.tensor.element_size() for p in s.pieces)
-                      for s in layout.shards("grad")}
+        shards = layout.shards("grad")
+        probes = {s.unit.index: s.pieces[0].tensor for s in shards if s.pieces}
+        unit_bytes = {s.unit.index: sum(p.tensor.numel() * p.tensor.element_size() for p in s.pieces) for s in shards}
         released = [layout.release_grad(spec) for spec in layout.unit_specs()]
         if not released or not all(released):
             return None
